@@ -1,0 +1,203 @@
+"""RunConfig: one evaluation run as plain, validated, frozen data, hashed from its normalised content.
+
+The hash is the run's identity everywhere (store, grid, files). Validation happens at construction, so an invalid
+configuration never reaches a model. This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .policy import StreamingPolicy, peak_span
+
+Method = Literal["dense", "streaming", "recompute"]
+
+# Knobs each method reads; the others are reset to their defaults so that equivalent runs share one identity.
+CACHE_KNOBS = (
+    "sink", "window", "cap", "cap_mode", "overlap", "refresh", "refresh_policy",
+    "slack", "compress_every", "max_drop", "rope_mode",
+)
+KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
+    "dense": (),
+    "streaming": CACHE_KNOBS,
+    "recompute": ("cap",),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message names the knob, the constraint and the fix."""
+
+
+class RunConfig(BaseModel):
+    """One run: which model reads which text, with which cache policy, measured how.
+
+    Text: `dataset` is `shakespeare` (default, embedded), `pg19`, `wikitext` or `file` (then `text_file` is the path);
+    `sample` picks the book / article / play to start from; `dataset_source` overrides the `datasets` location.
+    Protocol: `prefill` tokens in one forward, then one token per step until `max_tokens` tokens were read; timing
+    statistics skip the first `warmup` decode steps.
+    Policy knobs keep the study's names; see `StreamingPolicy`. `cap` derives `window` (`cap_mode`: `peak` keeps the
+    largest attention span within cap, `soft` reproduces the study's W = cap - S - slack - O - B).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    model: str = "smollm2-135m"
+    dataset: str = "shakespeare"
+    text_file: str | None = None
+    dataset_source: str | None = None
+    sample: int = 0
+    max_tokens: int = 1024
+    prefill: int = 0
+    warmup: int = 8
+
+    method: Method = "streaming"
+    sink: int = 4
+    window: int | None = None
+    cap: int | None = None
+    cap_mode: Literal["peak", "soft"] = "peak"
+    overlap: int = 0
+    refresh: int = 0
+    refresh_policy: Literal["none", "middle"] = "none"
+    slack: int = 0
+    compress_every: int = 1
+    max_drop: int = 0
+    rope_mode: Literal["realign", "exact", "absolute"] = "realign"
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    repeat: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "streaming")
+        if method not in KNOBS_USED_BY:
+            return data  # the field validator reports it
+        used = KNOBS_USED_BY[method]
+        return {k: v for k, v in data.items() if k not in CACHE_KNOBS or k in used}
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat"):
+            if getattr(self, knob) < 0:
+                raise ConfigError(f"{knob} = {getattr(self, knob)} < 0: {knob} must be 0 or more")
+        if self.max_tokens < 2:
+            raise ConfigError(f"max_tokens = {self.max_tokens} < 2: a run needs at least one token to predict")
+        if self.prefill >= self.max_tokens:
+            raise ConfigError(
+                f"prefill = {self.prefill} >= max_tokens = {self.max_tokens}: prefill must leave decode steps; "
+                "lower prefill or raise max_tokens"
+            )
+        if (self.dataset == "file") != (self.text_file is not None):
+            raise ConfigError("text_file is set exactly when dataset is 'file' (dataset: file, text_file: PATH)")
+        if self.method == "recompute":
+            if self.cap is None or self.cap < 1:
+                raise ConfigError(f"method recompute needs cap >= 1 (the recomputed window), got cap = {self.cap}")
+            if self.prefill > self.cap:
+                raise ConfigError(f"prefill = {self.prefill} > cap = {self.cap}: recompute never attends past cap")
+        if self.method == "streaming":
+            self._check_streaming()
+        return self
+
+    def _check_streaming(self) -> None:
+        if self.compress_every < 1:
+            raise ConfigError(f"compress_every = {self.compress_every} < 1: R must be 1 (strict) or more (lazy)")
+        if self.refresh_policy == "none" and self.refresh > 0:
+            raise ConfigError(f"refresh = {self.refresh} needs refresh_policy: middle (refresh_policy is none)")
+        if self.refresh_policy != "none" and self.refresh == 0:
+            raise ConfigError(f"refresh_policy: {self.refresh_policy} needs refresh >= 1 (refresh is 0)")
+        if (self.window is None) == (self.cap is None):
+            raise ConfigError("method streaming needs exactly one of window (set W) or cap (derive W from a budget)")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"window = {self.window} < 1: the recent window must hold at least one token")
+        if self.cap is not None and self.cap_mode == "peak" and self.prefill > self.cap:
+            raise ConfigError(
+                f"prefill = {self.prefill} > cap = {self.cap}: with cap_mode peak the prefill's span must fit the cap"
+            )
+        _ = self.policy  # derives the window, raising if none fits
+
+    @cached_property
+    def policy(self) -> StreamingPolicy:
+        """The resolved policy of a streaming run (window derived from cap when cap is given)."""
+        if self.method != "streaming":
+            raise ConfigError(f"method {self.method} has no streaming policy")
+        knobs = dict(
+            sink=self.sink, overlap=self.overlap, refresh=self.refresh, slack=self.slack,
+            compress_every=self.compress_every, max_drop=self.max_drop,
+        )
+        if self.window is not None:
+            return StreamingPolicy(window=self.window, **knobs)
+        assert self.cap is not None
+        if self.cap_mode == "soft":
+            window = self.cap - self.sink - self.slack - self.overlap - self.refresh
+            if window < 1:
+                raise ConfigError(
+                    f"window = cap - sink - slack - overlap - refresh = {self.cap} - {self.sink} - {self.slack} - "
+                    f"{self.overlap} - {self.refresh} = {window} < 1: raise cap or lower sink/slack/overlap/refresh"
+                )
+            return StreamingPolicy(window=window, **knobs)
+        return _largest_window_within(self.cap, self.prefill, knobs)
+
+    def normalised(self) -> dict[str, Any]:
+        """The content that identifies the run: every field, in a fixed order, irrelevant knobs at their defaults."""
+        return self.model_dump(mode="json")
+
+    @cached_property
+    def run_hash(self) -> str:
+        """A 16-hex-digit identity of the normalised content."""
+        canonical = json.dumps(self.normalised(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build from plain data (YAML, JSON, flags), turning validation failures into one readable ConfigError."""
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def _largest_window_within(cap: int, prefill: int, knobs: dict[str, int]) -> StreamingPolicy:
+    """cap_mode peak: the largest W whose largest attention span (simulated) stays within cap."""
+
+    def fits(window: int) -> bool:
+        return peak_span(StreamingPolicy(window=window, **knobs), prefill) <= cap
+
+    if not fits(1):
+        span = peak_span(StreamingPolicy(window=1, **knobs), prefill)
+        raise ConfigError(
+            f"cap_mode peak: even window = 1 peaks at {span} > cap = {cap} (sink {knobs['sink']} + overlap "
+            f"{knobs['overlap']} + refresh {knobs['refresh']} + 1, plus compress_every {knobs['compress_every']} "
+            f"or slack {knobs['slack']} of growth): raise cap or lower sink/overlap/refresh/compress_every/slack"
+        )
+    low, high = 1, cap  # fits(low) holds; the span is at least C >= W, so W = cap cannot fit past cap
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return StreamingPolicy(window=low, **knobs)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: the knob, what was given, what is allowed."""
+    lines = []
+    for err in exc.errors():
+        knob = ".".join(str(part) for part in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(RunConfig.model_fields)
+            lines.append(f"unknown knob '{knob}' (known: {allowed})")
+        elif err["type"] == "value_error":
+            lines.append(str(err["ctx"]["error"]) if "ctx" in err else err["msg"])
+        else:
+            lines.append(f"{knob} = {err.get('input')!r}: {err['msg']}")
+    return "; ".join(lines)

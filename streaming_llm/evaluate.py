@@ -1,0 +1,323 @@
+"""The evaluation protocol: prefill, then one token per step; per-step NLL, latency, span and compactions.
+
+`evaluate(config)` reads top to bottom like the protocol. One stepper class per method (dense, streaming, recompute)
+does the forward; all timing goes through `measure.Stopwatch`. Returns a RunResult and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .cache import StreamingCache
+from .compat import cache_kwargs, check_transformers
+from .config import RunConfig
+from .environment import fingerprint
+from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
+from .models import is_random, load_model, load_tokenizer
+from .rope import RotaryGeometry
+from .text import TokenStream, load_stream
+
+TOKEN_SCHEMA = pa.schema([
+    ("step", pa.int32()),  # index of the token fed (its place in the text)
+    ("position", pa.int64()),  # position id of the query
+    ("token_id", pa.int64()),
+    ("target_id", pa.int64()),
+    ("nll", pa.float64()),  # of target_id, log-softmax in float32
+    ("latency_ms", pa.float64()),  # forward + cache work; null for prefill rows (see summary.prefill_ms)
+    ("compaction_ms", pa.float64()),
+    ("kv_len", pa.int32()),  # attention span of the step
+    ("compacted", pa.bool_()),
+    ("evicted", pa.int32()),
+    ("prefill", pa.bool_()),
+])
+COMPACTION_SCHEMA = pa.schema([
+    ("step", pa.int32()),
+    ("kv_len_before", pa.int32()),
+    ("kv_len_after", pa.int32()),
+    ("evicted", pa.int32()),
+    ("compaction_ms", pa.float64()),
+])
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    """What one run produced: its config, a summary of scalars, and per-step and per-compaction columns."""
+
+    config: RunConfig
+    summary: dict[str, Any]
+    tokens: pa.Table
+    compactions: pa.Table
+
+
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, reusable by every run that asks for the same model, dtype, device and attention."""
+
+    name: str
+    dtype: str
+    device: torch.device
+    attn_implementation: str
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+
+    @classmethod
+    def load(cls, config: RunConfig) -> LoadedModel:
+        check_transformers()
+        device = resolve_device(config.device)
+        model = load_model(config.model, DTYPES[config.dtype], device, config.attn_implementation)
+        return cls(config.model, config.dtype, device, config.attn_implementation, model, load_tokenizer(config.model))
+
+    def serves(self, config: RunConfig) -> bool:
+        return (self.name, self.dtype, self.device, self.attn_implementation) == (
+            config.model, config.dtype, resolve_device(config.device), config.attn_implementation
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * DTYPES[self.dtype].itemsize
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = cuda but torch sees no CUDA device: use device auto or cpu")
+    return torch.device(device)
+
+
+# --- one stepper per method -----------------------------------------------------------------------------------------
+class DenseStepper:
+    """No eviction: HF's own DynamicCache, positions 0, 1, 2, ..."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.cache = DynamicCache(config=loaded.model.config)
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, logits_to_keep=0 if all_logits else 1, **cache_kwargs(self.cache))
+        return out.logits[0]
+
+    def span(self) -> int:
+        return self.cache.get_seq_length()
+
+    def last_position(self) -> int:
+        return self.cache.get_seq_length() - 1
+
+    def compact(self):
+        return None
+
+
+class StreamingStepper(DenseStepper):
+    """Sinks + recent window with Lazy Pruning (`StreamingCache`); positions follow the RoPE mode."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.cache = StreamingCache(
+            config.policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers, config.rope_mode
+        )
+        self._last_position = -1
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        positions = self.cache.next_positions(input_ids.shape[-1], input_ids.device)
+        self._last_position = int(positions[0, -1])
+        out = self.model(
+            input_ids=input_ids, position_ids=positions, logits_to_keep=0 if all_logits else 1,
+            **cache_kwargs(self.cache),
+        )
+        return out.logits[0]
+
+    def span(self) -> int:
+        return self.cache.last_span
+
+    def last_position(self) -> int:
+        return self._last_position
+
+    def compact(self):
+        """Apply the compaction the step decided (timed apart by the caller); the plan, or None."""
+        self.cache.compact_pending()
+        return self.cache.last_plan
+
+
+class RecomputeStepper(DenseStepper):
+    """The sliding-window recompute baseline: each step re-runs the model without cache on the last `cap` tokens."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.window = config.cap
+        self.context = torch.empty((1, 0), dtype=torch.long, device=loaded.device)
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        self.context = torch.cat((self.context, input_ids), dim=-1)[:, -self.window :]
+        out = self.model(input_ids=self.context, use_cache=False, logits_to_keep=0 if all_logits else 1)
+        return out.logits[0]
+
+    def span(self) -> int:
+        return self.context.shape[-1]
+
+    def last_position(self) -> int:
+        return self.context.shape[-1] - 1
+
+
+STEPPERS = {"dense": DenseStepper, "streaming": StreamingStepper, "recompute": RecomputeStepper}
+
+
+# --- the protocol ---------------------------------------------------------------------------------------------------
+def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStream | None = None) -> RunResult:
+    """Run `config` and measure it. `loaded` and `stream` may be passed in to reuse a model or a text across runs."""
+    started_at = datetime.now(UTC)
+    wall_start = time.perf_counter()
+    if loaded is None or not loaded.serves(config):
+        loaded = LoadedModel.load(config)
+    if stream is None:
+        stream = load_stream(
+            loaded.tokenizer, config.dataset, config.max_tokens, config.sample, config.text_file, config.dataset_source
+        )
+    if len(stream.ids) < config.max_tokens:
+        raise ValueError(f"the token stream has {len(stream.ids)} ids < max_tokens = {config.max_tokens}")
+    device = loaded.device
+    ids = torch.as_tensor(stream.ids[: config.max_tokens], device=device).unsqueeze(0)
+    stepper = STEPPERS[config.method](loaded, config)
+    record = _Recorder(config.max_tokens - 1)
+    clock = Stopwatch(device)
+    reset_peak_memory(device)
+    prefill_ms = 0.0
+
+    with torch.inference_mode():
+        if config.prefill:
+            # One forward over the first `prefill` tokens: each of its positions predicts the next token.
+            clock.start()
+            logits = stepper.forward(ids[:, : config.prefill], all_logits=True)
+            prefill_ms = clock.stop()
+            nll = _nll(logits, ids[0, 1 : config.prefill + 1])
+            span = stepper.span()
+            for i in range(config.prefill):
+                record.row(step=i, position=i, token=ids[0, i], target=ids[0, i + 1], nll=nll[i], latency=math.nan,
+                           compaction=math.nan, span=span, evicted=0, prefill=True)
+            record.compaction_event(config.prefill - 1, span, stepper, clock)
+
+        for step in range(config.prefill, config.max_tokens - 1):
+            clock.start()
+            logits = stepper.forward(ids[:, step : step + 1])
+            forward_ms = clock.stop()
+            span, position = stepper.span(), stepper.last_position()
+            clock.start()
+            plan = stepper.compact()
+            compaction_ms = clock.stop() if plan is not None else 0.0
+            nll = _nll(logits, ids[0, step + 1 : step + 2])
+            record.row(step=step, position=position, token=ids[0, step], target=ids[0, step + 1], nll=nll[0],
+                       latency=forward_ms + compaction_ms, compaction=compaction_ms, span=span,
+                       evicted=plan.evicted if plan else 0, prefill=False)
+            if plan is not None:
+                record.compactions.append((step, plan.length_before, plan.length_after, plan.evicted, compaction_ms))
+
+    peak_bytes, peak_kind = peak_memory_bytes(device)
+    tokens = record.table()
+    compactions = pa.Table.from_pylist(
+        [dict(zip(COMPACTION_SCHEMA.names, row, strict=True)) for row in record.compactions], schema=COMPACTION_SCHEMA
+    )
+    summary = _summarise(config, loaded, stream, tokens, compactions, prefill_ms)
+    _check_budget(config, summary)
+    summary.update(
+        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
+        ended_at=datetime.now(UTC).isoformat(), wall_s=time.perf_counter() - wall_start,
+        environment=fingerprint(device),
+    )
+    return RunResult(config=config, summary=summary, tokens=tokens, compactions=compactions)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    return F.cross_entropy(logits[-len(targets) :].float(), targets, reduction="none").double().cpu().numpy()
+
+
+class _Recorder:
+    """Preallocated per-step columns, filled in order."""
+
+    def __init__(self, rows: int):
+        self.columns = {
+            name: np.zeros(rows, dtype=field_type.to_pandas_dtype())
+            for name, field_type in zip(TOKEN_SCHEMA.names, TOKEN_SCHEMA.types, strict=True)
+        }
+        self.count = 0
+        self.compactions: list[tuple] = []
+
+    def row(self, *, step, position, token, target, nll, latency, compaction, span, evicted, prefill) -> None:
+        values = (step, position, int(token), int(target), nll, latency, compaction, span, evicted > 0, evicted,
+                  prefill)
+        for name, value in zip(TOKEN_SCHEMA.names, values, strict=True):
+            self.columns[name][self.count] = value
+        self.count += 1
+
+    def compaction_event(self, step: int, span: int, stepper, clock: Stopwatch) -> None:
+        """A compaction right after the prefill forward is recorded as an event of the prefill's last step."""
+        clock.start()
+        plan = stepper.compact()
+        if plan is not None:
+            self.compactions.append((step, plan.length_before, plan.length_after, plan.evicted, clock.stop()))
+
+    def table(self) -> pa.Table:
+        arrays = [pa.array(self.columns[name][: self.count], type=t) for name, t in zip(
+            TOKEN_SCHEMA.names, TOKEN_SCHEMA.types, strict=True)]
+        table = pa.Table.from_arrays(arrays, schema=TOKEN_SCHEMA)
+        prefill = pa.array(self.columns["prefill"][: self.count])
+        # Prefill rows have no step latency of their own: null, not a made-up share of the prefill time.
+        for name in ("latency_ms", "compaction_ms"):
+            column = table.column(name).combine_chunks()
+            nulled = pa.compute.if_else(prefill, pa.scalar(None, pa.float64()), column)
+            table = table.set_column(table.schema.get_field_index(name), name, nulled)
+        return table
+
+
+def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, prefill_ms: float) -> dict:
+    nll = tokens.column("nll").to_numpy()
+    decode = ~tokens.column("prefill").to_numpy(zero_copy_only=False)
+    latency = tokens.column("latency_ms").to_numpy(zero_copy_only=False)[decode][config.warmup :]
+    spans = tokens.column("kv_len").to_numpy()
+    policy = config.policy if config.method == "streaming" else None
+    return {
+        "run_hash": config.run_hash,
+        "method": config.method,
+        "model": config.model,
+        "random_weights": is_random(config.model),  # PPL of a random-weight model is meaningless
+        "text_id": stream.text_id,
+        "token_hash": stream.token_hash,
+        "predicted_tokens": int(len(nll)),
+        "decode_steps": int(decode.sum()),
+        "ppl": float(np.exp(nll.mean())),
+        "ppl_decode": float(np.exp(nll[decode].mean())),
+        "mean_nll": float(nll.mean()),
+        "tpot_ms_mean": float(latency.mean()),
+        "tpot_ms_median": float(np.median(latency)),
+        "tpot_ms_p95": float(np.percentile(latency, 95)),
+        "timed_steps": int(len(latency)),
+        "prefill_ms": prefill_ms,
+        "compaction_count": compactions.num_rows,
+        "compaction_ms_total": float(pa.compute.sum(compactions.column("compaction_ms")).as_py() or 0.0),
+        "evicted_total": int(pa.compute.sum(compactions.column("evicted")).as_py() or 0),
+        "kv_len_max": int(spans.max()),
+        "kv_len_mean": float(spans.mean()),
+        "kv_cache_peak_bytes": int(spans.max()) * loaded.kv_bytes_per_token(),
+        "window": policy.window if policy else None,
+        "soft_capacity": policy.soft_capacity if policy else None,
+        "hard_capacity": policy.hard_capacity if policy else None,
+        "device": str(loaded.device),
+    }
+
+
+def _check_budget(config: RunConfig, summary: dict) -> None:
+    """cap_mode peak promises that no step attends more than cap entries: a broken promise is an error, not a row."""
+    peak_capped = config.method == "streaming" and config.cap is not None and config.cap_mode == "peak"
+    if peak_capped and summary["kv_len_max"] > config.cap:
+        raise RuntimeError(f"internal error: kv_len reached {summary['kv_len_max']} > cap = {config.cap}")

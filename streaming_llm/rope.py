@@ -1,0 +1,85 @@
+"""Rotary position geometry of a model, and the rotations the cache applies to keys it has already stored.
+
+Rotation math runs in float32 on the rotary dimensions only (partial rotary models leave the rest untouched), with
+the `rotate_half` layout that HF's Llama and GPT-NeoX implementations use. Never guesses: an architecture whose keys
+are positioned differently is refused by `RotaryGeometry.of`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Architectures whose attention applies `apply_rotary_pos_emb` with rotate_half before the cache update, with one
+# static frequency table for all positions. Others are refused rather than silently mis-positioned.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's positions cannot be re-aligned correctly by this package."""
+
+
+@dataclass(frozen=True)
+class RotaryGeometry:
+    """What is needed to rotate a stored key: inverse frequencies, how many dims rotate, the cos/sin scaling."""
+
+    inv_freq: torch.Tensor  # float32, shape [rotary_dim // 2]
+    attention_scaling: float = 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> RotaryGeometry:
+        """Read the geometry of a loaded HF causal LM, or raise UnsupportedModelError naming what is wrong."""
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type '{model_type}' is not supported for streaming (supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}): its key positions could not be re-aligned safely"
+            )
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            raise UnsupportedModelError(
+                f"model '{getattr(config, 'name_or_path', model_type)}' has non-full attention layers {set(layer_types)}:"
+                " streaming supports models whose every layer attends the whole cache"
+            )
+        rotary = getattr(model.base_model, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise UnsupportedModelError(f"model_type '{model_type}' has no rotary_emb.inv_freq on its base model")
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_type '{rope_type}' changes frequencies with the sequence length; supported: "
+                f"{', '.join(STATIC_ROPE_TYPES)}"
+            )
+        inv_freq = rotary.inv_freq.detach().to(device="cpu", dtype=torch.float32).clone()
+        return cls(inv_freq=inv_freq, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
+
+    def cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape [len(positions), rotary_dim], float32, laid out as HF's `cat((freqs, freqs))`."""
+        freqs = positions.to(device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Rotate keys [..., T, head_dim] by per-slot angles (cos/sin [T, rotary_dim]) and multiply them by `scale`.
+
+    Returns a new tensor in the keys' dtype; dims past rotary_dim pass through (multiplied by `scale` as well only
+    where the model scales them, which it does not, so they are copied unchanged).
+    """
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    x = keys[..., :rotary_dim].float()
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    if scale != 1.0:
+        rotated = rotated * scale
+    if rotary_dim == keys.shape[-1]:
+        return rotated.to(keys.dtype)
+    return torch.cat((rotated.to(keys.dtype), keys[..., rotary_dim:]), dim=-1)
