@@ -52,7 +52,8 @@ class RandomModelSpec:
 def _tiny_llama() -> PretrainedConfig:
     return LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        num_key_value_heads=2, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
 
 

@@ -45,8 +45,8 @@ class RotaryGeometry:
         layer_types = getattr(config, "layer_types", None) or []
         if any(kind != "full_attention" for kind in layer_types):
             raise UnsupportedModelError(
-                f"model '{getattr(config, 'name_or_path', model_type)}' has non-full attention layers {set(layer_types)}:"
-                " streaming supports models whose every layer attends the whole cache"
+                f"model '{getattr(config, 'name_or_path', model_type)}' has non-full attention layers "
+                f"{set(layer_types)}: streaming supports models whose every layer attends the whole cache"
             )
         rotary = getattr(model.base_model, "rotary_emb", None)
         if rotary is None or not hasattr(rotary, "inv_freq"):
