@@ -156,6 +156,13 @@ class RunConfig(BaseModel):
         canonical = json.dumps(self.normalised(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    @cached_property
+    def group_hash(self) -> str:
+        """The identity shared by all repeats of one configuration (the hash with `repeat` left out)."""
+        content = {k: v for k, v in self.normalised().items() if k != "repeat"}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
         """Build from plain data (YAML, JSON, flags), turning validation failures into one readable ConfigError."""
