@@ -1,0 +1,430 @@
+"""The read-only query layer over the gridrun store: every number the dashboard shows or the paper prints comes
+from here.
+
+It never writes: connections are opened read-only (retrying while a snapshot is swapped in), the SQL box runs in a
+sandbox that refuses writes, and per-token data is aggregated or downsampled in SQL before it leaves DuckDB.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from store.schema import KNOB_COLUMNS
+
+DEFAULT_STORE = Path("results/gridrun.duckdb")
+
+# Knobs a sweep or a chart can vary (RunConfig fields, `repeat` aside: repeats are aggregated, never a knob).
+KNOBS: tuple[str, ...] = tuple(column.name for column in KNOB_COLUMNS if column.name != "repeat")
+# What makes two runs comparable for a speedup or a ΔPPL: same text, model, protocol, device and evaluation code.
+CONTEXT: tuple[str, ...] = (
+    "model", "dataset", "token_hash", "max_tokens", "prefill", "warmup", "dtype", "attn_implementation",
+    "device_name", "code_version",
+)
+BASELINE_METHOD = "recompute"
+SQL_BOX_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+SQL_BOX_ROW_LIMIT = 10_000
+
+
+class StoreError(RuntimeError):
+    """The store cannot be read: missing, locked past the retries, or not a gridrun store. The message says the fix."""
+
+
+class WriteRefused(ValueError):
+    """A statement given to the read-only SQL box would write (or is not a query)."""
+
+
+def q(name: str) -> str:
+    """A quoted identifier: some knob names (`window`) are SQL keywords."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@functools.cache
+def current_code_version() -> str:
+    """The evaluation code's version now; runs made by another version are stale."""
+    from streaming_llm.environment import code_version  # imports torch: deferred to the first query that needs it
+
+    return code_version()
+
+
+# --- connections ----------------------------------------------------------------------------------------------------
+def signature(path: Path | str) -> tuple[int, int, int]:
+    """Changes whenever the published snapshot is replaced or grows: a cache key for query results."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+@contextmanager
+def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
+    """A read-only connection, retried while a writer holds the file or a snapshot is being swapped in.
+
+    `sandbox` also turns off every file-system access (COPY TO, ATTACH, read_csv, extensions) and locks the
+    configuration, for SQL typed by a user.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(
+            f"no store at {path}: run a grid first (python -m gridrun grids/smoke.yaml --store {path}) or pass --store"
+        )
+    config = {"enable_external_access": False, "lock_configuration": True} if sandbox else {}
+    con = _open_read_only(path, attempts, config)
+    try:
+        _check_is_store(con, path)
+        yield con
+    finally:
+        con.close()
+
+
+def _open_read_only(path: Path, attempts: int, config: dict) -> duckdb.DuckDBPyConnection:
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return duckdb.connect(str(path), read_only=True, config=config)
+        except duckdb.IOException as exc:
+            if attempt == attempts - 1:
+                raise StoreError(
+                    f"{path} stays locked or unreadable after {attempts} tries ({exc}): open the published snapshot "
+                    "that gridrun writes (results/gridrun.duckdb), not a file a process is writing"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    raise AssertionError("unreachable")
+
+
+def _check_is_store(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    missing = {"runs", "tokens", "compactions", "experiments", "grids"} - tables
+    if missing:
+        raise StoreError(f"{path} is not a gridrun store (no table {', '.join(sorted(missing))}): pass the store "
+                         "that python -m gridrun --store wrote")
+
+
+# --- grids and status -----------------------------------------------------------------------------------------------
+def grid_names(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Grids with at least one member, most recently updated first."""
+    rows = con.execute(
+        "SELECT e.grid FROM experiments e LEFT JOIN grids g USING (grid) GROUP BY e.grid "
+        "ORDER BY max(g.updated_at) DESC NULLS LAST, e.grid"
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def experiment_names(con: duckdb.DuckDBPyConnection, grid: str) -> list[str]:
+    rows = con.execute("SELECT DISTINCT experiment FROM experiments WHERE grid = ? ORDER BY 1", [grid]).fetchall()
+    return [row[0] for row in rows]
+
+
+def status_counts(con: duckdb.DuckDBPyConnection, grid: str | None = None) -> pd.DataFrame:
+    """Per grid and experiment: member runs done (by the current code), stale (done by other code), failed, pending."""
+    return con.execute(
+        """
+        SELECT e.grid, e.experiment, count(*) AS runs,
+            count(*) FILTER (r.status = 'done' AND r.code_version = $cv) AS done,
+            count(*) FILTER (r.status = 'done' AND r.code_version <> $cv) AS stale,
+            count(*) FILTER (r.status = 'failed') AS failed,
+            count(*) FILTER (r.run_hash IS NULL OR r.status NOT IN ('done', 'failed')) AS pending
+        FROM experiments e LEFT JOIN runs r USING (run_hash)
+        WHERE $grid IS NULL OR e.grid = $grid
+        GROUP BY ALL ORDER BY e.grid, e.experiment
+        """,
+        {"cv": current_code_version(), "grid": grid},
+    ).df()
+
+
+def missing_runs(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str],
+                 include_stale: bool = False) -> pd.DataFrame:
+    """Members of `experiments` with no usable result (pending, failed, or stale when stale runs are excluded)."""
+    return con.execute(
+        """
+        SELECT e.experiment, e.run_hash, coalesce(r.status, 'pending') AS status,
+            coalesce(r.status = 'done' AND r.code_version <> $cv, false) AS stale, r.method, r.error
+        FROM experiments e LEFT JOIN runs r USING (run_hash)
+        WHERE e.grid = $grid AND list_contains($experiments, e.experiment)
+          AND (r.run_hash IS NULL OR r.status <> 'done' OR (r.code_version <> $cv AND NOT $include_stale))
+        ORDER BY e.experiment, e.run_hash
+        """,
+        {"cv": current_code_version(), "grid": grid, "experiments": list(experiments), "include_stale": include_stale},
+    ).df()
+
+
+# --- run and group summaries ----------------------------------------------------------------------------------------
+_KNOB_SELECT = ", ".join(f"r.{q(k)}" for k in KNOBS)
+_CONTEXT_JOIN = " AND ".join(f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in (*CONTEXT, "cap"))
+
+
+def _members_sql(grid_filter: str) -> str:
+    """Runs of each grid with their experiments, as a CTE body; stale means produced by other evaluation code."""
+    return f"""
+        SELECT m.grid, m.experiments, r.* EXCLUDE (group_hash), r.group_hash, r.code_version <> $cv AS stale
+        FROM (SELECT grid, run_hash, list(DISTINCT experiment ORDER BY experiment) AS experiments
+              FROM experiments WHERE {grid_filter} GROUP BY ALL) m
+        JOIN runs r USING (run_hash)
+    """
+
+
+def _baselines_sql() -> str:
+    """One baseline per grid, context and cap: the mean of its recompute repeats."""
+    context = ", ".join(q(k) for k in CONTEXT)
+    return f"""
+        SELECT grid, {context}, cap, avg(tpot_ms_mean) AS base_tpot_ms, avg(ppl) AS base_ppl, count(*) AS base_n
+        FROM members WHERE method = '{BASELINE_METHOD}' AND status = 'done' GROUP BY ALL
+    """
+
+
+def run_table(con: duckdb.DuckDBPyConnection, grid: str | None = None, include_stale: bool = False) -> pd.DataFrame:
+    """One row per run and grid (all statuses): knobs, PPL, ΔPPL % and speedup vs the grid's recompute baseline on the
+    same context and cap, TPOT, peak memory, the number of repeats done, the stale flag and the error text."""
+    sql = f"""
+        WITH members AS ({_members_sql("$grid IS NULL OR grid = $grid")}),
+        baselines AS ({_baselines_sql()}),
+        repeats AS (SELECT grid, group_hash, code_version, count(*) AS repeats FROM members
+                    WHERE status = 'done' GROUP BY ALL)
+        SELECT x.grid, array_to_string(x.experiments, ', ') AS experiments, x.run_hash, x.group_hash, x.status,
+            x.stale, {_KNOB_SELECT.replace("r.", "x.")}, x.ppl,
+            100 * (x.ppl / b.base_ppl - 1) AS delta_ppl_pct, x.tpot_ms_mean, b.base_tpot_ms / x.tpot_ms_mean AS speedup,
+            x.peak_memory_bytes / 2^20 AS peak_memory_mib, x.compaction_count, x.kv_len_max,
+            coalesce(rp.repeats, 0) AS repeats, x.device_name, x.code_version, x.ended_at, x.error
+        FROM members x
+        LEFT JOIN baselines b ON b.grid = x.grid AND {_CONTEXT_JOIN}
+        LEFT JOIN repeats rp ON rp.grid = x.grid AND rp.group_hash = x.group_hash AND rp.code_version = x.code_version
+        WHERE $include_stale OR NOT x.stale OR x.status <> 'done'
+        ORDER BY x.grid, x.experiments, x.method, x.run_hash
+    """
+    return con.execute(sql, {"cv": current_code_version(), "grid": grid, "include_stale": include_stale}).df()
+
+
+def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
+                include_stale: bool = False) -> pd.DataFrame:
+    """One row per configuration (repeats aggregated: mean, sample std, n) of the done runs of `grid`, optionally only
+    those in `experiments`: TPOT, PPL, ΔPPL % and speedup vs the baseline, peak memory, compactions, and whether the
+    configuration is on the TPOT-PPL Pareto frontier of the selection (within one context). Stale configurations
+    (other evaluation code) come only when asked, and never share a row or a baseline with current ones."""
+    knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS if k not in CONTEXT)
+    context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in CONTEXT)
+    sql = f"""
+        WITH members AS ({_members_sql("grid = $grid")}),
+        baselines AS ({_baselines_sql()}),
+        groups AS (
+            SELECT grid, group_hash, code_version, {knobs}, {context}, any_value(stale) AS stale,
+                list_distinct(flatten(list(experiments))) AS experiments, count(*) AS n,
+                avg(tpot_ms_mean) AS tpot_ms, stddev_samp(tpot_ms_mean) AS tpot_ms_std,
+                avg(ppl) AS ppl, stddev_samp(ppl) AS ppl_std,
+                avg(peak_memory_bytes) / 2^20 AS peak_memory_mib, stddev_samp(peak_memory_bytes) / 2^20 AS
+                peak_memory_mib_std, avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
+                list(run_hash ORDER BY "repeat") AS run_hashes
+            FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)
+            GROUP BY grid, group_hash, code_version
+        ),
+        selected AS (
+            SELECT x.*, x.method = '{BASELINE_METHOD}' AS is_baseline, b.base_n,
+                100 * (x.ppl / b.base_ppl - 1) AS delta_ppl_pct, b.base_tpot_ms / x.tpot_ms AS speedup
+            FROM groups x LEFT JOIN baselines b ON b.grid = x.grid AND {_CONTEXT_JOIN}
+            WHERE $experiments IS NULL OR list_has_any(x.experiments, $experiments)
+        )
+        SELECT *, ppl < coalesce(min(ppl) OVER (
+                PARTITION BY {", ".join(q(k) for k in CONTEXT)}
+                ORDER BY tpot_ms, ppl ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 'inf') AS pareto
+        FROM selected ORDER BY method, {", ".join(q(k) for k in KNOBS if k != "method")}
+    """
+    params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
+              "experiments": list(experiments) if experiments is not None else None}
+    return con.execute(sql, params).df()
+
+
+def varying_knobs(groups: pd.DataFrame) -> list[str]:
+    """The knobs that take more than one value among `groups` (what a sweep or a legend is about)."""
+    return [k for k in KNOBS if k in groups and groups[k].nunique(dropna=False) > 1]
+
+
+# --- per-token series, downsampled in SQL ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepRange:
+    first: int
+    last: int
+
+    def stride(self, points: int) -> int:
+        return max(1, math.ceil((self.last - self.first + 1) / points))
+
+
+def step_range(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str]) -> StepRange:
+    first, last = con.execute(
+        "SELECT min(step), max(step) FROM tokens WHERE list_contains($runs, run_hash)", {"runs": list(run_hashes)}
+    ).fetchone()
+    if first is None:
+        raise StoreError(f"no per-token rows for runs {', '.join(run_hashes)}: they failed or are not in this store")
+    return StepRange(int(first), int(last))
+
+
+def token_series(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], steps: StepRange, *,
+                 points: int = 1500, rolling: int = 64) -> pd.DataFrame:
+    """Per run, at most `points` buckets of consecutive steps in `steps`: rolling NLL (mean of the last `rolling`
+    tokens, computed at full resolution), latency mean and max, kv_len min and max (the measured sawtooth: exact when
+    a bucket is one step) and the compactions in the bucket."""
+    rolling = int(rolling)
+    if rolling < 1:
+        raise ValueError(f"rolling = {rolling} < 1: the rolling NLL needs a window of at least one token")
+    sql = f"""
+        WITH rolled AS (
+            SELECT run_hash, step, latency_ms, kv_len, compacted,
+                avg(nll) OVER (PARTITION BY run_hash ORDER BY step
+                               ROWS BETWEEN {rolling - 1} PRECEDING AND CURRENT ROW) AS nll_rolling
+            FROM tokens
+            WHERE list_contains($runs, run_hash) AND step BETWEEN $first - {rolling} AND $last
+        )
+        SELECT run_hash, min(step) AS step, avg(nll_rolling) AS nll_rolling, avg(latency_ms) AS latency_ms,
+            max(latency_ms) AS latency_ms_max, min(kv_len) AS kv_len_min, max(kv_len) AS kv_len_max,
+            count(*) FILTER (compacted) AS compactions
+        FROM rolled WHERE step >= $first
+        GROUP BY run_hash, (step - $first) // $stride ORDER BY run_hash, step
+    """
+    params = {"runs": list(run_hashes), "first": steps.first, "last": steps.last, "stride": steps.stride(points)}
+    return con.execute(sql, params).df()
+
+
+def compaction_marks(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], steps: StepRange, *,
+                     points: int = 400) -> pd.DataFrame:
+    """Compaction events to mark on a chart: at most one per bucket of `points` per run (the first of the bucket),
+    with how many events the bucket holds and the tokens they evicted."""
+    sql = """
+        SELECT run_hash, min(step) AS step, count(*) AS events, sum(evicted) AS evicted,
+            max(compaction_ms) AS compaction_ms_max
+        FROM compactions WHERE list_contains($runs, run_hash) AND step BETWEEN $first AND $last
+        GROUP BY run_hash, (step - $first) // $stride ORDER BY run_hash, step
+    """
+    params = {"runs": list(run_hashes), "first": steps.first, "last": steps.last, "stride": steps.stride(points)}
+    return con.execute(sql, params).df()
+
+
+# --- compaction spikes ----------------------------------------------------------------------------------------------
+_SPIKE_CTE = """
+    events AS (
+        SELECT c.run_hash, c.step FROM compactions c JOIN runs r USING (run_hash)
+        WHERE list_contains($runs, c.run_hash) AND c.step >= r.prefill + r.warmup + $radius
+        -- evenly spaced, at most $max_events per run: a strict run compacts every step
+        QUALIFY row_number() OVER (PARTITION BY c.run_hash ORDER BY c.step)
+                % greatest(1, ceil(count(*) OVER (PARTITION BY c.run_hash) / $max_events)::BIGINT) = 0
+    ),
+    timed AS (
+        SELECT t.run_hash, t.step, t.nll, t.latency_ms FROM tokens t JOIN runs r USING (run_hash)
+        WHERE list_contains($runs, t.run_hash) AND NOT t.prefill AND t.step >= r.prefill + r.warmup
+    ),
+    windows AS (
+        SELECT e.run_hash, o.range AS "offset", t.nll, t.latency_ms
+        FROM events e CROSS JOIN range(-$radius, $radius + 1) o
+        JOIN timed t ON t.run_hash = e.run_hash AND t.step = e.step + o.range
+    ),
+    profile AS (
+        SELECT run_hash, "offset", count(*) AS events,
+            avg(nll) AS nll, stddev_samp(nll) AS nll_std, avg(latency_ms) AS latency_ms,
+            stddev_samp(latency_ms) AS latency_ms_std
+        FROM windows GROUP BY ALL
+    ),
+    medians AS (
+        SELECT run_hash, median(nll) AS nll_median, median(latency_ms) AS latency_ms_median FROM timed GROUP BY ALL
+    )
+"""
+
+
+def spike_profile(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], *, radius: int = 16,
+                  max_events: int = 2000) -> pd.DataFrame:
+    """Per run and offset from a compaction (-radius..radius steps; 0 is the step whose latency includes the
+    compaction): mean and std over events of NLL and latency, and the run's median of each over all timed steps."""
+    sql = f"""
+        WITH {_SPIKE_CTE}
+        SELECT p.*, m.nll_median, m.latency_ms_median FROM profile p JOIN medians m USING (run_hash)
+        ORDER BY run_hash, "offset"
+    """
+    return con.execute(sql, _spike_params(run_hashes, radius, max_events)).df()
+
+
+def spike_metrics(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], *, radius: int = 16,
+                  max_events: int = 2000) -> pd.DataFrame:
+    """Per run, for the mean NLL and the mean latency around compactions: the peak, the peak's excess over the run's
+    median, the area above the median (sum over offsets, in unit x steps) and the width (steps at or above half the
+    excess: the full width at half maximum)."""
+    excess = {m: f"{m} - {m}_median" for m in ("nll", "latency_ms")}
+    peaks = ", ".join(f"max({e}) OVER (PARTITION BY run_hash) AS {m}_peak_excess" for m, e in excess.items())
+    measures = ", ".join(f"""
+            max({m}) AS {m}_peak, any_value({m}_peak_excess) AS {m}_peak_excess,
+            arg_max("offset", {m}) AS {m}_peak_offset, sum(greatest({e}, 0)) AS {m}_area,
+            CASE WHEN any_value({m}_peak_excess) > 0
+                 THEN count(*) FILTER ({e} >= {m}_peak_excess / 2) ELSE 0 END AS {m}_width"""
+        for m, e in excess.items())
+    sql = f"""
+        WITH {_SPIKE_CTE},
+        scored AS (SELECT *, {peaks} FROM profile JOIN medians USING (run_hash))
+        SELECT run_hash, max(events) AS events, any_value(nll_median) AS nll_median,
+            any_value(latency_ms_median) AS latency_ms_median, {measures}
+        FROM scored GROUP BY run_hash ORDER BY run_hash
+    """
+    return con.execute(sql, _spike_params(run_hashes, radius, max_events)).df()
+
+
+def _spike_params(run_hashes: Sequence[str], radius: int, max_events: int) -> dict:
+    if radius < 1 or max_events < 1:
+        raise ValueError(f"radius = {radius}, max_events = {max_events}: both must be 1 or more")
+    return {"runs": list(run_hashes), "radius": int(radius), "max_events": int(max_events)}
+
+
+# --- per-token profile (the paper's cost breakdown) ----------------------------------------------------------------
+def cost_profile(con: duckdb.DuckDBPyConnection, grid: str, group_hashes: Sequence[str],
+                 include_stale: bool = False) -> pd.DataFrame:
+    """Per configuration (repeats: mean, std, n): compactions, and per timed decode token the forward ms, the
+    compaction ms and their total (the TPOT)."""
+    sql = f"""
+        WITH members AS ({_members_sql("grid = $grid")}),
+        per_run AS (
+            SELECT m.group_hash, m.code_version, m.run_hash, any_value(m.compaction_count) AS compactions,
+                avg(t.latency_ms - coalesce(t.compaction_ms, 0)) AS forward_ms,
+                avg(coalesce(t.compaction_ms, 0)) AS compaction_ms, avg(t.latency_ms) AS total_ms
+            FROM members m JOIN tokens t USING (run_hash)
+            WHERE m.status = 'done' AND ($include_stale OR NOT m.stale) AND list_contains($groups, m.group_hash)
+              AND NOT t.prefill AND t.step >= m.prefill + m.warmup
+            GROUP BY ALL
+        )
+        SELECT group_hash, code_version, count(*) AS n,
+            avg(compactions) AS compactions, stddev_samp(compactions) AS compactions_std,
+            avg(forward_ms) AS forward_ms, stddev_samp(forward_ms) AS forward_ms_std,
+            avg(compaction_ms) AS compaction_ms, stddev_samp(compaction_ms) AS compaction_ms_std,
+            avg(total_ms) AS total_ms, stddev_samp(total_ms) AS total_ms_std
+        FROM per_run GROUP BY ALL ORDER BY group_hash
+    """
+    params = {"cv": current_code_version(), "grid": grid, "groups": list(group_hashes),
+              "include_stale": include_stale}
+    return con.execute(sql, params).df()
+
+
+# --- the SQL box ----------------------------------------------------------------------------------------------------
+def check_read_only(sql: str) -> None:
+    """Raise WriteRefused unless `sql` is exactly one SELECT (or EXPLAIN) statement."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise WriteRefused(f"not valid SQL: {exc}") from None
+    if len(statements) != 1:
+        raise WriteRefused(f"{len(statements)} statements given: the SQL box runs one SELECT at a time")
+    kind = statements[0].type
+    if kind not in SQL_BOX_STATEMENTS:
+        raise WriteRefused(
+            f"refused: {kind.name} statements are not run here; the store is read-only and this box runs SELECT "
+            "queries only (results are written by python -m gridrun)"
+        )
+
+
+def run_user_sql(path: Path | str, sql: str, limit: int = SQL_BOX_ROW_LIMIT) -> tuple[pd.DataFrame, bool]:
+    """Run a user's SELECT in a sandboxed read-only connection: its first `limit` rows, and whether there were more."""
+    check_read_only(sql)
+    with connect(path, sandbox=True) as con:
+        result = con.execute(sql)
+        rows = result.fetchmany(limit + 1)
+        columns = [column[0] for column in result.description or []]
+        return pd.DataFrame(rows[:limit], columns=columns), len(rows) > limit
