@@ -140,6 +140,22 @@ def status_counts(con: duckdb.DuckDBPyConnection, grid: str | None = None) -> pd
     ).df()
 
 
+def grid_totals(con: duckdb.DuckDBPyConnection, grid: str) -> dict[str, int]:
+    """Distinct member runs of `grid` by status (a run in several experiments counts once)."""
+    row = con.execute(
+        """
+        SELECT count(*) AS runs,
+            count(*) FILTER (r.status = 'done' AND r.code_version = $cv) AS done,
+            count(*) FILTER (r.status = 'done' AND r.code_version <> $cv) AS stale,
+            count(*) FILTER (r.status = 'failed') AS failed,
+            count(*) FILTER (r.run_hash IS NULL OR r.status NOT IN ('done', 'failed')) AS pending
+        FROM (SELECT DISTINCT run_hash FROM experiments WHERE grid = $grid) e LEFT JOIN runs r USING (run_hash)
+        """,
+        {"cv": current_code_version(), "grid": grid},
+    ).df()
+    return {name: int(value) for name, value in row.iloc[0].items()}
+
+
 def missing_runs(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str],
                  include_stale: bool = False) -> pd.DataFrame:
     """Members of `experiments` with no usable result (pending, failed, or stale when stale runs are excluded)."""

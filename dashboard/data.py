@@ -1,0 +1,112 @@
+"""The dashboard's access to the store: store/queries.py calls, cached per published snapshot, plus row labels.
+
+Each cache key holds the snapshot's signature, so a new snapshot (a grid that finished more runs) is read on the next
+rerun while unchanged data is never queried twice. Nothing here writes or computes a statistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from store import queries
+
+Signature = tuple[int, int, int]
+# Short names of knobs in labels, as the study writes them.
+SHORT = {"compress_every": "R", "max_drop": "max_drop", "cap_mode": "cap_mode"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One published snapshot of the store and the reader's choices that every view shares."""
+
+    path: Path
+    signature: Signature
+    grid: str
+    include_stale: bool
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def grid_names(path: Path, signature: Signature) -> list[str]:
+    with queries.connect(path) as con:
+        return queries.grid_names(con)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def experiment_names(path: Path, signature: Signature, grid: str) -> list[str]:
+    with queries.connect(path) as con:
+        return queries.experiment_names(con, grid)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def status_counts(path: Path, signature: Signature, grid: str | None) -> pd.DataFrame:
+    with queries.connect(path) as con:
+        return queries.status_counts(con, grid)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def grid_totals(path: Path, signature: Signature, grid: str) -> dict[str, int]:
+    with queries.connect(path) as con:
+        return queries.grid_totals(con, grid)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def run_table(path: Path, signature: Signature, grid: str, include_stale: bool) -> pd.DataFrame:
+    with queries.connect(path) as con:
+        return with_labels(queries.run_table(con, grid, include_stale))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def group_table(path: Path, signature: Signature, grid: str, experiments: tuple[str, ...] | None,
+                include_stale: bool) -> pd.DataFrame:
+    with queries.connect(path) as con:
+        return with_labels(queries.group_table(con, grid, experiments, include_stale))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def step_range(path: Path, signature: Signature, run_hashes: tuple[str, ...]) -> queries.StepRange:
+    with queries.connect(path) as con:
+        return queries.step_range(con, run_hashes)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def token_series(path: Path, signature: Signature, run_hashes: tuple[str, ...], steps: queries.StepRange,
+                 rolling: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with queries.connect(path) as con:
+        return (queries.token_series(con, run_hashes, steps, rolling=rolling),
+                queries.compaction_marks(con, run_hashes, steps))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def spikes(path: Path, signature: Signature, run_hashes: tuple[str, ...],
+           radius: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with queries.connect(path) as con:
+        return (queries.spike_profile(con, run_hashes, radius=radius),
+                queries.spike_metrics(con, run_hashes, radius=radius))
+
+
+def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add `label` (method and the knobs that vary among the rows, plus the hash when rows would share a label) and
+    `context` (what a speedup is relative to: model, dataset, device)."""
+    if frame.empty:
+        return frame.assign(label=pd.Series(dtype=str), context=pd.Series(dtype=str))
+    varying = [k for k in queries.varying_knobs(frame) if k != "method"]
+    labels = frame.apply(lambda row: _label(row, varying), axis=1)
+    hash_column = "run_hash" if "run_hash" in frame else "group_hash"
+    if labels.duplicated(keep=False).any():
+        labels = labels + " #" + frame[hash_column].str[:6]
+    context = frame["model"].astype(str) + " / " + frame["dataset"].astype(str) + " / " + frame["device_name"].astype(
+        str)
+    return frame.assign(label=labels, context=context)
+
+
+def _label(row: pd.Series, knobs: list[str]) -> str:
+    parts = [str(row["method"])]
+    if row["method"] == "streaming":
+        parts += [f"{SHORT.get(k, k)}={row[k]}" for k in knobs if pd.notna(row[k])]
+    elif row["method"] == queries.BASELINE_METHOD and "cap" in knobs:
+        parts.append(f"cap={row['cap']}")
+    return " ".join(parts)

@@ -1,0 +1,12 @@
+"""The dashboard's views, one module each, every one a `render(source)` that reads through dashboard.data only."""
+
+from . import detail, runs, spikes, sql, sweeps, tradeoff
+
+VIEWS = {
+    "Runs": runs.render,
+    "Trade-off": tradeoff.render,
+    "Sweeps": sweeps.render,
+    "Run detail": detail.render,
+    "Compaction spikes": spikes.render,
+    "SQL": sql.render,
+}

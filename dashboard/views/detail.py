@@ -1,0 +1,44 @@
+"""Run detail: per-token curves of one or several runs on one step axis (rolling NLL, latency with compactions marked,
+the measured kv_len sawtooth), downsampled in SQL. Reads only."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, data
+from store.queries import StepRange
+
+POINTS_NOTE = "At most 1,500 points per run: each point summarises consecutive steps (zoom in with the step range " \
+              "to see single steps)."
+
+
+def render(source: data.Source) -> None:
+    runs = data.run_table(source.path, source.signature, source.grid, source.include_stale)
+    runs = runs[runs.status == "done"]
+    if runs.empty:
+        st.info(f"Grid {source.grid} has no finished run yet.")
+        return
+    labels = dict(zip(runs.run_hash, runs.label, strict=True))
+    chosen = st.multiselect("runs", list(labels), default=default_runs(runs), format_func=labels.get)
+    if not chosen:
+        st.info("Pick one or more runs.")
+        return
+    full = data.step_range(source.path, source.signature, tuple(chosen))
+    columns = st.columns([3, 1])
+    first, last = columns[0].slider("steps", full.first, full.last, (full.first, full.last))
+    rolling = int(columns[1].number_input("rolling NLL window (tokens)", min_value=1, max_value=4096, value=64))
+    steps = StepRange(first, last)
+    series, marks = data.token_series(source.path, source.signature, tuple(chosen), steps, rolling)
+    series = series.assign(label=series.run_hash.map(labels))
+    marks = marks.assign(label=marks.run_hash.map(labels)) if not marks.empty else marks.assign(label=pd.Series(
+        dtype=str))
+    for chart in charts.token_curves(series, marks, (first, last)):
+        st.altair_chart(chart, width="stretch")
+    st.caption(f"{POINTS_NOTE} Current bucket: {steps.stride(1500)} step(s).")
+
+
+def default_runs(runs: pd.DataFrame, most: int = 3) -> list[str]:
+    """A few runs that differ: the first run of each method and compaction interval, up to `most`."""
+    distinct = runs.drop_duplicates(subset=["method", "compress_every"])
+    return list(distinct.run_hash[:most])

@@ -1,0 +1,44 @@
+"""Runs: status counts per experiment and a sortable, filterable table of run summaries. Reads only."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import data
+from store.queries import KNOBS
+
+NUMBER_FORMATS = {
+    "ppl": "%.4f", "delta_ppl_pct": "%+.3f %%", "tpot_ms_mean": "%.3f", "speedup": "%.2fx", "peak_memory_mib": "%.1f",
+}
+
+
+def render(source: data.Source) -> None:
+    totals = data.grid_totals(source.path, source.signature, source.grid)
+    st.subheader(f"Grid {source.grid}")
+    for column, (name, value) in zip(st.columns(len(totals)), totals.items(), strict=True):
+        column.metric(f"{name} runs" if name == "runs" else name, value)
+    counts = data.status_counts(source.path, source.signature, source.grid)
+    st.dataframe(counts.drop(columns="grid"), hide_index=True, width="stretch")
+
+    runs = data.run_table(source.path, source.signature, source.grid, source.include_stale)
+    filters = st.columns(4)
+    experiments = filters[0].multiselect("experiment", sorted({e for row in runs.experiments for e in row.split(", ")}))
+    methods = filters[1].multiselect("method", sorted(runs.method.unique()))
+    statuses = filters[2].multiselect("status", sorted(runs.status.unique()))
+    text = filters[3].text_input("run hash or label contains")
+    shown = runs
+    if experiments:
+        shown = shown[shown.experiments.apply(lambda value: bool(set(value.split(", ")) & set(experiments)))]
+    if methods:
+        shown = shown[shown.method.isin(methods)]
+    if statuses:
+        shown = shown[shown.status.isin(statuses)]
+    if text:
+        shown = shown[shown.run_hash.str.contains(text, regex=False) | shown.label.str.contains(text, regex=False)]
+    st.caption(f"{len(shown)} of {len(runs)} runs. ΔPPL and speedup are relative to the mean of the grid's recompute "
+               "runs with the same text, model, cap, device and code; click a column header to sort.")
+    columns = ["label", "experiments", "status", "stale", "ppl", "delta_ppl_pct", "tpot_ms_mean", "speedup",
+               "peak_memory_mib", "repeats", *KNOBS, "compaction_count", "kv_len_max", "device_name", "run_hash",
+               "group_hash", "code_version", "ended_at", "error"]
+    config = {name: st.column_config.NumberColumn(format=fmt) for name, fmt in NUMBER_FORMATS.items()}
+    st.dataframe(shown[columns], hide_index=True, width="stretch", column_config=config)
