@@ -1,18 +1,20 @@
 """The store's schema, declared once (SQLAlchemy Core, compiled for DuckDB), with its version.
 
 Tables: grids, experiments (grid <-> run membership), runs (one row per configuration hash: knobs as typed columns,
-config JSON, status, summary, environment), tokens (one row per step), compactions (one row per event), meta. The
-per-token and per-compaction columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA. This module only
-declares; store/ code that writes lives elsewhere.
+config JSON, status, summary, environment), tokens (one row per step), compactions (one row per event), meta, and
+superseded_* (earlier results of a hash, kept when it is rerun). Views for shell users: run_summaries, current_runs,
+experiment_runs, group_summaries. The per-token and per-compaction columns mirror streaming_llm.evaluate's
+TOKEN_SCHEMA / COMPACTION_SCHEMA. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
-    Float,
+    Double,
     Integer,
     MetaData,
     String,
@@ -21,9 +23,14 @@ from sqlalchemy import (
 )
 
 SCHEMA_VERSION = 1
+APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
+# Double, not Float: SQLAlchemy's Float is DuckDB's 4-byte FLOAT, which would round every NLL and latency.
+# BigInteger for byte counts and token ids: a GPU's peak memory passes 2**31.
 
+# Keys: application_id, schema_version, code_version (of the last writer: "stale" in the views is relative to it),
+# created_at.
 meta = Table(
     "meta", metadata,
     Column("key", String, primary_key=True),
@@ -80,27 +87,27 @@ SUMMARY_COLUMNS = [
     Column("random_weights", Boolean),
     Column("predicted_tokens", Integer),
     Column("decode_steps", Integer),
-    Column("ppl", Float),
-    Column("ppl_decode", Float),
-    Column("mean_nll", Float),
-    Column("tpot_ms_mean", Float),
-    Column("tpot_ms_median", Float),
-    Column("tpot_ms_p95", Float),
+    Column("ppl", Double),
+    Column("ppl_decode", Double),
+    Column("mean_nll", Double),
+    Column("tpot_ms_mean", Double),
+    Column("tpot_ms_median", Double),
+    Column("tpot_ms_p95", Double),
     Column("timed_steps", Integer),
-    Column("prefill_ms", Float),
+    Column("prefill_ms", Double),
     Column("compaction_count", Integer),
-    Column("compaction_ms_total", Float),
+    Column("compaction_ms_total", Double),
     Column("evicted_total", Integer),
     Column("kv_len_max", Integer),
-    Column("kv_len_mean", Float),
-    Column("kv_cache_peak_bytes", Integer),
+    Column("kv_len_mean", Double),
+    Column("kv_cache_peak_bytes", BigInteger),
     Column("window_resolved", Integer),  # summary["window"]
     Column("soft_capacity", Integer),
     Column("hard_capacity", Integer),
-    Column("peak_memory_bytes", Integer),
+    Column("peak_memory_bytes", BigInteger),
     Column("peak_memory_kind", String),
     Column("device_name", String),  # summary["environment"]["device"]
-    Column("wall_s", Float),
+    Column("wall_s", Double),
 ]
 
 runs = Table(
@@ -118,18 +125,20 @@ runs = Table(
     Column("code_version", String, nullable=False),  # streaming_llm.environment.code_version() of the producer
     Column("git_commit", String),
     Column("environment_json", Text),
+    Column("worker", String),  # host:pid of the actor that ran it
+    Column("recorded_at", DateTime(timezone=True)),  # when the driver committed the row
 )
 
 tokens = Table(
     "tokens", metadata,
     Column("run_hash", String, nullable=False),
     Column("step", Integer, nullable=False),
-    Column("position", Integer, nullable=False),
-    Column("token_id", Integer, nullable=False),
-    Column("target_id", Integer, nullable=False),
-    Column("nll", Float, nullable=False),
-    Column("latency_ms", Float),  # null on prefill rows
-    Column("compaction_ms", Float),
+    Column("position", BigInteger, nullable=False),
+    Column("token_id", BigInteger, nullable=False),
+    Column("target_id", BigInteger, nullable=False),
+    Column("nll", Double, nullable=False),
+    Column("latency_ms", Double),  # null on prefill rows
+    Column("compaction_ms", Double),
     Column("kv_len", Integer, nullable=False),
     Column("compacted", Boolean, nullable=False),
     Column("evicted", Integer, nullable=False),
@@ -143,5 +152,36 @@ compactions = Table(
     Column("kv_len_before", Integer, nullable=False),
     Column("kv_len_after", Integer, nullable=False),
     Column("evicted", Integer, nullable=False),
-    Column("compaction_ms", Float, nullable=False),
+    Column("compaction_ms", Double, nullable=False),
 )
+
+
+def _superseded(table: Table) -> Table:
+    """A copy of `table` for results replaced by a rerun (new code version, or --force): kept, never mixed in."""
+    columns = [Column(c.name, c.type, nullable=True) for c in table.columns]
+    return Table(f"superseded_{table.name}", metadata, *columns, Column("superseded_at", DateTime(timezone=True)))
+
+
+superseded_runs = _superseded(runs)
+superseded_tokens = _superseded(tokens)
+superseded_compactions = _superseded(compactions)
+RESULT_TABLES = (runs, tokens, compactions)  # the tables a run's result spans, keyed by run_hash
+_GROUP_KNOBS = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in KNOB_COLUMNS if c.name != "repeat")
+
+# Views (DuckDB SQL) for anyone's SQL shell. `stale`: made by evaluation code other than the store's last writer;
+# store/queries.py compares with the reading checkout's code version instead.
+VIEWS = {
+    "run_summaries": """
+        SELECT r.*, r.code_version <> (SELECT value FROM meta WHERE key = 'code_version') AS stale
+        FROM runs r""",
+    "current_runs": """
+        SELECT * FROM run_summaries WHERE status = 'done' AND NOT stale""",
+    "experiment_runs": """
+        SELECT e.grid, e.experiment, s.* FROM experiments e JOIN run_summaries s USING (run_hash)""",
+    "group_summaries": f"""
+        SELECT group_hash, {_GROUP_KNOBS},
+            count(*) AS repeats, avg(ppl) AS ppl_mean, stddev_samp(ppl) AS ppl_std,
+            avg(tpot_ms_mean) AS tpot_ms_mean, stddev_samp(tpot_ms_mean) AS tpot_ms_std,
+            avg(peak_memory_bytes) AS peak_memory_bytes_mean, avg(compaction_count) AS compaction_count_mean
+        FROM current_runs GROUP BY group_hash""",
+}

@@ -1,0 +1,215 @@
+"""Grid files: YAML -> validated spec -> one normalised RunConfig per distinct run, with the experiments it belongs to.
+
+Pure: reads the grid file and nothing else; never starts a run or touches the store. Every error names the file, the
+experiment, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streaming_llm import ConfigError, RunConfig
+
+GRID_ONLY_KEYS = ("repeats",)  # knobs of the grid, not of a run: `repeats: n` expands to repeat = 0 .. n-1
+KNOWN_KEYS = (*RunConfig.model_fields, *GRID_ONLY_KEYS)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class GridError(ValueError):
+    """An invalid grid file or override; the message names the file, the experiment, the key and the fix."""
+
+
+class ExperimentSpec(BaseModel):
+    """One experiment: `base` overrides, then the cartesian product of `grid`, crossed with the explicit `runs`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    runs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class GridSpec(BaseModel):
+    """A grid file: its `name`, `base` knobs shared by every run, and named experiments."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    experiments: dict[str, ExperimentSpec] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A distinct run of the grid and every experiment that lists it (in file order)."""
+
+    config: RunConfig
+    experiments: tuple[str, ...]
+
+    @property
+    def run_hash(self) -> str:
+        return self.config.run_hash
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An expanded grid: distinct runs in file order, each once, and the experiments in file order."""
+
+    name: str
+    path: Path
+    spec_yaml: str
+    experiments: tuple[str, ...]
+    runs: tuple[PlannedRun, ...]
+
+    def membership(self) -> list[tuple[str, str]]:
+        """(experiment, run_hash) pairs: a run listed by several experiments belongs to each."""
+        return [(experiment, run.run_hash) for run in self.runs for experiment in run.experiments]
+
+    def only(self, experiments: list[str]) -> Grid:
+        """The runs of the named experiments (a run shared with other experiments keeps all its memberships)."""
+        unknown = [name for name in experiments if name not in self.experiments]
+        if unknown:
+            raise GridError(
+                f"{self.path}: --only {', '.join(unknown)}: no such experiment (known: {', '.join(self.experiments)})"
+            )
+        runs = tuple(run for run in self.runs if set(run.experiments) & set(experiments))
+        return Grid(self.name, self.path, self.spec_yaml, self.experiments, runs)
+
+
+def load_grid(path: Path | str, overrides: list[str] | None = None) -> Grid:
+    """Read, validate and expand a grid file; `overrides` are `key=value` strings applied to every run (--set)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GridError(f"{path}: cannot read the grid file ({exc.strerror}): check the path") from None
+    return parse_grid(text, path, overrides or [])
+
+
+def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise GridError(f"{path}: a grid file is a mapping with name, base and experiments (got {type(data).__name__})")
+    try:
+        spec = GridSpec(**data)
+    except ValidationError as exc:
+        raise GridError(f"{path}: {_describe(exc)}") from None
+    forced = parse_overrides(overrides)
+    _check_keys(spec.base, f"{path}: base")
+    for name, experiment in spec.experiments.items():
+        if re.match(NAME_PATTERN, name) is None:
+            raise GridError(f"{path}: experiment name {name!r}: use letters, digits, '_', '.', '-' ({NAME_PATTERN})")
+        _check_experiment(experiment, f"{path}: experiment '{name}'")
+
+    planned: dict[str, RunConfig] = {}
+    members: dict[str, list[str]] = {}
+    for name, experiment in spec.experiments.items():
+        for config in _expand(spec, name, experiment, forced, path):
+            planned.setdefault(config.run_hash, config)
+            owners = members.setdefault(config.run_hash, [])
+            if name not in owners:
+                owners.append(name)
+    runs = tuple(PlannedRun(config, tuple(members[run_hash])) for run_hash, config in planned.items())
+    grid_name = spec.name if not overrides else f"{spec.name}[{','.join(overrides)}]"
+    return Grid(grid_name, path, text, tuple(spec.experiments), runs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key=value` strings (values read as YAML scalars: 64, true, null, soft) into knobs."""
+    forced: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise GridError(f"--set {item!r}: expected key=value, e.g. --set max_tokens=256")
+        if key not in KNOWN_KEYS:
+            raise GridError(f"--set {key}: unknown key (allowed: {', '.join(KNOWN_KEYS)})")
+        try:
+            forced[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise GridError(f"--set {item!r}: the value is not a YAML scalar") from None
+    return forced
+
+
+def _expand(spec: GridSpec, name: str, experiment: ExperimentSpec, forced: dict[str, Any], path: Path):
+    keys = list(experiment.grid)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*experiment.grid.values())]
+    for index, run in enumerate(experiment.runs or [{}]):
+        clash = set(run) & set(keys)
+        if clash:
+            raise GridError(
+                f"{path}: experiment '{name}': runs[{index}] sets {', '.join(sorted(clash))}, which grid also sweeps: "
+                "set it in one place only"
+            )
+        for point in points:
+            knobs = {**spec.base, **experiment.base, **run, **point, **forced}
+            where = _where(path, name, index if experiment.runs else None, point)
+            repeats = knobs.pop("repeats", 1)
+            if type(repeats) is not int or repeats < 1:
+                raise GridError(f"{where}: repeats = {repeats!r}: repeats must be an integer >= 1")
+            if "repeat" in knobs and repeats > 1:
+                raise GridError(f"{where}: both repeat and repeats are set: set repeats (it numbers the repeats)")
+            for repeat in range(repeats):
+                values = {**knobs, "repeat": repeat} if repeats > 1 else knobs
+                try:
+                    yield RunConfig.from_dict(values, where=where)
+                except ConfigError as exc:
+                    raise GridError(str(exc)) from None
+
+
+def _where(path: Path, experiment: str, run_index: int | None, point: dict[str, Any]) -> str:
+    parts = [f"{path}: experiment '{experiment}'"]
+    if run_index is not None:
+        parts.append(f"runs[{run_index}]")
+    if point:
+        parts.append("grid point " + ", ".join(f"{k}={v}" for k, v in point.items()))
+    return " ".join(parts)
+
+
+def _check_experiment(experiment: ExperimentSpec, where: str) -> None:
+    if not experiment.grid and not experiment.runs:
+        raise GridError(f"{where}: has neither grid: nor runs: (for one run of its base, write runs: [{{}}])")
+    _check_keys(experiment.base, f"{where} base")
+    for key, values in experiment.grid.items():
+        _check_keys({key: None}, f"{where} grid")
+        if not values:
+            raise GridError(f"{where} grid: {key} is an empty list: give at least one value")
+        if len({repr(v) for v in values}) != len(values):
+            raise GridError(f"{where} grid: {key} lists a value twice ({values}): list each value once")
+    for index, run in enumerate(experiment.runs):
+        _check_keys(run, f"{where} runs[{index}]")
+
+
+def _check_keys(knobs: dict[str, Any], where: str) -> None:
+    for key in knobs:
+        if key not in KNOWN_KEYS:
+            raise GridError(f"{where}: unknown key '{key}' (allowed: {', '.join(KNOWN_KEYS)})")
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}' (a grid has name, description, base, experiments; an experiment has "
+                         "description, base, grid, runs)")
+        elif err["type"] == "missing":
+            lines.append(f"'{key}' is missing")
+        elif err["type"] == "string_pattern_mismatch":
+            lines.append(f"{key} = {err.get('input')!r}: use letters, digits, '_', '.', '-' ({NAME_PATTERN})")
+        else:
+            lines.append(f"{key} = {err.get('input')!r}: {err['msg']}")
+    return "; ".join(lines)
+
