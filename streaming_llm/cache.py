@@ -1,13 +1,13 @@
 """StreamingLLM's KV cache (sinks + recent window, Lazy Pruning) on the transformers Cache API.
 
-`StreamingCache` is a `transformers.Cache` whose layers keep keys and values in preallocated buffers and apply the
-compactions a `CompactionSchedule` decides. One layer class per RoPE mode:
-- `RealignedLayer` (`realign`): stores post-RoPE keys and re-rotates the kept ones to their new slots at compaction;
+`StreamingCache` is a `transformers.Cache` whose layers keep keys and values in one preallocated storage per cache
+([layers, batch, kv_heads, capacity, head_dim]), so a step appends in place and a compaction moves and re-rotates every
+layer at once. One layer class per RoPE mode:
+- `RealignedLayer` (`realign`): stores post-RoPE keys; a compaction rotates each moved key by its shift;
 - `PreRopeLayer` (`exact`): stores pre-RoPE keys and rotates all of them by slot index at every step;
 - `AbsoluteLayer` (`absolute`): never re-aligns; queries keep their absolute positions.
-A plain `model(input_ids, cache=cache)` works: positions default to `get_seq_length()`, which is the slot index the
-realign and exact modes expect (absolute mode needs `position_ids=cache.next_positions(n)`). Tested with
-transformers 5.24 (see compat.py).
+A plain `model(input_ids, cache=cache)` works: positions default to `get_seq_length()`, the slot index that realign
+and exact expect (absolute mode needs `position_ids=cache.next_positions(n)`). Tested with transformers 5.24.
 """
 
 from __future__ import annotations
@@ -22,58 +22,66 @@ from .rope import RotaryGeometry, rotate_keys
 
 
 @dataclass(frozen=True)
-class PreparedCompaction:
-    """A plan turned into tensors once for all layers: entries from `first_moved` on are gathered from `sources`."""
+class Move:
+    """Entries [source, source + count) go to [target, target + count); their slots shift by target - source."""
 
-    plan: CompactionPlan
-    first_moved: int
-    sources: torch.Tensor  # slots gathered into first_moved .. length_after
-    cos: torch.Tensor | None = None  # realign: rotation by (new slot - old slot) of each gathered entry
-    sin: torch.Tensor | None = None
+    source: int
+    target: int
+    count: int
+
+    @property
+    def shift(self) -> int:
+        return self.target - self.source
+
+
+def moves_of(plan: CompactionPlan) -> list[Move]:
+    """The plan as runs of consecutive kept slots; entries that stay where they are (the sinks) need no move."""
+    moves: list[Move] = []
+    for target, source in enumerate(plan.kept_slots):
+        if source == target:
+            continue
+        last = moves[-1] if moves else None
+        if last is not None and last.source + last.count == source and last.target + last.count == target:
+            moves[-1] = Move(last.source, last.target, last.count + 1)
+        else:
+            moves.append(Move(source, target, 1))
+    return moves
 
 
 class StreamingLayer(CacheLayerMixin):
-    """One layer's keys and values in buffers of shape [batch, kv_heads, capacity, head_dim], `length` of them used.
-
-    Buffers are written in place and grown by doubling, so a step appends without reallocating the cache.
+    """One layer's view of the cache's storage: `keys`/`values` are [batch, kv_heads, capacity, head_dim] slices, of
+    which the first `length` entries are in use. The owning StreamingCache allocates, grows and compacts them.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, geometry: RotaryGeometry, initial_capacity: int = 256):
+    def __init__(self, cache: StreamingCache):
         super().__init__()
-        self.geometry = geometry
-        self.initial_capacity = initial_capacity
+        self.cache = cache
         self.length = 0
-        self.pending: PreparedCompaction | None = None
 
     # --- the CacheLayerMixin contract -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        capacity = max(self.initial_capacity, key_states.shape[-2])
-        self.keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
-        self.values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
-        self.is_initialized = True
+        self.cache.allocate(key_states, value_states)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new entries (after any pending compaction) and return the keys and values to attend."""
+        """Append the new entries and return the keys and values this step attends."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.apply_pending()
         start, count = self.length, key_states.shape[-2]
-        self._reserve(start + count)
-        self.keys[:, :, start : start + count] = self._key_to_store(key_states, start)
+        self.keys[:, :, start : start + count] = self.key_to_store(key_states, start)
         self.values[:, :, start : start + count] = value_states
         self.length = start + count
-        return self._keys_to_attend(), self.values[:, :, : self.length]
+        return self.keys_to_attend(), self.values[:, :, : self.length]
 
     def get_seq_length(self) -> int:
         """Entries the next step will see before its own: the length after any pending compaction."""
-        return self.pending.plan.length_after if self.pending is not None else self.length
+        pending = self.cache.pending
+        return pending.length_after if pending is not None else self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -83,79 +91,46 @@ class StreamingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
-        self.pending = None
         super().reset()
 
-    # --- compaction --------------------------------------------------------------------------------------------
-    @classmethod
-    def prepare(cls, plan: CompactionPlan, geometry: RotaryGeometry, device: torch.device) -> PreparedCompaction:
-        kept = plan.kept_slots
-        first_moved = next((i for i, slot in enumerate(kept) if slot != i), len(kept))
-        sources = torch.tensor(kept[first_moved:], dtype=torch.long, device=device)
-        return PreparedCompaction(plan=plan, first_moved=first_moved, sources=sources)
-
-    def apply_pending(self) -> None:
-        if self.pending is None:
-            return
-        prepared, self.pending = self.pending, None
-        start, end = prepared.first_moved, prepared.plan.length_after
-        if end > start:
-            keys = self.keys.index_select(2, prepared.sources)
-            self.keys[:, :, start:end] = self._moved_keys(keys, prepared)
-            self.values[:, :, start:end] = self.values.index_select(2, prepared.sources)
-        self.length = end
-
     # --- what differs between RoPE modes ----------------------------------------------------------------------
-    def _key_to_store(self, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
+    def key_to_store(self, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
         return key_states
 
-    def _keys_to_attend(self) -> torch.Tensor:
+    def keys_to_attend(self) -> torch.Tensor:
         return self.keys[:, :, : self.length]
 
-    def _moved_keys(self, keys: torch.Tensor, prepared: PreparedCompaction) -> torch.Tensor:
-        return keys
-
-    def _reserve(self, needed: int) -> None:
-        capacity = self.keys.shape[-2]
-        if needed <= capacity:
-            return
-        while capacity < needed:
-            capacity *= 2
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
-            new[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, new)
+    @staticmethod
+    def moved_keys(keys: torch.Tensor, shift: int, geometry: RotaryGeometry) -> torch.Tensor:
+        """Keys of every layer [layers, batch, heads, count, dim] after moving `shift` slots (a new tensor)."""
+        return keys.clone()
 
 
 class RealignedLayer(StreamingLayer):
     """`realign`: keys are stored rotated at their slot; a compaction rotates each moved key by its shift."""
 
-    @classmethod
-    def prepare(cls, plan: CompactionPlan, geometry: RotaryGeometry, device: torch.device) -> PreparedCompaction:
-        base = super().prepare(plan, geometry, device)
-        new_slots = torch.arange(base.first_moved, plan.length_after, device=device)
-        cos, sin = geometry.cos_sin(new_slots - base.sources, device)
-        return PreparedCompaction(plan, base.first_moved, base.sources, cos, sin)
-
-    def _moved_keys(self, keys: torch.Tensor, prepared: PreparedCompaction) -> torch.Tensor:
-        # A pure rotation: the model's attention_scaling was applied once, when the key was first rotated.
-        return rotate_keys(keys, prepared.cos, prepared.sin)
+    @staticmethod
+    def moved_keys(keys: torch.Tensor, shift: int, geometry: RotaryGeometry) -> torch.Tensor:
+        # A pure rotation, as one matmul: the model's attention_scaling was applied once, when the key was rotated.
+        rotation = geometry.rotation_matrix(shift, keys.shape[-1], keys.device)
+        return (keys.float() @ rotation).to(keys.dtype)
 
 
 class PreRopeLayer(StreamingLayer):
     """`exact`: keys are stored before RoPE and rotated by slot index at every step (the slow reference mode)."""
 
-    def _key_to_store(self, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
+    def key_to_store(self, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
         # The model rotated the new keys at their slot (their position id in this mode): undo it.
+        geometry = self.cache.geometry
         slots = torch.arange(first_slot, first_slot + key_states.shape[-2], device=key_states.device)
-        cos, sin = self.geometry.cos_sin(slots, key_states.device)
-        return rotate_keys(key_states, cos, -sin, scale=1.0 / self.geometry.attention_scaling)
+        cos, sin = geometry.cos_sin(slots, key_states.device)
+        return rotate_keys(key_states, cos, -sin, scale=1.0 / geometry.attention_scaling)
 
-    def _keys_to_attend(self) -> torch.Tensor:
+    def keys_to_attend(self) -> torch.Tensor:
+        geometry = self.cache.geometry
         slots = torch.arange(self.length, device=self.keys.device)
-        cos, sin = self.geometry.cos_sin(slots, self.keys.device)
-        return rotate_keys(self.keys[:, :, : self.length], cos, sin, scale=self.geometry.attention_scaling)
+        cos, sin = geometry.cos_sin(slots, self.keys.device)
+        return rotate_keys(self.keys[:, :, : self.length], cos, sin, scale=geometry.attention_scaling)
 
 
 class AbsoluteLayer(StreamingLayer):
@@ -172,8 +147,9 @@ LAYER_CLASSES: dict[str, type[StreamingLayer]] = {
 class StreamingCache(Cache):
     """Sinks + recent window with Lazy Pruning, for every layer of one model, following one stream.
 
-    After the last layer's update of a step, the schedule decides the compaction; layers apply it lazily at their next
-    update, or at once when `compact_pending()` is called (what `evaluate` does, to time it apart from the forward).
+    After the last layer's update of a step, the schedule decides the compaction. It is applied to all layers at once,
+    either when `compact_pending()` is called (what `evaluate` does, to time it apart from the forward) or at the start
+    of the next step.
     """
 
     def __init__(self, policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str = "realign"):
@@ -183,43 +159,82 @@ class StreamingCache(Cache):
         self.rope_mode = rope_mode
         self.geometry = geometry
         self.schedule = CompactionSchedule(policy)
-        capacity = policy.hard_capacity + policy.compress_every + 1
-        super().__init__(layers=[self.layer_class(geometry, capacity) for _ in range(num_layers)])
+        self.initial_capacity = policy.hard_capacity + policy.compress_every + 1
+        super().__init__(layers=[self.layer_class(self) for _ in range(num_layers)])
+        self.all_keys: torch.Tensor | None = None
+        self.all_values: torch.Tensor | None = None
+        self.pending: CompactionPlan | None = None
         self.tokens_seen = 0
         self.last_span = 0
         self.last_plan: CompactionPlan | None = None
 
+    # --- storage ------------------------------------------------------------------------------------------------
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Create the storage of every layer from the first update's shapes (all layers share them)."""
+        capacity = max(self.initial_capacity, key_states.shape[-2])
+        self.all_keys = key_states.new_empty((len(self.layers), *key_states.shape[:2], capacity, key_states.shape[-1]))
+        self.all_values = value_states.new_empty(
+            (len(self.layers), *value_states.shape[:2], capacity, value_states.shape[-1])
+        )
+        self._bind_layers()
+
+    def _bind_layers(self) -> None:
+        for index, layer in enumerate(self.layers):
+            layer.keys, layer.values = self.all_keys[index], self.all_values[index]
+            layer.device = self.all_keys.device
+            layer.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the storage (doubling) so that every layer can hold `needed` entries; called between steps."""
+        capacity = self.all_keys.shape[-2]
+        if needed <= capacity:
+            return
+        while capacity < needed:
+            capacity *= 2
+        length = self.layers[0].length
+        for name in ("all_keys", "all_values"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
+            new[..., :length, :] = old[..., :length, :]
+            setattr(self, name, new)
+        self._bind_layers()
+
+    # --- the Cache contract ----------------------------------------------------------------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == 0:
+            self.compact_pending()
+            if self.all_keys is not None:
+                self._reserve(self.layers[0].length + key_states.shape[-2])
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
-            self._end_step(key_states.shape[-2], key_states.device)
+            self._end_step(key_states.shape[-2])
         return keys, values
 
-    def _end_step(self, new_tokens: int, device: torch.device) -> None:
+    def _end_step(self, new_tokens: int) -> None:
         self.tokens_seen += new_tokens
         self.last_span = self.layers[-1].length
-        self.last_plan = self.schedule.step(self.last_span)
-        if self.last_plan is not None:
-            prepared = self.layer_class.prepare(self.last_plan, self.geometry, device)
-            for layer in self.layers:
-                layer.pending = prepared
+        self.last_plan = self.pending = self.schedule.step(self.last_span)
 
     def compact_pending(self) -> None:
-        """Apply the compaction decided at the end of the last step to every layer now."""
+        """Apply the compaction decided at the end of the last step to every layer now (no-op if none is due)."""
+        plan, self.pending = self.pending, None
+        if plan is None:
+            return
+        for move in moves_of(plan):
+            target = slice(move.target, move.target + move.count)
+            source = slice(move.source, move.source + move.count)
+            # Sources lie right of targets and moves go left to right, so each source is read before it is written;
+            # within one move the copy is out of place because the two ranges may overlap.
+            self.all_keys[..., target, :] = self.layer_class.moved_keys(
+                self.all_keys[..., source, :], move.shift, self.geometry
+            )
+            self.all_values[..., target, :] = self.all_values[..., source, :].clone()
         for layer in self.layers:
-            layer.apply_pending()
+            layer.length = plan.length_after
 
     def next_positions(self, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids [1, count] of the next `count` tokens: their slots, or their stream index in absolute mode."""
         first = self.tokens_seen if self.rope_mode == "absolute" else self.get_seq_length()
         return torch.arange(first, first + count, device=device).unsqueeze(0)
-
-    def kv_bytes(self) -> int:
-        """Bytes of the keys and values in use (not the buffers' spare room)."""
-        return sum(
-            2 * layer.length * layer.keys[:, :, :1].numel() * layer.keys.element_size()
-            for layer in self.layers
-            if layer.is_initialized
-        )

@@ -49,18 +49,20 @@ class RandomModelSpec:
     tokenizer: str  # "bytes", or a model name whose tokenizer is used
 
 
+# The tiny models use initializer_range 0.1 (HF's default is 0.02) so that attention is peaked enough for positions to
+# change the NLLs by ~0.1-1 nats: tests comparing position schemes then fail loudly when a position is wrong.
 def _tiny_llama() -> PretrainedConfig:
     return LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=8192,
+        vocab_size=256, hidden_size=64, initializer_range=0.1, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
 
 
 def _tiny_neox() -> PretrainedConfig:
     return GPTNeoXConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=8192, rotary_pct=0.25, rotary_emb_base=10000,
+        vocab_size=256, hidden_size=64, initializer_range=0.1, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=8192, rotary_pct=0.25, rotary_emb_base=10000,
     )
 
 

@@ -66,6 +66,22 @@ class RotaryGeometry:
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos(), angles.sin()
 
+    def rotation_matrix(self, shift: int, head_dim: int, device: torch.device) -> torch.Tensor:
+        """[head_dim, head_dim] float32 matrix M with `keys @ M` = keys rotated by `shift` positions.
+
+        Rotary dims get the rotate_half rotation (x1 cos - x2 sin, x2 cos + x1 sin); the others pass through.
+        """
+        half = self.rotary_dim // 2
+        angles = shift * self.inv_freq.to(device)
+        cos, sin = angles.cos(), angles.sin()
+        matrix = torch.eye(head_dim, dtype=torch.float32, device=device)
+        first, second = torch.arange(half, device=device), torch.arange(half, 2 * half, device=device)
+        matrix[first, first] = cos
+        matrix[second, second] = cos
+        matrix[second, first] = -sin
+        matrix[first, second] = sin
+        return matrix
+
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Rotate keys [..., T, head_dim] by per-slot angles (cos/sin [T, rotary_dim]) and multiply them by `scale`.
