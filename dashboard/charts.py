@@ -100,12 +100,10 @@ def token_curves(series: pd.DataFrame, marks: pd.DataFrame, step_domain: tuple[i
 
 
 def spike(profile: pd.DataFrame, metric: str, title: str) -> alt.LayerChart:
-    """Mean `metric` minus the run's median around compactions (offset 0: the compaction's step), band ± std."""
-    frame = profile.assign(
-        excess=profile[metric] - profile[f"{metric}_median"],
-        low=profile[metric] - profile[f"{metric}_median"] - profile[f"{metric}_std"].fillna(0.0),
-        high=profile[metric] - profile[f"{metric}_median"] + profile[f"{metric}_std"].fillna(0.0),
-    )
+    """Mean excess of `metric` over each run's median around compactions (offset 0: the compaction's step), band ± std
+    over events."""
+    excess, std = profile[f"{metric}_excess"], profile[f"{metric}_excess_std"].fillna(0.0)
+    frame = profile.assign(excess=excess, low=excess - std, high=excess + std)
     radius = int(profile["offset"].abs().max())
     x = alt.X("offset:Q", title="steps from compaction", scale=alt.Scale(domain=[-radius, radius], nice=False))
     base = alt.Chart(frame).encode(x=x, color=alt.Color("label:N", scale=SCHEME, legend=RUN_LEGEND))

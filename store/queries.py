@@ -333,62 +333,66 @@ _SPIKE_CTE = """
         SELECT t.run_hash, t.step, t.nll, t.latency_ms FROM tokens t JOIN runs r USING (run_hash)
         WHERE list_contains($runs, t.run_hash) AND NOT t.prefill AND t.step >= r.prefill + r.warmup
     ),
-    windows AS (
-        SELECT e.run_hash, o.range AS "offset", t.nll, t.latency_ms
-        FROM events e CROSS JOIN range(-$radius, $radius + 1) o
-        JOIN timed t ON t.run_hash = e.run_hash AND t.step = e.step + o.range
-    ),
-    profile AS (
-        SELECT run_hash, "offset", count(*) AS events,
-            avg(nll) AS nll, stddev_samp(nll) AS nll_std, avg(latency_ms) AS latency_ms,
-            stddev_samp(latency_ms) AS latency_ms_std
-        FROM windows GROUP BY ALL
-    ),
     medians AS (
         SELECT run_hash, median(nll) AS nll_median, median(latency_ms) AS latency_ms_median FROM timed GROUP BY ALL
+    ),
+    windows AS (
+        SELECT $series[list_position($runs, e.run_hash)] AS series, e.run_hash, o.range AS "offset", t.nll,
+            t.latency_ms, t.nll - m.nll_median AS nll_excess, t.latency_ms - m.latency_ms_median AS latency_ms_excess
+        FROM events e CROSS JOIN range(-$radius, $radius + 1) o
+        JOIN timed t ON t.run_hash = e.run_hash AND t.step = e.step + o.range
+        JOIN medians m ON m.run_hash = e.run_hash
+    ),
+    profile AS (
+        SELECT series, "offset", count(*) AS events, count(DISTINCT run_hash) AS runs,
+            avg(nll) AS nll, stddev_samp(nll) AS nll_std,
+            avg(nll_excess) AS nll_excess, stddev_samp(nll_excess) AS nll_excess_std,
+            avg(latency_ms) AS latency_ms, stddev_samp(latency_ms) AS latency_ms_std,
+            avg(latency_ms_excess) AS latency_ms_excess, stddev_samp(latency_ms_excess) AS latency_ms_excess_std
+        FROM windows GROUP BY ALL
     )
 """
+SPIKE_METRICS = ("nll", "latency_ms")
 
 
-def spike_profile(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], *, radius: int = 16,
-                  max_events: int = 2000) -> pd.DataFrame:
-    """Per run and offset from a compaction (-radius..radius steps; 0 is the step whose latency includes the
-    compaction): mean and std over events of NLL and latency, and the run's median of each over all timed steps."""
-    sql = f"""
-        WITH {_SPIKE_CTE}
-        SELECT p.*, m.nll_median, m.latency_ms_median FROM profile p JOIN medians m USING (run_hash)
-        ORDER BY run_hash, "offset"
-    """
-    return con.execute(sql, _spike_params(run_hashes, radius, max_events)).df()
+def spike_profile(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], *, series: Sequence[str] | None = None,
+                  radius: int = 16, max_events: int = 2000) -> pd.DataFrame:
+    """Per series and offset from a compaction (-radius..radius steps; 0 is the step whose latency includes the
+    compaction): the number of events and runs, and mean and std over events of NLL and latency, raw and as the excess
+    over each run's median (over all its timed steps). `series[i]` names the series of `run_hashes[i]` (default: the
+    run itself); runs sharing a name, such as repeats, pool their events."""
+    sql = f"WITH {_SPIKE_CTE} SELECT * FROM profile ORDER BY series, \"offset\""
+    return con.execute(sql, _spike_params(run_hashes, series, radius, max_events)).df()
 
 
-def spike_metrics(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], *, radius: int = 16,
-                  max_events: int = 2000) -> pd.DataFrame:
-    """Per run, for the mean NLL and the mean latency around compactions: the peak, the peak's excess over the run's
-    median, the area above the median (sum over offsets, in unit x steps) and the width (steps at or above half the
-    excess: the full width at half maximum)."""
-    excess = {m: f"{m} - {m}_median" for m in ("nll", "latency_ms")}
-    peaks = ", ".join(f"max({e}) OVER (PARTITION BY run_hash) AS {m}_peak_excess" for m, e in excess.items())
+def spike_metrics(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], *, series: Sequence[str] | None = None,
+                  radius: int = 16, max_events: int = 2000) -> pd.DataFrame:
+    """Per series (see spike_profile), for the mean NLL and the mean latency around compactions: the peak excess over
+    the median (and its offset), the area above the median (sum over offsets of the positive excess, in unit x steps)
+    and the width (steps whose excess is at least half the peak excess: the full width at half maximum)."""
+    peaks = ", ".join(f"max({m}_excess) OVER (PARTITION BY series) AS {m}_peak" for m in SPIKE_METRICS)
     measures = ", ".join(f"""
-            max({m}) AS {m}_peak, any_value({m}_peak_excess) AS {m}_peak_excess,
-            arg_max("offset", {m}) AS {m}_peak_offset, sum(greatest({e}, 0)) AS {m}_area,
-            CASE WHEN any_value({m}_peak_excess) > 0
-                 THEN count(*) FILTER ({e} >= {m}_peak_excess / 2) ELSE 0 END AS {m}_width"""
-        for m, e in excess.items())
+            any_value({m}_peak) AS {m}_peak_excess, arg_max("offset", {m}_excess) AS {m}_peak_offset,
+            sum(greatest({m}_excess, 0)) AS {m}_area,
+            CASE WHEN any_value({m}_peak) > 0
+                 THEN count(*) FILTER ({m}_excess >= {m}_peak / 2) ELSE 0 END AS {m}_width"""
+        for m in SPIKE_METRICS)
     sql = f"""
         WITH {_SPIKE_CTE},
-        scored AS (SELECT *, {peaks} FROM profile JOIN medians USING (run_hash))
-        SELECT run_hash, max(events) AS events, any_value(nll_median) AS nll_median,
-            any_value(latency_ms_median) AS latency_ms_median, {measures}
-        FROM scored GROUP BY run_hash ORDER BY run_hash
+        scored AS (SELECT *, {peaks} FROM profile)
+        SELECT series, max(events) AS events, max(runs) AS runs, {measures}
+        FROM scored GROUP BY series ORDER BY series
     """
-    return con.execute(sql, _spike_params(run_hashes, radius, max_events)).df()
+    return con.execute(sql, _spike_params(run_hashes, series, radius, max_events)).df()
 
 
-def _spike_params(run_hashes: Sequence[str], radius: int, max_events: int) -> dict:
+def _spike_params(run_hashes: Sequence[str], series: Sequence[str] | None, radius: int, max_events: int) -> dict:
     if radius < 1 or max_events < 1:
         raise ValueError(f"radius = {radius}, max_events = {max_events}: both must be 1 or more")
-    return {"runs": list(run_hashes), "radius": int(radius), "max_events": int(max_events)}
+    series = list(run_hashes) if series is None else list(series)
+    if len(series) != len(run_hashes):
+        raise ValueError(f"{len(series)} series names for {len(run_hashes)} runs: give one name per run")
+    return {"runs": list(run_hashes), "series": series, "radius": int(radius), "max_events": int(max_events)}
 
 
 # --- per-token profile (the paper's cost breakdown) ----------------------------------------------------------------

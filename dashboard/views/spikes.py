@@ -8,8 +8,8 @@ import streamlit as st
 from dashboard import charts, data
 
 METRIC_COLUMNS = [
-    "label", "events", "latency_ms_median", "latency_ms_peak", "latency_ms_peak_excess", "latency_ms_area",
-    "latency_ms_width", "nll_median", "nll_peak", "nll_peak_excess", "nll_area", "nll_width", "run_hash",
+    "label", "events", "latency_ms_peak_excess", "latency_ms_peak_offset", "latency_ms_area", "latency_ms_width",
+    "nll_peak_excess", "nll_peak_offset", "nll_area", "nll_width", "series",
 ]
 
 
@@ -31,11 +31,12 @@ def render(source: data.Source) -> None:
     if profile.empty:
         st.info(f"No compaction of these runs has {radius} timed steps on both sides: lower the steps either side.")
         return
-    profile = profile.assign(label=profile.run_hash.map(labels))
+    profile = profile.assign(label=profile.series.map(labels))
     st.altair_chart(charts.spike(profile, "latency_ms", "latency (ms)"), width="stretch")
     st.altair_chart(charts.spike(profile, "nll", "NLL"), width="stretch")
-    st.caption("Offset 0 is the step whose latency includes the compaction. Peak excess: the highest mean minus the "
-               "run's median; area: the sum of the excess above the median over the window (unit x steps); width: "
-               "steps at or above half the peak excess. At most 2,000 evenly spaced events per run.")
-    st.dataframe(metrics.assign(label=metrics.run_hash.map(labels))[METRIC_COLUMNS], hide_index=True,
+    st.caption("Offset 0 is the step whose latency includes the compaction. Excess: the mean minus the run's median "
+               "over all its timed steps. Peak excess: the highest excess; area: the sum of the positive excess over "
+               "the window (unit x steps); width: steps at or above half the peak excess. At most 2,000 evenly "
+               "spaced events per run.")
+    st.dataframe(metrics.assign(label=metrics.series.map(labels))[METRIC_COLUMNS], hide_index=True,
                  width="stretch")
