@@ -1,0 +1,116 @@
+"""`python -m gridrun GRID.yaml [...]` runs a grid into the store; `python -m gridrun status GRID.yaml` counts its runs.
+
+Command-line parsing and messages only: validation lives in gridrun.spec, running in gridrun.driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from store.writer import DEFAULT_STORE, StoreError, read_runs
+
+from .driver import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GridRunner, decide, dry_run, resume_command
+from .schedule import ScheduleError
+from .spec import GridError, load_grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gridrun",
+        description="Run an ablation grid on Ray actors into a DuckDB store, resumably. "
+                    "`python -m gridrun status GRID.yaml` counts done / pending / failed / stale runs per experiment.",
+    )
+    parser.add_argument("grid", type=Path, help="grid file, e.g. grids/paper.yaml")
+    _common(parser)
+    parser.add_argument("--dry-run", action="store_true", help="list every run and whether it would run; do nothing")
+    parser.add_argument("--force", action="store_true", help="rerun runs already done (earlier results are kept as "
+                        "superseded)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join: auto or ray://HOST:PORT (default: "
+                        "start a local Ray and stop it at the end)")
+    parser.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else one per CPU)")
+    parser.add_argument("--retries", type=int, default=1, help="times a run is retried when its worker dies "
+                        "(default 1)")
+    return parser
+
+
+def build_status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gridrun status",
+                                     description="Done / pending / failed / stale runs per experiment of a grid.")
+    parser.add_argument("grid", type=Path)
+    _common(parser)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"DuckDB store (default {DEFAULT_STORE})")
+    parser.add_argument("--only", action="append", default=[], metavar="EXPERIMENT",
+                        help="only the runs of this experiment (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a knob in every run, e.g. --set max_tokens=256 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["status"]:
+            return status(build_status_parser().parse_args(argv[1:]))
+        return run(build_parser().parse_args(argv), argv)
+    except (GridError, StoreError, ScheduleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    whole = load_grid(args.grid, args.set)
+    grid = whole.only(args.only) if args.only else whole
+    from streaming_llm.environment import code_version  # imports torch: after the grid is known to be valid
+
+    if args.dry_run:
+        return dry_run(grid, args.store, code_version(), args.force)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends a grid as cleanly as Ctrl-C
+    runner = GridRunner(grid, args.store, code_version(), force=args.force, address=args.address,
+                        workers=args.workers, retries=args.retries, registered=whole)
+    report = runner.run()
+    resume = resume_command(argv)
+    if report.interrupted:
+        print(f"\ninterrupted: {report.done} run(s) finished and stored in {args.store}, runs in progress dropped, Ray "
+              f"shut down. Resume with:\n  {resume}", flush=True)
+        return EXIT_INTERRUPTED
+    overhead = 1 - report.run_seconds / (report.wall_s * report.workers) if report.workers and report.wall_s else 0.0
+    print(f"grid {grid.name}: {report.skipped + report.done}/{report.total} done ({report.skipped} skipped, "
+          f"{report.done} run now), {len(report.failed)} failed, wall {report.wall_s:.1f} s, "
+          f"store {report.store_seconds:.2f} s, workers idle or starting {100 * overhead:.1f}% of the time")
+    if report.failed:
+        print(f"failed runs keep their error text in {args.store} (SELECT run_hash, error FROM runs WHERE status = "
+              f"'failed'); rerun them with:\n  {resume}")
+    return EXIT_OK if report.complete else EXIT_INCOMPLETE
+
+
+def status(args: argparse.Namespace) -> int:
+    whole = load_grid(args.grid, args.set)
+    grid = whole.only(args.only) if args.only else whole
+    from streaming_llm.environment import code_version
+
+    stored = read_runs(args.store, [run.run_hash for run in grid.runs])
+    decisions = {d.run.run_hash: d.reason for d in decide(grid.runs, stored, code_version(), force=False)}
+    names = [name for name in grid.experiments if any(name in run.experiments for run in grid.runs)]
+    width = max(len("experiment"), *(len(name) for name in names))
+    print(f"grid {grid.name} in {args.store}: done = by the current evaluation code {code_version()}")
+    print(f"{'experiment':{width}}  {'runs':>5} {'done':>5} {'pending':>7} {'failed':>6} {'stale':>5}")
+    rows = [(name, [decisions[r.run_hash] for r in grid.runs if name in r.experiments]) for name in names]
+    rows.append(("(distinct runs)", list(decisions.values())))
+    for name, reasons in rows:
+        print(f"{name:{width}}  {len(reasons):5d} {reasons.count('done'):5d} {reasons.count('pending'):7d} "
+              f"{reasons.count('failed'):6d} {reasons.count('stale'):5d}")
+    return EXIT_OK
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

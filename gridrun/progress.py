@@ -1,0 +1,149 @@
+"""The progress display: runs done / total, per-worker tokens/s, ETA, and one summary line per finished run.
+
+On a terminal the status line is redrawn in place; in a log it is printed every `every_s` seconds. Display only:
+it never decides anything about the runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from streaming_llm import RunConfig
+from streaming_llm.config import CACHE_KNOBS, KNOBS_USED_BY
+
+from .schedule import Outcome, Slot, run_cost
+from .spec import PlannedRun
+
+
+@dataclass
+class _WorkerStats:
+    tokens: int = 0
+    seconds: float = 0.0
+    current: str | None = None
+
+    def rate(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
+class Progress:
+    """Implements schedule.Events and prints what the driver records."""
+
+    def __init__(self, runs: list[PlannedRun], out: TextIO = sys.stdout, live: bool | None = None,
+                 every_s: float = 30.0):
+        self.out = out
+        self.live = out.isatty() if live is None else live
+        self.every_s = every_s
+        self.total = len(runs)
+        self.remaining_cost = {run.run_hash: run_cost(run.config) for run in runs}
+        self.varying = varying_knobs([run.config for run in runs])
+        self.done = self.failed = 0
+        self.cost_done = 0.0
+        self.seconds_done = 0.0
+        self.workers: dict[str, _WorkerStats] = {}
+        self.started = time.perf_counter()
+        self._last_print = self.started
+        self._status_shown = False
+
+    # --- schedule.Events ---
+    def worker_ready(self, slot: Slot) -> None:
+        info = slot.info
+        where = "GPU" if info.get("cuda") else f"{info.get('threads')} CPU thread(s)"
+        self.workers.setdefault(slot.name, _WorkerStats())
+        self.line(f"{slot.name}: worker {info.get('identity')} ready ({where})")
+
+    def run_started(self, slot: Slot, run: PlannedRun) -> None:
+        self.workers.setdefault(slot.name, _WorkerStats()).current = run.run_hash
+
+    def worker_lost(self, slot: Slot, run: PlannedRun, reason: str, retry: bool) -> None:
+        then = "retrying it on a fresh worker" if retry else "giving up on it"
+        self.line(f"{slot.name}: {reason}: run {run.run_hash} produced nothing; {then}")
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.live:
+            self._draw_status()
+        elif now - self._last_print >= self.every_s:
+            self._last_print = now
+            self.line(self.status())
+
+    # --- what the driver reports ---
+    def finished(self, outcome: Outcome) -> None:
+        run = outcome.run
+        self.remaining_cost.pop(run.run_hash, None)
+        count = f"{self.done + self.failed + 1}/{self.total}"
+        if outcome.status == "done":
+            self.done += 1
+            summary = outcome.summary or {}
+            self.cost_done += run_cost(run.config)
+            self.seconds_done += outcome.seconds
+            stats = self.workers.setdefault(outcome.slot, _WorkerStats())
+            stats.tokens += int(summary.get("predicted_tokens", 0))
+            stats.seconds += float(summary.get("wall_s", 0.0))
+            self.line(
+                f"done   {count} {run.run_hash} [{','.join(run.experiments)}] {self.describe(run.config)}: "
+                f"ppl {summary.get('ppl', float('nan')):.3f}, tpot {summary.get('tpot_ms_mean', float('nan')):.1f} ms, "
+                f"{summary.get('wall_s', 0.0):.1f} s on {outcome.worker}"
+            )
+        else:
+            self.failed += 1
+            first = (outcome.error or "").strip().splitlines()[0] if outcome.error else "unknown error"
+            self.line(f"FAILED {count} {run.run_hash} [{','.join(run.experiments)}] {self.describe(run.config)}: "
+                      f"{first}")
+        if self.live:
+            self._draw_status()
+
+    def describe(self, config: RunConfig) -> str:
+        return describe(config, self.varying)
+
+    def status(self) -> str:
+        rates = []
+        for name, stats in sorted(self.workers.items()):
+            rate = stats.rate()
+            rates.append(f"{name} {rate:.1f} tok/s" if rate is not None else f"{name} -")
+        return (f"[{self.done + self.failed}/{self.total} runs, {self.failed} failed] {' '.join(rates)} "
+                f"| elapsed {_duration(time.perf_counter() - self.started)} | ETA {self.eta()}")
+
+    def eta(self) -> str:
+        if self.cost_done <= 0:
+            return "after the first run"
+        seconds_per_cost = self.seconds_done / self.cost_done
+        workers = max(1, len(self.workers))
+        return _duration(sum(self.remaining_cost.values()) * seconds_per_cost / workers)
+
+    def line(self, text: str) -> None:
+        if self.live and self._status_shown:
+            self.out.write("\r\033[K")
+        self.out.write(text + "\n")
+        self._status_shown = False
+        self.out.flush()
+
+    def _draw_status(self) -> None:
+        self.out.write("\r\033[K" + self.status())
+        self._status_shown = True
+        self.out.flush()
+
+
+def describe(config: RunConfig, varying: list[str]) -> str:
+    """The method and the varying knobs it reads (a recompute run has no compress_every to show)."""
+    knobs = config.normalised()
+    used = KNOBS_USED_BY[config.method]
+    shown = [k for k in varying if k != "method" and knobs.get(k) is not None and (k not in CACHE_KNOBS or k in used)]
+    return " ".join([config.method, *(f"{k}={knobs[k]}" for k in shown)])
+
+
+def varying_knobs(configs: list[RunConfig]) -> list[str]:
+    """The knobs whose value differs between runs: what a summary line needs to tell runs apart."""
+    if not configs:
+        return []
+    dumps = [config.normalised() for config in configs]
+    return [key for key in dumps[0] if len({repr(d[key]) for d in dumps}) > 1]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
