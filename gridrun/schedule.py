@@ -7,6 +7,7 @@ scheduler writes nothing: the driver records outcomes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -140,8 +141,8 @@ class WorkerPlan:
 
     def describe(self) -> str:
         if self.gpus:
-            return f"{self.count} GPU worker{'s' if self.count > 1 else ''} (1 GPU each)"
-        return f"{self.count} CPU worker{'s' if self.count > 1 else ''} ({self.threads} thread{'s' * (self.threads > 1)} each)"
+            return f"{self.count} GPU worker(s), 1 GPU each"
+        return f"{self.count} CPU worker(s), {self.threads} thread(s) each"
 
 
 class WorkerPool:
@@ -176,10 +177,8 @@ class WorkerPool:
         import ray
 
         for slot in self.slots:
-            try:
+            with contextlib.suppress(Exception):  # already dead: nothing to stop
                 ray.kill(slot.actor, no_restart=True)
-            except Exception:  # already dead: nothing to stop
-                pass
         self.slots = []
 
     def _new_slot(self, index: int) -> Slot:

@@ -38,7 +38,7 @@ class EvaluationWorker:
         }
 
     def run(self, knobs: dict[str, Any], run_hash: str) -> dict[str, Any]:
-        """Evaluate one configuration: {'status': 'done', summary, tokens, compactions} or {'status': 'failed', error}."""
+        """Evaluate one run: {status: done, summary, tokens, compactions} or {status: failed, error}."""
         from streaming_llm import LoadedModel, RunConfig, evaluate
 
         started = time.perf_counter()
