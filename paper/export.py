@@ -1,0 +1,276 @@
+"""`python -m paper export`: the paper's LaTeX tables and figures from one grid of the store.
+
+Every number comes from store/queries.py (the dashboard's queries). The export checks first that every run the paper
+needs is done; if not it fails with the list of what is missing and writes nothing, never a placeholder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from paper import figures
+from paper.latex import MissingNumber, Table, escape, knob, mean_std, number
+from store import queries
+
+MAIN = "main"
+LADDER = "ladder"
+# Sweep experiments, the knob each sweeps, and how its panel is titled.
+SWEEPS: dict[str, tuple[str, str]] = {
+    "r_sweep": ("compress_every", "compaction interval $R$"),
+    "slack_sweep": ("slack", "slack"),
+    "max_drop_sweep": ("max_drop", "max\\_drop"),
+    "sink_sweep": ("sink", "attention sinks"),
+    "cap_mode": ("cap_mode", "cap\\_mode (soft vs peak)"),
+}
+REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.tex",
+            **{name: "sweeps.tex" for name in SWEEPS}}
+METHOD_ORDER = {"recompute": 0, "dense": 1, "streaming": 2}
+LADDER_RUNGS = ("Strict", "Lazy", "+ slack", "+ slack + max\\_drop")
+STALE_MARK = r"$^\dagger$"
+
+
+class ExportError(RuntimeError):
+    """The export cannot be made as asked; the message lists what is missing and how to get it."""
+
+
+@dataclass
+class Gathered:
+    """Everything the paper prints, read from the store in one connection."""
+
+    grid: str
+    experiments: dict[str, pd.DataFrame]  # groups (configurations) per required experiment
+    all_groups: pd.DataFrame
+    profile: pd.DataFrame
+    kv_series: pd.DataFrame
+    spikes: pd.DataFrame
+
+
+def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
+    """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`."""
+    with queries.connect(store) as con:
+        grid = resolve_grid(con, grid, store)
+        check_complete(con, grid, include_stale)
+        gathered = gather(con, grid, include_stale)
+    try:
+        texts = {
+            "tables.tex": main_table(gathered),
+            "ablations.tex": ladder_table(gathered),
+            "sweeps.tex": sweeps_table(gathered),
+            "profile.tex": profile_table(gathered),
+        }
+    except MissingNumber as missing:
+        raise ExportError(f"grid {grid}: {missing}; nothing was written") from None
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in texts.items():
+        (out / name).write_text(text)
+        written.append(out / name)
+    written += figures.write_all(gathered, out)
+    return written
+
+
+def resolve_grid(con: duckdb.DuckDBPyConnection, grid: str | None, store: Path) -> str:
+    names = queries.grid_names(con)
+    if grid is not None:
+        if grid not in names:
+            raise ExportError(f"--grid {grid} is not in {store} (grids: {', '.join(names) or 'none'})")
+        return grid
+    if "paper" in names:
+        return "paper"
+    if len(names) == 1:
+        return names[0]
+    raise ExportError(f"{store} holds grids {', '.join(names) or 'none'}: pass --grid NAME")
+
+
+# --- completeness ---------------------------------------------------------------------------------------------------
+def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> None:
+    """Raise ExportError listing every missing experiment, run, baseline or sweep value."""
+    present = set(queries.experiment_names(con, grid))
+    problems = [f"experiment {name}: not in grid {grid} (needed for {need})"
+                for name, need in REQUIRED.items() if name not in present]
+    needed = [name for name in REQUIRED if name in present]
+    for row in queries.missing_runs(con, grid, needed, include_stale).itertuples():
+        why = "stale (made by other evaluation code; rerun the grid, or pass --include-stale)" if row.stale \
+            else row.status + (f": {str(row.error).splitlines()[0]}" if isinstance(row.error, str) else "")
+        problems.append(f"experiment {row.experiment}: run {row.run_hash} ({row.method or 'not run yet'}) {why}")
+    if not problems:
+        problems += _shape_problems(con, grid, include_stale, needed)
+    if problems:
+        listing = "\n  ".join(problems)
+        raise ExportError(
+            f"paper export of grid {grid} is incomplete; nothing was written. Missing:\n  {listing}\n"
+            f"Finish the grid (python -m gridrun GRID.yaml; python -m gridrun status GRID.yaml shows what is left)."
+        )
+
+
+def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool, needed: list[str]) -> list[str]:
+    problems = []
+    for name in needed:
+        groups = queries.group_table(con, grid, [name], include_stale)
+        for row in groups[groups.speedup.isna() & ~groups.is_baseline].itertuples():
+            problems.append(f"experiment {name}: no recompute baseline in grid {grid} with the same text, model, "
+                            f"cap ({row.cap}), device ({row.device_name}) and code as configuration {row.group_hash}")
+        if name in SWEEPS and groups[SWEEPS[name][0]].nunique() < 2:
+            problems.append(f"experiment {name}: {SWEEPS[name][0]} takes fewer than two values")
+        if name == LADDER:
+            rungs = {ladder_rung(row) for row in groups.itertuples()}
+            problems += [f"experiment {LADDER}: no '{rung}' configuration" for index, rung in enumerate(LADDER_RUNGS)
+                         if index not in rungs]
+        if name == MAIN:
+            kinds = {method_name(row) for row in groups.itertuples()}
+            problems += [f"experiment {MAIN}: no {kind} configuration" for kind in ("Recompute", "Strict", "Lazy")
+                         if kind not in kinds]
+    return problems
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
+def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Gathered:
+    experiments = {name: queries.group_table(con, grid, [name], include_stale) for name in REQUIRED}
+    main = experiments[MAIN]
+    streaming = main[main.method == "streaming"].sort_values("compress_every")
+    profile = queries.cost_profile(con, grid, list(streaming.group_hash), include_stale)
+    labels = {row.group_hash: row_label(row, ["compress_every"]) for row in main.itertuples()}
+    runs = [hashes[0] for hashes in streaming.run_hashes]
+    steps = queries.step_range(con, runs)
+    window = figures.sawtooth_window(steps, int(streaming.compress_every.max()), int(streaming.cap.max()))
+    kv_series = queries.token_series(con, runs, window, points=window.last - window.first + 1, rolling=1)
+    kv_series["label"] = kv_series.run_hash.map(
+        {hashes[0]: labels[group] for hashes, group in zip(streaming.run_hashes, streaming.group_hash, strict=True)})
+    pooled_runs = [run for hashes in streaming.run_hashes for run in hashes]
+    series = [labels[group] for hashes, group in zip(streaming.run_hashes, streaming.group_hash, strict=True)
+              for _ in hashes]
+    spikes = queries.spike_profile(con, pooled_runs, series=series, radius=figures.SPIKE_RADIUS)
+    all_groups = queries.group_table(con, grid, None, include_stale)
+    order = {group: index for index, group in enumerate(streaming.group_hash)}
+    profile = profile.assign(label=profile.group_hash.map(labels)).sort_values(
+        "group_hash", key=lambda column: column.map(order))
+    return Gathered(grid, experiments, all_groups, profile, kv_series, spikes)
+
+
+# --- row labels -----------------------------------------------------------------------------------------------------
+def method_name(row) -> str:
+    if row.method == "streaming":
+        return "Strict" if row.compress_every == 1 else "Lazy"
+    return {"recompute": "Recompute", "dense": "Dense"}.get(row.method, escape(row.method))
+
+
+def row_label(row, knobs: list[str]) -> str:
+    """'Lazy ($R{=}64$, slack{=}16)': the method, then the given knobs that apply to it."""
+    shown = [k for k in knobs if row.method == "streaming" or (row.method == "recompute" and k == "cap")]
+    if row.method == "recompute" and "cap" not in shown:
+        shown.append("cap")
+    parts = ", ".join(knob(k, getattr(row, k)) for k in shown)
+    stale = STALE_MARK if row.stale else ""
+    return f"{method_name(row)}{stale}" + (f" ({parts})" if parts else "")
+
+
+def ladder_rung(row) -> int:
+    """The ablation ladder: strict -> lazy -> + slack -> + slack + max_drop; -1 for anything else."""
+    if row.method != "streaming":
+        return -1
+    if row.compress_every == 1:
+        return 0 if row.slack == 0 and row.max_drop == 0 else -1
+    if row.slack == 0:
+        return 1 if row.max_drop == 0 else -1
+    return 2 if row.max_drop == 0 else 3
+
+
+def ladder_label(row) -> str:
+    """'+ slack ($R{=}64$, slack{=}16)': the rung, then the knob values that make it."""
+    if row.rung < 0:
+        return row_label(row, ["compress_every", "slack", "max_drop"])
+    knobs = ["compress_every", *[k for k in ("slack", "max_drop") if getattr(row, k)]]
+    stale = STALE_MARK if row.stale else ""
+    return f"{LADDER_RUNGS[row.rung]}{stale} ({', '.join(knob(k, getattr(row, k)) for k in knobs)})"
+
+
+def _sorted(groups: pd.DataFrame) -> pd.DataFrame:
+    order = groups.method.map(METHOD_ORDER).fillna(9)
+    knobs = [k for k in queries.KNOBS if k != "method"]
+    return groups.assign(_order=order).sort_values(["_order", *knobs]).drop(columns="_order")
+
+
+# --- tables ---------------------------------------------------------------------------------------------------------
+RESULT_COLUMNS = [("Method", "l"), ("TPOT (ms)", "r"), ("Speedup", "r"), ("PPL", "r"), (r"$\Delta$PPL (\%)", "r")]
+
+
+def result_cells(row) -> list[str]:
+    """TPOT, speedup, PPL, ΔPPL: the cells every results table shares."""
+    what = f"configuration {row.group_hash}"
+    if row.is_baseline:
+        speedup, delta = r"\textit{ref.}", r"\textit{ref.}"
+    else:
+        speedup = f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$"
+        delta = f"${number(row.delta_ppl_pct, 2, signed=True, what=f'delta PPL of {what}')}$"
+    return [mean_std(row.tpot_ms, row.tpot_ms_std, row.n, 2, what=f"TPOT of {what}"), speedup,
+            mean_std(row.ppl, row.ppl_std, row.n, 2, what=f"PPL of {what}"), delta]
+
+
+def _caption(text: str, groups: pd.DataFrame) -> str:
+    devices = ", ".join(sorted({escape(d) for d in groups.device_name}))
+    stale = f" {STALE_MARK}: made by other evaluation code than the current one." if groups.stale.any() else ""
+    return (f"{text} Mean $\\pm$ std over the $n$ repeats of each configuration; speedup (TPOT) and $\\Delta$PPL are "
+            f"relative to the recompute baseline of the same grid, text, cap and device ({devices}).{stale}")
+
+
+def main_table(gathered: Gathered) -> str:
+    groups = _sorted(gathered.experiments[MAIN])
+    knobs = [k for k in queries.varying_knobs(groups) if k not in ("method", "compress_every") and k not in
+             queries.CONTEXT]
+    table = Table(columns=[*RESULT_COLUMNS, ("Peak mem. (MiB)", "r"), ("$n$", "r")], label="tab:main",
+                  caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups))
+    for (dataset, device), block in groups.groupby(["dataset", "device_name"], sort=True):
+        rows = [[row_label(row, ["compress_every", *knobs]), *result_cells(row),
+                 mean_std(row.peak_memory_mib, row.peak_memory_mib_std, row.n, 0,
+                          what=f"peak memory of {row.group_hash}"), str(row.n)] for row in block.itertuples()]
+        table.add_panel(rf"\emph{{{escape(dataset)}}} ({escape(device)})", rows,
+                        [f"group {row.group_hash}" for row in block.itertuples()])
+    return table.render()
+
+
+def ladder_table(gathered: Gathered) -> str:
+    groups = gathered.experiments[LADDER]
+    groups = groups.assign(rung=[ladder_rung(row) for row in groups.itertuples()]).sort_values(
+        ["rung", "compress_every", "slack", "max_drop"])
+    table = Table(columns=[("Configuration", "l"), *RESULT_COLUMNS[1:], ("Compactions", "r"), ("$n$", "r")],
+                  label="tab:ablations", caption=_caption("Ablation ladder: strict $\\to$ lazy $\\to$ + slack $\\to$ "
+                                                          "+ slack + max\\_drop.", groups))
+    rows = [[ladder_label(row), *result_cells(row), f"${number(row.compactions, 1, what='compactions')}$",
+             str(row.n)] for row in groups.itertuples()]
+    notes = [f"group {row.group_hash}" for row in groups.itertuples()]
+    table.add_panel(None, rows, notes)
+    return table.render()
+
+
+def sweeps_table(gathered: Gathered) -> str:
+    table = Table(columns=[("Value", "l"), *RESULT_COLUMNS[1:], ("$n$", "r")], label="tab:sweeps",
+                  caption=_caption("Sweeps: one knob varied, the others held fixed.",
+                                   pd.concat([gathered.experiments[name] for name in SWEEPS])))
+    for name, (swept, title) in SWEEPS.items():
+        groups = _sorted(gathered.experiments[name])
+        others = [k for k in queries.varying_knobs(groups) if k not in ("method", swept)]
+        fixed = [k for k in ("cap", "sink", "compress_every", "slack", "max_drop") if k != swept and k not in others]
+        streaming = groups[groups.method == "streaming"]
+        held = ", ".join(knob(k, streaming[k].iloc[0]) for k in fixed) if not streaming.empty else ""
+        rows = [[row_label(row, [swept, *others]), *result_cells(row), str(row.n)] for row in groups.itertuples()]
+        table.add_panel(rf"\emph{{{title}}} ({held})", rows, [f"group {row.group_hash}" for row in groups.itertuples()])
+    return table.render()
+
+
+def profile_table(gathered: Gathered) -> str:
+    profile = gathered.profile
+    table = Table(columns=[("Configuration", "l"), ("Compactions", "r"), ("Forward (ms)", "r"),
+                           ("Compaction (ms)", "r"), ("Total (ms)", "r"), ("$n$", "r")], label="tab:profile",
+                  caption="Cost per decoded token, strict vs lazy (timed steps; forward includes cache updates). Mean "
+                          "$\\pm$ std over the $n$ repeats.")
+    rows = [[row.label, mean_std(row.compactions, row.compactions_std, row.n, 1, what="compactions"),
+             mean_std(row.forward_ms, row.forward_ms_std, row.n, 3, what="forward ms"),
+             mean_std(row.compaction_ms, row.compaction_ms_std, row.n, 3, what="compaction ms"),
+             mean_std(row.total_ms, row.total_ms_std, row.n, 3, what="total ms"), str(row.n)]
+            for row in profile.itertuples()]
+    table.add_panel(None, rows, [f"group {row.group_hash}" for row in profile.itertuples()])
+    return table.render()

@@ -1,0 +1,124 @@
+"""The paper's figures (PDF for LaTeX, PNG for a quick look) and figures.tex, drawn with matplotlib.
+
+Plots only what export.gather read through store/queries.py (the kv_len curve is the measured one, never a formula);
+it never queries the store itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a server or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from paper.latex import escape  # noqa: E402
+from store.queries import StepRange  # noqa: E402
+
+if TYPE_CHECKING:
+    from paper.export import Gathered
+
+SPIKE_RADIUS = 16
+SIZE = (6.0, 3.2)
+STYLE = {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "savefig.bbox": "tight", "pdf.fonttype": 42}
+
+
+def sawtooth_window(steps: StepRange, compress_every: int, cap: int) -> StepRange:
+    """Steps that show a few teeth of the largest R after the cache first fills."""
+    first = max(steps.first, cap - 2 * compress_every)
+    last = min(steps.last, first + max(4 * compress_every, 64))
+    return StepRange(steps.first if last <= first else first, last)
+
+
+def write_all(gathered: Gathered, out: Path) -> list[Path]:
+    with plt.rc_context(STYLE):
+        written = _save(kv_len(gathered.kv_series), out / "kv_len")
+        written += _save(tradeoff(gathered.all_groups), out / "tradeoff")
+        written += _save(nll_compactions(gathered.spikes), out / "nll_compactions")
+    figures_tex = out / "figures.tex"
+    figures_tex.write_text(figures_latex(gathered))
+    return [*written, figures_tex]
+
+
+def _save(figure: plt.Figure, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+    for path in paths:
+        figure.savefig(path, dpi=200)
+    plt.close(figure)
+    return paths
+
+
+def kv_len(series: pd.DataFrame) -> plt.Figure:
+    """Measured kv_len per step of one run of each streaming configuration."""
+    figure, axes = plt.subplots(figsize=SIZE)
+    for label, run in series.groupby("label", sort=False):
+        axes.step(run.step, run.kv_len_max, where="post", label=_plain(label), linewidth=1)
+    axes.set(xlabel="step", ylabel="kv_len (measured attention span)")
+    axes.legend(loc="lower right", fontsize=7)
+    return figure
+
+
+def tradeoff(groups: pd.DataFrame) -> plt.Figure:
+    """TPOT vs PPL per configuration: mean ± std over repeats, recompute marked, Pareto frontier dashed."""
+    figure, axes = plt.subplots(figsize=SIZE)
+    for (method, compress_every), block in groups.groupby(["method", "compress_every"], sort=True):
+        baseline = method == "recompute"
+        name = f"streaming R={compress_every}" if method == "streaming" else method
+        name = "recompute (baseline)" if baseline else name
+        axes.errorbar(block.tpot_ms, block.ppl, xerr=block.tpot_ms_std.fillna(0), yerr=block.ppl_std.fillna(0),
+                      fmt="X" if baseline else "o", markersize=9 if baseline else 5, capsize=2, linestyle="none",
+                      color="black" if baseline else None, label=f"{name} (n={_n_range(block.n)})")
+    frontier = groups[groups.pareto].sort_values("tpot_ms")
+    axes.step(frontier.tpot_ms, frontier.ppl, where="post", linestyle="--", color="grey", linewidth=1,
+              label="Pareto frontier")
+    axes.set(xlabel="TPOT (ms / token)", ylabel="perplexity",
+             title=f"mean ± std over n repeats (n = {_n_range(groups.n)})")
+    axes.legend(fontsize=6, ncols=2)
+    return figure
+
+
+def nll_compactions(spikes: pd.DataFrame) -> plt.Figure:
+    """Mean NLL minus each run's median around compactions, ± std over events, events pooled over repeats."""
+    figure, axes = plt.subplots(figsize=SIZE)
+    for label, block in spikes.groupby("series", sort=False):
+        std = block.nll_excess_std.fillna(0)
+        line, = axes.plot(block.offset, block.nll_excess, marker=".", linewidth=1,
+                          label=f"{_plain(label)} (n={int(block.runs.max())} runs, {int(block.events.max())} events)")
+        axes.fill_between(block.offset, block.nll_excess - std, block.nll_excess + std, alpha=0.15,
+                          color=line.get_color())
+    axes.axvline(0, color="grey", linewidth=0.8)
+    axes.set(xlabel="steps from compaction", ylabel="NLL − run median")
+    axes.legend(fontsize=7)
+    return figure
+
+
+def figures_latex(gathered: Gathered) -> str:
+    grid = escape(gathered.grid)
+    captions = {
+        "kv_len": "Measured attention span (kv\\_len) per step: strict compaction keeps it at the cap, lazy pruning "
+                  "lets it grow for $R$ steps and cuts it back (the sawtooth).",
+        "tradeoff": "TPOT against perplexity for every configuration of the grid: mean $\\pm$ std over $n$ repeats; "
+                    "the cross is the recompute baseline, the dashed line the Pareto frontier.",
+        "nll_compactions": "NLL around compaction events (minus each run's median), mean $\\pm$ std over events "
+                           "pooled over the repeats; $n$ in the legend.",
+    }
+    blocks = [
+        "\n".join([r"\begin{figure}[t]", r"\centering", rf"\includegraphics[width=\linewidth]{{{name}}}",
+                   rf"\caption{{{caption} Grid {grid}.}}", rf"\label{{fig:{name.replace('_', '-')}}}",
+                   r"\end{figure}"])
+        for name, caption in captions.items()
+    ]
+    return "\n\n".join(blocks) + "\n"
+
+
+def _n_range(n: pd.Series) -> str:
+    low, high = int(n.min()), int(n.max())
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def _plain(label: str) -> str:
+    """A LaTeX row label as plain text for a matplotlib legend."""
+    return label.replace("{=}", "=").replace("$", "").replace("\\_", "_").replace("^\\dagger", "†")
