@@ -7,7 +7,8 @@ layer at once. One layer class per RoPE mode:
 - `PreRopeLayer` (`exact`): stores pre-RoPE keys and rotates all of them by slot index at every step;
 - `AbsoluteLayer` (`absolute`): never re-aligns; queries keep their absolute positions.
 A plain `model(input_ids, cache=cache)` works: positions default to `get_seq_length()`, the slot index that realign
-and exact expect (absolute mode needs `position_ids=cache.next_positions(n)`). Tested with transformers 5.24.
+and exact expect (absolute mode needs `position_ids=cache.next_positions(n)`). HF `generate()` counts positions itself
+(absolute), so it fits `absolute` mode only. Tested with transformers 5.24.
 """
 
 from __future__ import annotations

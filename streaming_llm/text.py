@@ -100,7 +100,8 @@ def shakespeare_plays() -> list[Path]:
 def strip_markdown(markdown: str) -> str:
     """Plain text of a play: no heading marks, emphasis, escapes or hard-break spaces."""
     text = re.sub(r"^#+\s*", "", markdown, flags=re.MULTILINE)
-    text = re.sub(r"(\*\*|__|\*|_)(.+?)\1", r"\2", text, flags=re.DOTALL)
+    # The plays use * and _ only as emphasis marks, some of them unpaired: drop them all rather than pair them.
+    text = re.sub(r"(?<!\\)[*_]", "", text)
     text = re.sub(r"\\([\\`*_{}\[\]()#+\-.!])", r"\1", text)
     text = re.sub(r"[ \t]+\n", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text)
