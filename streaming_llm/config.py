@@ -99,8 +99,8 @@ class RunConfig(BaseModel):
         decode_steps = self.max_tokens - 1 - self.prefill
         if self.warmup >= decode_steps:
             raise ConfigError(
-                f"warmup = {self.warmup} >= the {decode_steps} decode steps (max_tokens - 1 - prefill): no step would be"
-                " timed; lower warmup or prefill, or raise max_tokens"
+                f"warmup = {self.warmup} >= the {decode_steps} decode steps (max_tokens - 1 - prefill): no step would "
+                "be timed; lower warmup or prefill, or raise max_tokens"
             )
         if (self.dataset == "file") != (self.text_file is not None):
             raise ConfigError("text_file is set exactly when dataset is 'file' (dataset: file, text_file: PATH)")

@@ -96,7 +96,7 @@ def test_trace_follows_the_definitions(sink, window, overlap, refresh, slack, co
     else:
         assert all(capacity <= after <= policy.safe_target for _, _, after, _ in events)
         staged_steps = [step for step, _, _, kind in events if kind == "staged"]
-        assert all(later - earlier > compress_every for earlier, later in zip(staged_steps, staged_steps[1:]))
+        assert all(later - earlier > compress_every for earlier, later in itertools.pairwise(staged_steps))
         assert max(expected) <= policy.hard_capacity + 1  # an emergency fires as soon as H is passed
 
 
