@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -275,7 +276,7 @@ class _Recorder:
         # Prefill rows have no step latency of their own: null, not a made-up share of the prefill time.
         for name in ("latency_ms", "compaction_ms"):
             column = table.column(name).combine_chunks()
-            nulled = pa.compute.if_else(prefill, pa.scalar(None, pa.float64()), column)
+            nulled = pc.if_else(prefill, pa.scalar(None, pa.float64()), column)
             table = table.set_column(table.schema.get_field_index(name), name, nulled)
         return table
 
@@ -304,8 +305,8 @@ def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, 
         "timed_steps": int(len(latency)),
         "prefill_ms": prefill_ms,
         "compaction_count": compactions.num_rows,
-        "compaction_ms_total": float(pa.compute.sum(compactions.column("compaction_ms")).as_py() or 0.0),
-        "evicted_total": int(pa.compute.sum(compactions.column("evicted")).as_py() or 0),
+        "compaction_ms_total": float(pc.sum(compactions.column("compaction_ms")).as_py() or 0.0),
+        "evicted_total": int(pc.sum(compactions.column("evicted")).as_py() or 0),
         "kv_len_max": int(spans.max()),
         "kv_len_mean": float(spans.mean()),
         "kv_cache_peak_bytes": int(spans.max()) * loaded.kv_bytes_per_token(),

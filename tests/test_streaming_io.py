@@ -145,3 +145,21 @@ def test_embedded_smollm2_streams_shakespeare_with_sensible_perplexity():
     assert 2.0 < dense.summary["ppl"] < 60.0  # a trained model on English verse, far from a random model's ~49k
     assert result.summary["ppl"] < 1.5 * dense.summary["ppl"]
     assert result.summary["compaction_count"] > 0
+
+
+def test_any_local_hf_folder_loads_with_its_own_tokenizer(tmp_path):
+    """A model id or folder goes through from_pretrained (trust_remote_code off); here a small GPT-NeoX saved to disk
+    with the embedded model's tokenizer, standing in for Pythia."""
+    from transformers import AutoTokenizer, GPTNeoXConfig
+
+    from streaming_llm.models import embedded_model_folder
+
+    config = GPTNeoXConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=2048, rotary_pct=0.25)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(embedded_model_folder()).save_pretrained(tmp_path)
+    run = RunConfig(model=str(tmp_path), method="streaming", sink=4, window=32, compress_every=8, max_tokens=100,
+                    device="cpu")
+    result = evaluate(run)
+    assert result.summary["random_weights"] is False  # not one of ours: the package cannot know
+    assert result.summary["compaction_count"] > 0 and np.isfinite(result.summary["ppl"])
