@@ -106,6 +106,8 @@ def ray_session(address: str | None):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        # Ray starts workers at nice 15; here the workers are the job, so they compete at the driver's priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
             object_store_memory=OBJECT_STORE_BYTES,

@@ -169,8 +169,14 @@ class StoreWriter:
                 leftover.unlink(missing_ok=True)
             if self.path.exists():
                 _copy_file(self.path, self.working)
-            self.con = duckdb.connect(str(self.working))
-            self._create_schema()
+            try:
+                self.con = duckdb.connect(str(self.working))
+                self._create_schema()
+            except duckdb.Error as exc:
+                raise StoreError(
+                    f"--store {self.path} cannot be read: corrupt or truncated ({exc}); it was left untouched: pass "
+                    "another --store path, or move the file away"
+                ) from exc
             self._publish()
         except BaseException:
             self.close()
@@ -268,8 +274,9 @@ class StoreWriter:
         con = self._con()
         con.begin()
         try:
-            previous = con.execute("SELECT status FROM runs WHERE run_hash = ?", [run_hash]).fetchone()
-            if previous is not None and previous[0] == "done":
+            # fetchall, not fetchone: DuckDB 2 refuses the next statement while a result is unfinished.
+            previous = con.execute("SELECT status FROM runs WHERE run_hash = ?", [run_hash]).fetchall()
+            if previous and previous[0][0] == "done":
                 now = datetime.now(UTC)
                 for table in RESULT_TABLES:
                     con.execute(

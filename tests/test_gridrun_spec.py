@@ -1,0 +1,151 @@
+"""Grid files: expansion, dedup, hashes, and validation errors that name the file, experiment, key and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gridrun.spec import GridError, load_grid, parse_grid
+from streaming_llm import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID = """
+name: demo
+base: {model: tiny-llama, max_tokens: 128, cap: 32, sink: 4}
+experiments:
+  main:
+    base: {repeats: 3}
+    runs: [{method: recompute}, {method: streaming, compress_every: 1}, {method: streaming, compress_every: 8}]
+  r_sweep:
+    base: {method: streaming}
+    grid: {compress_every: [1, 4, 8]}
+  cross:
+    base: {method: streaming}
+    runs: [{slack: 0}, {slack: 4}]
+    grid: {compress_every: [2, 8], sink: [0, 4]}
+"""
+
+
+def parse(text: str, overrides: list[str] | None = None):
+    return parse_grid(text, Path("grids/demo.yaml"), overrides or [])
+
+
+def test_expansion_counts_repeats_and_cartesian_product():
+    grid = parse(GRID)
+    members: dict[str, list[str]] = {}
+    for experiment, run_hash in grid.membership():
+        members.setdefault(experiment, []).append(run_hash)
+    assert len(members["main"]) == 9  # 3 runs x 3 repeats
+    assert len(members["r_sweep"]) == 3
+    assert len(members["cross"]) == 2 * 2 * 2  # runs x compress_every x sink
+    repeats = sorted(run.config.repeat for run in grid.runs if "main" in run.experiments)
+    assert repeats == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_run_listed_twice_runs_once_and_belongs_to_both_experiments():
+    grid = parse(GRID)
+    hashes = [run.run_hash for run in grid.runs]
+    assert len(hashes) == len(set(hashes))
+    strict = RunConfig.from_dict({"model": "tiny-llama", "max_tokens": 128, "cap": 32, "sink": 4,
+                                  "method": "streaming", "compress_every": 1})
+    shared = next(run for run in grid.runs if run.run_hash == strict.run_hash)
+    assert shared.experiments == ("main", "r_sweep")
+    # 9 (main) + 1 new in r_sweep (R=4; R=1 and R=8 repeat 0 are main's) + 8 (cross; R=8 sink=4 slack=0 is main's)
+    assert len(grid.runs) == 9 + 1 + 7
+
+
+def test_hash_is_the_runconfig_hash_and_repeats_share_a_group():
+    grid = parse(GRID)
+    for run in grid.runs:
+        assert run.run_hash == RunConfig.from_dict(run.config.normalised()).run_hash
+    recompute = [run.config for run in grid.runs if run.config.method == "recompute"]
+    assert len({config.run_hash for config in recompute}) == 3
+    assert len({config.group_hash for config in recompute}) == 1
+
+
+def test_set_overrides_every_run_and_renames_the_grid():
+    grid = parse(GRID, ["max_tokens=64"])
+    assert {run.config.max_tokens for run in grid.runs} == {64}
+    assert grid.name == "demo[max_tokens=64]"
+    with pytest.raises(GridError, match="--set bogus: unknown key"):
+        parse(GRID, ["bogus=1"])
+    with pytest.raises(GridError, match="expected key=value"):
+        parse(GRID, ["max_tokens"])
+
+
+def test_only_selects_experiments_and_names_unknown_ones():
+    grid = parse(GRID)
+    assert {run.run_hash for run in grid.only(["r_sweep"]).runs} == {
+        run.run_hash for run in grid.runs if "r_sweep" in run.experiments
+    }
+    with pytest.raises(GridError, match=r"--only nope: no such experiment \(known: main, r_sweep, cross\)"):
+        grid.only(["nope"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\nbase: {capp: 3}\nexperiments: {a: {runs: [{}]}}",
+         r"grids/demo.yaml: base: unknown key 'capp' \(allowed: model, .*repeats\)"),
+        ("name: x\nexperiments: {a: {grid: {sinks: [1]}}}",
+         r"experiment 'a' grid: unknown key 'sinks' \(allowed: model"),
+        ("name: x\nexperiments: {a: {runs: [{model: tiny-llama, cap: big}]}}",
+         r"experiment 'a' runs\[0\]: cap = 'big'"),
+        ("name: x\nexperiments: {a: {runs: [{model: tiny-llama, method: fancy, cap: 8}]}}",
+         r"experiment 'a' runs\[0\]: method = 'fancy'"),
+        ("name: x\nbase: {model: tiny-llama, cap: 8, sink: 4}\nexperiments: {a: {grid: {overlap: [0, 4]}}}",
+         r"experiment 'a' grid point overlap=4: .*cap_mode peak: even window = 1 peaks at .* > cap = 8.*raise cap"),
+        ("name: x\nbase: {cap: 8}\nexperiments: {a: {grid: {sink: []}}}",
+         r"experiment 'a' grid: sink is an empty list"),
+        ("name: x\nbase: {cap: 8}\nexperiments: {a: {runs: [{sink: 1}], grid: {sink: [2]}}}",
+         r"runs\[0\] sets sink, which grid also sweeps"),
+        ("name: x\nbase: {cap: 8, repeats: 0}\nexperiments: {a: {runs: [{}]}}",
+         r"repeats = 0: repeats must be an integer >= 1"),
+        ("name: x\nexperiments: {a: {}}", r"experiment 'a': has neither grid: nor runs:"),
+        ("name: x\nexperiments: {a: {runs: [{}], sweep: {}}}", r"unknown key 'experiments.a.sweep'"),
+        ("name: x\nexperiments: {a: {grid: {sink: 4}}}", r"experiments.a.grid.sink = 4: Input should be a valid list"),
+        ("base: {}\nexperiments: {a: {runs: [{}]}}", r"'name' is missing"),
+        ("name: x\nexperiments: {}", r"experiments = \{\}"),
+        ("- just\n- a list\n", r"a grid file is a mapping"),
+        ("name: !!python/object/apply:os.system [echo hi]\nexperiments: {}", r"not valid YAML"),
+    ],
+)
+def test_validation_errors_name_file_experiment_key_and_fix(text, message):
+    with pytest.raises(GridError, match=message) as caught:
+        parse(text)
+    assert str(caught.value).startswith("grids/demo.yaml")
+
+
+def test_missing_file_is_a_grid_error(tmp_path):
+    with pytest.raises(GridError, match="cannot read the grid file"):
+        load_grid(tmp_path / "absent.yaml")
+
+
+PAPER_EXPERIMENTS = {"main", "r_sweep", "slack_sweep", "max_drop_sweep", "sink_sweep", "overlap", "refresh", "ladder",
+                     "cap_mode"}
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "paper-full.yaml"])
+def test_paper_grids_hold_every_sweep_of_the_study(name):
+    grid = load_grid(ROOT / "grids" / name)
+    assert set(grid.experiments) >= PAPER_EXPERIMENTS
+    main = [run.config for run in grid.runs if "main" in run.experiments]
+    assert {config.method for config in main} == {"recompute", "streaming"}
+    assert {config.compress_every for config in main if config.method == "streaming"} >= {1}
+    assert max(config.repeat for config in main) >= 2  # mean +- std over at least 3 repeats
+    ladder = [run.config for run in grid.runs if "ladder" in run.experiments]
+    assert len(ladder) == 4
+    assert {run.config.cap_mode for run in grid.runs if "cap_mode" in run.experiments} == {"soft", "peak"}
+
+
+def test_paper_full_is_at_the_study_size():
+    grid = load_grid(ROOT / "grids" / "paper-full.yaml")
+    configs = [run.config for run in grid.runs]
+    assert {config.cap for config in configs} == {2048}
+    assert min(config.max_tokens for config in configs) >= 20_000
+
+
+def test_smoke_grid_uses_only_tiny_models():
+    grid = load_grid(ROOT / "grids" / "smoke.yaml")
+    assert {run.config.model for run in grid.runs} <= {"tiny-llama", "tiny-neox"}
