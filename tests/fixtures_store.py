@@ -1,10 +1,12 @@
-"""Stores for the dashboard, paper and query tests: one filled with real evaluate() runs of tiny-llama, and a large
+"""Stores for the dashboard, paper and query tests: one filled by `python -m gridrun grids/smoke.yaml`, and a large
 synthetic one (50 runs x 20,000 tokens) for timing. Test-only: the project's writer is store/, never this module.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,31 +15,19 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
+import yaml
 
-from store.schema import KNOB_COLUMNS, SCHEMA_VERSION, SUMMARY_COLUMNS, metadata
+from store.schema import APPLICATION_ID, KNOB_COLUMNS, SCHEMA_VERSION, metadata
 
-# The study's layout in miniature: the experiment names paper/export.py reads, at a size a test can afford.
-SMALL_BASE = {"model": "tiny-llama", "max_tokens": 120, "cap": 32, "sink": 4, "warmup": 4}
-SMALL_GRID: dict[str, list[dict]] = {
-    "main": [
-        {"method": "recompute"},
-        {"method": "streaming", "compress_every": 1},
-        {"method": "streaming", "compress_every": 8},
-    ],
-    "r_sweep": [{"method": "streaming", "compress_every": r} for r in (1, 4, 8)],
-    "slack_sweep": [{"method": "streaming", "compress_every": 8, "slack": s} for s in (0, 4)],
-    "max_drop_sweep": [{"method": "streaming", "compress_every": 8, "slack": 4, "max_drop": m} for m in (0, 8)],
-    "sink_sweep": [{"method": "streaming", "compress_every": 8, "sink": s} for s in (0, 4)],
-    "cap_mode": [{"method": "streaming", "compress_every": 8, "cap_mode": m} for m in ("peak", "soft")],
-    "ladder": [
-        {"method": "streaming", "compress_every": 1},
-        {"method": "streaming", "compress_every": 8},
-        {"method": "streaming", "compress_every": 8, "slack": 4},
-        {"method": "streaming", "compress_every": 8, "slack": 4, "max_drop": 8},
-    ],
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_GRID = ROOT / "grids" / "smoke.yaml"
+PAPER_GRID = "smoke-paper"
+# The paper experiments at smoke size, for as long as grids/smoke.yaml lacks them.
+PAPER_EXTRA_EXPERIMENTS = {
+    "max_drop_sweep": {"base": {"method": "streaming", "compress_every": 16, "slack": 8}, "grid": {"max_drop": [0, 8]}},
+    "sink_sweep": {"base": {"method": "streaming", "compress_every": 16}, "grid": {"sink": [0, 4]}},
 }
-REPEATED = [{"method": "streaming", "compress_every": 8}, {"method": "recompute"}]  # run twice: mean +- std, n = 2
-
+_BUILT: dict[str, Path] = {}
 
 def create_store(path: Path) -> None:
     """An empty store with the schema of store/schema.py."""
@@ -45,27 +35,8 @@ def create_store(path: Path) -> None:
     metadata.create_all(engine)
     engine.dispose()
     with duckdb.connect(str(path)) as con:
-        con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-
-
-def runs_row(result, *, status: str = "done", error: str | None = None) -> dict:
-    """The runs row of a RunResult, column for column as store/schema.py declares it."""
-    config, summary = result.config, dict(result.summary)
-    environment = summary.pop("environment")
-    summary["window_resolved"] = summary.pop("window")
-    summary["device_name"] = environment["device"]
-    normalised = config.normalised()
-    row = {
-        "run_hash": config.run_hash, "group_hash": config.group_hash, "status": status, "error": error,
-        "attempts": 1, "config_json": json.dumps(normalised, sort_keys=True),
-        **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
-        **{column.name: summary.get(column.name) for column in SUMMARY_COLUMNS},
-        "started_at": datetime.fromisoformat(summary["started_at"]),
-        "ended_at": datetime.fromisoformat(summary["ended_at"]),
-        "code_version": environment["code_version"], "git_commit": environment["git_commit"],
-        "environment_json": json.dumps(environment, sort_keys=True),
-    }
-    return row
+        con.executemany("INSERT INTO meta VALUES (?, ?)",
+                        [["application_id", APPLICATION_ID], ["schema_version", str(SCHEMA_VERSION)]])
 
 
 def insert_run(con: duckdb.DuckDBPyConnection, row: dict, tokens: pa.Table | None,
@@ -94,29 +65,37 @@ def add_membership(con: duckdb.DuckDBPyConnection, grid: str, membership: Iterab
                     [[grid, experiment, run_hash] for experiment, run_hash in membership])
 
 
-def build_small_store(path: Path, grid: str = "small") -> Path:
-    """Run SMALL_GRID (plus REPEATED twice) with evaluate() on tiny-llama and store every run; ~1 minute here."""
-    from streaming_llm import LoadedModel, RunConfig, evaluate
+def smoke_store(tmp_path_factory) -> Path:
+    """A store filled by `python -m gridrun grids/smoke.yaml`, plus grid PAPER_GRID (smoke and the paper experiments
+    smoke lacks; runs shared with smoke are not rerun). Built once per test session (about half a minute here)."""
+    if "smoke" not in _BUILT:
+        folder = tmp_path_factory.mktemp("smoke-store")
+        store = folder / "gridrun.duckdb"
+        _gridrun(SMOKE_GRID, store)
+        _gridrun(_paper_grid(folder), store)
+        _BUILT["smoke"] = store
+    return _BUILT["smoke"]
 
-    configs: dict[str, RunConfig] = {}
-    membership: list[tuple[str, str]] = []
-    for experiment, overrides in SMALL_GRID.items():
-        for override in overrides:
-            repeats = 2 if override in REPEATED else 1
-            for repeat in range(repeats):
-                config = RunConfig.from_dict({**SMALL_BASE, **override, "repeat": repeat})
-                configs[config.run_hash] = config
-                membership.append((experiment, config.run_hash))
-    create_store(path)
-    loaded = None
-    with duckdb.connect(str(path)) as con:
-        for config in configs.values():
-            if loaded is None:
-                loaded = LoadedModel.load(config)
-            result = evaluate(config, loaded)
-            insert_run(con, runs_row(result), result.tokens, result.compactions)
-        add_membership(con, grid, membership)
+
+def _paper_grid(folder: Path) -> Path:
+    from paper.export import REQUIRED
+
+    spec = yaml.safe_load(SMOKE_GRID.read_text())
+    spec["name"] = PAPER_GRID
+    for name, experiment in PAPER_EXTRA_EXPERIMENTS.items():
+        if name in REQUIRED and name not in spec["experiments"]:
+            spec["experiments"][name] = experiment
+    path = folder / f"{PAPER_GRID}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def _gridrun(grid: Path, store: Path) -> None:
+    command = [sys.executable, "-m", "gridrun", str(grid), "--store", str(store)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                           f"{result.stderr[-3000:]}")
 
 
 def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000, grid: str = "synthetic") -> Path:

@@ -1,0 +1,213 @@
+"""store/queries.py against a store filled by grids/smoke.yaml: read-only access, the numbers of the summaries
+(checked against plain pandas over the raw rows), downsampling, compaction spikes and the SQL box's refusals."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from fixtures_store import create_store, insert_run, smoke_store
+
+from store import queries
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return smoke_store(tmp_path_factory)
+
+
+@pytest.fixture
+def store_copy(store, tmp_path):
+    copy = tmp_path / "copy.duckdb"
+    shutil.copyfile(store, copy)
+    return copy
+
+
+def raw_runs(path, grid: str) -> pd.DataFrame:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute(
+            "SELECT DISTINCT r.* FROM runs r JOIN experiments e USING (run_hash) WHERE e.grid = ? AND status = 'done'",
+            [grid]).df()
+
+
+def test_connections_are_read_only(store):
+    with queries.connect(store) as con, pytest.raises(duckdb.Error, match="read-only"):
+        con.execute("DELETE FROM runs")
+
+
+def test_missing_and_foreign_files_get_errors_naming_the_fix(tmp_path):
+    with pytest.raises(queries.StoreError, match="no store at .*python -m gridrun"), queries.connect(
+            tmp_path / "absent.duckdb"):
+        pass
+    foreign = tmp_path / "foreign.duckdb"
+    duckdb.connect(str(foreign)).execute("CREATE TABLE t (x INT)").close()
+    with pytest.raises(queries.StoreError, match="not a gridrun store"), queries.connect(foreign):
+        pass
+
+
+def test_connect_waits_for_a_writer_to_let_go(store_copy):
+    """A process holding the file read-write locks readers out; connect retries until it lets go."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import duckdb, sys, time
+        con = duckdb.connect({str(store_copy)!r})
+        print("locked", flush=True)
+        time.sleep(1.0)
+        con.close()
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(queries.StoreError, match="locked or unreadable after 2 tries"), queries.connect(
+                store_copy, attempts=2):
+            pass
+        with queries.connect(store_copy, attempts=40) as con:
+            assert con.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    finally:
+        holder.wait(timeout=30)
+
+
+def test_group_table_is_mean_std_n_of_the_raw_runs(store):
+    with queries.connect(store) as con:
+        groups = queries.group_table(con, "smoke").set_index("group_hash")
+    runs = raw_runs(store, "smoke")
+    expected = runs.groupby("group_hash").agg(n=("run_hash", "count"), tpot=("tpot_ms_mean", "mean"),
+                                              tpot_std=("tpot_ms_mean", "std"), ppl=("ppl", "mean"))
+    assert sorted(groups.index) == sorted(expected.index)
+    assert (groups.n == expected.n.loc[groups.index]).all()
+    assert np.allclose(groups.tpot_ms, expected.tpot.loc[groups.index])
+    assert np.allclose(groups.ppl, expected.ppl.loc[groups.index])
+    repeated = expected[expected.n > 1].index
+    assert len(repeated) >= 3, "smoke's main experiment has repeats"
+    assert np.allclose(groups.tpot_ms_std.loc[repeated], expected.tpot_std.loc[repeated])
+
+    llama = runs[runs.model == "tiny-llama"]
+    base = llama[llama.method == "recompute"]
+    for group in llama[llama.method == "streaming"].group_hash.unique():
+        row = groups.loc[group]
+        assert row.speedup == pytest.approx(base.tpot_ms_mean.mean() / row.tpot_ms)
+        assert row.delta_ppl_pct == pytest.approx(100 * (row.ppl / base.ppl.mean() - 1))
+    neox = groups[groups.model == "tiny-neox"]
+    assert len(neox) and neox.speedup.isna().all(), "no recompute run of tiny-neox: no speedup, never another's"
+
+
+def test_pareto_flags_the_non_dominated_configurations(store):
+    with queries.connect(store) as con:
+        groups = queries.group_table(con, "smoke")
+    for _, block in groups.groupby("model"):
+        for row in block.itertuples():
+            others = block.drop(index=row.Index)
+            dominated = ((others.tpot_ms <= row.tpot_ms) & (others.ppl <= row.ppl)
+                         & ((others.tpot_ms < row.tpot_ms) | (others.ppl < row.ppl))).any()
+            assert row.pareto == (not dominated), row.label if hasattr(row, "label") else row.group_hash
+
+
+def test_run_table_and_counts_cover_every_member(store):
+    with queries.connect(store) as con:
+        table = queries.run_table(con, "smoke")
+        counts = queries.status_counts(con, "smoke")
+        totals = queries.grid_totals(con, "smoke")
+        members = con.execute("SELECT count(DISTINCT run_hash) FROM experiments WHERE grid = 'smoke'").fetchone()[0]
+    assert len(table) == members == totals["runs"] == totals["done"]
+    assert set(counts.experiment) >= {"main", "r_sweep", "slack_sweep", "ladder", "cap_mode"}
+    assert (counts.runs == counts.done).all() and counts[["stale", "failed", "pending"]].sum().sum() == 0
+
+
+def test_stale_runs_are_hidden_unless_asked_and_never_pooled(store_copy):
+    with duckdb.connect(str(store_copy)) as con:
+        run_hash, group_hash = con.execute(
+            "SELECT run_hash, group_hash FROM runs WHERE method = 'streaming' AND \"repeat\" = 1 LIMIT 1").fetchone()
+        con.execute("UPDATE runs SET code_version = 'older-code' WHERE run_hash = ?", [run_hash])
+    with queries.connect(store_copy) as con:
+        assert run_hash not in set(queries.run_table(con, "smoke").run_hash)
+        assert run_hash in set(queries.run_table(con, "smoke", include_stale=True).run_hash)
+        assert queries.grid_totals(con, "smoke")["stale"] == 1
+        current = queries.group_table(con, "smoke").set_index("group_hash")
+        both = queries.group_table(con, "smoke", include_stale=True)
+        missing = queries.missing_runs(con, "smoke", ["main"])
+    assert current.loc[group_hash].n == 1
+    mine = both[both.group_hash == group_hash]
+    assert sorted(mine.stale) == [False, True] and list(mine.n) == [1, 1]
+    assert list(missing.run_hash) == [run_hash] and missing.stale.all()
+
+
+def test_token_series_downsamples_exactly(store):
+    with queries.connect(store) as con:
+        run = con.execute("SELECT run_hash FROM runs WHERE method = 'streaming' AND compress_every = 16 "
+                          "AND model = 'tiny-llama' LIMIT 1").fetchone()[0]
+        raw = con.execute("SELECT * FROM tokens WHERE run_hash = ? ORDER BY step", [run]).df()
+        steps = queries.step_range(con, [run])
+        coarse = queries.token_series(con, [run], steps, points=10, rolling=8)
+        full = queries.token_series(con, [run], steps, points=10_000, rolling=8)
+    stride = steps.stride(10)
+    assert len(coarse) == 10 and len(full) == len(raw)
+    buckets = raw.groupby((raw.step - steps.first) // stride)
+    assert list(coarse.kv_len_min) == list(buckets.kv_len.min())
+    assert list(coarse.kv_len_max) == list(buckets.kv_len.max())
+    assert list(coarse.compactions) == list(buckets.compacted.sum())
+    assert list(full.kv_len_max) == list(raw.kv_len), "one step per bucket: the measured sawtooth itself"
+    assert np.allclose(full.nll_rolling, raw.nll.rolling(8, min_periods=1).mean())
+
+
+def test_spike_metrics_of_a_known_spike(tmp_path):
+    """Latency 10 ms with +6 at each compaction step and +3 the step after; NLL 2 with +1 the step after."""
+    path = tmp_path / "spike.duckdb"
+    create_store(path)
+    steps = np.arange(200, dtype=np.int32)
+    events = np.arange(40, 180, 20)
+    latency = np.full(200, 10.0)
+    latency[events] += 6
+    latency[events + 1] += 3
+    nll = np.full(200, 2.0)
+    nll[events + 1] += 1
+    compacted = np.isin(steps, events)
+    tokens = pa.table({
+        "step": steps, "position": steps.astype(np.int64), "token_id": np.zeros(200, np.int64),
+        "target_id": np.zeros(200, np.int64), "nll": nll, "latency_ms": latency, "compaction_ms": np.where(
+            compacted, 6.0, 0.0), "kv_len": np.full(200, 32, np.int32), "compacted": compacted,
+        "evicted": np.where(compacted, 8, 0).astype(np.int32), "prefill": np.zeros(200, bool),
+    })
+    compactions = pa.table({"step": events.astype(np.int32), "kv_len_before": np.full(len(events), 40, np.int32),
+                            "kv_len_after": np.full(len(events), 32, np.int32),
+                            "evicted": np.full(len(events), 8, np.int32), "compaction_ms": np.full(len(events), 6.0)})
+    row = {"run_hash": "spiky", "group_hash": "spiky", "status": "done", "attempts": 1, "config_json": "{}",
+           "model": "m", "dataset": "d", "sample": 0, "max_tokens": 201, "prefill": 0, "warmup": 4,
+           "method": "streaming", "sink": 4, "cap_mode": "peak", "overlap": 0, "refresh": 0, "refresh_policy": "none",
+           "slack": 0, "compress_every": 20, "max_drop": 0, "rope_mode": "realign", "dtype": "float32",
+           "device": "cpu", "attn_implementation": "sdpa", "repeat": 0, "code_version": "x"}
+    with duckdb.connect(str(path)) as con:
+        insert_run(con, row, tokens, compactions)
+    with queries.connect(path) as con:
+        metrics = queries.spike_metrics(con, ["spiky"], radius=5).iloc[0]
+        profile = queries.spike_profile(con, ["spiky"], radius=5)
+    assert metrics.events == len(events) and metrics.runs == 1
+    assert (metrics.latency_ms_peak_excess, metrics.latency_ms_peak_offset) == (6.0, 0)
+    assert metrics.latency_ms_area == 9.0 and metrics.latency_ms_width == 2  # 6 and 3 are both >= 6 / 2
+    assert (metrics.nll_peak_excess, metrics.nll_peak_offset, metrics.nll_area, metrics.nll_width) == (1.0, 1, 1.0, 1)
+    assert list(profile["offset"]) == list(range(-5, 6)) and (profile.latency_ms_std.fillna(0) == 0).all()
+
+
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO grids VALUES ('x', 'y', 'z', now())", "DELETE FROM runs", "DROP TABLE runs",
+    "CREATE TABLE t AS SELECT 1", "COPY runs TO 'runs.csv'", "ATTACH 'other.duckdb'", "UPDATE runs SET ppl = 0",
+    "SELECT 1; DELETE FROM runs", "SET threads = 1", "INSTALL httpfs",
+])
+def test_sql_box_refuses_statements_that_are_not_one_select(store, sql):
+    with pytest.raises(queries.WriteRefused):
+        queries.run_user_sql(store, sql)
+
+
+def test_sql_box_runs_selects_in_a_sandbox(store, tmp_path):
+    frame, truncated = queries.run_user_sql(store, "WITH t AS (SELECT * FROM runs) SELECT count(*) AS n FROM t")
+    assert frame.n.iloc[0] > 0 and not truncated
+    frame, truncated = queries.run_user_sql(store, "SELECT * FROM tokens", limit=5)
+    assert len(frame) == 5 and truncated
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    with pytest.raises(duckdb.Error, match="disabled by configuration"):
+        queries.run_user_sql(store, f"SELECT * FROM read_csv('{secret}')")
