@@ -97,7 +97,7 @@ def status(args: argparse.Namespace) -> int:
     stored = read_runs(args.store, [run.run_hash for run in grid.runs])
     decisions = {d.run.run_hash: d.reason for d in decide(grid.runs, stored, code_version(), force=False)}
     names = [name for name in grid.experiments if any(name in run.experiments for run in grid.runs)]
-    width = max(len("experiment"), *(len(name) for name in names))
+    width = max(len("(distinct runs)"), *(len(name) for name in names))
     print(f"grid {grid.name} in {args.store}: done = by the current evaluation code {code_version()}")
     print(f"{'experiment':{width}}  {'runs':>5} {'done':>5} {'pending':>7} {'failed':>6} {'stale':>5}")
     rows = [(name, [decisions[r.run_hash] for r in grid.runs if name in r.experiments]) for name in names]

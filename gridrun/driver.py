@@ -70,8 +70,9 @@ class GridReport:
         return not self.interrupted and not self.failed and self.skipped + self.done == self.total
 
 
-def dry_run(grid: Grid, store: Path, code_version: str, force: bool, out: TextIO = sys.stdout) -> int:
+def dry_run(grid: Grid, store: Path, code_version: str, force: bool, out: TextIO | None = None) -> int:
     """List every run with its hash and whether it would run or be skipped; starts and writes nothing."""
+    out = out or sys.stdout
     decisions = decide(grid.runs, read_runs(store, [run.run_hash for run in grid.runs]), code_version, force)
     varying = varying_knobs([run.config for run in grid.runs])
     for decision in decisions:
@@ -91,7 +92,7 @@ class GridRunner:
 
     def __init__(self, grid: Grid, store: Path, code_version: str, *, force: bool = False,
                  address: str | None = None, workers: int | None = None, retries: int = 1,
-                 out: TextIO = sys.stdout, registered: Grid | None = None, events: Events | None = None):
+                 out: TextIO | None = None, registered: Grid | None = None, events: Events | None = None):
         self.grid = grid
         self.registered = registered or grid  # the whole grid's membership, when --only selects part of it
         self.store = Path(store)
@@ -100,7 +101,7 @@ class GridRunner:
         self.address = address
         self.workers = workers
         self.retries = retries
-        self.out = out
+        self.out = out or sys.stdout
         self.events = events
         self._warned_code = False
 

@@ -31,10 +31,10 @@ class _WorkerStats:
 class Progress:
     """Implements schedule.Events and prints what the driver records."""
 
-    def __init__(self, runs: list[PlannedRun], out: TextIO = sys.stdout, live: bool | None = None,
+    def __init__(self, runs: list[PlannedRun], out: TextIO | None = None, live: bool | None = None,
                  every_s: float = 30.0):
-        self.out = out
-        self.live = out.isatty() if live is None else live
+        self.out = out or sys.stdout
+        self.live = self.out.isatty() if live is None else live
         self.every_s = every_s
         self.total = len(runs)
         self.remaining_cost = {run.run_hash: run_cost(run.config) for run in runs}
