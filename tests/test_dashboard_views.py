@@ -1,0 +1,146 @@
+"""Every dashboard view on a store filled by grids/smoke.yaml, through Streamlit's AppTest: no exception, the charts
+and tables each view promises, the SQL box's refusals, and new runs showing up while a grid is still publishing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+from fixtures_store import smoke_store
+from streamlit.testing.v1 import AppTest
+
+from dashboard.__main__ import parse, streamlit_command
+from dashboard.views import VIEWS
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 3, "Compaction spikes": 2, "SQL": 0}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return smoke_store(tmp_path_factory)
+
+
+def open_app(path: Path, monkeypatch, view: str = "Runs") -> AppTest:
+    monkeypatch.setenv("GRIDRUN_STORE", str(path))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    app.sidebar.selectbox[0].set_value("smoke")  # the grid of grids/smoke.yaml (the store holds smoke-paper too)
+    app.sidebar.radio[0].set_value(view).run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def chart_marks(app: AppTest) -> list[set[str]]:
+    """The mark types of each Altair chart on the page."""
+    def marks(spec: dict) -> set[str]:
+        found = {spec["mark"]["type"] if isinstance(spec.get("mark"), dict) else spec.get("mark")} - {None}
+        for key in ("layer", "vconcat", "hconcat"):
+            for child in spec.get(key, []):
+                found |= marks(child)
+        return found
+
+    return [marks(json.loads(chart.proto.spec)) for chart in app.get("vega_lite_chart")]
+
+
+def test_every_view_renders_its_charts(store, monkeypatch):
+    assert set(CHARTS) == set(VIEWS)
+    app = open_app(store, monkeypatch)
+    for view in VIEWS:
+        app.sidebar.radio[0].set_value(view).run()
+        assert not app.exception, (view, [e.value for e in app.exception])
+        assert not app.error, (view, [e.value for e in app.error])
+        assert len(app.get("vega_lite_chart")) == CHARTS[view], view
+        assert app.title[0].value == view
+
+
+def test_runs_view_lists_every_run_of_the_grid(store, monkeypatch):
+    app = open_app(store, monkeypatch, "Runs")
+    with duckdb.connect(str(store), read_only=True) as con:
+        members = con.execute("SELECT count(DISTINCT run_hash) FROM experiments WHERE grid = 'smoke'").fetchone()[0]
+    runs_table = app.dataframe[-1].value
+    assert len(runs_table) == members
+    assert {"ppl", "delta_ppl_pct", "tpot_ms_mean", "speedup", "peak_memory_mib", "repeats", "stale",
+            "compress_every", "slack", "max_drop", "sink", "cap"} <= set(runs_table.columns)
+    assert {m.label: m.value for m in app.metric}["done"] == str(members)
+
+
+def test_tradeoff_marks_baseline_frontier_and_error_bars(store, monkeypatch):
+    app = open_app(store, monkeypatch, "Trade-off")
+    (marks,) = chart_marks(app)
+    assert {"point", "line", "rule"} <= marks  # configurations, Pareto frontier, error bars (main has repeats)
+    frontier = app.dataframe[0].value
+    assert len(frontier) >= 1 and frontier.tpot_ms.is_monotonic_increasing
+    app.selectbox[0].set_value("compress_every").run()
+    assert not app.exception
+
+
+def test_sweep_of_r_holds_the_other_knobs_fixed(store, monkeypatch):
+    app = open_app(store, monkeypatch, "Sweeps")
+    app.selectbox[0].set_value("r_sweep").run()
+    assert app.selectbox[1].value == "compress_every"
+    table = app.dataframe[0].value
+    assert sorted(table.compress_every) == [1, 4, 16] and table.series.nunique() == 1
+    app.selectbox[2].set_value("ppl").run()
+    assert not app.exception and len(app.get("vega_lite_chart")) == 1
+
+
+def test_run_detail_and_spikes_follow_the_chosen_runs(store, monkeypatch):
+    app = open_app(store, monkeypatch, "Run detail")
+    assert len(app.multiselect[0].value) >= 2
+    app.slider[0].set_value((10, 120)).run()
+    assert not app.exception and len(app.get("vega_lite_chart")) == 3
+    app.sidebar.radio[0].set_value("Compaction spikes").run()
+    chosen = app.multiselect[0].value
+    metrics = app.dataframe[0].value
+    assert len(metrics) == len(chosen) >= 2
+    assert (metrics.events > 0).all() and {"latency_ms_peak_excess", "latency_ms_area", "latency_ms_width",
+                                            "nll_peak_excess", "nll_area", "nll_width"} <= set(metrics.columns)
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM runs", "DROP TABLE tokens", "INSERT INTO meta VALUES ('a', 'b')",
+                                 "COPY runs TO 'stolen.csv'"])
+def test_sql_box_refuses_writes_with_a_message(store, monkeypatch, sql):
+    app = open_app(store, monkeypatch, "SQL")
+    app.text_area[0].input(sql)
+    app.main.button[0].click().run()
+    assert not app.exception
+    assert len(app.error) == 1 and "refused" in app.error[0].value and "read-only" in app.error[0].value
+    with duckdb.connect(str(store), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+
+
+def test_sql_box_runs_a_select(store, monkeypatch):
+    app = open_app(store, monkeypatch, "SQL")
+    app.text_area[0].input("SELECT method, count(*) AS runs FROM runs GROUP BY ALL ORDER BY method")
+    app.main.button[0].click().run()
+    assert not app.exception and not app.error
+    assert list(app.dataframe[0].value.method) == ["recompute", "streaming"]
+
+
+def test_new_runs_appear_when_a_new_snapshot_is_published(store, monkeypatch, tmp_path):
+    """gridrun replaces the published file atomically as runs finish; a rerun of the page reads the new one."""
+    published, partial, full = tmp_path / "gridrun.duckdb", tmp_path / "partial.duckdb", tmp_path / "full.duckdb"
+    shutil.copyfile(store, full)
+    shutil.copyfile(store, partial)
+    with duckdb.connect(str(partial)) as con:
+        con.execute("DELETE FROM runs WHERE method = 'streaming' AND compress_every = 4")  # not finished yet
+    shutil.copyfile(partial, published)
+    app = open_app(published, monkeypatch, "Runs")
+    before = {m.label: m.value for m in app.metric}
+    os.replace(full, published)
+    app.run()
+    after = {m.label: m.value for m in app.metric}
+    assert int(before["pending"]) >= 1 and int(after["pending"]) == 0
+    assert int(after["done"]) == int(before["done"]) + int(before["pending"])
+
+
+def test_serve_command_binds_localhost_with_usage_stats_off(tmp_path):
+    command = streamlit_command(parse(["--store", str(tmp_path / "s.duckdb"), "--port", "8999"]))
+    pairs = dict(zip(command[::1], command[1::1], strict=False))
+    assert pairs["--server.address"] == "127.0.0.1" and pairs["--server.port"] == "8999"
+    assert pairs["--browser.gatherUsageStats"] == "false" and pairs["--server.headless"] == "true"
+    assert command[-2:] == ["--store", str(tmp_path / "s.duckdb")]
