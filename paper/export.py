@@ -96,7 +96,8 @@ def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: boo
     for row in queries.missing_runs(con, grid, needed, include_stale).itertuples():
         why = "stale (made by other evaluation code; rerun the grid, or pass --include-stale)" if row.stale \
             else row.status + (f": {str(row.error).splitlines()[0]}" if isinstance(row.error, str) else "")
-        problems.append(f"experiment {row.experiment}: run {row.run_hash} ({row.method or 'not run yet'}) {why}")
+        method = row.method if isinstance(row.method, str) else "not run yet"
+        problems.append(f"experiment {row.experiment}: run {row.run_hash} ({method}) {why}")
     if not problems:
         problems += _shape_problems(con, grid, include_stale, needed)
     if problems:

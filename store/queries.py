@@ -221,9 +221,11 @@ def run_table(con: duckdb.DuckDBPyConnection, grid: str | None = None, include_s
 def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
                 include_stale: bool = False) -> pd.DataFrame:
     """One row per configuration (repeats aggregated: mean, sample std, n) of the done runs of `grid`, optionally only
-    those in `experiments`: TPOT, PPL, ΔPPL % and speedup vs the baseline, peak memory, compactions, and whether the
-    configuration is on the TPOT-PPL Pareto frontier of the selection (within one context). Stale configurations
-    (other evaluation code) come only when asked, and never share a row or a baseline with current ones."""
+    those in `experiments` (a configuration pools all its repeats in the grid, so it has one set of numbers in every
+    table, whichever experiment lists it): TPOT, PPL, ΔPPL % and speedup vs the baseline, peak memory, compactions,
+    and whether the configuration is on the TPOT-PPL Pareto frontier of the selection (within one context). Stale
+    configurations (other evaluation code) come only when asked, and never share a row or a baseline with current
+    ones."""
     knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS if k not in CONTEXT)
     context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in CONTEXT)
     sql = f"""

@@ -1,0 +1,223 @@
+"""`python -m paper export` on a store filled by gridrun (grids/smoke.yaml plus the paper experiments it lacks): every
+file is written, each .tex compiles with pdflatex in a minimal document, every number equals the store's (recomputed
+here by plain SQL), and missing or stale runs make the export fail with the list of what is missing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+from fixtures_store import PAPER_GRID, ROOT, smoke_store
+
+from paper.export import ExportError, export
+
+TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "figures.tex")
+FIGURES = ("kv_len", "tradeoff", "nll_compactions")
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def require(tool: str) -> str:
+    """The tool's path; in CI (CI=true) a missing tool fails the test, elsewhere it skips it."""
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is not installed: run bash scripts/ci-system-deps.sh"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return smoke_store(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("paper") / "generated"
+    export(store, PAPER_GRID, out)
+    return out
+
+
+def rows(tex: Path) -> dict[str, list[str]]:
+    """Body rows of a generated table, by the configuration (group hash) each row's trailing comment names."""
+    found = {}
+    for line in tex.read_text().splitlines():
+        if " % group " in line:
+            body, group = line.split(r" \\ % group ")
+            found.setdefault(group.strip(), body.split(" & "))
+    return found
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(match) for match in NUMBER.findall(cell.replace(r"\times", ""))]
+
+
+def close(cell: str, expected: list[float], digits: int) -> bool:
+    found = numbers(cell)
+    return len(found) == len(expected) and all(abs(f - e) <= 0.5 * 10 ** -digits + 1e-9
+                                               for f, e in zip(found, expected, strict=True))
+
+
+def expected_groups(store: Path, experiment: str) -> dict[str, dict]:
+    """Per configuration of `experiment`: mean, std and n of its done runs in the grid (a configuration has one set of
+    numbers in every table), and speedup / ΔPPL vs the grid's recompute runs of the same model and cap, straight
+    from the tables."""
+    with duckdb.connect(str(store), read_only=True) as con:
+        frame = con.execute("""
+            WITH members AS (SELECT DISTINCT run_hash FROM experiments WHERE grid = $grid),
+            done AS (SELECT * FROM runs WHERE status = 'done' AND run_hash IN (SELECT run_hash FROM members)),
+            base AS (SELECT model, cap, avg(tpot_ms_mean) AS base_tpot, avg(ppl) AS base_ppl FROM done
+                     WHERE method = 'recompute' GROUP BY ALL)
+            SELECT group_hash, any_value(method) AS method, count(*) AS n,
+                avg(tpot_ms_mean) AS tpot, stddev_samp(tpot_ms_mean) AS tpot_std, avg(ppl) AS ppl,
+                stddev_samp(ppl) AS ppl_std, avg(peak_memory_bytes) / 1048576 AS mem,
+                stddev_samp(peak_memory_bytes) / 1048576 AS mem_std, avg(compaction_count) AS compactions,
+                any_value(base_tpot) / avg(tpot_ms_mean) AS speedup, 100 * (avg(ppl) / any_value(base_ppl) - 1) AS dppl
+            FROM done LEFT JOIN base USING (model, cap)
+            WHERE group_hash IN (SELECT group_hash FROM runs JOIN experiments USING (run_hash)
+                                 WHERE grid = $grid AND experiment = $experiment)
+            GROUP BY group_hash
+        """, {"grid": PAPER_GRID, "experiment": experiment}).df()
+    return {row.group_hash: row._asdict() for row in frame.itertuples()}
+
+
+def mean_std(group: dict, name: str) -> list[float]:
+    return [group[name], group[f"{name}_std"]] if group["n"] > 1 else [group[name]]
+
+
+def test_export_writes_every_table_and_figure(exported):
+    for name in TEX_FILES:
+        assert (exported / name).read_text().strip(), name
+    for figure in FIGURES:
+        assert (exported / f"{figure}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert (exported / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", TEX_FILES)
+def test_each_tex_compiles_in_a_minimal_document(exported, tmp_path, name):
+    pdflatex = require("pdflatex")
+    document = tmp_path / "minimal.tex"
+    document.write_text("\n".join([
+        r"\documentclass{article}", r"\usepackage{booktabs}", r"\usepackage{graphicx}",
+        rf"\graphicspath{{{{{exported}/}}}}", r"\begin{document}", rf"\input{{{exported / name}}}", r"\end{document}",
+    ]))
+    result = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", document.name], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert (tmp_path / "minimal.pdf").stat().st_size > 1000
+
+
+def test_main_table_numbers_equal_the_store(exported, store):
+    expected = expected_groups(store, "main")
+    found = rows(exported / "tables.tex")
+    assert set(found) == set(expected)
+    assert any(group["n"] > 1 for group in expected.values()), "main has repeats: mean +- std is printed"
+    for group_hash, cells in found.items():
+        group = expected[group_hash]
+        label, tpot, speedup, ppl, dppl, memory, n = cells
+        assert close(tpot, mean_std(group, "tpot"), 2), (label, tpot, group)
+        assert close(ppl, mean_std(group, "ppl"), 2), (label, ppl, group)
+        assert close(memory, mean_std(group, "mem"), 0), (label, memory, group)
+        assert int(n) == group["n"]
+        if group["method"] == "recompute":
+            assert speedup == dppl == r"\textit{ref.}"
+        else:
+            assert close(speedup, [group["speedup"]], 2) and close(dppl, [group["dppl"]], 2), (label, group)
+
+
+@pytest.mark.parametrize("tex, experiments", [
+    ("ablations.tex", ["ladder"]),
+    ("sweeps.tex", ["r_sweep", "slack_sweep", "max_drop_sweep", "sink_sweep", "cap_mode"]),
+])
+def test_ablation_and_sweep_numbers_equal_the_store(exported, store, tex, experiments):
+    found = rows(exported / tex)
+    expected = {}
+    for experiment in experiments:
+        expected.update(expected_groups(store, experiment))
+    assert set(found) == set(expected)
+    for group_hash, cells in found.items():
+        group = expected[group_hash]
+        assert close(cells[1], mean_std(group, "tpot"), 2) and close(cells[3], mean_std(group, "ppl"), 2), cells
+        assert close(cells[2], [group["speedup"]], 2) and close(cells[4], [group["dppl"]], 2), cells
+        assert int(cells[-1]) == group["n"]
+    if tex == "ablations.tex":
+        labels = [cells[0] for cells in found.values()]
+        assert [label.split(" (")[0] for label in labels] == ["Strict", "Lazy", "+ slack", r"+ slack + max\_drop"]
+
+
+def test_profile_numbers_equal_the_store(exported, store):
+    """Total ms per token, recomputed from the per-token rows, is the TPOT the runs table holds."""
+    expected = {h: g for h, g in expected_groups(store, "main").items() if g["method"] == "streaming"}
+    found = rows(exported / "profile.tex")
+    assert set(found) == set(expected)
+    for group_hash, (label, compactions, forward, compaction, total, n) in found.items():
+        group = expected[group_hash]
+        assert close(total, mean_std(group, "tpot"), 3), (label, total, group)
+        assert numbers(compactions)[0] == pytest.approx(group["compactions"], abs=0.05)
+        assert numbers(forward)[0] + numbers(compaction)[0] == pytest.approx(numbers(total)[0], abs=0.0025)
+        assert int(n) == group["n"]
+
+
+def damaged_copy(store: Path, tmp_path: Path, *statements: str) -> Path:
+    copy = tmp_path / "damaged.duckdb"
+    shutil.copyfile(store, copy)
+    with duckdb.connect(str(copy)) as con:
+        for statement in statements:
+            con.execute(statement)
+    return copy
+
+
+def test_missing_and_failed_runs_fail_the_export_listing_them(store, tmp_path):
+    with duckdb.connect(str(store), read_only=True) as con:
+        lost, broken = [row[0] for row in con.execute(
+            "SELECT run_hash FROM experiments WHERE grid = ? AND experiment IN ('ladder', 'sink_sweep') "
+            "ORDER BY experiment, run_hash LIMIT 2 OFFSET 1", [PAPER_GRID]).fetchall()]
+    copy = damaged_copy(store, tmp_path, f"DELETE FROM runs WHERE run_hash = '{lost}'",
+                        f"UPDATE runs SET status = 'failed', error = 'CUDA out of memory' WHERE run_hash = '{broken}'")
+    out = tmp_path / "generated"
+    with pytest.raises(ExportError) as failure:
+        export(copy, PAPER_GRID, out)
+    message = str(failure.value)
+    assert f"run {lost} (not run yet) pending" in message
+    assert f"run {broken} (streaming) failed: CUDA out of memory" in message
+    assert "nothing was written" in message and not out.exists()
+
+
+def test_a_missing_experiment_is_named(store, tmp_path):
+    copy = damaged_copy(store, tmp_path, f"DELETE FROM experiments WHERE grid = '{PAPER_GRID}' "
+                                         "AND experiment = 'sink_sweep'")
+    with pytest.raises(ExportError, match=f"experiment sink_sweep: not in grid {PAPER_GRID}"):
+        export(copy, PAPER_GRID, tmp_path / "generated")
+
+
+def test_stale_runs_are_excluded_unless_asked(store, tmp_path):
+    copy = damaged_copy(store, tmp_path, "UPDATE runs SET code_version = 'older-code' WHERE method = 'recompute' "
+                                         "AND \"repeat\" = 1")
+    with pytest.raises(ExportError, match="stale .*--include-stale"):
+        export(copy, PAPER_GRID, tmp_path / "strict")
+    export(copy, PAPER_GRID, tmp_path / "with-stale", include_stale=True)
+    tables = (tmp_path / "with-stale" / "tables.tex").read_text()
+    assert r"Recompute$^\dagger$" in tables and "made by other evaluation code" in tables
+
+
+def test_cli_exports_and_builds_the_pdf(store, tmp_path):
+    out = tmp_path / "generated"
+    command = [sys.executable, "-m", "paper", "export", "--store", str(store), "--grid", PAPER_GRID, "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "tables.tex").is_file()
+    wrong = subprocess.run([*command[:-4], "--grid", "nope", "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert wrong.returncode == 1 and "--grid nope is not in" in wrong.stderr
+    require("pdflatex")
+    built = subprocess.run([sys.executable, "-m", "paper", "pdf", "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert (out / "main.pdf").read_bytes()[:5] == b"%PDF-"
