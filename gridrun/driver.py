@@ -63,6 +63,7 @@ class GridReport:
     run_seconds: float = 0.0  # sum of the runs' own wall_s
     store_seconds: float = 0.0  # recording finished runs, snapshots included
     workers: int = 0
+    startup_s: float = 0.0  # starting Ray (when local) and the actors
     interrupted: bool = False
 
     @property
@@ -128,6 +129,7 @@ class GridRunner:
         import ray
 
         progress = Progress(to_run, out=self.out)
+        startup = time.perf_counter()
         with ray_session(self.address):
             plan = WorkerPlan.for_cluster(ray.cluster_resources(), self.workers, to_run)
             report.workers = plan.count
@@ -136,6 +138,7 @@ class GridRunner:
             pool = WorkerPool(plan, _Fanout(progress, self.events))
             try:
                 pool.start()
+                report.startup_s = time.perf_counter() - startup
                 scheduler = Scheduler(to_run, pool, _Fanout(progress, self.events), retries=self.retries)
                 for outcome in scheduler.outcomes():
                     recorded = time.perf_counter()

@@ -25,6 +25,7 @@ class _WorkerStats:
     current: str | None = None
 
     def rate(self) -> float | None:
+        """Decode tokens per second over the finished runs."""
         return self.tokens / self.seconds if self.seconds > 0 else None
 
 
@@ -79,9 +80,10 @@ class Progress:
             summary = outcome.summary or {}
             self.cost_done += run_cost(run.config)
             self.seconds_done += outcome.seconds
+            # Decode speed: the prefill's tokens come in one forward and would inflate a tokens / wall_s rate.
             stats = self.workers.setdefault(outcome.slot, _WorkerStats())
-            stats.tokens += int(summary.get("predicted_tokens", 0))
-            stats.seconds += float(summary.get("wall_s", 0.0))
+            stats.tokens += int(summary.get("timed_steps", 0))
+            stats.seconds += int(summary.get("timed_steps", 0)) * float(summary.get("tpot_ms_mean", 0.0)) / 1000
             self.line(
                 f"done   {count} {run.run_hash} [{','.join(run.experiments)}] {self.describe(run.config)}: "
                 f"ppl {summary.get('ppl', float('nan')):.3f}, tpot {summary.get('tpot_ms_mean', float('nan')):.1f} ms, "
