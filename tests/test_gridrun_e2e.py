@@ -173,11 +173,11 @@ def test_a_killed_worker_costs_one_attempt_and_leaves_no_partial_rows(ray_local,
         name: kill
         base: {{{TINY}, method: streaming}}
         experiments:
-          a: {{runs: [{{max_tokens: 2500, compress_every: 1}}, {{max_tokens: 150}}, {{max_tokens: 151}}]}}
+          a: {{runs: [{{max_tokens: 2000, compress_every: 16}}, {{max_tokens: 150}}, {{max_tokens: 151}}]}}
     """)
     store = tmp_path / "store.duckdb"
-    long_run = next(run for run in load_grid(grid_path).runs if run.config.max_tokens == 2500)
-    killer = KillWorker(long_run.run_hash, delay=1.0)
+    long_run = next(run for run in load_grid(grid_path).runs if run.config.max_tokens == 2000)
+    killer = KillWorker(long_run.run_hash, delay=0.8)  # the run takes 2 s or more: the kill lands mid-run
     report, out = run_grid(grid_path, store, workers=1, retries=retries, events=killer)
     assert killer.killed and not psutil.pid_exists(killer.killed[0]), out
     rows = query(store, "SELECT status, attempts, error, (SELECT count(*) FROM tokens t WHERE t.run_hash = r.run_hash)"
@@ -185,7 +185,7 @@ def test_a_killed_worker_costs_one_attempt_and_leaves_no_partial_rows(ray_local,
     assert query(store, "SELECT count(*) FROM runs WHERE status = 'done' AND max_tokens < 200") == [(2,)]
     if retries:
         assert report.complete, out
-        assert rows == [("done", 2, None, 2499)]
+        assert rows == [("done", 2, None, 1999)]
     else:
         assert not report.complete and report.failed == [long_run.run_hash], out
         status, attempts, error, tokens = rows[0]
