@@ -74,10 +74,10 @@ def step_range(path: Path, signature: Signature, run_hashes: tuple[str, ...]) ->
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def token_series(path: Path, signature: Signature, run_hashes: tuple[str, ...], steps: queries.StepRange,
-                 rolling: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 rolling: int, points: int, marks: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     with queries.connect(path) as con:
-        return (queries.token_series(con, run_hashes, steps, rolling=rolling),
-                queries.compaction_marks(con, run_hashes, steps))
+        return (queries.token_series(con, run_hashes, steps, points=points, rolling=rolling),
+                queries.compaction_marks(con, run_hashes, steps, points=marks))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -89,24 +89,25 @@ def spikes(path: Path, signature: Signature, run_hashes: tuple[str, ...],
 
 
 def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add `label` (method and the knobs that vary among the rows, plus the hash when rows would share a label) and
-    `context` (what a speedup is relative to: model, dataset, device)."""
+    """Add `label` (the method, R, and the knobs whose value differs from the most common one among rows of the same
+    method; the hash when rows would share a label) and `context` (what a speedup is relative to)."""
     if frame.empty:
         return frame.assign(label=pd.Series(dtype=str), context=pd.Series(dtype=str))
-    varying = [k for k in queries.varying_knobs(frame) if k != "method"]
-    labels = frame.apply(lambda row: _label(row, varying), axis=1)
+    varying = [k for k in queries.varying_knobs(frame) if k not in ("method", "compress_every")]
+    usual = {method: rows[varying].mode(dropna=False).iloc[0] for method, rows in frame.groupby("method")}
+    labels = frame.apply(lambda row: _label(row, varying, usual[row["method"]]), axis=1)
     hash_column = "run_hash" if "run_hash" in frame else "group_hash"
-    if labels.duplicated(keep=False).any():
-        labels = labels + " #" + frame[hash_column].str[:6]
+    shared = labels.duplicated(keep=False)
+    labels = labels.where(~shared, labels + " #" + frame[hash_column].str[:6])
     context = frame["model"].astype(str) + " / " + frame["dataset"].astype(str) + " / " + frame["device_name"].astype(
         str)
     return frame.assign(label=labels, context=context)
 
 
-def _label(row: pd.Series, knobs: list[str]) -> str:
+def _label(row: pd.Series, knobs: list[str], usual: pd.Series) -> str:
     parts = [str(row["method"])]
     if row["method"] == "streaming":
-        parts += [f"{SHORT.get(k, k)}={row[k]}" for k in knobs if pd.notna(row[k])]
-    elif row["method"] == queries.BASELINE_METHOD and "cap" in knobs:
-        parts.append(f"cap={row['cap']}")
+        parts.append(f"R={row['compress_every']}")
+    if row["method"] in ("streaming", queries.BASELINE_METHOD):
+        parts += [f"{SHORT.get(k, k)}={row[k]}" for k in knobs if pd.notna(row[k]) and row[k] != usual[k]]
     return " ".join(parts)

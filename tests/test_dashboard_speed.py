@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.views import VIEWS
 
-CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 3, "Compaction spikes": 2, "SQL": 0}
+CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2, "SQL": 0}
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 BUDGET_S = 2.0
 RUNS, STEPS = 50, 20_000
@@ -77,5 +77,5 @@ def test_per_token_views_with_every_run_chosen(app, big_store, view):
     elapsed = timed_run(app)
     charts = app.get("vega_lite_chart")
     print(f"\n{view}, all {len(app.multiselect[0].value)} runs: {elapsed:.2f} s")
-    assert len(app.multiselect[0].value) == len(every_run) >= RUNS - 1 and len(charts) >= 2
+    assert len(app.multiselect[0].value) == len(every_run) >= RUNS - 1 and len(charts) >= 1
     assert elapsed < BUDGET_S, f"{view} with {RUNS} runs took {elapsed:.2f} s >= {BUDGET_S} s"

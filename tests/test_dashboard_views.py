@@ -17,7 +17,7 @@ from dashboard.__main__ import parse, streamlit_command
 from dashboard.views import VIEWS
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 3, "Compaction spikes": 2, "SQL": 0}
+CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2, "SQL": 0}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_run_detail_and_spikes_follow_the_chosen_runs(store, monkeypatch):
     app = open_app(store, monkeypatch, "Run detail")
     assert len(app.multiselect[0].value) >= 2
     app.slider[0].set_value((10, 120)).run()
-    assert not app.exception and len(app.get("vega_lite_chart")) == 3
+    assert not app.exception and len(app.get("vega_lite_chart")) == 1
     app.sidebar.radio[0].set_value("Compaction spikes").run()
     chosen = app.multiselect[0].value
     metrics = app.dataframe[0].value

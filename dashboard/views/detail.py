@@ -9,8 +9,9 @@ import streamlit as st
 from dashboard import charts, data
 from store.queries import StepRange
 
-POINTS_NOTE = "At most 1,500 points per run: each point summarises consecutive steps (zoom in with the step range " \
-              "to see single steps)."
+# About one point per pixel of a wide chart: more only slows the browser down.
+POINTS = 800
+MARKS = 150
 
 
 def render(source: data.Source) -> None:
@@ -29,13 +30,14 @@ def render(source: data.Source) -> None:
     first, last = columns[0].slider("steps", full.first, full.last, (full.first, full.last))
     rolling = int(columns[1].number_input("rolling NLL window (tokens)", min_value=1, max_value=4096, value=64))
     steps = StepRange(first, last)
-    series, marks = data.token_series(source.path, source.signature, tuple(chosen), steps, rolling)
+    series, marks = data.token_series(source.path, source.signature, tuple(chosen), steps, rolling, POINTS, MARKS)
     series = series.assign(label=series.run_hash.map(labels))
     marks = marks.assign(label=marks.run_hash.map(labels)) if not marks.empty else marks.assign(label=pd.Series(
         dtype=str))
-    for chart in charts.token_curves(series, marks, (first, last)):
-        st.altair_chart(chart, width="stretch")
-    st.caption(f"{POINTS_NOTE} Current bucket: {steps.stride(1500)} step(s).")
+    st.altair_chart(charts.token_curves(series, marks, (first, last)), width="content")
+    st.caption(f"At most {POINTS} points per run, each summarising {steps.stride(POINTS)} consecutive step(s) (mean "
+               f"latency, smallest and largest kv_len), and at most {MARKS} compaction marks per run: narrow the step "
+               "range to see single steps.")
 
 
 def default_runs(runs: pd.DataFrame, most: int = 3) -> list[str]:

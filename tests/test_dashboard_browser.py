@@ -1,0 +1,161 @@
+"""The dashboard in a real browser: `python -m dashboard` serves a smoke-grid store on a free port, headless Debian
+chromium (driven by Playwright's Python client, no browser download) opens every view, waits until its Vega charts
+have drawn their marks, checks them, and saves a screenshot per view under the test's tmp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures_store import ROOT, build_synthetic_store, smoke_store
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Per view: the charts it draws and text its charts must show (axis titles, legends).
+EXPECTED = {
+    "Runs": (0, []),
+    "Trade-off": (1, ["TPOT (ms / token)", "perplexity", "recompute baseline"]),
+    "Sweeps": (1, ["TPOT (ms / token)"]),
+    "Run detail": (1, ["rolling NLL", "latency (ms / step)", "kv_len (measured)"]),
+    "Compaction spikes": (2, ["steps from compaction", "NLL − run median"]),
+    "SQL": (0, []),
+}
+# Every chart drawn with at least one mark, and the text of all of them, read from Vega's SVG.
+CHARTS_JS = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map(chart => ({
+    marks: chart.querySelectorAll('svg.marks .role-mark > path, svg.marks .role-mark > line, '
+                                  + 'svg.marks .role-mark > rect').length,
+    text: [...chart.querySelectorAll('svg text')].map(t => t.textContent).join('|'),
+}))"""
+
+
+def chromium() -> str:
+    """Debian's chromium; in CI (CI=true) its absence fails the test, elsewhere it skips it."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        path = None
+    if path is None:
+        message = "chromium or the playwright package is missing: run bash scripts/ci-system-deps.sh (and make setup)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Served:
+    """`python -m dashboard` on a free port, stopped (its whole process group) when done."""
+
+    def __init__(self, store: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dashboard", "--store", str(store), "--port", str(self.port)], cwd=ROOT,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_healthy(Path(log))
+
+    def _wait_healthy(self, log: Path, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"python -m dashboard exited {self.process.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"dashboard not healthy on {self.url} after {timeout} s:\n{log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def open_view(page, view: str, charts: int, timeout_ms: int = 60_000) -> float:
+    """Click `view` in the sidebar and wait until its title shows and `charts` charts have drawn marks; seconds."""
+    start = time.perf_counter()
+    page.locator('[data-testid="stSidebar"]').get_by_text(view, exact=True).click()
+    page.wait_for_function(
+        "([view, charts, js]) => { const h = [...document.querySelectorAll('h1')].map(e => e.textContent.trim());"
+        " const drawn = eval(js)().filter(c => c.marks > 0).length;"
+        " return h.includes(view) && drawn === charts"
+        " && document.querySelector('[data-testid=stApp]').dataset.testScriptState === 'notRunning'; }",
+        arg=[view, charts, CHARTS_JS], timeout=timeout_ms)
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def test_every_view_draws_its_charts_in_chromium(browser, tmp_path_factory, tmp_path):
+    store = smoke_store(tmp_path_factory)
+    served = Served(store, tmp_path / "dashboard.log")
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(served.url)
+        page.get_by_text("view", exact=True).wait_for(timeout=60_000)
+        for view, (charts, texts) in EXPECTED.items():
+            seconds = open_view(page, view, charts)
+            drawn = page.evaluate(CHARTS_JS)
+            assert len(drawn) == charts and all(chart["marks"] > 0 for chart in drawn), (view, drawn)
+            shown = "|".join(chart["text"] for chart in drawn)
+            assert all(text in shown for text in texts), (view, texts, shown[:500])
+            assert page.locator('[data-testid="stException"]').count() == 0, view
+            shot = tmp_path / f"{view.replace(' ', '_')}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            print(f"\n{view}: {seconds:.2f} s to drawn charts; screenshot {shot}")
+        page.get_by_label("query").fill("DELETE FROM runs")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("refused: DELETE statements are not run here").wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "SQL_refused.png"), full_page=True)
+    finally:
+        served.stop()
+
+
+def test_views_of_a_large_store_draw_within_budget(browser, tmp_path_factory, tmp_path):
+    """50 runs x 20,000 tokens: from the click to every chart drawn, in the browser, under 2 s per view."""
+    store = build_synthetic_store(tmp_path_factory.mktemp("big-browser") / "gridrun.duckdb")
+    served = Served(store, tmp_path / "dashboard.log")
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(served.url)
+        page.get_by_text("view", exact=True).wait_for(timeout=60_000)
+        open_view(page, "Runs", 0)  # the first render imports the evaluation code (its version): not a view's time
+        timings = {view: open_view(page, view, charts) for view, (charts, _) in EXPECTED.items() if view != "Runs"}
+        timings["Runs"] = open_view(page, "Runs", 0)
+        page.screenshot(path=str(tmp_path / "large_store.png"), full_page=True)
+    finally:
+        served.stop()
+    print("\n" + "\n".join(f"{view}: {seconds:.2f} s in chromium (50 runs x 20,000 tokens)"
+                           for view, seconds in timings.items()))
+    assert all(seconds < 2.0 for seconds in timings.values()), timings
