@@ -94,7 +94,8 @@ def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame.assign(label=pd.Series(dtype=str), context=pd.Series(dtype=str))
     varying = [k for k in queries.varying_knobs(frame) if k not in ("method", "compress_every")]
-    usual = {method: rows[varying].mode(dropna=False).iloc[0] for method, rows in frame.groupby("method")}
+    usual = {method: rows[varying].mode(dropna=False).iloc[0] if varying else pd.Series(dtype=object)
+             for method, rows in frame.groupby("method")}
     labels = frame.apply(lambda row: _label(row, varying, usual[row["method"]]), axis=1)
     hash_column = "run_hash" if "run_hash" in frame else "group_hash"
     shared = labels.duplicated(keep=False)
