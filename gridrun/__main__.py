@@ -76,8 +76,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     report = runner.run()
     resume = resume_command(argv)
     if report.interrupted:
-        print(f"\ninterrupted: {report.done} run(s) finished and stored in {args.store}, runs in progress dropped, Ray "
-              f"shut down. Resume with:\n  {resume}", flush=True)
+        ray_state = "Ray shut down" if args.address is None else "its actors stopped, the cluster left running"
+        print(f"\ninterrupted: {report.done} run(s) finished and stored in {args.store}, runs in progress dropped, "
+              f"{ray_state}. Resume with:\n  {resume}", flush=True)
         return EXIT_INTERRUPTED
     overhead = 1 - report.run_seconds / (report.wall_s * report.workers) if report.workers and report.wall_s else 0.0
     print(f"grid {grid.name}: {report.skipped + report.done}/{report.total} done ({report.skipped} skipped, "

@@ -7,8 +7,11 @@ an interruption loses at most the runs in progress, and resuming finishes the gr
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -133,6 +136,9 @@ class GridRunner:
         with ray_session(self.address):
             plan = WorkerPlan.for_cluster(ray.cluster_resources(), self.workers, to_run)
             report.workers = plan.count
+            if self.workers is not None and self.workers > plan.count:
+                self.out.write(f"--workers {self.workers}: the cluster has room for {plan.count} (one per "
+                               f"{'GPU' if plan.gpus else 'CPU'}); using {plan.count}\n")
             self.out.write(f"starting {plan.describe()} for {len(to_run)} runs\n")
             self.out.flush()
             pool = WorkerPool(plan, _Fanout(progress, self.events))
@@ -142,7 +148,8 @@ class GridRunner:
                 scheduler = Scheduler(to_run, pool, _Fanout(progress, self.events), retries=self.retries)
                 for outcome in scheduler.outcomes():
                     recorded = time.perf_counter()
-                    self._record(outcome, stored.get(outcome.run.run_hash), writer)
+                    with _interrupt_after():  # a run that finished is recorded and published whole
+                        self._record(outcome, stored.get(outcome.run.run_hash), writer)
                     report.store_seconds += time.perf_counter() - recorded
                     progress.finished(outcome)
                     if outcome.status == "done":
@@ -170,6 +177,24 @@ class GridRunner:
         else:
             writer.record_failed(config, outcome.error or "unknown error", worker=outcome.worker,
                                  attempts=attempts, started_at=outcome.started_at)
+
+
+@contextmanager
+def _interrupt_after():
+    """Hold Ctrl-C / SIGTERM until the block ends, then raise KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 class _Fanout:

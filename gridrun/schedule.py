@@ -8,6 +8,7 @@ scheduler writes nothing: the driver records outcomes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -104,13 +105,13 @@ def ray_session(address: str | None):
         yield
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         # Ray starts workers at nice 15; here the workers are the job, so they compete at the driver's priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-            object_store_memory=OBJECT_STORE_BYTES,
+            object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING,
         )
     try:
         yield

@@ -110,8 +110,13 @@ def _connect_read_only(path: Path, attempts: int = 20) -> duckdb.DuckDBPyConnect
         try:
             return duckdb.connect(str(path), read_only=True)
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or attempt == attempts - 1:
+            if "lock" not in str(exc).lower():
                 raise
+            if attempt == attempts - 1:
+                raise StoreError(
+                    f"--store {path} stays locked by another process ({exc}): close it there (open the store with "
+                    "duckdb -readonly), then retry"
+                ) from exc
             time.sleep(delay)
             delay = min(2 * delay, 0.5)
     raise AssertionError("unreachable")
@@ -260,6 +265,13 @@ class StoreWriter:
     def record_done(self, config: RunConfig, summary: dict[str, Any], token_rows: pa.Table, compaction_rows: pa.Table,
                     *, worker: str, attempts: int) -> None:
         """A finished run, whole, in one transaction; earlier results of its hash move to superseded_*."""
+        for table, rows in ((tokens, token_rows), (compactions, compaction_rows)):
+            missing = set(rows.column_names) - {column.name for column in table.columns}
+            if missing:
+                raise StoreError(
+                    f"the engine returns {table.name} column(s) {', '.join(sorted(missing))} that store/schema.py "
+                    f"lacks: declare them in the {table.name} table and bump SCHEMA_VERSION"
+                )
         row = run_row(config, summary, status="done", error=None, attempts=attempts, worker=worker)
         self._replace(config.run_hash, row, token_rows, compaction_rows)
 
