@@ -84,6 +84,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"grid {grid.name}: {report.skipped + report.done}/{report.total} done ({report.skipped} skipped, "
           f"{report.done} run now), {len(report.failed)} failed, wall {report.wall_s:.1f} s, "
           f"store {report.store_seconds:.2f} s, workers idle or starting {100 * overhead:.1f}% of the time")
+    if report.stale:
+        print(f"{len(report.stale)} run(s) were made by workers running other evaluation code than this checkout "
+              "(stored as stale): install the same code on every node, then rerun")
     if report.failed:
         print(f"failed runs keep their error text in {args.store} (SELECT run_hash, error FROM runs WHERE status = "
               f"'failed'); rerun them with:\n  {resume}")

@@ -62,6 +62,7 @@ class GridReport:
     skipped: int = 0
     done: int = 0
     failed: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # done, but by workers running other evaluation code
     wall_s: float = 0.0
     run_seconds: float = 0.0  # sum of the runs' own wall_s
     store_seconds: float = 0.0  # recording finished runs, snapshots included
@@ -71,7 +72,7 @@ class GridReport:
 
     @property
     def complete(self) -> bool:
-        return not self.interrupted and not self.failed and self.skipped + self.done == self.total
+        return not self.interrupted and not self.failed and not self.stale and self.skipped + self.done == self.total
 
 
 def dry_run(grid: Grid, store: Path, code_version: str, force: bool, out: TextIO | None = None) -> int:
@@ -147,20 +148,23 @@ class GridRunner:
                 report.startup_s = time.perf_counter() - startup
                 scheduler = Scheduler(to_run, pool, _Fanout(progress, self.events), retries=self.retries)
                 for outcome in scheduler.outcomes():
-                    recorded = time.perf_counter()
-                    with _interrupt_after():  # a run that finished is recorded and published whole
-                        self._record(outcome, stored.get(outcome.run.run_hash), writer)
-                    report.store_seconds += time.perf_counter() - recorded
-                    progress.finished(outcome)
-                    if outcome.status == "done":
-                        report.done += 1
-                        report.run_seconds += float((outcome.summary or {}).get("wall_s", 0.0))
-                    else:
-                        report.failed.append(outcome.run.run_hash)
+                    with _interrupt_after():  # a run that finished is recorded, published and counted whole
+                        recorded = time.perf_counter()
+                        current = self._record(outcome, stored.get(outcome.run.run_hash), writer)
+                        report.store_seconds += time.perf_counter() - recorded
+                        progress.finished(outcome)
+                        if outcome.status != "done":
+                            report.failed.append(outcome.run.run_hash)
+                        elif not current:
+                            report.stale.append(outcome.run.run_hash)
+                        else:
+                            report.done += 1
+                            report.run_seconds += float((outcome.summary or {}).get("wall_s", 0.0))
             finally:
                 pool.stop()
 
-    def _record(self, outcome: Outcome, previous: StoredRun | None, writer: StoreWriter) -> None:
+    def _record(self, outcome: Outcome, previous: StoredRun | None, writer: StoreWriter) -> bool:
+        """Store the outcome; False when the result was made by other evaluation code than the driver's."""
         earlier = previous.attempts if previous is not None and previous.status == "failed" else 0
         attempts = earlier + outcome.attempts
         config = outcome.run.config
@@ -174,9 +178,10 @@ class GridRunner:
                                "every node\n")
             writer.record_done(config, outcome.summary, outcome.tokens, outcome.compactions,
                                worker=outcome.worker or "", attempts=attempts)
-        else:
-            writer.record_failed(config, outcome.error or "unknown error", worker=outcome.worker,
-                                 attempts=attempts, started_at=outcome.started_at)
+            return produced_by == self.code_version
+        writer.record_failed(config, outcome.error or "unknown error", worker=outcome.worker,
+                             attempts=attempts, started_at=outcome.started_at)
+        return True
 
 
 @contextmanager
