@@ -22,7 +22,8 @@ from .spec import PlannedRun
 class _WorkerStats:
     tokens: int = 0
     seconds: float = 0.0
-    current: str | None = None
+    current: str | None = None  # run hash
+    since: float = 0.0  # when the current run started
 
     def rate(self) -> float | None:
         """Decode tokens per second over the finished runs."""
@@ -56,7 +57,8 @@ class Progress:
         self.line(f"{slot.name}: worker {info.get('identity')} ready ({where})")
 
     def run_started(self, slot: Slot, run: PlannedRun) -> None:
-        self.workers.setdefault(slot.name, _WorkerStats()).current = run.run_hash
+        stats = self.workers.setdefault(slot.name, _WorkerStats())
+        stats.current, stats.since = run.run_hash, time.perf_counter()
 
     def worker_lost(self, slot: Slot, run: PlannedRun, reason: str, retry: bool) -> None:
         then = "retrying it on a fresh worker" if retry else "giving up on it"
@@ -74,6 +76,7 @@ class Progress:
     def finished(self, outcome: Outcome) -> None:
         run = outcome.run
         self.remaining_cost.pop(run.run_hash, None)
+        self.workers.setdefault(outcome.slot, _WorkerStats()).current = None
         count = f"{self.done + self.failed + 1}/{self.total}"
         if outcome.status == "done":
             self.done += 1
@@ -102,9 +105,11 @@ class Progress:
 
     def status(self) -> str:
         rates = []
+        now = time.perf_counter()
         for name, stats in sorted(self.workers.items()):
             rate = stats.rate()
-            rates.append(f"{name} {rate:.1f} tok/s" if rate is not None else f"{name} -")
+            running = f" (run {_duration(now - stats.since)})" if stats.current else ""
+            rates.append(f"{name} {rate:.1f} tok/s{running}" if rate is not None else f"{name} -{running}")
         return (f"[{self.done + self.failed}/{self.total} runs, {self.failed} failed] {' '.join(rates)} "
                 f"| elapsed {_duration(time.perf_counter() - self.started)} | ETA {self.eta()}")
 
