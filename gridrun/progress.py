@@ -76,7 +76,9 @@ class Progress:
     def finished(self, outcome: Outcome) -> None:
         run = outcome.run
         self.remaining_cost.pop(run.run_hash, None)
-        self.workers.setdefault(outcome.slot, _WorkerStats()).current = None
+        worker = self.workers.setdefault(outcome.slot, _WorkerStats())
+        if worker.current == run.run_hash:  # the scheduler may have handed this worker its next run already
+            worker.current = None
         count = f"{self.done + self.failed + 1}/{self.total}"
         if outcome.status == "done":
             self.done += 1
