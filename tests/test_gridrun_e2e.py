@@ -336,3 +336,17 @@ def test_dry_run_lists_runs_and_writes_nothing_and_status_counts(ray_local, tmp_
     table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
     assert table["main"] == ["4", "4", "0", "0", "0"]  # runs done pending failed stale
     assert table["(distinct"] == ["runs)", "5", "5", "0", "0", "0"]
+
+    # A result of other evaluation code is stale: shown, rerun, and kept as superseded.
+    old = load_grid(grid_path).runs[-1].run_hash  # r_sweep's R=8: in no other experiment
+    with duckdb.connect(str(store)) as con:
+        con.execute("UPDATE runs SET code_version = 'old-code' WHERE run_hash = ?", [old])
+    assert main(["status", str(grid_path), "--store", str(store)]) == 0
+    table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert table["r_sweep"] == ["2", "1", "0", "0", "1"]
+    assert main([str(grid_path), "--store", str(store), "--dry-run"]) == 0
+    assert f"run  {old} (stale  )" in capsys.readouterr().out
+    report, out = run_grid(grid_path, store, workers=1)
+    assert report.complete and (report.done, report.skipped) == (1, 4), out
+    assert query(store, "SELECT run_hash, code_version FROM superseded_runs") == [(old, "old-code")]
+    assert query(store, "SELECT count(*) FROM run_summaries WHERE stale") == [(0,)]

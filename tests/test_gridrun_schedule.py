@@ -1,0 +1,92 @@
+"""Scheduling decisions without Ray: actors sized to the cluster (never a GPU it lacks), runs grouped so each actor
+loads each model at most once, longest runs first, and the resume decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gridrun.driver import decide
+from gridrun.schedule import RunQueue, ScheduleError, WorkerPlan, model_key, run_cost
+from gridrun.spec import PlannedRun, parse_grid
+from store.writer import StoredRun
+
+GRID = """
+name: models
+base: {cap: 32, sink: 4, max_tokens: 100}
+experiments:
+  a: {grid: {model: [tiny-llama, tiny-neox, smollm2-135m], compress_every: [1, 2, 4, 8]}}
+  b: {runs: [{model: tiny-llama, method: recompute, max_tokens: 400}]}
+"""
+
+
+def runs(text: str = GRID) -> list[PlannedRun]:
+    return list(parse_grid(text, Path("grids/models.yaml"), []).runs)
+
+
+@pytest.mark.parametrize(
+    ("resources", "requested", "expected"),
+    [
+        ({"CPU": 2.0}, None, WorkerPlan(2, gpus=False, threads=1)),
+        ({"CPU": 2.0}, 1, WorkerPlan(1, gpus=False, threads=2)),
+        ({"CPU": 2.0}, 5, WorkerPlan(2, gpus=False, threads=1)),  # never more 1-CPU actors than CPUs
+        ({"CPU": 16.0}, 3, WorkerPlan(3, gpus=False, threads=5)),
+        ({"CPU": 64.0, "GPU": 8.0}, None, WorkerPlan(8, gpus=True, threads=0)),
+        ({"CPU": 64.0, "GPU": 8.0}, 12, WorkerPlan(8, gpus=True, threads=0)),  # never a GPU the cluster lacks
+        ({"CPU": 64.0, "GPU": 8.0}, 2, WorkerPlan(2, gpus=True, threads=0)),
+    ],
+)
+def test_workers_fit_the_cluster(resources, requested, expected):
+    assert WorkerPlan.for_cluster(resources, requested, runs()) == expected
+
+
+def test_cuda_runs_on_a_cluster_without_gpus_are_refused_before_anything_starts():
+    cuda = runs(GRID.replace("max_tokens: 100}", "max_tokens: 100, device: cuda}"))
+    with pytest.raises(ScheduleError, match="device: cuda but the Ray cluster has no GPU"):
+        WorkerPlan.for_cluster({"CPU": 2.0}, None, cuda)
+    assert WorkerPlan.for_cluster({"CPU": 2.0, "GPU": 1.0}, None, cuda).gpus
+
+
+def test_each_actor_loads_each_model_at_most_once_and_long_runs_go_first():
+    planned = runs()
+    queue = RunQueue(planned)
+    actors: list[tuple | None] = [None, None]
+    loads: list[list[tuple]] = [[], []]
+    order: list[PlannedRun] = []
+    while len(queue):
+        for index in range(len(actors)):  # actors free up in turn
+            run = queue.next_for(actors[index], [actors[j] for j in range(len(actors)) if j != index])
+            if run is None:
+                continue
+            if model_key(run.config) != actors[index]:
+                actors[index] = model_key(run.config)
+                loads[index].append(actors[index])
+            order.append(run)
+    assert sorted(r.run_hash for r in order) == sorted(r.run_hash for r in planned)
+    for loaded in loads:
+        assert len(loaded) == len(set(loaded))
+    assert order[0].config.method == "recompute"  # the costliest run starts first
+    assert run_cost(order[0].config) == max(run_cost(r.config) for r in planned)
+
+
+def test_retried_runs_go_back_to_the_front_of_their_model():
+    planned = runs()
+    queue = RunQueue(planned)
+    first = queue.next_for(None, [])
+    assert first is not None
+    queue.retry(first)
+    assert queue.next_for(model_key(first.config), []) is first
+
+
+def test_resume_skips_done_runs_of_this_code_and_reruns_the_rest():
+    planned = runs()[:5]
+    stored = {
+        planned[0].run_hash: StoredRun("done", "v2", 1, None),
+        planned[1].run_hash: StoredRun("done", "v1", 1, None),
+        planned[2].run_hash: StoredRun("failed", "v2", 2, "boom"),
+    }
+    reasons = [(d.action, d.reason) for d in decide(tuple(planned), stored, "v2", force=False)]
+    assert reasons == [("skip", "done"), ("run", "stale"), ("run", "failed"), ("run", "pending"), ("run", "pending")]
+    forced = [(d.action, d.reason) for d in decide(tuple(planned), stored, "v2", force=True)]
+    assert forced[0] == ("run", "forced")
