@@ -350,3 +350,19 @@ def test_dry_run_lists_runs_and_writes_nothing_and_status_counts(ray_local, tmp_
     assert report.complete and (report.done, report.skipped) == (1, 4), out
     assert query(store, "SELECT run_hash, code_version FROM superseded_runs") == [(old, "old-code")]
     assert query(store, "SELECT count(*) FROM run_summaries WHERE stale") == [(0,)]
+
+
+def test_address_joins_a_running_cluster_and_leaves_it_running(ray_local, tmp_path):
+    import ray
+
+    two_runs = INTERRUPTED.replace("[900, 901, 902, 903, 904, 905, 906, 907]", "[200, 201]")
+    grid_path, store = write_grid(tmp_path, two_runs), tmp_path / "store.duckdb"
+    address = ray.get_runtime_context().gcs_address
+    result = subprocess.run(
+        [sys.executable, "-m", "gridrun", str(grid_path), "--store", str(store), "--address", address],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2/2 done" in result.stdout
+    assert ray.cluster_resources().get("CPU") == 2  # the cluster this test runs on is still up
+    assert assert_whole_runs(store) == 2
