@@ -27,8 +27,9 @@ def store_path() -> Path:
 
 
 @st.fragment(run_every=WATCH_SECONDS)
-def watch(path: Path, shown: data.Signature) -> None:
-    """Rerun the page when a new snapshot of the store is published (a grid still writing finished more runs)."""
+def watch(path: Path, shown: data.Signature | None) -> None:
+    """Rerun the page when a new snapshot of the store is published (a grid still writing finished more runs), or
+    when the store first appears."""
     try:
         changed = queries.signature(path) != shown
     except OSError:
@@ -40,14 +41,19 @@ def watch(path: Path, shown: data.Signature) -> None:
 def sidebar(path: Path) -> data.Source | None:
     st.sidebar.title("gridrun")
     st.sidebar.caption(f"store: `{path}`")
+    watching = st.sidebar.toggle("watch for new runs", value=True, help=f"checks the store every {WATCH_SECONDS} s")
     try:
-        signature = queries.signature(path)
-        grids = data.grid_names(path, signature)
+        signature = queries.signature(path) if path.exists() else None
+        grids = data.grid_names(path, signature) if signature else []
     except (OSError, queries.StoreError) as error:
         st.error(str(error) if isinstance(error, queries.StoreError) else f"cannot read {path}: {error}")
         return None
+    if watching:
+        with st.sidebar:
+            watch(path, signature)
     if not grids:
-        st.info(f"{path} holds no grid yet: run python -m gridrun GRID.yaml --store {path}.")
+        what = f"{path} holds no grid yet" if signature else f"no store at {path} yet"
+        st.info(f"{what}: run python -m gridrun GRID.yaml --store {path} (this page shows its runs as they finish).")
         return None
     grid = st.sidebar.selectbox("grid", grids)
     include_stale = st.sidebar.checkbox("include stale runs", help="runs made by another version of the "
@@ -57,9 +63,6 @@ def sidebar(path: Path) -> data.Source | None:
         st.sidebar.warning(f"{stale} stale runs hidden (made by other evaluation code): tick include stale runs.")
     if st.sidebar.button("Refresh"):
         st.rerun()
-    if st.sidebar.toggle("watch for new runs", value=True, help=f"checks the store every {WATCH_SECONDS} s"):
-        with st.sidebar:
-            watch(path, signature)
     return data.Source(path, signature, grid, include_stale)
 
 

@@ -140,12 +140,16 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     window = figures.sawtooth_window(steps, int(streaming.compress_every.max()), int(streaming.cap.max()))
     kv_series = queries.token_series(con, runs, window, points=window.last - window.first + 1, rolling=1)
     kv_series["label"] = kv_series.run_hash.map(
-        {hashes[0]: labels[group] for hashes, group in zip(streaming.run_hashes, streaming.group_hash, strict=True)})
+        {hashes[0]: f"{labels[group]}, repeat 0 of n={n}"
+         for hashes, group, n in zip(streaming.run_hashes, streaming.group_hash, streaming.n, strict=True)})
     pooled_runs = [run for hashes in streaming.run_hashes for run in hashes]
     series = [labels[group] for hashes, group in zip(streaming.run_hashes, streaming.group_hash, strict=True)
               for _ in hashes]
     spikes = queries.spike_profile(con, pooled_runs, series=series, radius=figures.SPIKE_RADIUS)
     all_groups = queries.group_table(con, grid, None, include_stale)
+    # The trade-off figure compares like with like: the model, text and device of the main table.
+    context = ["model", "token_hash", "device_name"]
+    all_groups = all_groups.merge(main[context].drop_duplicates(), on=context)
     order = {group: index for index, group in enumerate(streaming.group_hash)}
     profile = profile.assign(label=profile.group_hash.map(labels)).sort_values(
         "group_hash", key=lambda column: column.map(order))

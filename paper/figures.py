@@ -52,7 +52,7 @@ def _save(figure: plt.Figure, stem: Path) -> list[Path]:
 
 
 def kv_len(series: pd.DataFrame) -> plt.Figure:
-    """Measured kv_len per step of one run of each streaming configuration."""
+    """Measured kv_len per step of the first repeat of each streaming configuration."""
     figure, axes = plt.subplots(figsize=SIZE)
     for label, run in series.groupby("label", sort=False):
         axes.step(run.step, run.kv_len_max, where="post", label=_plain(label), linewidth=1)
@@ -71,9 +71,10 @@ def tradeoff(groups: pd.DataFrame) -> plt.Figure:
         axes.errorbar(block.tpot_ms, block.ppl, xerr=block.tpot_ms_std.fillna(0), yerr=block.ppl_std.fillna(0),
                       fmt="X" if baseline else "o", markersize=9 if baseline else 5, capsize=2, linestyle="none",
                       color="black" if baseline else None, label=f"{name} (n={_n_range(block.n)})")
-    frontier = groups[groups.pareto].sort_values("tpot_ms")
-    axes.step(frontier.tpot_ms, frontier.ppl, where="post", linestyle="--", color="grey", linewidth=1,
-              label="Pareto frontier")
+    for index, (_, frontier) in enumerate(groups[groups.pareto].groupby(["model", "token_hash", "device_name"])):
+        frontier = frontier.sort_values("tpot_ms")
+        axes.step(frontier.tpot_ms, frontier.ppl, where="post", linestyle="--", color="grey", linewidth=1,
+                  label="Pareto frontier" if index == 0 else None)
     axes.set(xlabel="TPOT (ms / token)", ylabel="perplexity",
              title=f"mean ± std over n repeats (n = {_n_range(groups.n)})")
     axes.legend(fontsize=6, ncols=2)

@@ -54,7 +54,7 @@ def test_every_view_renders_its_charts(store, monkeypatch):
         assert not app.exception, (view, [e.value for e in app.exception])
         assert not app.error, (view, [e.value for e in app.error])
         assert len(app.get("vega_lite_chart")) == CHARTS[view], view
-        assert app.title[0].value == view
+        assert app.main.title[0].value == view
 
 
 def test_runs_view_lists_every_run_of_the_grid(store, monkeypatch):
@@ -136,6 +136,17 @@ def test_new_runs_appear_when_a_new_snapshot_is_published(store, monkeypatch, tm
     after = {m.label: m.value for m in app.metric}
     assert int(before["pending"]) >= 1 and int(after["pending"]) == 0
     assert int(after["done"]) == int(before["done"]) + int(before["pending"])
+
+
+def test_a_store_that_appears_later_is_shown(store, monkeypatch, tmp_path):
+    """The dashboard may be started before the grid publishes its first snapshot."""
+    published = tmp_path / "gridrun.duckdb"
+    monkeypatch.setenv("GRIDRUN_STORE", str(published))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    assert not app.exception and "no store at" in app.info[0].value and not app.main.title
+    shutil.copyfile(store, published)
+    app.run()
+    assert not app.exception and app.main.title[0].value == "Runs" and len(app.metric) == 5
 
 
 def test_serve_command_binds_localhost_with_usage_stats_off(tmp_path):
