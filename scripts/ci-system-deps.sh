@@ -3,7 +3,7 @@
 # downloads no browser here) and a small TeX Live for pdflatex. Idempotent: installs only what is missing.
 set -euo pipefail
 
-PACKAGES=(chromium texlive-latex-base texlive-latex-recommended texlive-fonts-recommended)
+PACKAGES=(chromium texlive-latex-base texlive-latex-recommended)  # booktabs, graphicx, geometry: nothing more
 
 missing=()
 for package in "${PACKAGES[@]}"; do
