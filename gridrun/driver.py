@@ -18,7 +18,7 @@ from typing import TextIO
 
 from store.writer import StoredRun, StoreWriter, read_runs
 
-from .progress import Progress, describe, varying_knobs
+from .progress import KnobDigest, Progress
 from .schedule import Events, Outcome, Scheduler, WorkerPlan, WorkerPool, ray_session, run_cost
 from .spec import Grid, PlannedRun
 
@@ -79,10 +79,11 @@ def dry_run(grid: Grid, store: Path, code_version: str, force: bool, out: TextIO
     """List every run with its hash and whether it would run or be skipped; starts and writes nothing."""
     out = out or sys.stdout
     decisions = decide(grid.runs, read_runs(store, [run.run_hash for run in grid.runs]), code_version, force)
-    varying = varying_knobs([run.config for run in grid.runs])
+    knobs = KnobDigest([run.config for run in grid.runs])
+    out.write(f"runs show their method and what differs from the most common knobs: {knobs.common()}\n")
     for decision in decisions:
         run = decision.run
-        described = describe(run.config, varying)
+        described = knobs.describe(run.config)
         verb = "run " if decision.action == "run" else "skip"
         out.write(f"{verb} {run.run_hash} ({decision.reason:7}) [{','.join(run.experiments)}] {described}\n")
     to_run = [d.run for d in decisions if d.action == "run"]
@@ -140,7 +141,8 @@ class GridRunner:
             if self.workers is not None and self.workers > plan.count:
                 self.out.write(f"--workers {self.workers}: the cluster has room for {plan.count} (one per "
                                f"{'GPU' if plan.gpus else 'CPU'}); using {plan.count}\n")
-            self.out.write(f"starting {plan.describe()} for {len(to_run)} runs\n")
+            self.out.write(f"starting {plan.describe()} for {len(to_run)} runs; run lines show what differs from "
+                           f"{progress.knobs.common()}\n")
             self.out.flush()
             pool = WorkerPool(plan, _Fanout(progress, self.events))
             try:

@@ -40,7 +40,7 @@ class Progress:
         self.every_s = every_s
         self.total = len(runs)
         self.remaining_cost = {run.run_hash: run_cost(run.config) for run in runs}
-        self.varying = varying_knobs([run.config for run in runs])
+        self.knobs = KnobDigest([run.config for run in runs])
         self.done = self.failed = 0
         self.cost_done = 0.0
         self.seconds_done = 0.0
@@ -103,7 +103,7 @@ class Progress:
             self._draw_status()
 
     def describe(self, config: RunConfig) -> str:
-        return describe(config, self.varying)
+        return self.knobs.describe(config)
 
     def status(self) -> str:
         rates = []
@@ -135,20 +135,29 @@ class Progress:
         self.out.flush()
 
 
-def describe(config: RunConfig, varying: list[str]) -> str:
-    """The method and the varying knobs it reads (a recompute run has no compress_every to show)."""
-    knobs = config.normalised()
-    used = KNOBS_USED_BY[config.method]
-    shown = [k for k in varying if k != "method" and knobs.get(k) is not None and (k not in CACHE_KNOBS or k in used)]
-    return " ".join([config.method, *(f"{k}={knobs[k]}" for k in shown)])
+class KnobDigest:
+    """Describes a run by what sets it apart: its method and the knobs it reads whose value differs from the most
+    common one among the grid's runs (printed once by `common()`)."""
 
+    def __init__(self, configs: list[RunConfig]):
+        dumps = [config.normalised() for config in configs]
+        self.common_values: dict[str, object] = {}
+        for key in dumps[0] if dumps else []:
+            values = [repr(d[key]) for d in dumps]
+            if len(set(values)) > 1 and key != "method":
+                modal = max(set(values), key=values.count)
+                self.common_values[key] = next(d[key] for d in dumps if repr(d[key]) == modal)
 
-def varying_knobs(configs: list[RunConfig]) -> list[str]:
-    """The knobs whose value differs between runs: what a summary line needs to tell runs apart."""
-    if not configs:
-        return []
-    dumps = [config.normalised() for config in configs]
-    return [key for key in dumps[0] if len({repr(d[key]) for d in dumps}) > 1]
+    def common(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.common_values.items())
+
+    def describe(self, config: RunConfig) -> str:
+        knobs, used = config.normalised(), KNOBS_USED_BY[config.method]
+        shown = [
+            f"{key}={knobs[key]}" for key, common in self.common_values.items()
+            if knobs[key] != common and (key not in CACHE_KNOBS or key in used)
+        ]
+        return " ".join([config.method, *shown])
 
 
 def _duration(seconds: float) -> str:
