@@ -140,24 +140,29 @@ class KnobDigest:
     common one among the grid's runs (printed once by `common()`)."""
 
     def __init__(self, configs: list[RunConfig]):
-        dumps = [config.normalised() for config in configs]
         self.common_values: dict[str, object] = {}
-        for key in dumps[0] if dumps else []:
-            values = [repr(d[key]) for d in dumps]
-            if len(set(values)) > 1 and key != "method":
-                modal = max(set(values), key=values.count)
-                self.common_values[key] = next(d[key] for d in dumps if repr(d[key]) == modal)
+        for key in RunConfig.model_fields:
+            # Among the runs that read the knob: a recompute run's compress_every is a normalised default.
+            values = [config.normalised()[key] for config in configs if _reads(config, key)]
+            texts = [repr(value) for value in values]
+            if len(set(texts)) > 1 and key != "method":
+                modal = max(sorted(set(texts)), key=texts.count)
+                self.common_values[key] = values[texts.index(modal)]
 
     def common(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.common_values.items())
 
     def describe(self, config: RunConfig) -> str:
-        knobs, used = config.normalised(), KNOBS_USED_BY[config.method]
+        knobs = config.normalised()
         shown = [
             f"{key}={knobs[key]}" for key, common in self.common_values.items()
-            if knobs[key] != common and (key not in CACHE_KNOBS or key in used)
+            if knobs[key] != common and _reads(config, key)
         ]
         return " ".join([config.method, *shown])
+
+
+def _reads(config: RunConfig, key: str) -> bool:
+    return key not in CACHE_KNOBS or key in KNOBS_USED_BY[config.method]
 
 
 def _duration(seconds: float) -> str:

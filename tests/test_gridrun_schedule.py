@@ -90,3 +90,35 @@ def test_resume_skips_done_runs_of_this_code_and_reruns_the_rest():
     assert reasons == [("skip", "done"), ("run", "stale"), ("run", "failed"), ("run", "pending"), ("run", "pending")]
     forced = [(d.action, d.reason) for d in decide(tuple(planned), stored, "v2", force=True)]
     assert forced[0] == ("run", "forced")
+
+
+def test_progress_lines_rates_and_eta():
+    import io
+    from datetime import UTC, datetime
+
+    from gridrun.progress import KnobDigest, Progress
+    from gridrun.schedule import Outcome
+
+    planned = runs(GRID.replace("compress_every: [1, 2, 4, 8]", "compress_every: [1, 8]"))  # R ties: the lower
+    digest = KnobDigest([run.config for run in planned])
+    assert digest.common() == "model=tiny-llama max_tokens=100 compress_every=1"
+    strict = next(run for run in planned if run.config.compress_every == 1 and run.config.model == "tiny-llama")
+    assert digest.describe(strict.config) == "streaming"
+    lazy = next(run for run in planned if run.config.compress_every == 8 and run.config.model == "tiny-neox")
+    assert digest.describe(lazy.config) == "streaming model=tiny-neox compress_every=8"
+    assert digest.describe(planned[-1].config) == "recompute max_tokens=400"  # R is not a knob of recompute
+
+    out = io.StringIO()
+    progress = Progress(planned, out=out, live=False)
+    summary = {"ppl": 12.5, "tpot_ms_mean": 2.0, "timed_steps": 500, "wall_s": 1.5}
+    now = datetime.now(UTC)
+    progress.finished(Outcome(strict, "done", 1, "host:1", "w0", now, 1.5, summary=summary))
+    progress.finished(Outcome(planned[1], "failed", 2, "host:1", "w0", now, 0.1, error="ValueError: bad\ntrace"))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"done   1/{len(planned)} {strict.run_hash} [a] streaming: ppl 12.500")
+    assert lines[1].startswith(f"FAILED 2/{len(planned)} {planned[1].run_hash} [a]") and lines[1].endswith("bad")
+    assert "w0 500.0 tok/s" in progress.status()  # 500 steps at 2 ms
+    remaining = sum(run_cost(run.config) for run in planned) - run_cost(strict.config) - run_cost(planned[1].config)
+    expected = remaining * 1.5 / run_cost(strict.config)  # one worker: seconds per unit of cost, measured
+    minutes, seconds = divmod(round(expected), 60)
+    assert progress.eta() == f"{minutes}m{seconds:02d}s"
