@@ -109,8 +109,8 @@ def ray_session(address: str | None):
     else:
         # Ray starts workers at nice 15; here the workers are the job, so they compete at the driver's priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(
-            address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        ray.init(  # Ray counts the CPUs itself, cgroup limits included
+            address="local", include_dashboard=False, log_to_driver=False,
             object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING,
         )
     try:
@@ -124,8 +124,9 @@ class WorkerPlan:
     """How many actors, with which resources: derived from what the cluster has, never more."""
 
     count: int
-    gpus: bool
-    threads: int  # torch threads (and Ray CPUs) per CPU actor; 0 on GPU actors
+    gpus: bool  # one GPU per actor
+    threads: int  # torch threads per actor
+    cpus: float  # Ray CPUs per actor: `threads` on CPU actors; at most 1 on GPU actors, less when CPUs are scarcer
 
     @classmethod
     def for_cluster(cls, resources: dict[str, float], requested: int | None, runs: list[PlannedRun]) -> WorkerPlan:
@@ -138,9 +139,11 @@ class WorkerPlan:
         if requested is not None and requested < 1:
             raise ScheduleError(f"--workers {requested}: give 1 or more")
         if gpus:
-            return cls(min(requested or gpus, gpus), gpus=True, threads=0)
+            count = min(requested or gpus, gpus)
+            return cls(count, gpus=True, threads=max(1, cpus // count), cpus=min(1.0, cpus / count))
         count = min(requested or cpus, cpus)  # more 1-CPU actors than CPUs would wait forever for a CPU
-        return cls(count, gpus=False, threads=max(1, cpus // count))
+        threads = max(1, cpus // count)
+        return cls(count, gpus=False, threads=threads, cpus=float(threads))
 
     def describe(self) -> str:
         if self.gpus:
@@ -158,8 +161,9 @@ class WorkerPool:
 
         self.plan = plan
         self.events = events
-        options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
-        options.update({"num_gpus": 1, "num_cpus": 1} if plan.gpus else {"num_cpus": plan.threads})
+        options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0, "num_cpus": plan.cpus}
+        if plan.gpus:
+            options["num_gpus"] = 1
         self._actor_class = ray.remote(EvaluationWorker).options(**options)
         self.slots: list[Slot] = []
 
@@ -185,8 +189,7 @@ class WorkerPool:
         self.slots = []
 
     def _new_slot(self, index: int) -> Slot:
-        threads = None if self.plan.gpus else self.plan.threads
-        return Slot(index=index, actor=self._actor_class.remote(threads))
+        return Slot(index=index, actor=self._actor_class.remote(self.plan.threads))
 
     def _wait_ready(self, slots: list[Slot]) -> None:
         import ray

@@ -28,13 +28,14 @@ def runs(text: str = GRID) -> list[PlannedRun]:
 @pytest.mark.parametrize(
     ("resources", "requested", "expected"),
     [
-        ({"CPU": 2.0}, None, WorkerPlan(2, gpus=False, threads=1)),
-        ({"CPU": 2.0}, 1, WorkerPlan(1, gpus=False, threads=2)),
-        ({"CPU": 2.0}, 5, WorkerPlan(2, gpus=False, threads=1)),  # never more 1-CPU actors than CPUs
-        ({"CPU": 16.0}, 3, WorkerPlan(3, gpus=False, threads=5)),
-        ({"CPU": 64.0, "GPU": 8.0}, None, WorkerPlan(8, gpus=True, threads=0)),
-        ({"CPU": 64.0, "GPU": 8.0}, 12, WorkerPlan(8, gpus=True, threads=0)),  # never a GPU the cluster lacks
-        ({"CPU": 64.0, "GPU": 8.0}, 2, WorkerPlan(2, gpus=True, threads=0)),
+        ({"CPU": 2.0}, None, WorkerPlan(2, gpus=False, threads=1, cpus=1.0)),
+        ({"CPU": 2.0}, 1, WorkerPlan(1, gpus=False, threads=2, cpus=2.0)),
+        ({"CPU": 2.0}, 5, WorkerPlan(2, gpus=False, threads=1, cpus=1.0)),  # never more 1-CPU actors than CPUs
+        ({"CPU": 16.0}, 3, WorkerPlan(3, gpus=False, threads=5, cpus=5.0)),
+        ({"CPU": 64.0, "GPU": 8.0}, None, WorkerPlan(8, gpus=True, threads=8, cpus=1.0)),
+        ({"CPU": 64.0, "GPU": 8.0}, 12, WorkerPlan(8, gpus=True, threads=8, cpus=1.0)),  # never a GPU it lacks
+        ({"CPU": 64.0, "GPU": 8.0}, 2, WorkerPlan(2, gpus=True, threads=32, cpus=1.0)),
+        ({"CPU": 4.0, "GPU": 8.0}, None, WorkerPlan(8, gpus=True, threads=1, cpus=0.5)),  # nor a CPU
     ],
 )
 def test_workers_fit_the_cluster(resources, requested, expected):
