@@ -98,9 +98,11 @@ def _gridrun(grid: Path, store: Path) -> None:
                            f"{result.stderr[-3000:]}")
 
 
-def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000, grid: str = "synthetic") -> Path:
+def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
+                          grids: tuple[str, ...] = ("synthetic",)) -> Path:
     """`runs` streaming runs of `steps` tokens each with sawtooth kv_len and latency spikes at compactions, plus one
-    recompute baseline: the size the dashboard must stay fast on. Numbers are synthetic, the shapes are the study's."""
+    recompute baseline, members of each of `grids`: the size the dashboard must stay fast on. Numbers are synthetic,
+    the shapes are the study's."""
     from streaming_llm.environment import code_version
 
     create_store(path)
@@ -143,7 +145,8 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000, grid:
             }
             insert_run(con, row, tokens, compactions)
             membership.append(("sweep", run_hash))
-        add_membership(con, grid, membership)
+        for grid in grids:
+            add_membership(con, grid, membership)
     return path
 
 
