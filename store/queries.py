@@ -90,6 +90,9 @@ def _open_read_only(path: Path, attempts: int, config: dict) -> duckdb.DuckDBPyC
         try:
             return duckdb.connect(str(path), read_only=True, config=config)
         except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise StoreError(f"{path} cannot be read as a DuckDB database ({exc}): pass the store that "
+                                 "python -m gridrun --store wrote") from exc
             if attempt == attempts - 1:
                 raise StoreError(
                     f"{path} stays locked or unreadable after {attempts} tries ({exc}): open the published snapshot "
@@ -180,7 +183,7 @@ _CONTEXT_JOIN = " AND ".join(f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in 
 def _members_sql(grid_filter: str) -> str:
     """Runs of each grid with their experiments, as a CTE body; stale means produced by other evaluation code."""
     return f"""
-        SELECT m.grid, m.experiments, r.* EXCLUDE (group_hash), r.group_hash, r.code_version <> $cv AS stale
+        SELECT m.grid, m.experiments, r.*, r.code_version <> $cv AS stale
         FROM (SELECT grid, run_hash, list(DISTINCT experiment ORDER BY experiment) AS experiments
               FROM experiments WHERE {grid_filter} GROUP BY ALL) m
         JOIN runs r USING (run_hash)

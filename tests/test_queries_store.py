@@ -50,6 +50,10 @@ def test_missing_and_foreign_files_get_errors_naming_the_fix(tmp_path):
     duckdb.connect(str(foreign)).execute("CREATE TABLE t (x INT)").close()
     with pytest.raises(queries.StoreError, match="not a gridrun store"), queries.connect(foreign):
         pass
+    garbage = tmp_path / "garbage.duckdb"
+    garbage.write_bytes(b"not a database" * 500)
+    with pytest.raises(queries.StoreError, match="cannot be read as a DuckDB database"), queries.connect(garbage):
+        pass
 
 
 def test_connect_waits_for_a_writer_to_let_go(store_copy):

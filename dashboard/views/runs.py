@@ -16,7 +16,7 @@ def render(source: data.Source) -> None:
     totals = data.grid_totals(source.path, source.signature, source.grid)
     st.subheader(f"Grid {source.grid}")
     for column, (name, value) in zip(st.columns(len(totals)), totals.items(), strict=True):
-        column.metric(f"{name} runs" if name == "runs" else name, value)
+        column.metric(name, value)
     counts = data.status_counts(source.path, source.signature, source.grid)
     st.dataframe(counts.drop(columns="grid"), hide_index=True, width="stretch")
 
