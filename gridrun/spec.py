@@ -97,7 +97,7 @@ def load_grid(path: Path | str, overrides: list[str] | None = None) -> Grid:
 
 def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeUniqueKeyLoader)  # noqa: S506 - a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise GridError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -124,6 +124,21 @@ def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
     runs = tuple(PlannedRun(config, tuple(members[run_hash])) for run_hash, config in planned.items())
     grid_name = spec.name if not overrides else f"{spec.name}[{','.join(overrides)}]"
     return Grid(grid_name, path, text, tuple(spec.experiments), runs)
+
+
+class _SafeUniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (safe_load silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice: keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -109,6 +109,7 @@ def test_only_selects_experiments_and_names_unknown_ones():
         ("name: x\nexperiments: {}", r"experiments = \{\}"),
         ("- just\n- a list\n", r"a grid file is a mapping"),
         ("name: !!python/object/apply:os.system [echo hi]\nexperiments: {}", r"not valid YAML"),
+        ("name: x\nexperiments:\n  a: {runs: [{}]}\n  a: {runs: [{}]}\n", r"key 'a' is given twice"),
     ],
 )
 def test_validation_errors_name_file_experiment_key_and_fix(text, message):
