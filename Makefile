@@ -1,16 +1,26 @@
 SHELL := /bin/bash
 
-.PHONY: setup run test bench lint
+.PHONY: setup system-deps run smoke test bench lint
 
+# Python environment: .venv with torch 2.13.0 (CPU) first, then the project (scripts/setup.sh; idempotent).
 setup:
 	bash scripts/setup.sh
 
-run: setup
-	.venv/bin/python -m streaming_llm eval --method streaming --cap 256 --compress-every 64 --max-tokens 1024
+# System packages the browser and LaTeX tests need: Debian's chromium and a small TeX Live (idempotent).
+system-deps:
+	bash scripts/ci-system-deps.sh
 
-test: setup
+# The main job: the study's grid on the embedded model and text, into results/gridrun.duckdb (resumes if stopped).
+run: setup
+	.venv/bin/python -m gridrun grids/paper.yaml
+
+smoke: setup
+	.venv/bin/python -m gridrun grids/smoke.yaml --store results/smoke.duckdb
+
+test: setup system-deps
 	.venv/bin/python -m ruff check .
 	.venv/bin/python -m pytest
 
 bench: setup
 	.venv/bin/python bench/decode_overhead.py
+	.venv/bin/python bench/gridrun_overhead.py

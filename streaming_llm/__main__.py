@@ -46,8 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .evaluate import evaluate  # after validation: importing torch and transformers takes seconds
+    from .models import ModelLoadError
+    from .rope import UnsupportedModelError
+    from .text import TextError
 
-    result = evaluate(config)
+    try:
+        result = evaluate(config)
+    except (TextError, UnsupportedModelError, ModelLoadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(result.tokens, out)

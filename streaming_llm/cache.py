@@ -34,6 +34,10 @@ class Move:
     def shift(self) -> int:
         return self.target - self.source
 
+    def slices(self) -> tuple[slice, slice]:
+        """(target, source) slot ranges."""
+        return slice(self.target, self.target + self.count), slice(self.source, self.source + self.count)
+
 
 def moves_of(plan: CompactionPlan) -> list[Move]:
     """The plan as runs of consecutive kept slots; entries that stay where they are (the sinks) need no move."""
@@ -62,6 +66,7 @@ class StreamingLayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache
         self.length = 0
+        self.shadow: torch.Tensor | None = None  # this layer's slice of cache.shadow_keys, when the cache keeps one
 
     # --- the CacheLayerMixin contract -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -101,31 +106,60 @@ class StreamingLayer(CacheLayerMixin):
     def keys_to_attend(self) -> torch.Tensor:
         return self.keys[:, :, : self.length]
 
-    @staticmethod
-    def moved_keys(keys: torch.Tensor, shift: int, geometry: RotaryGeometry) -> torch.Tensor:
-        """Keys of every layer [layers, batch, heads, count, dim] after moving `shift` slots (a new tensor)."""
-        return keys.clone()
+    @classmethod
+    def move_keys(cls, cache: StreamingCache, move: Move) -> None:
+        """Move the keys of every layer by `move` (out of place: source and target ranges may overlap)."""
+        target, source = move.slices()
+        cache.all_keys[..., target, :] = cache.all_keys[..., source, :].clone()
+
+    @classmethod
+    def needs_shadow(cls, dtype: torch.dtype) -> bool:
+        """Whether the cache must also keep pre-RoPE keys (`shadow_keys`) for this layer class and dtype."""
+        return False
 
 
 class RealignedLayer(StreamingLayer):
-    """`realign`: keys are stored rotated at their slot; a compaction rotates each moved key by its shift."""
+    """`realign`: keys are stored rotated at their slot; a compaction rotates each moved key by its shift.
 
-    @staticmethod
-    def moved_keys(keys: torch.Tensor, shift: int, geometry: RotaryGeometry) -> torch.Tensor:
-        # A pure rotation, as one matmul: the model's attention_scaling was applied once, when the key was rotated.
-        rotation = geometry.rotation_matrix(shift, keys.shape[-1], keys.device)
-        return (keys.float() @ rotation).to(keys.dtype)
+    In float32 the moved keys are rotated in place of the stored ones (one matmul per move, all layers at once): the
+    rounding this repeats stays ~1e-5 after a thousand compactions. In float16 / bfloat16 it would grow with every
+    compaction (0.2 nats at R = 1 in bf16), biasing strict against lazy, so there the cache keeps a pre-RoPE shadow of
+    the keys (+50% KV memory) and re-derives each moved key from it at its new slot: one rounding, however many moves.
+    """
+
+    def key_to_store(self, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
+        if self.shadow is not None:
+            self.shadow[:, :, first_slot : first_slot + key_states.shape[-2]] = _unrotate(
+                key_states, first_slot, self.cache.geometry
+            )
+        return key_states
+
+    @classmethod
+    def move_keys(cls, cache: StreamingCache, move: Move) -> None:
+        target, source = move.slices()
+        geometry = cache.geometry
+        if cache.shadow_keys is None:
+            # A pure rotation: the model's attention_scaling was applied once, when the key was first rotated.
+            keys = cache.all_keys[..., source, :]
+            rotation = geometry.rotation_matrix(move.shift, keys.shape[-1], keys.device)
+            cache.all_keys[..., target, :] = (keys.float() @ rotation).to(keys.dtype)
+            return
+        pre_rope = cache.shadow_keys[..., source, :].clone()
+        cache.shadow_keys[..., target, :] = pre_rope
+        slots = torch.arange(target.start, target.stop, device=pre_rope.device)
+        cos, sin = geometry.cos_sin(slots, pre_rope.device)
+        cache.all_keys[..., target, :] = rotate_keys(pre_rope, cos, sin, scale=geometry.attention_scaling)
+
+    @classmethod
+    def needs_shadow(cls, dtype: torch.dtype) -> bool:
+        return dtype != torch.float32
 
 
 class PreRopeLayer(StreamingLayer):
     """`exact`: keys are stored before RoPE and rotated by slot index at every step (the slow reference mode)."""
 
     def key_to_store(self, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
-        # The model rotated the new keys at their slot (their position id in this mode): undo it.
-        geometry = self.cache.geometry
-        slots = torch.arange(first_slot, first_slot + key_states.shape[-2], device=key_states.device)
-        cos, sin = geometry.cos_sin(slots, key_states.device)
-        return rotate_keys(key_states, cos, -sin, scale=1.0 / geometry.attention_scaling)
+        return _unrotate(key_states, first_slot, self.cache.geometry)
 
     def keys_to_attend(self) -> torch.Tensor:
         geometry = self.cache.geometry
@@ -136,6 +170,13 @@ class PreRopeLayer(StreamingLayer):
 
 class AbsoluteLayer(StreamingLayer):
     """`absolute`: entries move at compaction but keep the rotation of their absolute position."""
+
+
+def _unrotate(key_states: torch.Tensor, first_slot: int, geometry: RotaryGeometry) -> torch.Tensor:
+    """The keys before RoPE: the model rotated them at their slots (their position ids in realign / exact mode)."""
+    slots = torch.arange(first_slot, first_slot + key_states.shape[-2], device=key_states.device)
+    cos, sin = geometry.cos_sin(slots, key_states.device)
+    return rotate_keys(key_states, cos, -sin, scale=1.0 / geometry.attention_scaling)
 
 
 LAYER_CLASSES: dict[str, type[StreamingLayer]] = {
@@ -164,10 +205,12 @@ class StreamingCache(Cache):
         super().__init__(layers=[self.layer_class(self) for _ in range(num_layers)])
         self.all_keys: torch.Tensor | None = None
         self.all_values: torch.Tensor | None = None
+        self.shadow_keys: torch.Tensor | None = None
         self.pending: CompactionPlan | None = None
         self.tokens_seen = 0
         self.last_span = 0
         self.last_plan: CompactionPlan | None = None
+        self.last_position = -1  # of the last token next_positions() placed
 
     # --- storage ------------------------------------------------------------------------------------------------
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -177,11 +220,14 @@ class StreamingCache(Cache):
         self.all_values = value_states.new_empty(
             (len(self.layers), *value_states.shape[:2], capacity, value_states.shape[-1])
         )
+        if self.layer_class.needs_shadow(key_states.dtype):
+            self.shadow_keys = torch.empty_like(self.all_keys)
         self._bind_layers()
 
     def _bind_layers(self) -> None:
         for index, layer in enumerate(self.layers):
             layer.keys, layer.values = self.all_keys[index], self.all_values[index]
+            layer.shadow = None if self.shadow_keys is None else self.shadow_keys[index]
             layer.device = self.all_keys.device
             layer.is_initialized = True
 
@@ -193,8 +239,10 @@ class StreamingCache(Cache):
         while capacity < needed:
             capacity *= 2
         length = self.layers[0].length
-        for name in ("all_keys", "all_values"):
+        for name in ("all_keys", "all_values", "shadow_keys"):
             old = getattr(self, name)
+            if old is None:
+                continue
             new = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
             new[..., :length, :] = old[..., :length, :]
             setattr(self, name, new)
@@ -224,18 +272,20 @@ class StreamingCache(Cache):
         if plan is None:
             return
         for move in moves_of(plan):
-            target = slice(move.target, move.target + move.count)
-            source = slice(move.source, move.source + move.count)
             # Sources lie right of targets and moves go left to right, so each source is read before it is written;
             # within one move the copy is out of place because the two ranges may overlap.
-            self.all_keys[..., target, :] = self.layer_class.moved_keys(
-                self.all_keys[..., source, :], move.shift, self.geometry
-            )
+            self.layer_class.move_keys(self, move)
+            target, source = move.slices()
             self.all_values[..., target, :] = self.all_values[..., source, :].clone()
         for layer in self.layers:
             layer.length = plan.length_after
 
+    def storage_factor(self) -> float:
+        """Bytes kept per entry relative to plain keys + values: 1.5 with a pre-RoPE shadow of the keys."""
+        return 1.5 if self.shadow_keys is not None else 1.0
+
     def next_positions(self, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids [1, count] of the next `count` tokens: their slots, or their stream index in absolute mode."""
         first = self.tokens_seen if self.rope_mode == "absolute" else self.get_seq_length()
+        self.last_position = first + count - 1
         return torch.arange(first, first + count, device=device).unsqueeze(0)

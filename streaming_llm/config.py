@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .policy import StreamingPolicy, peak_span
+from .text import DATASETS
 
 Method = Literal["dense", "streaming", "recompute"]
 
@@ -73,22 +74,20 @@ class RunConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     repeat: int = 0
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _normalise(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        method = data.get("method", "streaming")
-        if method not in KNOBS_USED_BY:
-            return data  # the field validator reports it
-        used = KNOBS_USED_BY[method]
-        return {k: v for k, v in data.items() if k not in CACHE_KNOBS or k in used}
+    def _normalise(cls, data: Any, handler) -> RunConfig:
+        """Validate every given knob, then reset those the method does not read (and cap_mode without a cap)."""
+        validated = handler(data)
+        _check_signs(validated)  # on every knob given, even those the method ignores: a negative value is a mistake
+        used = KNOBS_USED_BY[validated.method]
+        ignored = [k for k in CACHE_KNOBS if k not in used or (k == "cap_mode" and validated.cap is None)]
+        if not any(k in validated.model_fields_set for k in ignored):
+            return validated
+        return handler({k: v for k, v in validated.model_dump().items() if k not in ignored})
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat"):
-            if getattr(self, knob) < 0:
-                raise ConfigError(f"{knob} = {getattr(self, knob)} < 0: {knob} must be 0 or more")
         if self.max_tokens < 2:
             raise ConfigError(f"max_tokens = {self.max_tokens} < 2: a run needs at least one token to predict")
         if self.prefill >= self.max_tokens:
@@ -102,6 +101,8 @@ class RunConfig(BaseModel):
                 f"warmup = {self.warmup} >= the {decode_steps} decode steps (max_tokens - 1 - prefill): no step would "
                 "be timed; lower warmup or prefill, or raise max_tokens"
             )
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset = '{self.dataset}' is unknown (known: {', '.join(DATASETS)})")
         if (self.dataset == "file") != (self.text_file is not None):
             raise ConfigError("text_file is set exactly when dataset is 'file' (dataset: file, text_file: PATH)")
         if self.method == "recompute":
@@ -176,6 +177,12 @@ class RunConfig(BaseModel):
             return cls(**data)
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def _check_signs(config: RunConfig) -> None:
+    for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat"):
+        if getattr(config, knob) < 0:
+            raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
 
 
 def _largest_window_within(cap: int, prefill: int, knobs: dict[str, int]) -> StreamingPolicy:

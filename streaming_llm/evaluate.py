@@ -120,6 +120,10 @@ class DenseStepper:
     def compact(self):
         return None
 
+    def storage_factor(self) -> float:
+        """KV bytes per entry relative to one key and one value in the model's dtype."""
+        return 1.0
+
 
 class StreamingStepper(DenseStepper):
     """Sinks + recent window with Lazy Pruning (`StreamingCache`); positions follow the RoPE mode."""
@@ -133,7 +137,7 @@ class StreamingStepper(DenseStepper):
 
     def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         positions = self.cache.next_positions(input_ids.shape[-1], input_ids.device)
-        self._last_position = int(positions[0, -1])
+        self._last_position = self.cache.last_position  # from the host: no device sync inside the timed forward
         out = self.model(
             input_ids=input_ids, position_ids=positions, logits_to_keep=0 if all_logits else 1,
             **cache_kwargs(self.cache),
@@ -150,6 +154,9 @@ class StreamingStepper(DenseStepper):
         """Apply the compaction the step decided (timed apart by the caller); the plan, or None."""
         self.cache.compact_pending()
         return self.cache.last_plan
+
+    def storage_factor(self) -> float:
+        return self.cache.storage_factor()
 
 
 class RecomputeStepper(DenseStepper):
@@ -203,11 +210,11 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
             logits = stepper.forward(ids[:, : config.prefill], all_logits=True)
             prefill_ms = clock.stop()
             nll = _nll(logits, ids[0, 1 : config.prefill + 1])
-            span = stepper.span()
             for i in range(config.prefill):
+                # Under the causal mask, prefill position i attends the i + 1 entries up to itself.
                 record.row(step=i, position=i, token=ids[0, i], target=ids[0, i + 1], nll=nll[i], latency=math.nan,
-                           compaction=math.nan, span=span, evicted=0, prefill=True)
-            record.compaction_event(config.prefill - 1, span, stepper, clock)
+                           compaction=math.nan, span=i + 1, evicted=0, prefill=True)
+            record.compaction_event(config.prefill - 1, stepper, clock)
 
         for step in range(config.prefill, config.max_tokens - 1):
             clock.start()
@@ -229,7 +236,7 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     compactions = pa.Table.from_pylist(
         [dict(zip(COMPACTION_SCHEMA.names, row, strict=True)) for row in record.compactions], schema=COMPACTION_SCHEMA
     )
-    summary = _summarise(config, loaded, stream, tokens, compactions, prefill_ms)
+    summary = _summarise(config, loaded, stream, tokens, compactions, prefill_ms, stepper.storage_factor())
     _check_budget(config, summary)
     summary.update(
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
@@ -261,7 +268,7 @@ class _Recorder:
             self.columns[name][self.count] = value
         self.count += 1
 
-    def compaction_event(self, step: int, span: int, stepper, clock: Stopwatch) -> None:
+    def compaction_event(self, step: int, stepper, clock: Stopwatch) -> None:
         """A compaction right after the prefill forward is recorded as an event of the prefill's last step."""
         clock.start()
         plan = stepper.compact()
@@ -281,7 +288,8 @@ class _Recorder:
         return table
 
 
-def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, prefill_ms: float) -> dict:
+def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, prefill_ms: float,
+               stepper_storage_factor: float) -> dict:
     nll = tokens.column("nll").to_numpy()
     decode = ~tokens.column("prefill").to_numpy(zero_copy_only=False)
     latency = tokens.column("latency_ms").to_numpy(zero_copy_only=False)[decode][config.warmup :]
@@ -309,7 +317,7 @@ def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, 
         "evicted_total": int(pc.sum(compactions.column("evicted")).as_py() or 0),
         "kv_len_max": int(spans.max()),
         "kv_len_mean": float(spans.mean()),
-        "kv_cache_peak_bytes": int(spans.max()) * loaded.kv_bytes_per_token(),
+        "kv_cache_peak_bytes": int(int(spans.max()) * loaded.kv_bytes_per_token() * stepper_storage_factor),
         "window": policy.window if policy else None,
         "soft_capacity": policy.soft_capacity if policy else None,
         "hard_capacity": policy.hard_capacity if policy else None,

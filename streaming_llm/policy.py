@@ -80,7 +80,9 @@ class CompactionSchedule:
     def target_length(self, length: int) -> int | None:
         """The length to compact to after a step that left `length` entries, or None to keep them all.
 
-        Advances the cooldown, so call it exactly once per step.
+        Staged eviction: a due compaction goes to min(max(L - max_drop, C), safe) and starts a cooldown of R steps,
+        during which only an emergency (L > H) compacts, to the same target, starting a new cooldown. Advances the
+        cooldown, so call it exactly once per step.
         """
         p = self.policy
         capacity = p.soft_capacity
@@ -93,11 +95,9 @@ class CompactionSchedule:
         if not due:
             return None
         target = min(max(length - p.max_drop, capacity), p.safe_target)
-        if target >= length:
-            return None
-        if not in_cooldown:
-            # An emergency compaction inside a cooldown does not restart it.
-            self._cooldown = p.compress_every
+        # Every compaction starts a cooldown, an emergency one too: otherwise a compaction to `safe` would pass H on
+        # the cooldown's last step and the normal rule would fire again on the very next one (back-to-back).
+        self._cooldown = p.compress_every
         return target
 
     def plan(self, length: int, target: int) -> CompactionPlan:

@@ -14,7 +14,7 @@ import torch
 # Architectures whose attention applies `apply_rotary_pos_emb` with rotate_half before the cache update, with one
 # static frequency table for all positions. Others are refused rather than silently mis-positioned.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox")
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # not longrope/dynamic: they switch tables by length
 
 
 class UnsupportedModelError(ValueError):
@@ -47,6 +47,11 @@ class RotaryGeometry:
             raise UnsupportedModelError(
                 f"model '{getattr(config, 'name_or_path', model_type)}' has non-full attention layers "
                 f"{set(layer_types)}: streaming supports models whose every layer attends the whole cache"
+            )
+        if getattr(config, "sliding_window", None) is not None:
+            raise UnsupportedModelError(
+                f"model '{getattr(config, 'name_or_path', model_type)}' masks attention to a sliding window of "
+                f"{config.sliding_window} slots, which would hide the sinks: streaming needs full attention"
             )
         rotary = getattr(model.base_model, "rotary_emb", None)
         if rotary is None or not hasattr(rotary, "inv_freq"):

@@ -163,3 +163,14 @@ def test_any_local_hf_folder_loads_with_its_own_tokenizer(tmp_path):
     result = evaluate(run)
     assert result.summary["random_weights"] is False  # not one of ours: the package cannot know
     assert result.summary["compaction_count"] > 0 and np.isfinite(result.summary["ppl"])
+
+
+def test_sliding_window_model_is_refused():
+    """A sliding-window mask would hide the sinks once the span passes the window: refused, not silently wrong."""
+    from transformers import MistralConfig
+
+    model = AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, sliding_window=16))
+    with pytest.raises(UnsupportedModelError, match="sliding window of 16 slots"):
+        RotaryGeometry.of(model)
