@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ PAPER_EXTRA_EXPERIMENTS = {
     "sink_sweep": {"base": {"method": "streaming", "compress_every": 16}, "grid": {"sink": [0, 4]}},
 }
 _BUILT: dict[str, Path] = {}
+READS_DURING_GRID: list[int | str] = []  # done counts (or errors) read while grids/smoke.yaml was running
 
 def create_store(path: Path) -> None:
     """An empty store with the schema of store/schema.py."""
@@ -67,11 +69,12 @@ def add_membership(con: duckdb.DuckDBPyConnection, grid: str, membership: Iterab
 
 def smoke_store(tmp_path_factory) -> Path:
     """A store filled by `python -m gridrun grids/smoke.yaml`, plus grid PAPER_GRID (smoke and the paper experiments
-    smoke lacks; runs shared with smoke are not rerun). Built once per test session (about half a minute here)."""
+    smoke lacks; runs shared with smoke are not rerun). Built once per test session (about half a minute here).
+    While smoke runs, the store is read through store/queries.py as the dashboard does: see `READS_DURING_GRID`."""
     if "smoke" not in _BUILT:
         folder = tmp_path_factory.mktemp("smoke-store")
         store = folder / "gridrun.duckdb"
-        _gridrun(SMOKE_GRID, store)
+        READS_DURING_GRID.extend(_gridrun(SMOKE_GRID, store, read_while_running=True))
         _gridrun(_paper_grid(folder), store)
         _BUILT["smoke"] = store
     return _BUILT["smoke"]
@@ -90,12 +93,25 @@ def _paper_grid(folder: Path) -> Path:
     return path
 
 
-def _gridrun(grid: Path, store: Path) -> None:
+def _gridrun(grid: Path, store: Path, read_while_running: bool = False) -> list[int | str]:
+    """Run the grid; with `read_while_running`, read the done count (or the error) every 0.2 s until it ends."""
+    from store import queries
+
     command = [sys.executable, "-m", "gridrun", str(grid), "--store", str(store)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
-                           f"{result.stderr[-3000:]}")
+    reads: list[int | str] = []
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        while read_while_running and process.poll() is None:
+            if store.exists():
+                try:
+                    with queries.connect(store) as con:
+                        reads.append(queries.grid_totals(con, grid.stem)["done"])
+                except (queries.StoreError, duckdb.Error) as error:
+                    reads.append(f"{type(error).__name__}: {error}")
+            time.sleep(0.2)
+        stdout, stderr = process.communicate(timeout=600)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return reads
 
 
 def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
