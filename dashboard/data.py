@@ -48,6 +48,12 @@ def status_counts(path: Path, signature: Signature, grid: str | None) -> pd.Data
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+def grid_overview(path: Path, signature: Signature) -> pd.DataFrame:
+    with queries.connect(path) as con:
+        return queries.grid_overview(con)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
 def grid_totals(path: Path, signature: Signature, grid: str) -> dict[str, int]:
     with queries.connect(path) as con:
         return queries.grid_totals(con, grid)

@@ -143,20 +143,33 @@ def status_counts(con: duckdb.DuckDBPyConnection, grid: str | None = None) -> pd
     ).df()
 
 
-def grid_totals(con: duckdb.DuckDBPyConnection, grid: str) -> dict[str, int]:
-    """Distinct member runs of `grid` by status (a run in several experiments counts once)."""
-    row = con.execute(
+def grid_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Per grid: its experiments and its distinct member runs by status (a run in several experiments counts once):
+    done (by the current code), stale (done by other code), failed, pending."""
+    return con.execute(
         """
-        SELECT count(*) AS runs,
+        SELECT m.grid, any_value(m.experiments) AS experiments, count(*) AS runs,
             count(*) FILTER (r.status = 'done' AND r.code_version = $cv) AS done,
             count(*) FILTER (r.status = 'done' AND r.code_version <> $cv) AS stale,
             count(*) FILTER (r.status = 'failed') AS failed,
-            count(*) FILTER (r.run_hash IS NULL OR r.status NOT IN ('done', 'failed')) AS pending
-        FROM (SELECT DISTINCT run_hash FROM experiments WHERE grid = $grid) e LEFT JOIN runs r USING (run_hash)
+            count(*) FILTER (r.run_hash IS NULL OR r.status NOT IN ('done', 'failed')) AS pending,
+            any_value(g.updated_at) AS updated_at
+        FROM (SELECT DISTINCT grid, run_hash, count(DISTINCT experiment) OVER (PARTITION BY grid) AS experiments
+              FROM experiments) m
+        LEFT JOIN runs r USING (run_hash) LEFT JOIN grids g USING (grid)
+        GROUP BY m.grid ORDER BY max(g.updated_at) DESC NULLS LAST, m.grid
         """,
-        {"cv": current_code_version(), "grid": grid},
+        {"cv": current_code_version()},
     ).df()
-    return {name: int(value) for name, value in row.iloc[0].items()}
+
+
+def grid_totals(con: duckdb.DuckDBPyConnection, grid: str) -> dict[str, int]:
+    """Distinct member runs of `grid` by status, as in grid_overview."""
+    rows = grid_overview(con)
+    row = rows[rows.grid == grid]
+    if row.empty:
+        return {"runs": 0, "done": 0, "stale": 0, "failed": 0, "pending": 0}
+    return {name: int(row.iloc[0][name]) for name in ("runs", "done", "stale", "failed", "pending")}
 
 
 def missing_runs(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str],

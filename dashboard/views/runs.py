@@ -18,6 +18,8 @@ def render(source: data.Source) -> None:
     for column, (name, value) in zip(st.columns(len(totals)), totals.items(), strict=True):
         column.metric(name, value)
     counts = data.status_counts(source.path, source.signature, source.grid)
+    with st.expander("Every grid in this store"):
+        st.dataframe(data.grid_overview(source.path, source.signature), hide_index=True, width="stretch")
     st.dataframe(counts.drop(columns="grid"), hide_index=True, width="stretch")
 
     runs = data.run_table(source.path, source.signature, source.grid, source.include_stale)
