@@ -241,7 +241,8 @@ def ladder_table(gathered: Gathered) -> str:
     groups = gathered.experiments[LADDER]
     groups = groups.assign(rung=[ladder_rung(row) for row in groups.itertuples()]).sort_values(
         ["rung", "compress_every", "slack", "max_drop"])
-    table = Table(columns=[("Configuration", "l"), *RESULT_COLUMNS[1:], ("Compactions", "r"), ("$n$", "r")],
+    # A wrapping label column: each rung names every knob value that makes it.
+    table = Table(columns=[("Configuration", "p{4.4cm}"), *RESULT_COLUMNS[1:], ("Compactions", "r"), ("$n$", "r")],
                   label="tab:ablations", caption=_caption("Ablation ladder: strict $\\to$ lazy $\\to$ + slack $\\to$ "
                                                           "+ slack + max\\_drop.", groups))
     rows = [[ladder_label(row), *result_cells(row), f"${number(row.compactions, 1, what='compactions')}$",

@@ -62,8 +62,10 @@ class Table:
 
     def render(self) -> str:
         align = "".join(a for _, a in self.columns)
-        lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{self.caption}}}", rf"\label{{{self.label}}}",
-                 rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(h for h, _ in self.columns) + r" \\"]
+        # \small and narrower column gaps: the ladder's labels carry every knob value and must fit a column of text.
+        lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}",
+                 rf"\caption{{{self.caption}}}", rf"\label{{{self.label}}}", rf"\begin{{tabular}}{{{align}}}",
+                 r"\toprule", " & ".join(h for h, _ in self.columns) + r" \\"]
         notes = iter(self.notes)
         for heading, rows in self.panels:
             lines.append(r"\midrule")
