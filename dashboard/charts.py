@@ -12,7 +12,10 @@ import pandas as pd
 HEIGHT = 260
 PANEL_WIDTH = 820
 SCHEME = alt.Scale(scheme="tableau10")
+# Below the panels of a concatenated chart; beside a single chart, where Streamlit's sizing would squash the plot
+# to make room for a legend below it.
 RUN_LEGEND = alt.Legend(orient="bottom", columns=2, labelLimit=520, title=None)
+SIDE_LEGEND = alt.Legend(labelLimit=360, title=None)
 METRIC_TITLES = {
     "tpot_ms": "TPOT (ms / token)",
     "ppl": "perplexity",
@@ -66,7 +69,7 @@ def sweep(groups: pd.DataFrame, knob: str, metric: str, series: str) -> alt.Laye
     x = alt.X(f"{knob}:{'Q' if numeric else 'N'}", title=knob, scale=scale)
     y = alt.Y(f"{metric}:Q", title=METRIC_TITLES.get(metric, metric), scale=alt.Scale(zero=False))
     base = alt.Chart(frame).encode(x=x, color=alt.Color(f"{series}:N", title="held fixed", scale=SCHEME,
-                                                         legend=RUN_LEGEND))
+                                                         legend=SIDE_LEGEND))
     tooltip = [f"{knob}", alt.Tooltip(f"{metric}:Q", format=".4g"), "n:Q", f"{series}:N"]
     line = base.mark_line(point=True).encode(y=y, tooltip=tooltip)
     bars = base.transform_filter("datum.n > 1").mark_errorbar(ticks=True).encode(
@@ -109,7 +112,7 @@ def spike(profile: pd.DataFrame, metric: str, title: str) -> alt.LayerChart:
     frame = profile.assign(excess=excess, low=excess - std, high=excess + std)
     radius = int(profile["offset"].abs().max())
     x = alt.X("offset:Q", title="steps from compaction", scale=alt.Scale(domain=[-radius, radius], nice=False))
-    base = alt.Chart(frame).encode(x=x, color=alt.Color("label:N", scale=SCHEME, legend=RUN_LEGEND))
+    base = alt.Chart(frame).encode(x=x, color=alt.Color("label:N", scale=SCHEME, legend=SIDE_LEGEND))
     band = base.mark_area(opacity=0.15).encode(y=alt.Y("low:Q", title=f"{title} − run median"), y2="high:Q")
     line = base.mark_line(point=True).encode(
         y="excess:Q", tooltip=["label:N", "offset:Q", alt.Tooltip("excess:Q", format=".4g"), "events:Q"])

@@ -28,12 +28,16 @@ EXPECTED = {
     "Compaction spikes": (2, ["steps from compaction", "NLL − run median"]),
     "SQL": (0, []),
 }
-# Every chart drawn with at least one mark, and the text of all of them, read from Vega's SVG.
+# Per chart, read from Vega's SVG: its drawn marks, its text, and the height its y-axis labels span in pixels (a
+# plot squashed by the page layout spans a few pixels).
 CHARTS_JS = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map(chart => ({
     marks: chart.querySelectorAll('svg.marks .role-mark > path, svg.marks .role-mark > line, '
                                   + 'svg.marks .role-mark > rect').length,
     text: [...chart.querySelectorAll('svg text')].map(t => t.textContent).join('|'),
+    y_spans: [...chart.querySelectorAll('g.role-axis[aria-label^="Y-axis"] g.role-axis-label')].map(
+        labels => labels.getBoundingClientRect().height),
 }))"""
+MIN_PLOT_PX = 60
 
 
 def chromium() -> str:
@@ -138,6 +142,8 @@ def test_every_view_draws_its_charts_in_chromium(browser, tmp_path_factory, tmp_
             seconds = open_view(page, view, charts)
             drawn = page.evaluate(CHARTS_JS)
             assert len(drawn) == charts and all(chart["marks"] > 0 for chart in drawn), (view, drawn)
+            spans = [span for chart in drawn for span in chart["y_spans"]]
+            assert len(spans) >= charts and min(spans, default=MIN_PLOT_PX) >= MIN_PLOT_PX, (view, spans)
             shown = "|".join(chart["text"] for chart in drawn)
             assert all(text in shown for text in texts), (view, texts, shown[:500])
             assert page.locator('[data-testid="stException"]').count() == 0, view
