@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default=None, help="Ray cluster to join: auto or ray://HOST:PORT (default: "
                         "start a local Ray and stop it at the end)")
     parser.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else one per CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per actor (default: the CPUs "
+                        "shared out between the CPU actors)")
     parser.add_argument("--retries", type=int, default=1, help="times a run is retried when its worker dies "
                         "(default 1)")
     return parser
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return dry_run(grid, args.store, code_version(), args.force)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends a grid as cleanly as Ctrl-C
     runner = GridRunner(grid, args.store, code_version(), force=args.force, address=args.address,
-                        workers=args.workers, retries=args.retries, registered=whole)
+                        workers=args.workers, threads=args.threads, retries=args.retries, registered=whole)
     report = runner.run()
     resume = resume_command(argv)
     if report.interrupted:

@@ -68,6 +68,10 @@ class GridReport:
     store_seconds: float = 0.0  # recording finished runs, snapshots included
     workers: int = 0
     startup_s: float = 0.0  # starting Ray (when local) and the actors
+    busy_s: float = 0.0  # from the actors being ready to the last outcome recorded
+    # Per worker slot: seconds it spent in runs (model loads included) and when, after start-up, its last run ended.
+    worker_seconds: dict[str, float] = field(default_factory=dict)
+    worker_last_s: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
 
     @property
@@ -97,7 +101,8 @@ class GridRunner:
     """Runs the runs of `grid` that `decide` selects, recording each outcome; returns a GridReport."""
 
     def __init__(self, grid: Grid, store: Path, code_version: str, *, force: bool = False,
-                 address: str | None = None, workers: int | None = None, retries: int = 1,
+                 address: str | None = None, workers: int | None = None, threads: int | None = None,
+                 retries: int = 1,
                  out: TextIO | None = None, registered: Grid | None = None, events: Events | None = None):
         self.grid = grid
         self.registered = registered or grid  # the whole grid's membership, when --only selects part of it
@@ -106,6 +111,7 @@ class GridRunner:
         self.force = force
         self.address = address
         self.workers = workers
+        self.threads = threads
         self.retries = retries
         self.out = out or sys.stdout
         self.events = events
@@ -136,7 +142,7 @@ class GridRunner:
         progress = Progress(to_run, out=self.out)
         startup = time.perf_counter()
         with ray_session(self.address):
-            plan = WorkerPlan.for_cluster(ray.cluster_resources(), self.workers, to_run)
+            plan = WorkerPlan.for_cluster(ray.cluster_resources(), self.workers, to_run, self.threads)
             report.workers = plan.count
             if self.workers is not None and self.workers > plan.count:
                 self.out.write(f"--workers {self.workers}: the cluster has room for {plan.count} (one per "
@@ -147,7 +153,8 @@ class GridRunner:
             pool = WorkerPool(plan, _Fanout(progress, self.events))
             try:
                 pool.start()
-                report.startup_s = time.perf_counter() - startup
+                ready = time.perf_counter()
+                report.startup_s = ready - startup
                 scheduler = Scheduler(to_run, pool, _Fanout(progress, self.events), retries=self.retries)
                 for outcome in scheduler.outcomes():
                     with _interrupt_after():  # a run that finished is recorded, published and counted whole
@@ -155,6 +162,9 @@ class GridRunner:
                         current = self._record(outcome, stored.get(outcome.run.run_hash), writer)
                         report.store_seconds += time.perf_counter() - recorded
                         progress.finished(outcome)
+                        slot = outcome.slot
+                        report.worker_seconds[slot] = report.worker_seconds.get(slot, 0.0) + outcome.seconds
+                        report.worker_last_s[slot] = report.busy_s = time.perf_counter() - ready
                         if outcome.status != "done":
                             report.failed.append(outcome.run.run_hash)
                         elif not current:

@@ -129,7 +129,10 @@ class WorkerPlan:
     cpus: float  # Ray CPUs per actor: `threads` on CPU actors; at most 1 on GPU actors, less when CPUs are scarcer
 
     @classmethod
-    def for_cluster(cls, resources: dict[str, float], requested: int | None, runs: list[PlannedRun]) -> WorkerPlan:
+    def for_cluster(cls, resources: dict[str, float], requested: int | None, runs: list[PlannedRun],
+                    threads: int | None = None) -> WorkerPlan:
+        """`requested` actors (default: one per GPU, else one per CPU) and `threads` torch threads each (default:
+        the CPUs shared out), within what the cluster has."""
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
         if any(run.config.device == "cuda" for run in runs) and gpus == 0:
             raise ScheduleError(
@@ -138,11 +141,13 @@ class WorkerPlan:
             )
         if requested is not None and requested < 1:
             raise ScheduleError(f"--workers {requested}: give 1 or more")
+        if threads is not None and threads < 1:
+            raise ScheduleError(f"--threads {threads}: give 1 or more")
         if gpus:
             count = min(requested or gpus, gpus)
-            return cls(count, gpus=True, threads=max(1, cpus // count), cpus=min(1.0, cpus / count))
+            return cls(count, gpus=True, threads=threads or max(1, cpus // count), cpus=min(1.0, cpus / count))
         count = min(requested or cpus, cpus)  # more 1-CPU actors than CPUs would wait forever for a CPU
-        threads = max(1, cpus // count)
+        threads = min(threads or max(1, cpus // count), cpus // count)
         return cls(count, gpus=False, threads=threads, cpus=float(threads))
 
     def describe(self) -> str:

@@ -21,6 +21,8 @@ class EvaluationWorker:
     def __init__(self, threads: int | None = None):
         import torch  # imported here: the driver never needs torch to schedule
 
+        import streaming_llm.evaluate  # noqa: F401 - transformers takes seconds to import: part of start-up, not of a run
+
         if threads:
             torch.set_num_threads(threads)
         self.loaded = None

@@ -42,6 +42,13 @@ def test_workers_fit_the_cluster(resources, requested, expected):
     assert WorkerPlan.for_cluster(resources, requested, runs()) == expected
 
 
+def test_threads_per_actor_can_be_set_within_the_cpus_each_actor_gets():
+    assert WorkerPlan.for_cluster({"CPU": 2.0}, 1, runs(), threads=1) == WorkerPlan(1, gpus=False, threads=1, cpus=1.0)
+    assert WorkerPlan.for_cluster({"CPU": 2.0}, 2, runs(), threads=4).threads == 1
+    with pytest.raises(ScheduleError, match="--threads 0"):
+        WorkerPlan.for_cluster({"CPU": 2.0}, 1, runs(), threads=0)
+
+
 def test_cuda_runs_on_a_cluster_without_gpus_are_refused_before_anything_starts():
     cuda = runs(GRID.replace("max_tokens: 100}", "max_tokens: 100, device: cuda}"))
     with pytest.raises(ScheduleError, match="device: cuda but the Ray cluster has no GPU"):
