@@ -1,6 +1,6 @@
 SHELL := /bin/bash
 
-.PHONY: setup system-deps run smoke test bench lint
+.PHONY: setup system-deps run smoke dashboard paper test bench
 
 # Python environment: .venv with torch 2.13.0 (CPU) first, then the project (scripts/setup.sh; idempotent).
 setup:
@@ -16,6 +16,14 @@ run: setup
 
 smoke: setup
 	.venv/bin/python -m gridrun grids/smoke.yaml --store results/smoke.duckdb
+
+dashboard: setup
+	.venv/bin/python -m dashboard
+
+# LaTeX tables and figures of the paper grid into paper/generated/, and the PDF where pdflatex exists.
+paper: setup
+	.venv/bin/python -m paper export
+	if command -v pdflatex >/dev/null; then .venv/bin/python -m paper pdf; fi
 
 test: setup system-deps
 	.venv/bin/python -m ruff check .
