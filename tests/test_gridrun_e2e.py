@@ -262,7 +262,7 @@ def start_driver_and_stop_it(grid_path: Path, store: Path, sig: int, after: str)
         assert time.monotonic() < deadline, "".join(lines)
     driver.send_signal(sig)
     rest, _ = driver.communicate(timeout=90)
-    _, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=10)
     names = [process.name() for process in alive]
     for process in alive:
         process.kill()
