@@ -160,15 +160,12 @@ class RunConfig(BaseModel):
     @cached_property
     def run_hash(self) -> str:
         """A 16-hex-digit identity of the normalised content."""
-        canonical = json.dumps(self.normalised(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _content_hash(self.normalised())
 
     @cached_property
     def group_hash(self) -> str:
         """The identity shared by all repeats of one configuration (the hash with `repeat` left out)."""
-        content = {k: v for k, v in self.normalised().items() if k != "repeat"}
-        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _content_hash({k: v for k, v in self.normalised().items() if k != "repeat"})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
@@ -177,6 +174,11 @@ class RunConfig(BaseModel):
             return cls(**data)
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def _content_hash(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _check_signs(config: RunConfig) -> None:

@@ -214,7 +214,10 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
                 # Under the causal mask, prefill position i attends the i + 1 entries up to itself.
                 record.row(step=i, position=i, token=ids[0, i], target=ids[0, i + 1], nll=nll[i], latency=math.nan,
                            compaction=math.nan, span=i + 1, evicted=0, prefill=True)
-            record.compaction_event(config.prefill - 1, stepper, clock)
+            # A compaction right after the prefill forward is an event of the prefill's last step.
+            clock.start()
+            plan = stepper.compact()
+            record.compaction(config.prefill - 1, plan, clock.stop())
 
         for step in range(config.prefill, config.max_tokens - 1):
             clock.start()
@@ -228,8 +231,7 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
             record.row(step=step, position=position, token=ids[0, step], target=ids[0, step + 1], nll=nll[0],
                        latency=forward_ms + compaction_ms, compaction=compaction_ms, span=span,
                        evicted=plan.evicted if plan else 0, prefill=False)
-            if plan is not None:
-                record.compactions.append((step, plan.length_before, plan.length_after, plan.evicted, compaction_ms))
+            record.compaction(step, plan, compaction_ms)
 
     peak_bytes, peak_kind = peak_memory_bytes(device)
     tokens = record.table()
@@ -268,12 +270,10 @@ class _Recorder:
             self.columns[name][self.count] = value
         self.count += 1
 
-    def compaction_event(self, step: int, stepper, clock: Stopwatch) -> None:
-        """A compaction right after the prefill forward is recorded as an event of the prefill's last step."""
-        clock.start()
-        plan = stepper.compact()
+    def compaction(self, step: int, plan, compaction_ms: float) -> None:
+        """One compaction event, if the step compacted (`plan` is not None)."""
         if plan is not None:
-            self.compactions.append((step, plan.length_before, plan.length_after, plan.evicted, clock.stop()))
+            self.compactions.append((step, plan.length_before, plan.length_after, plan.evicted, compaction_ms))
 
     def table(self) -> pa.Table:
         arrays = [pa.array(self.columns[name][: self.count], type=t) for name, t in zip(
