@@ -10,6 +10,7 @@ one forward yields the NLLs of n stepwise steps, compactions inside the block in
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ class BlockStepper:
         self._last_block: BlockPlan | None = None
         self._last_block_start = 0  # stream index of the last block's first token
 
-    # --- the contract -------------------------------------------------------------------------------------------------
+    # --- the contract -----------------------------------------------------------------------------------------------
     def forward_block(self, input_ids: torch.Tensor, one_step: bool = False) -> torch.Tensor:
         """Logits [n, vocab] of the n tokens of `input_ids` [1, n], equal to feeding them one by one.
 
@@ -139,7 +140,7 @@ class BlockStepper:
             keys = self._rotate(keys, slots)
         return [(keys[layer], values[layer]) for layer in range(keys.shape[0])]
 
-    # --- the schedule, replayed -----------------------------------------------------------------------------------------
+    # --- the schedule, replayed ---------------------------------------------------------------------------------------
     def _plan(self, count: int, base: int, one_step: bool) -> BlockPlan:
         """Each query's visible entries, and the anchored copies they need, from the schedule alone."""
         first_new = self.stored
@@ -187,7 +188,7 @@ class BlockStepper:
         keys = np.array(list(copies), dtype=np.int64).reshape(-1, 2)
         return BlockPlan(visible_matrix, keys[:, 0], keys[:, 1], kept_after, schedules_after, trace)
 
-    # --- storage --------------------------------------------------------------------------------------------------------
+    # --- storage ------------------------------------------------------------------------------------------------------
     def _settle(self) -> None:
         """Keep only the cached entries, in slot order, at the front of the storage (after a block or a rewind)."""
         if self.keys is None or (len(self.kept) == self.stored and np.array_equal(self.kept, np.arange(self.stored))):
@@ -251,16 +252,37 @@ class _BlockCache(Cache):
             values[:, :, block] = value_states
             # The block's own keys are used as the model rotated them; the stored ones are rotated at stream index -
             # base, so every natural distance is t - j as in the stepwise cache.
-            natural_keys = torch.cat((stepper._rotate(keys[:, :, : self.first], positions[: self.first]), key_states), 2)
+            stored_keys = stepper._rotate(keys[:, :, : self.first], positions[: self.first])
+            natural_keys = torch.cat((stored_keys, key_states), 2)
         copies = len(self.plan.copy_sources)
         if copies == 0:
             return natural_keys, values[:, :, :end]
         sources = torch.from_numpy(self.plan.copy_sources).to(keys.device)
         copy_positions = torch.from_numpy(self.plan.copy_positions).to(keys.device)
         copy_keys = stepper._rotate(keys.index_select(2, sources), copy_positions)
-        return torch.cat((natural_keys, copy_keys), 2), torch.cat((values[:, :, :end], values.index_select(2, sources)), 2)
+        copy_values = values.index_select(2, sources)
+        return torch.cat((natural_keys, copy_keys), 2), torch.cat((values[:, :, :end], copy_values), 2)
 
     def _stored_positions(self, device: torch.device) -> torch.Tensor:
         if self._positions is None:
             self._positions = torch.from_numpy(self.stepper.stored_tokens - self.base).to(device)
         return self._positions
+
+
+def recompute_blocks(model: Any, ids: torch.Tensor, cap: int, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first step, logits [n, vocab]) of the sliding-window recompute baseline for every step of `ids` [1, N].
+
+    Step t's logits are the model's, run without cache on its window ids[max(0, t - cap + 1) : t + 1] (positions from
+    0), as `RecomputeStepper` does. Windows that start at the first token are prefixes of one causal sequence, so
+    they come from dense blocks; the full windows come `chunk // cap` (at least one) to a batched forward.
+    """
+    steps = ids.shape[-1] - 1
+    head = min(cap, steps)
+    dense = BlockStepper(model, None)
+    for first in range(0, head, chunk):
+        yield first, dense.forward_block(ids[:, first : min(first + chunk, head)])
+    windows_per_forward = max(1, chunk // cap)
+    for first in range(head, steps, windows_per_forward):
+        last = min(first + windows_per_forward, steps)
+        windows = torch.stack([ids[0, t - cap + 1 : t + 1] for t in range(first, last)])
+        yield first, model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]
