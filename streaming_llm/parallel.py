@@ -131,13 +131,14 @@ class BlockStepper:
 
     def cache_contents(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) [batch, kv_heads, kv_len, head_dim] as StreamingCache holds them in slot order."""
-        self._settle()
+        with torch.inference_mode():  # the storage is made of inference tensors, updated in place here
+            self._settle()
         if self.keys is None:
             return []
         keys, values = self.keys[:, :, :, : self.stored], self.values[:, :, :, : self.stored]
         if self.relative:
-            slots = torch.arange(self.stored, device=keys.device)
-            keys = self._rotate(keys, slots)
+            with torch.inference_mode():
+                keys = self._rotate(keys, torch.arange(self.stored, device=keys.device))
         return [(keys[layer], values[layer]) for layer in range(keys.shape[0])]
 
     # --- the schedule, replayed ---------------------------------------------------------------------------------------
