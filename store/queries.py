@@ -275,7 +275,8 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
 
 
 # How a setting was measured, not what it is (streaming_llm.config.RunConfig.setting_hash leaves these out).
-MEASUREMENT_KNOBS: tuple[str, ...] = ("sample", "protocol", "chunk", "max_tokens", "prefill", "warmup")
+MEASUREMENT_KNOBS: tuple[str, ...] = (
+    "sample", "protocol", "chunk", "score_stride", "max_tokens", "prefill", "warmup")
 SETTING_KNOBS: tuple[str, ...] = tuple(k for k in KNOBS if k not in MEASUREMENT_KNOBS)
 # What a setting's numbers are comparable within (its baseline and its Pareto frontier).
 SETTING_CONTEXT: tuple[str, ...] = ("model", "dataset", "dtype", "attn_implementation", "device_name", "code_version")
@@ -293,8 +294,9 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     Quality is a statistic over text samples: one PPL per sample (its repeats averaged: the same NLLs), from the
     setting's preferred measurement (the parallel protocol if it has one, then the most samples, the longest stream);
     `ppl` is their mean, `ppl_std` their sample std, `n_samples` their count. ΔPPL % is paired per sample with the
-    recompute baseline of the same cap on the same tokens (`delta_ppl_pct` mean and std over pairs, `n_pairs`, and
-    `agree`: pairs whose sign is the mean's). Timing is a statistic over repeats of the setting's stepwise runs
+    recompute baseline of the same cap on the same tokens, over the steps the baseline scored (all, or every k-th with
+    `score_stride`): `delta_ppl_pct` mean and std over pairs, `n_pairs`, and `agree` (pairs whose sign is the mean's).
+    Timing is a statistic over repeats of the setting's stepwise runs
     (`tpot_ms`, `tpot_ms_std`, `n_repeats`, speedup vs the baseline's stepwise TPOT on the same tokens); parallel runs
     never give a TPOT. A sample's PPL is never averaged with another setting's.
     """
@@ -308,7 +310,7 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         done AS (SELECT * FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)),
         per_sample AS (
             SELECT {key}, protocol, max_tokens, prefill, sample, token_hash, any_value(method) AS method, {run_context},
-                avg(ppl) AS ppl
+                avg(ppl) AS ppl, any_value(run_hash) AS run_hash
             FROM done GROUP BY {key}, protocol, max_tokens, prefill, sample, token_hash
         ),
         measures AS (
@@ -326,10 +328,16 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 any_value(protocol) AS quality_protocol, any_value(max_tokens) AS quality_tokens
             FROM quality_samples GROUP BY ALL
         ),
-        pairs AS (
-            SELECT x.grid, x.setting_hash, x.code_version, x.sample, 100 * (x.ppl / avg(b.ppl) - 1) AS delta
+        pair_runs AS (
+            SELECT x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash, any_value(b.run_hash) AS base_run
             FROM quality_samples x JOIN per_sample b ON b.method = '{BASELINE_METHOD}' AND {_BASELINE_MATCH}
-            GROUP BY x.grid, x.setting_hash, x.code_version, x.sample, x.ppl
+            GROUP BY x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash
+        ),
+        pairs AS (  -- on the steps the baseline scored (parallel recompute may score every k-th step only)
+            SELECT p.grid, p.setting_hash, p.code_version, p.sample, 100 * (exp(avg(t.nll) - avg(b.nll)) - 1) AS delta
+            FROM pair_runs p JOIN tokens b ON b.run_hash = p.base_run
+            JOIN tokens t ON t.run_hash = p.run_hash AND t.step = b.step
+            GROUP BY p.grid, p.setting_hash, p.code_version, p.sample
         ),
         paired AS (
             SELECT {key}, avg(delta) AS delta_ppl_pct, stddev_samp(delta) AS delta_ppl_pct_std, count(*) AS n_pairs,

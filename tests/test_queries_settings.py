@@ -99,3 +99,29 @@ def test_a_setting_with_only_parallel_runs_has_quality_and_no_timing(tmp_path, t
         row = queries.setting_table(con, "g").iloc[0]
     assert row.n_samples == 2 and row.n_repeats == 0
     assert pd.isna(row.tpot_ms) and pd.isna(row.speedup) and pd.isna(row.pareto)
+
+
+def test_delta_against_a_strided_baseline_is_paired_on_its_steps(tmp_path, tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    common = dict(model="tiny-llama", attn_implementation="eager", device="cpu", protocol="parallel", max_tokens=150)
+    base = [evaluate(RunConfig(**common, method="recompute", cap=32, score_stride=5, sample=s), loaded=loaded)
+            for s in (0, 1)]
+    lazy = [evaluate(RunConfig(**common, method="streaming", cap=32, compress_every=8, sample=s), loaded=loaded)
+            for s in (0, 1)]
+    path = tmp_path / "store.duckdb"
+    with StoreWriter(path, base[0].summary["environment"]["code_version"]) as writer:
+        writer.register_grid("g", Path("g.yaml"), "name: g\n", [("main", r.config.run_hash) for r in base + lazy])
+        for result in base + lazy:
+            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+                               attempts=1)
+    deltas = []
+    for b, x in zip(base, lazy, strict=True):
+        steps = b.tokens.column("step").to_numpy()
+        assert len(steps) == 30  # every 5th of 149 steps
+        x_nll = x.tokens.column("nll").to_numpy()[steps]
+        deltas.append(100 * (np.exp(x_nll.mean() - b.tokens.column("nll").to_numpy().mean()) - 1))
+    with queries.connect(path) as con:
+        row = queries.setting_table(con, "g").set_index("method").loc["streaming"]
+    assert row.n_pairs == 2 and row.delta_ppl_pct == pytest.approx(np.mean(deltas))
+    # The setting's own PPL is over all its steps; only the comparison is restricted to the baseline's.
+    assert row.ppl == pytest.approx(np.mean([x.summary["ppl"] for x in lazy]))
