@@ -12,7 +12,17 @@ from pathlib import Path
 
 from store.writer import DEFAULT_STORE, StoreError, read_runs
 
-from .driver import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GridRunner, decide, dry_run, resume_command
+from .driver import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    GridRunner,
+    decide,
+    dry_run,
+    resume_command,
+    write_equivalences,
+)
 from .schedule import ScheduleError
 from .spec import GridError, load_grid
 
@@ -111,6 +121,7 @@ def status(args: argparse.Namespace) -> int:
     for name, reasons in rows:
         print(f"{name:{width}}  {len(reasons):5d} {reasons.count('done'):5d} {reasons.count('pending'):7d} "
               f"{reasons.count('failed'):6d} {reasons.count('stale'):5d}")
+    write_equivalences(grid, sys.stdout)
     return EXIT_OK
 
 
