@@ -138,7 +138,7 @@ class GridRunner:
             stored = writer.stored_runs([run.run_hash for run in self.grid.runs])
             decisions = decide(self.grid.runs, stored, self.code_version, self.force)
             writer.register_grid(self.registered.name, self.registered.path, self.registered.spec_yaml,
-                                 self.registered.membership())
+                                 self.registered.membership(), self.registered.configurations())
             to_run = [d.run for d in decisions if d.action == "run"]
             report = GridReport(total=len(decisions), skipped=len(decisions) - len(to_run))
             self.out.write(_plan_line(self.grid.name, decisions) + "\n")
