@@ -297,7 +297,8 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
         )
         SELECT *, ppl < coalesce(min(ppl) OVER (
                 PARTITION BY {", ".join(q(k) for k in CONTEXT)}
-                ORDER BY tpot_ms, ppl ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 'inf') AS pareto
+                ORDER BY tpot_ms, ppl RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 'inf')
+            AS pareto  -- equivalent configurations (one run, equal numbers) are on the frontier together or not
         FROM selected ORDER BY method, {", ".join(q(k) for k in KNOBS if k != "method")}
     """
     params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
