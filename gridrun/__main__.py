@@ -58,8 +58,8 @@ def build_status_parser() -> argparse.ArgumentParser:
 
 
 def build_migrate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gridrun migrate",
-                                     description="Upgrade a store written by an older gridrun in place (every row kept).")
+    parser = argparse.ArgumentParser(prog="python -m gridrun migrate", description="Upgrade a store written by an "
+                                     "older gridrun in place (every row kept).")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"DuckDB store (default {DEFAULT_STORE})")
     return parser
 

@@ -31,6 +31,9 @@ REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.
 METHOD_ORDER = {"recompute": 0, "dense": 1, "streaming": 2}
 LADDER_RUNGS = ("Strict", "Lazy", "+ slack", "+ slack + max\\_drop")
 STALE_MARK = r"$^\dagger$"
+EQUIVALENT_MARK = r"$\equiv$"
+EQUIVALENT_NOTE = (r" $\equiv$: configurations that keep the same tokens at every step (one computation, run once), "
+                   "shown as one row.")
 
 
 class ExportError(RuntimeError):
@@ -150,6 +153,8 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     # The trade-off figure compares like with like: the model, text and device of the main table.
     context = ["model", "token_hash", "device_name"]
     all_groups = all_groups.merge(main[context].drop_duplicates(), on=context)
+    # Configurations that share a run are one point, not several independent results.
+    all_groups = all_groups.drop_duplicates(["run_group_hash", "code_version"])
     order = {group: index for index, group in enumerate(streaming.group_hash)}
     profile = profile.assign(label=profile.group_hash.map(labels)).sort_values(
         "group_hash", key=lambda column: column.map(order))
@@ -199,6 +204,33 @@ def _sorted(groups: pd.DataFrame) -> pd.DataFrame:
     return groups.assign(_order=order).sort_values(["_order", *knobs]).drop(columns="_order")
 
 
+def merge_equivalent(groups: pd.DataFrame) -> pd.DataFrame:
+    """Configurations of one table that share a run (the same kept tokens at every step) as one row, at the place of
+    the first: the numbers of the one with the most repeats (it pools the most of the shared runs; the first among
+    equals), `equivalents` the settings of the others ('' when none), `group_hashes` all their hashes. One computation
+    never shows as several results."""
+    if groups.empty:
+        return groups.assign(equivalents=pd.Series(dtype=str), group_hashes=pd.Series(dtype=str))
+    keys = list(zip(groups.run_group_hash, groups.code_version, strict=True))
+    blocks: dict[tuple, list[int]] = {}
+    for position, key in enumerate(keys):
+        blocks.setdefault(key, []).append(position)
+    kept, equivalents, hashes = [], [], []
+    for positions in blocks.values():
+        block = groups.iloc[positions]
+        differing = [k for k in queries.KNOBS if k in block and block[k].astype(str).nunique() > 1]
+        chosen = max(range(len(positions)), key=lambda i: (block.n.iloc[i], -i))
+        kept.append(positions[chosen])
+        equivalents.append("; ".join(", ".join(knob(k, row[k]) for k in differing)
+                                     for i, (_, row) in enumerate(block.iterrows()) if i != chosen))
+        hashes.append(", ".join(block.group_hash))
+    return groups.iloc[kept].assign(equivalents=equivalents, group_hashes=hashes)
+
+
+def _equivalent(row) -> str:
+    return f" {EQUIVALENT_MARK} {row.equivalents}" if row.equivalents else ""
+
+
 # --- tables ---------------------------------------------------------------------------------------------------------
 RESULT_COLUMNS = [("Method", "l"), ("TPOT (ms)", "r"), ("Speedup", "r"), ("PPL", "r"), (r"$\Delta$PPL (\%)", "r")]
 
@@ -215,25 +247,29 @@ def result_cells(row) -> list[str]:
             mean_std(row.ppl, row.ppl_std, row.n, 2, what=f"PPL of {what}"), delta]
 
 
-def _caption(text: str, groups: pd.DataFrame) -> str:
+def _caption(text: str, groups: pd.DataFrame, merged: bool = False) -> str:
     devices = ", ".join(sorted({escape(d) for d in groups.device_name}))
     stale = f" {STALE_MARK}: made by other evaluation code than the current one." if groups.stale.any() else ""
+    equivalent = EQUIVALENT_NOTE if merged else ""
     return (f"{text} Mean $\\pm$ std over the $n$ repeats of each configuration; speedup (TPOT) and $\\Delta$PPL are "
-            f"relative to the recompute baseline of the same grid, text, cap and device ({devices}).{stale}")
+            f"relative to the recompute baseline of the same grid, text, cap and device ({devices})."
+            f"{stale}{equivalent}")
 
 
 def main_table(gathered: Gathered) -> str:
     groups = _sorted(gathered.experiments[MAIN])
     knobs = [k for k in queries.varying_knobs(groups) if k not in ("method", "compress_every") and k not in
              queries.CONTEXT]
+    merged = merge_equivalent(groups)
     table = Table(columns=[*RESULT_COLUMNS, ("Peak mem. (MiB)", "r"), ("$n$", "r")], label="tab:main",
-                  caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups))
-    for (dataset, device), block in groups.groupby(["dataset", "device_name"], sort=True):
-        rows = [[row_label(row, ["compress_every", *knobs]), *result_cells(row),
+                  caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups,
+                                   merged.equivalents.any()))
+    for (dataset, device), block in merged.groupby(["dataset", "device_name"], sort=True):
+        rows = [[row_label(row, ["compress_every", *knobs]) + _equivalent(row), *result_cells(row),
                  mean_std(row.peak_memory_mib, row.peak_memory_mib_std, row.n, 0,
                           what=f"peak memory of {row.group_hash}"), str(row.n)] for row in block.itertuples()]
         table.add_panel(rf"\emph{{{escape(dataset)}}} ({escape(device)})", rows,
-                        [f"group {row.group_hash}" for row in block.itertuples()])
+                        [f"group {row.group_hashes}" for row in block.itertuples()])
     return table.render()
 
 
@@ -241,29 +277,34 @@ def ladder_table(gathered: Gathered) -> str:
     groups = gathered.experiments[LADDER]
     groups = groups.assign(rung=[ladder_rung(row) for row in groups.itertuples()]).sort_values(
         ["rung", "compress_every", "slack", "max_drop"])
+    merged = merge_equivalent(groups)
     # A wrapping label column: each rung names every knob value that makes it.
     table = Table(columns=[("Configuration", "p{4.4cm}"), *RESULT_COLUMNS[1:], ("Compactions", "r"), ("$n$", "r")],
                   label="tab:ablations", caption=_caption("Ablation ladder: strict $\\to$ lazy $\\to$ + slack $\\to$ "
-                                                          "+ slack + max\\_drop.", groups))
-    rows = [[ladder_label(row), *result_cells(row), f"${number(row.compactions, 1, what='compactions')}$",
-             str(row.n)] for row in groups.itertuples()]
-    notes = [f"group {row.group_hash}" for row in groups.itertuples()]
+                                                          "+ slack + max\\_drop.", groups, merged.equivalents.any()))
+    rows = [[ladder_label(row) + _equivalent(row), *result_cells(row),
+             f"${number(row.compactions, 1, what='compactions')}$", str(row.n)] for row in merged.itertuples()]
+    notes = [f"group {row.group_hashes}" for row in merged.itertuples()]
     table.add_panel(None, rows, notes)
     return table.render()
 
 
 def sweeps_table(gathered: Gathered) -> str:
+    merged = {name: merge_equivalent(_sorted(gathered.experiments[name])) for name in SWEEPS}
     table = Table(columns=[("Value", "l"), *RESULT_COLUMNS[1:], ("$n$", "r")], label="tab:sweeps",
                   caption=_caption("Sweeps: one knob varied, the others held fixed.",
-                                   pd.concat([gathered.experiments[name] for name in SWEEPS])))
+                                   pd.concat([gathered.experiments[name] for name in SWEEPS]),
+                                   any(frame.equivalents.any() for frame in merged.values())))
     for name, (swept, title) in SWEEPS.items():
-        groups = _sorted(gathered.experiments[name])
+        groups = merged[name]
         others = [k for k in queries.varying_knobs(groups) if k not in ("method", swept)]
         fixed = [k for k in ("cap", "sink", "compress_every", "slack", "max_drop") if k != swept and k not in others]
         streaming = groups[groups.method == "streaming"]
         held = ", ".join(knob(k, streaming[k].iloc[0]) for k in fixed) if not streaming.empty else ""
-        rows = [[row_label(row, [swept, *others]), *result_cells(row), str(row.n)] for row in groups.itertuples()]
-        table.add_panel(rf"\emph{{{title}}} ({held})", rows, [f"group {row.group_hash}" for row in groups.itertuples()])
+        rows = [[row_label(row, [swept, *others]) + _equivalent(row), *result_cells(row), str(row.n)]
+                for row in groups.itertuples()]
+        table.add_panel(rf"\emph{{{title}}} ({held})", rows,
+                        [f"group {row.group_hashes}" for row in groups.itertuples()])
     return table.render()
 
 

@@ -4,8 +4,9 @@ Tables: grids, experiments (grid <-> run membership), configurations (every conf
 the run that computes it: equivalent configurations share one), runs (one row per run hash, i.e. per computation:
 knobs of the configuration that was run as typed columns, config JSON, status, summary, environment), tokens (one row
 per step), compactions (one row per event), meta, and superseded_* (earlier results of a hash, kept when it is rerun).
-Views for shell users: run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The per-token and per-compaction columns mirror streaming_llm.evaluate's
-TOKEN_SCHEMA / COMPACTION_SCHEMA. This module only declares; store/writer.py writes.
+Views for shell users: run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The
+per-token and per-compaction columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA. This module
+only declares; store/writer.py writes.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def test_runs_view_lists_every_run_of_the_grid(store, monkeypatch):
     app = open_app(store, monkeypatch, "Runs")
     with duckdb.connect(str(store), read_only=True) as con:
         members = con.execute("SELECT count(DISTINCT run_hash) FROM experiments WHERE grid = 'smoke'").fetchone()[0]
-        configs = con.execute("SELECT count(DISTINCT config_hash) FROM configurations WHERE grid = 'smoke'").fetchone()[0]
+        configs = con.execute(
+            "SELECT count(DISTINCT config_hash) FROM configurations WHERE grid = 'smoke'").fetchone()[0]
     runs_table = app.dataframe[-1].value
     assert len(runs_table) == configs > members  # one row per configuration; equivalent ones share a run
     assert runs_table.run_hash.nunique() == members

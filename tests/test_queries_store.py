@@ -130,7 +130,8 @@ def test_run_table_and_counts_cover_every_member(store):
         counts = queries.status_counts(con, "smoke")
         totals = queries.grid_totals(con, "smoke")
         members = con.execute("SELECT count(DISTINCT run_hash) FROM experiments WHERE grid = 'smoke'").fetchone()[0]
-        configs = con.execute("SELECT count(DISTINCT config_hash) FROM configurations WHERE grid = 'smoke'").fetchone()[0]
+        configs = con.execute(
+            "SELECT count(DISTINCT config_hash) FROM configurations WHERE grid = 'smoke'").fetchone()[0]
     assert members == totals["runs"] == totals["done"] == table.run_hash.nunique()
     assert len(table) == configs > members, "smoke lists equivalent configurations: one row each, fewer runs"
     shared = table[table.sharing > 1]

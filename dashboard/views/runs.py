@@ -46,9 +46,9 @@ def render(source: data.Source) -> None:
         st.info(f"{len(shared)} configurations share {shared.run_hash.nunique()} runs with others: they keep the same "
                 "tokens at every step (same schedule fingerprint), so each set was computed once and its rows show one "
                 "result. Column 'equivalent to' lists the settings that share it; they are not independent results.")
-    columns = ["label", "equivalent_to", "experiments", "status", "stale", "ppl", "delta_ppl_pct", "tpot_ms_mean", "speedup",
-               "peak_memory_mib", "repeats", *KNOBS, "compaction_count", "kv_len_max", "device_name", "run_hash",
-               "config_hash", "group_hash", "code_version", "ended_at", "error"]
+    columns = ["label", "equivalent_to", "experiments", "status", "stale", "ppl", "delta_ppl_pct", "tpot_ms_mean",
+               "speedup", "peak_memory_mib", "repeats", *KNOBS, "compaction_count", "kv_len_max", "device_name",
+               "run_hash", "config_hash", "group_hash", "code_version", "ended_at", "error"]
     config = {name: st.column_config.NumberColumn(format=fmt) for name, fmt in NUMBER_FORMATS.items()}
     config["equivalent_to"] = st.column_config.TextColumn("equivalent to", help="configurations that share this run")
     st.dataframe(shown[columns], hide_index=True, width="stretch", column_config=config)
