@@ -110,7 +110,7 @@ def _check_is_store(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         raise StoreError(f"{path} is not a gridrun store (no table {', '.join(sorted(missing))}): pass the store "
                          "that python -m gridrun --store wrote")
     if "configurations" not in tables:
-        raise StoreError(f"{path} was written by an older gridrun (store schema 1, no table configurations): upgrade "
+        raise StoreError(f"{path} was written by an older gridrun (store schema 2, no table configurations): upgrade "
                          f"it in place, every row kept, with python -m gridrun migrate --store {path}")
 
 

@@ -24,8 +24,9 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 2  # 2: run_hash is the computation's identity (schedule fingerprint); table configurations
-MIGRATES_FROM = (1,)  # versions store/writer.py upgrades in place (see its _migrate)
+SCHEMA_VERSION = 3  # 2: protocol, chunk, setting_hash, eval_tokens_per_s; compaction_ms nullable
+# 3: run_hash is the computation's identity (schedule fingerprint); table configurations
+MIGRATES_FROM = (2,)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -65,6 +66,8 @@ KNOB_COLUMNS = [
     Column("max_tokens", Integer, nullable=False),
     Column("prefill", Integer, nullable=False),
     Column("warmup", Integer, nullable=False),
+    Column("protocol", String, nullable=False),  # stepwise | parallel (parallel rows have no latency)
+    Column("chunk", Integer, nullable=False),
     Column("method", String, nullable=False),
     Column("sink", Integer, nullable=False),
     Column("window", Integer),  # as set; null when derived from cap (see window_resolved)
@@ -93,6 +96,7 @@ SUMMARY_COLUMNS = [
     Column("ppl", Double),
     Column("ppl_decode", Double),
     Column("mean_nll", Double),
+    Column("eval_tokens_per_s", Double),  # predicted tokens / scoring wall time, either protocol
     Column("tpot_ms_mean", Double),
     Column("tpot_ms_median", Double),
     Column("tpot_ms_p95", Double),
@@ -117,6 +121,8 @@ runs = Table(
     "runs", metadata,
     Column("run_hash", String, primary_key=True),  # RunConfig.run_hash
     Column("group_hash", String, nullable=False),  # RunConfig.group_hash: shared by the repeats of a configuration
+    # RunConfig.setting_hash: shared by a setting's text samples, repeats, protocols and stream lengths
+    Column("setting_hash", String, nullable=False),
     Column("status", String, nullable=False),  # done | failed
     Column("error", Text),
     Column("attempts", Integer, nullable=False),
@@ -147,8 +153,9 @@ configurations = Table(
     Column("window_resolved", Integer),
     Column("soft_capacity", Integer),
     Column("hard_capacity", Integer),
+    Column("setting_hash", String, nullable=False),  # RunConfig.setting_hash, the configuration's own
 )
-CONFIGURATION_OWN = ("window_resolved", "soft_capacity", "hard_capacity")  # besides the knobs
+CONFIGURATION_OWN = ("window_resolved", "soft_capacity", "hard_capacity", "setting_hash")  # besides the knobs
 
 tokens = Table(
     "tokens", metadata,
@@ -173,7 +180,7 @@ compactions = Table(
     Column("kv_len_before", Integer, nullable=False),
     Column("kv_len_after", Integer, nullable=False),
     Column("evicted", Integer, nullable=False),
-    Column("compaction_ms", Double, nullable=False),
+    Column("compaction_ms", Double),  # null in parallel runs, which time nothing
 )
 
 

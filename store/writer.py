@@ -219,7 +219,7 @@ class StoreWriter:
         self._lock_file = handle
 
     def _create_schema(self) -> None:
-        """Create what is missing. Migration 1 -> 2 is adding the table configurations: a version 1 run keeps its rows
+        """Create what is missing. Migration 2 -> 3 is adding the table configurations: a version 2 run keeps its rows
         under its hash (then the configuration's own), and readers treat each as its own configuration."""
         con = self._con()
         existing = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -398,7 +398,8 @@ def run_row(config: RunConfig, summary: dict[str, Any], *, status: str, error: s
     summary["device_name"] = environment.get("device")
     normalised = config.normalised()
     return {
-        "run_hash": config.run_hash, "group_hash": config.group_hash, "status": status, "error": error,
+        "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
+        "status": status, "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
         **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
         **{column.name: summary.get(column.name) for column in SUMMARY_COLUMNS},
@@ -412,7 +413,7 @@ def configuration_row(grid: str, experiment: str, config: RunConfig) -> dict[str
     """The configurations row of one configuration an experiment lists: its own knobs, window and capacities."""
     normalised = config.normalised()
     policy = config.policy if config.method == "streaming" else None
-    own = dict.fromkeys(CONFIGURATION_OWN)
+    own = dict.fromkeys(CONFIGURATION_OWN) | {"setting_hash": config.setting_hash}
     if policy is not None:
         own.update(window_resolved=policy.window, soft_capacity=policy.soft_capacity,
                    hard_capacity=policy.hard_capacity)
@@ -428,7 +429,8 @@ def failed_row(config: RunConfig, error: str, code_version: str, *, attempts: in
                started_at: datetime | None) -> dict[str, Any]:
     normalised = config.normalised()
     return {
-        "run_hash": config.run_hash, "group_hash": config.group_hash, "status": "failed", "error": error,
+        "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
+        "status": "failed", "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
         **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
         "started_at": started_at, "ended_at": datetime.now(UTC), "code_version": code_version, "worker": worker,

@@ -2,7 +2,7 @@
 
 The schedule fingerprint against an independent re-statement (the kept token list of every step, built naively),
 the study's equivalences, near-misses that differ in one step, dense and recompute identities left as they were, and
-a fuzz on a tiny model: equal fingerprints always give equal NLLs. Then the store: a schema-1 store is refused by
+a fuzz on a tiny model: equal fingerprints always give equal NLLs. Then the store: a schema-2 store is refused by
 readers with the fix, and migrated in place with every row kept.
 """
 
@@ -171,15 +171,16 @@ def test_fuzz_equal_fingerprints_give_equal_nlls(tiny_models):
 
 
 # --- the store ------------------------------------------------------------------------------------------------------
-def schema_1_store(path) -> str:
-    """A store as gridrun wrote it before configurations existed: no such table, schema_version 1, one done run."""
+def schema_2_store(path) -> str:
+    """A store as gridrun wrote it before configurations existed: no such table, schema_version 2, one done run."""
     create_store(path)
     run = config(compress_every=8)
     with duckdb.connect(str(path)) as con:
         con.execute("DROP TABLE configurations")
-        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         knobs = run.normalised()
-        row = {"run_hash": run.config_hash, "group_hash": run.config_group_hash, "status": "done", "attempts": 1,
+        row = {"run_hash": run.config_hash, "group_hash": run.config_group_hash, "setting_hash": run.setting_hash,
+               "status": "done", "attempts": 1,
                "config_json": "{}", **knobs, "ppl": 12.5, "tpot_ms_mean": 3.0, "code_version": "old",
                "window_resolved": run.policy.window}
         insert_run(con, row, None, None)
@@ -187,16 +188,16 @@ def schema_1_store(path) -> str:
     return run.config_hash
 
 
-def test_a_schema_1_store_is_refused_by_readers_then_migrated_with_every_row(tmp_path, capsys):
+def test_a_schema_2_store_is_refused_by_readers_then_migrated_with_every_row(tmp_path, capsys):
     path = tmp_path / "old.duckdb"
-    old_hash = schema_1_store(path)
+    old_hash = schema_2_store(path)
     with pytest.raises(queries.StoreError, match="python -m gridrun migrate --store"), queries.connect(path):
         pass
     assert gridrun_main(["migrate", "--store", str(path)]) == 0
     with queries.connect(path) as con:
         table = queries.run_table(con, "old", include_stale=True)
         version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        migrated = con.execute("SELECT count(*) FROM meta WHERE key = 'migrated_from_1'").fetchone()[0]
-    assert version == "2" and migrated == 1
+        migrated = con.execute("SELECT count(*) FROM meta WHERE key = 'migrated_from_2'").fetchone()[0]
+    assert version == "3" and migrated == 1
     assert list(table.run_hash) == list(table.config_hash) == [old_hash]  # its own configuration, as it was
     assert table.ppl.iloc[0] == 12.5 and table.equivalent_to.iloc[0] == ""
