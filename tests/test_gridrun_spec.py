@@ -147,12 +147,22 @@ def test_paper_grids_hold_every_sweep_of_the_study(name):
     ladder = [config for experiment, config in grid.configurations() if experiment == "ladder"]
     assert len(ladder) == 4
     assert {run.config.cap_mode for run in grid.runs if "cap_mode" in run.experiments} == {"soft", "peak"}
+    # Each sweep shows something: three or more distinct computations, and equivalent settings at most once.
+    for experiment in PAPER_EXPERIMENTS - {"main"}:
+        configs = [config for name, config in grid.configurations() if name == experiment]
+        runs: dict[str, int] = {}
+        for config in configs:
+            runs[config.run_hash] = runs.get(config.run_hash, 0) + 1
+        assert len(runs) >= 3, (experiment, len(runs))
+        assert sum(1 for count in runs.values() if count > 1) <= 1, (experiment, sorted(runs.values()))
 
 
 def test_paper_full_is_at_the_study_size():
     grid = load_grid(ROOT / "grids" / "paper-full.yaml")
     configs = [run.config for run in grid.runs]
-    assert {config.cap for config in configs} == {2048}
+    assert {config.cap for config in configs if config.window is None} == {2048}
+    # The overlap experiment's set-window runs: lazy's window at cap 2048, plus the overlap they test.
+    assert {config.window for config in configs if config.window is not None} == {1980}
     assert min(config.max_tokens for config in configs) >= 20_000
 
 
