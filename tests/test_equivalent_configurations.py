@@ -201,3 +201,18 @@ def test_a_schema_2_store_is_refused_by_readers_then_migrated_with_every_row(tmp
     assert version == "3" and migrated == 1
     assert list(table.run_hash) == list(table.config_hash) == [old_hash]  # its own configuration, as it was
     assert table.ppl.iloc[0] == 12.5 and table.equivalent_to.iloc[0] == ""
+
+
+def test_dry_run_and_status_say_which_settings_share_a_run(tmp_path, capsys):
+    grid = tmp_path / "eq.yaml"
+    grid.write_text("name: eq\nbase: {model: tiny-llama, max_tokens: 160, prefill: 48, cap: 48, sink: 4, "
+                    "method: streaming, compress_every: 8}\nexperiments:\n  overlap: {grid: {overlap: [0, 8]}}\n"
+                    "  refresh: {runs: [{refresh: 4, refresh_policy: middle}]}\n")
+    store = tmp_path / "none.duckdb"
+    assert gridrun_main([str(grid), "--store", str(store), "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert "overlap=8 ≡ overlap=0 (same kept tokens at every step): 1 run" in listed
+    assert "2 runs for 3 configurations, 2 to run" in listed and listed.count("run  ") == 2
+    assert gridrun_main(["status", str(grid), "--store", str(store)]) == 0
+    assert "overlap=8 ≡ overlap=0 (same kept tokens at every step): 1 run" in capsys.readouterr().out
+    assert not store.exists()
