@@ -162,7 +162,8 @@ class RunConfig(BaseModel):
         return _largest_window_within(self.cap, self.prefill, knobs)
 
     def normalised(self) -> dict[str, Any]:
-        """The content that identifies the run: every field, in a fixed order, irrelevant knobs at their defaults."""
+        """The configuration's content: every field, in a fixed order, irrelevant knobs at their defaults (what the run
+        computes is `identity()`)."""
         return self.model_dump(mode="json")
 
     @cached_property
