@@ -109,7 +109,9 @@ def write_equivalences(grid: Grid, out: TextIO) -> None:
     out.write(f"{len(equivalences)} set(s) of equivalent configurations, each run once:\n")
     knobs = KnobDigest([config for equivalence in equivalences for config in equivalence.configs])
     for equivalence in equivalences:
-        out.write(f"  {equivalence.describe()}; with {knobs.describe(equivalence.configs[0])}\n")
+        # What sets this set apart from the others (their common knobs), when there are several
+        context = knobs.describe(equivalence.configs[0]).partition(" ")[2]
+        out.write(f"  {equivalence.describe()}" + (f"; at {context}" if context else "") + "\n")
 
 
 class GridRunner:
