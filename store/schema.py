@@ -24,7 +24,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 3  # 2: protocol, chunk, setting_hash, eval_tokens_per_s; compaction_ms nullable
+SCHEMA_VERSION = 3  # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
 # 3: run_hash is the computation's identity (schedule fingerprint); table configurations
 MIGRATES_FROM = (2,)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
@@ -68,6 +68,7 @@ KNOB_COLUMNS = [
     Column("warmup", Integer, nullable=False),
     Column("protocol", String, nullable=False),  # stepwise | parallel (parallel rows have no latency)
     Column("chunk", Integer, nullable=False),
+    Column("score_stride", Integer, nullable=False),  # parallel recompute: every k-th step scored
     Column("method", String, nullable=False),
     Column("sink", Integer, nullable=False),
     Column("window", Integer),  # as set; null when derived from cap (see window_resolved)
