@@ -96,14 +96,17 @@ def spikes(path: Path, signature: Signature, run_hashes: tuple[str, ...],
 
 def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """Add `label` (the method, R, and the knobs whose value differs from the most common one among rows of the same
-    method; the hash when rows would share a label) and `context` (what a speedup is relative to)."""
+    method; then '≡' and the settings of the configurations that share its run; the hash when rows would share a
+    label) and `context` (what a speedup is relative to)."""
     if frame.empty:
         return frame.assign(label=pd.Series(dtype=str), context=pd.Series(dtype=str))
     varying = [k for k in queries.varying_knobs(frame) if k not in ("method", "compress_every")]
     usual = {method: rows[varying].mode(dropna=False).iloc[0] if varying else pd.Series(dtype=object)
              for method, rows in frame.groupby("method")}
     labels = frame.apply(lambda row: _label(row, varying, usual[row["method"]]), axis=1)
-    hash_column = "run_hash" if "run_hash" in frame else "group_hash"
+    if "equivalent_to" in frame:  # configurations that share one run are labelled as such, never as separate results
+        labels = labels.where(frame["equivalent_to"] == "", labels + " ≡ " + frame["equivalent_to"].astype(str))
+    hash_column = next(c for c in ("config_hash", "run_hash", "group_hash") if c in frame)
     shared = labels.duplicated(keep=False)
     labels = labels.where(~shared, labels + " #" + frame[hash_column].str[:6])
     context = frame["model"].astype(str) + " / " + frame["dataset"].astype(str) + " / " + frame["device_name"].astype(

@@ -1,4 +1,5 @@
-"""`python -m gridrun GRID.yaml [...]` runs a grid into the store; `python -m gridrun status GRID.yaml` counts its runs.
+"""`python -m gridrun GRID.yaml [...]` runs a grid into the store; `python -m gridrun status GRID.yaml` counts its runs;
+`python -m gridrun migrate --store PATH` upgrades an older store in place.
 
 Command-line parsing and messages only: validation lives in gridrun.spec, running in gridrun.driver.
 """
@@ -10,9 +11,19 @@ import signal
 import sys
 from pathlib import Path
 
-from store.writer import DEFAULT_STORE, StoreError, read_runs
+from store.writer import DEFAULT_STORE, StoreError, StoreWriter, read_runs
 
-from .driver import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GridRunner, decide, dry_run, resume_command
+from .driver import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    GridRunner,
+    decide,
+    dry_run,
+    resume_command,
+    write_equivalences,
+)
 from .schedule import ScheduleError
 from .spec import GridError, load_grid
 
@@ -46,6 +57,13 @@ def build_status_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_migrate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gridrun migrate", description="Upgrade a store written by an "
+                                     "older gridrun in place (every row kept).")
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"DuckDB store (default {DEFAULT_STORE})")
+    return parser
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"DuckDB store (default {DEFAULT_STORE})")
     parser.add_argument("--only", action="append", default=[], metavar="EXPERIMENT",
@@ -59,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["status"]:
             return status(build_status_parser().parse_args(argv[1:]))
+        if argv[:1] == ["migrate"]:
+            return migrate(build_migrate_parser().parse_args(argv[1:]))
         return run(build_parser().parse_args(argv), argv)
     except (GridError, StoreError, ScheduleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -111,6 +131,18 @@ def status(args: argparse.Namespace) -> int:
     for name, reasons in rows:
         print(f"{name:{width}}  {len(reasons):5d} {reasons.count('done'):5d} {reasons.count('pending'):7d} "
               f"{reasons.count('failed'):6d} {reasons.count('stale'):5d}")
+    write_equivalences(grid, sys.stdout)
+    return EXIT_OK
+
+
+def migrate(args: argparse.Namespace) -> int:
+    if not args.store.exists():
+        raise StoreError(f"--store {args.store}: no such file")
+    from streaming_llm.environment import code_version
+
+    with StoreWriter(args.store, code_version()):
+        pass  # opening creates what the schema lacks and publishes the store at the current version
+    print(f"{args.store}: store schema up to date; every row kept")
     return EXIT_OK
 
 

@@ -89,12 +89,29 @@ def dry_run(grid: Grid, store: Path, code_version: str, force: bool, out: TextIO
         run = decision.run
         described = knobs.describe(run.config)
         verb = "run " if decision.action == "run" else "skip"
-        out.write(f"{verb} {run.run_hash} ({decision.reason:7}) [{','.join(run.experiments)}] {described}\n")
+        shared = len(run.configurations()) - 1
+        also = f" (≡ {shared} more configuration{'s' if shared > 1 else ''})" if shared else ""
+        out.write(f"{verb} {run.run_hash} ({decision.reason:7}) [{','.join(run.experiments)}] {described}{also}\n")
+    write_equivalences(grid, out)
     to_run = [d.run for d in decisions if d.action == "run"]
     cost = sum(run_cost(run.config) for run in to_run)
-    out.write(f"grid {grid.name}: {len(decisions)} runs, {len(to_run)} to run, {len(decisions) - len(to_run)} to skip; "
-              f"{cost:,.0f} cached-step equivalents of work; store {store}\n")
+    configurations = sum(len(run.configurations()) for run in grid.runs)
+    out.write(f"grid {grid.name}: {len(decisions)} runs for {configurations} configurations, {len(to_run)} to run, "
+              f"{len(decisions) - len(to_run)} to skip; {cost:,.0f} cached-step equivalents of work; store {store}\n")
     return EXIT_OK
+
+
+def write_equivalences(grid: Grid, out: TextIO) -> None:
+    """One line per set of equivalent configurations: they keep the same tokens at every step, so they share a run."""
+    equivalences = grid.equivalences()
+    if not equivalences:
+        return
+    out.write(f"{len(equivalences)} set(s) of equivalent configurations, each run once:\n")
+    knobs = KnobDigest([config for equivalence in equivalences for config in equivalence.configs])
+    for equivalence in equivalences:
+        # What sets this set apart from the others (their common knobs), when there are several
+        context = knobs.describe(equivalence.configs[0]).partition(" ")[2]
+        out.write(f"  {equivalence.describe()}" + (f"; at {context}" if context else "") + "\n")
 
 
 class GridRunner:
@@ -123,7 +140,7 @@ class GridRunner:
             stored = writer.stored_runs([run.run_hash for run in self.grid.runs])
             decisions = decide(self.grid.runs, stored, self.code_version, self.force)
             writer.register_grid(self.registered.name, self.registered.path, self.registered.spec_yaml,
-                                 self.registered.membership())
+                                 self.registered.membership(), self.registered.configurations())
             to_run = [d.run for d in decisions if d.action == "run"]
             report = GridReport(total=len(decisions), skipped=len(decisions) - len(to_run))
             self.out.write(_plan_line(self.grid.name, decisions) + "\n")

@@ -49,15 +49,31 @@ class GridSpec(BaseModel):
 
 
 @dataclass(frozen=True)
-class PlannedRun:
-    """A distinct run of the grid and every experiment that lists it (in file order)."""
+class PlannedConfig:
+    """A configuration of the grid (its own knobs) and the experiments that list it (in file order)."""
 
     config: RunConfig
     experiments: tuple[str, ...]
 
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A distinct run of the grid and every experiment that lists it (in file order).
+
+    `configs` are the configurations that map to it: equivalent ones (the same schedule fingerprint) share the run,
+    and `config`, the first of them in file order, is the one run.
+    """
+
+    config: RunConfig
+    experiments: tuple[str, ...]
+    configs: tuple[PlannedConfig, ...] = ()
+
     @property
     def run_hash(self) -> str:
         return self.config.run_hash
+
+    def configurations(self) -> tuple[PlannedConfig, ...]:
+        return self.configs or (PlannedConfig(self.config, self.experiments),)
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,19 @@ class Grid:
         """(experiment, run_hash) pairs: a run listed by several experiments belongs to each."""
         return [(experiment, run.run_hash) for run in self.runs for experiment in run.experiments]
 
+    def configurations(self) -> list[tuple[str, RunConfig]]:
+        """(experiment, configuration) pairs: every configuration each experiment lists, equivalent ones included."""
+        return [(experiment, planned.config) for run in self.runs for planned in run.configurations()
+                for experiment in planned.experiments]
+
+    def equivalences(self) -> list[Equivalence]:
+        """Configurations that share a computation, one entry per group of repeats (see `Equivalence`)."""
+        groups: dict[str, list[PlannedRun]] = {}
+        for run in self.runs:
+            if len(run.configurations()) > 1:
+                groups.setdefault(run.config.group_hash, []).append(run)
+        return [Equivalence(tuple(p.config for p in runs[0].configurations()), len(runs)) for runs in groups.values()]
+
     def only(self, experiments: list[str]) -> Grid:
         """The runs of the named experiments (a run shared with other experiments keeps all its memberships)."""
         unknown = [name for name in experiments if name not in self.experiments]
@@ -83,6 +112,28 @@ class Grid:
             )
         runs = tuple(run for run in self.runs if set(run.experiments) & set(experiments))
         return Grid(self.name, self.path, self.spec_yaml, self.experiments, runs)
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Configurations with the same kept tokens at every step: one computation, run `runs` times (its repeats)."""
+
+    configs: tuple[RunConfig, ...]
+    runs: int
+
+    def differing(self) -> list[str]:
+        """The knobs whose value differs between the configurations."""
+        dumps = [config.normalised() for config in self.configs]
+        return [key for key in dumps[0] if len({repr(d[key]) for d in dumps}) > 1]
+
+    def describe(self) -> str:
+        """'overlap=8 ≡ overlap=0 (same kept tokens at every step): 1 run'. The configuration that is run comes last
+        with every differing knob; the others show the knobs in which they differ from it."""
+        run, others = self.configs[0].normalised(), [config.normalised() for config in self.configs[1:]]
+        shown = [", ".join(f"{k}={v}" for k, v in other.items() if repr(v) != repr(run[k])) for other in others]
+        shown.append(", ".join(f"{k}={run[k]}" for k in self.differing()))
+        runs = f"{self.runs} run" + ("s" if self.runs > 1 else "")
+        return f"{' ≡ '.join(shown)} (same kept tokens at every step): {runs}"
 
 
 def load_grid(path: Path | str, overrides: list[str] | None = None) -> Grid:
@@ -113,17 +164,23 @@ def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
             raise GridError(f"{path}: experiment name {name!r}: use letters, digits, '_', '.', '-' ({NAME_PATTERN})")
         _check_experiment(experiment, f"{path}: experiment '{name}'")
 
-    planned: dict[str, RunConfig] = {}
-    members: dict[str, list[str]] = {}
+    # run hash -> config hash -> (configuration, experiments listing it), in file order
+    planned: dict[str, dict[str, tuple[RunConfig, list[str]]]] = {}
     for name, experiment in spec.experiments.items():
         for config in _expand(spec, name, experiment, forced, path):
-            planned.setdefault(config.run_hash, config)
-            owners = members.setdefault(config.run_hash, [])
+            configs = planned.setdefault(config.run_hash, {})
+            owners = configs.setdefault(config.config_hash, (config, []))[1]
             if name not in owners:
                 owners.append(name)
-    runs = tuple(PlannedRun(config, tuple(members[run_hash])) for run_hash, config in planned.items())
+    runs = tuple(_planned_run(configs, list(spec.experiments)) for configs in planned.values())
     grid_name = spec.name if not overrides else f"{spec.name}[{','.join(overrides)}]"
     return Grid(grid_name, path, text, tuple(spec.experiments), runs)
+
+
+def _planned_run(configs: dict[str, tuple[RunConfig, list[str]]], order: list[str]) -> PlannedRun:
+    members = tuple(PlannedConfig(config, tuple(owners)) for config, owners in configs.values())
+    experiments = tuple(sorted({name for member in members for name in member.experiments}, key=order.index))
+    return PlannedRun(members[0].config, experiments, members)
 
 
 class _SafeUniqueKeyLoader(yaml.SafeLoader):

@@ -32,6 +32,9 @@ REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.
 METHOD_ORDER = {"recompute": 0, "dense": 1, "streaming": 2}
 LADDER_RUNGS = ("Strict", "Lazy", "+ slack", "+ slack + max\\_drop")
 STALE_MARK = r"$^\dagger$"
+EQUIVALENT_MARK = r"$\equiv$"
+EQUIVALENT_NOTE = (r" $\equiv$: configurations that keep the same tokens at every step (one computation, run once), "
+                   "shown as one row.")
 
 
 class ExportError(RuntimeError):
@@ -160,6 +163,8 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     # The trade-off figure compares like with like: the model, text and device of the main table, timed settings.
     context = ["model", "dataset", "device_name"]
     all_groups = all_groups[all_groups.tpot_ms.notna()].merge(main[context].drop_duplicates(), on=context)
+    # Settings measured by the same runs (equivalent configurations) are one point, not several independent results.
+    all_groups = all_groups.drop_duplicates(["run_groups", "code_version"])
     by_timing = dict(zip(streaming.timing_group_hash, streaming.setting_hash, strict=True))
     order = {setting: index for index, setting in enumerate(streaming.setting_hash)}
     profile = profile.assign(setting_hash=profile.group_hash.map(by_timing))
@@ -222,6 +227,33 @@ def _sorted(groups: pd.DataFrame) -> pd.DataFrame:
     return groups.assign(_order=order).sort_values(["_order", *knobs]).drop(columns="_order")
 
 
+def merge_equivalent(groups: pd.DataFrame) -> pd.DataFrame:
+    """Settings of one table measured by the same runs (configurations that keep the same tokens at every step) as one
+    row, at the place of the first: the numbers of the one with the most repeats and samples (it pools the most of the
+    shared runs; the first among equals), `equivalents` the settings of the others ('' when none), `setting_hashes`
+    all their hashes. One computation never shows as several results."""
+    if groups.empty:
+        return groups.assign(equivalents=pd.Series(dtype=str), setting_hashes=pd.Series(dtype=str))
+    keys = list(zip(groups.run_groups, groups.code_version, strict=True))
+    blocks: dict[tuple, list[int]] = {}
+    for position, key in enumerate(keys):
+        blocks.setdefault(key, []).append(position)
+    kept, equivalents, hashes = [], [], []
+    for positions in blocks.values():
+        block = groups.iloc[positions]
+        differing = [k for k in queries.KNOBS if k in block and block[k].astype(str).nunique() > 1]
+        chosen = max(range(len(positions)), key=lambda i: (block.n_repeats.iloc[i], block.n_samples.iloc[i], -i))
+        kept.append(positions[chosen])
+        equivalents.append("; ".join(", ".join(knob(k, row[k]) for k in differing)
+                                     for i, (_, row) in enumerate(block.iterrows()) if i != chosen))
+        hashes.append(", ".join(block.setting_hash))
+    return groups.iloc[kept].assign(equivalents=equivalents, setting_hashes=hashes)
+
+
+def _equivalent(row) -> str:
+    return f" {EQUIVALENT_MARK} {row.equivalents}" if row.equivalents else ""
+
+
 # --- tables ---------------------------------------------------------------------------------------------------------
 RESULT_COLUMNS = [("Method", "l"), ("TPOT (ms)", "r"), ("Speedup", "r"), ("PPL", "r"), (r"$\Delta$PPL (\%)", "r")]
 N_COLUMNS = [("$n_r$", "r"), ("$n_t$", "r")]  # timing repeats, text samples
@@ -246,28 +278,31 @@ def n_cells(row) -> list[str]:
     return [str(int(row.n_repeats)), str(int(row.n_samples))]
 
 
-def _caption(text: str, groups: pd.DataFrame) -> str:
+def _caption(text: str, groups: pd.DataFrame, merged: bool = False) -> str:
     devices = ", ".join(sorted({escape(d) for d in groups.device_name}))
     protocols = ", ".join(sorted({escape(p) for p in groups.quality_protocol}))
     stale = f" {STALE_MARK}: made by other evaluation code than the current one." if groups.stale.any() else ""
     return (f"{text} TPOT: mean $\\pm$ std over the $n_r$ stepwise timing repeats of each setting; PPL: mean $\\pm$ "
             f"std over its $n_t$ text samples ({protocols} protocol); $\\Delta$PPL paired per sample with the "
             f"recompute baseline of the same tokens (in brackets: samples agreeing in sign); speedup relative to the "
-            f"baseline's TPOT (same grid, text, cap and device: {devices}).{stale}")
+            f"baseline's TPOT (same grid, text, cap and device: {devices}).{stale}"
+            + (EQUIVALENT_NOTE if merged else ""))
 
 
 def main_table(gathered: Gathered) -> str:
     groups = _sorted(gathered.experiments[MAIN])
     knobs = [k for k in queries.varying_knobs(groups) if k not in ("method", "compress_every") and k not in
              queries.CONTEXT]
+    merged = merge_equivalent(groups)
     table = Table(columns=[*RESULT_COLUMNS, ("Peak mem. (MiB)", "r"), *N_COLUMNS], label="tab:main",
-                  caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups))
-    for (dataset, device), block in groups.groupby(["dataset", "device_name"], sort=True):
-        rows = [[row_label(row, ["compress_every", *knobs]), *result_cells(row),
+                  caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups,
+                                   merged.equivalents.any()))
+    for (dataset, device), block in merged.groupby(["dataset", "device_name"], sort=True):
+        rows = [[row_label(row, ["compress_every", *knobs]) + _equivalent(row), *result_cells(row),
                  mean_std(row.peak_memory_mib, row.peak_memory_mib_std, row.n_repeats, 0,
                           what=f"peak memory of {row.setting_hash}"), *n_cells(row)] for row in block.itertuples()]
         table.add_panel(rf"\emph{{{escape(dataset)}}} ({escape(device)})", rows,
-                        [f"setting {row.setting_hash}" for row in block.itertuples()])
+                        [f"setting {row.setting_hashes}" for row in block.itertuples()])
     return table.render()
 
 
@@ -275,29 +310,34 @@ def ladder_table(gathered: Gathered) -> str:
     groups = gathered.experiments[LADDER]
     groups = groups.assign(rung=[ladder_rung(row) for row in groups.itertuples()]).sort_values(
         ["rung", "compress_every", "slack", "max_drop"])
+    merged = merge_equivalent(groups)
     # A wrapping label column: each rung names every knob value that makes it.
     table = Table(columns=[("Configuration", "p{4.4cm}"), *RESULT_COLUMNS[1:], ("Compactions", "r"), *N_COLUMNS],
                   label="tab:ablations", caption=_caption("Ablation ladder: strict $\\to$ lazy $\\to$ + slack $\\to$ "
-                                                          "+ slack + max\\_drop.", groups))
-    rows = [[ladder_label(row), *result_cells(row), f"${number(row.compactions, 1, what='compactions')}$",
-             *n_cells(row)] for row in groups.itertuples()]
-    notes = [f"setting {row.setting_hash}" for row in groups.itertuples()]
+                                                          "+ slack + max\\_drop.", groups,
+                                                          merged.equivalents.any()))
+    rows = [[ladder_label(row) + _equivalent(row), *result_cells(row),
+             f"${number(row.compactions, 1, what='compactions')}$", *n_cells(row)] for row in merged.itertuples()]
+    notes = [f"setting {row.setting_hashes}" for row in merged.itertuples()]
     table.add_panel(None, rows, notes)
     return table.render()
 
 
 def sweeps_table(gathered: Gathered) -> str:
+    merged = {name: merge_equivalent(_sorted(gathered.experiments[name])) for name in SWEEPS}
     table = Table(columns=[("Value", "l"), *RESULT_COLUMNS[1:], *N_COLUMNS], label="tab:sweeps",
                   caption=_caption("Sweeps: one knob varied, the others held fixed.",
-                                   pd.concat([gathered.experiments[name] for name in SWEEPS])))
+                                   pd.concat([gathered.experiments[name] for name in SWEEPS]),
+                                   any(frame.equivalents.any() for frame in merged.values())))
     for name, (swept, title) in SWEEPS.items():
-        groups = _sorted(gathered.experiments[name])
+        groups = merged[name]
         others = [k for k in queries.varying_knobs(groups) if k not in ("method", swept)]
         fixed = [k for k in ("cap", "sink", "compress_every", "slack", "max_drop") if k != swept and k not in others]
         streaming = groups[groups.method == "streaming"]
         held = ", ".join(knob(k, streaming[k].iloc[0]) for k in fixed) if not streaming.empty else ""
-        rows = [[row_label(row, [swept, *others]), *result_cells(row), *n_cells(row)] for row in groups.itertuples()]
-        notes = [f"setting {row.setting_hash}" for row in groups.itertuples()]
+        rows = [[row_label(row, [swept, *others]) + _equivalent(row), *result_cells(row), *n_cells(row)]
+                for row in groups.itertuples()]
+        notes = [f"setting {row.setting_hashes}" for row in groups.itertuples()]
         table.add_panel(rf"\emph{{{title}}} ({held})", rows, notes)
     return table.render()
 

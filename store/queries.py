@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from store.schema import KNOB_COLUMNS
+from store.schema import CONFIGURATION_OWN, KNOB_COLUMNS
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 
@@ -109,6 +109,9 @@ def _check_is_store(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     if missing:
         raise StoreError(f"{path} is not a gridrun store (no table {', '.join(sorted(missing))}): pass the store "
                          "that python -m gridrun --store wrote")
+    if "configurations" not in tables:
+        raise StoreError(f"{path} was written by an older gridrun (store schema 2, no table configurations): upgrade "
+                         f"it in place, every row kept, with python -m gridrun migrate --store {path}")
 
 
 # --- grids and status -----------------------------------------------------------------------------------------------
@@ -193,12 +196,38 @@ _KNOB_SELECT = ", ".join(f"r.{q(k)}" for k in KNOBS)
 _CONTEXT_JOIN = " AND ".join(f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in (*CONTEXT, "cap"))
 
 
-def _members_sql(grid_filter: str) -> str:
-    """Runs of each grid with their experiments, as a CTE body; stale means produced by other evaluation code."""
+_OWN = (*(column.name for column in KNOB_COLUMNS), *CONFIGURATION_OWN)  # a configuration's own columns
+
+
+def _configurations_sql() -> str:
+    """Every (grid, experiment, configuration) and its run. A membership without configuration rows (a store of schema
+    1) is its run's own configuration, as it was then."""
+    own = ", ".join(q(name) for name in _OWN)
     return f"""
-        SELECT m.grid, m.experiments, r.*, r.code_version <> $cv AS stale
-        FROM (SELECT grid, run_hash, list(DISTINCT experiment ORDER BY experiment) AS experiments
-              FROM experiments WHERE {grid_filter} GROUP BY ALL) m
+        SELECT grid, experiment, config_hash, config_group_hash, run_hash, {own} FROM configurations
+        UNION ALL
+        SELECT e.grid, e.experiment, r.run_hash, r.group_hash, r.run_hash, {", ".join(f"r.{q(n)}" for n in _OWN)}
+        FROM experiments e JOIN runs r USING (run_hash)
+        WHERE NOT EXISTS (SELECT 1 FROM configurations c
+                          WHERE c.grid = e.grid AND c.experiment = e.experiment AND c.run_hash = e.run_hash)
+    """
+
+
+def _members_sql(grid_filter: str) -> str:
+    """The configurations of each grid with their experiments and the results of their run, as a CTE body: knobs,
+    window and capacities are the configuration's own, `group_hash` its repeats' (configurations sharing a run keep
+    theirs), `run_group_hash` the computation's; `sharing` counts the grid's configurations that share the run
+    (1: no equivalent). Stale means produced by other evaluation code."""
+    own = ", ".join(f"any_value({q(name)}) AS {q(name)}" for name in _OWN)
+    replaced = ", ".join(f"m.{q(name)} AS {q(name)}" for name in _OWN)
+    return f"""
+        SELECT m.grid, m.experiments, m.config_hash, r.group_hash AS run_group_hash,
+            count(*) OVER (PARTITION BY m.grid, m.run_hash) AS sharing,
+            r.* REPLACE (m.config_group_hash AS group_hash, {replaced}), r.code_version <> $cv AS stale
+        FROM (SELECT grid, config_hash, any_value(config_group_hash) AS config_group_hash,
+                  any_value(run_hash) AS run_hash, {own},
+                  list(DISTINCT experiment ORDER BY experiment) AS experiments
+              FROM ({_configurations_sql()}) WHERE {grid_filter} GROUP BY grid, config_hash) m
         JOIN runs r USING (run_hash)
     """
 
@@ -220,7 +249,8 @@ def run_table(con: duckdb.DuckDBPyConnection, grid: str | None = None, include_s
         baselines AS ({_baselines_sql()}),
         repeats AS (SELECT grid, group_hash, code_version, count(*) AS repeats FROM members
                     WHERE status = 'done' GROUP BY ALL)
-        SELECT x.grid, array_to_string(x.experiments, ', ') AS experiments, x.run_hash, x.group_hash, x.status,
+        SELECT x.grid, array_to_string(x.experiments, ', ') AS experiments, x.run_hash, x.config_hash, x.group_hash,
+            x.sharing, x.status,
             x.stale, {_KNOB_SELECT.replace("r.", "x.")}, x.ppl,
             100 * (x.ppl / b.base_ppl - 1) AS delta_ppl_pct, x.tpot_ms_mean, b.base_tpot_ms / x.tpot_ms_mean AS speedup,
             x.peak_memory_bytes / 2^20 AS peak_memory_mib, x.compaction_count, x.kv_len_max,
@@ -229,9 +259,10 @@ def run_table(con: duckdb.DuckDBPyConnection, grid: str | None = None, include_s
         LEFT JOIN baselines b ON b.grid = x.grid AND {_CONTEXT_JOIN}
         LEFT JOIN repeats rp ON rp.grid = x.grid AND rp.group_hash = x.group_hash AND rp.code_version = x.code_version
         WHERE $include_stale OR NOT x.stale OR x.status <> 'done'
-        ORDER BY x.grid, x.experiments, x.method, x.run_hash
+        ORDER BY x.grid, x.experiments, x.method, x.run_hash, x.config_hash
     """
-    return con.execute(sql, {"cv": current_code_version(), "grid": grid, "include_stale": include_stale}).df()
+    table = con.execute(sql, {"cv": current_code_version(), "grid": grid, "include_stale": include_stale}).df()
+    return table.assign(equivalent_to=equivalent_to(table, ["grid", "run_hash"]))
 
 
 def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
@@ -254,7 +285,7 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
                 avg(ppl) AS ppl, stddev_samp(ppl) AS ppl_std,
                 avg(peak_memory_bytes) / 2^20 AS peak_memory_mib, stddev_samp(peak_memory_bytes) / 2^20 AS
                 peak_memory_mib_std, avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
-                list(run_hash ORDER BY "repeat") AS run_hashes
+                list(run_hash ORDER BY "repeat") AS run_hashes, any_value(run_group_hash) AS run_group_hash
             FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)
             GROUP BY grid, group_hash, code_version
         ),
@@ -266,12 +297,30 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
         )
         SELECT *, ppl < coalesce(min(ppl) OVER (
                 PARTITION BY {", ".join(q(k) for k in CONTEXT)}
-                ORDER BY tpot_ms, ppl ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 'inf') AS pareto
+                ORDER BY tpot_ms, ppl RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 'inf')
+            AS pareto  -- equivalent configurations (one run, equal numbers) are on the frontier together or not
         FROM selected ORDER BY method, {", ".join(q(k) for k in KNOBS if k != "method")}
     """
     params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
               "experiments": list(experiments) if experiments is not None else None}
-    return con.execute(sql, params).df()
+    groups = con.execute(sql, params).df()
+    return groups.assign(equivalent_to=equivalent_to(groups, ["grid", "run_group_hash", "code_version"]))
+
+
+def equivalent_to(frame: pd.DataFrame, same: list[str]) -> pd.Series:
+    """Per row, the other rows of `frame` that share its computation (equal `same` columns: the same kept tokens at
+    every step, so one run), as the knob settings that tell them apart: 'overlap=8; overlap=16'. Empty when none."""
+    notes = pd.Series("", index=frame.index, dtype=object)
+    if frame.empty:
+        return notes
+    for _, block in frame.groupby(same, dropna=False, sort=False):
+        if len(block) < 2:
+            continue
+        knobs = [k for k in KNOBS if k in block and block[k].astype(str).nunique() > 1]
+        settings = {index: ", ".join(f"{k}={row[k]}" for k in knobs) for index, row in block.iterrows()}
+        for index in block.index:
+            notes[index] = "; ".join(text for other, text in settings.items() if other != index)
+    return notes
 
 
 # How a setting was measured, not what it is (streaming_llm.config.RunConfig.setting_hash leaves these out).
@@ -375,7 +424,9 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         settings AS (
             SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale,
                 list_distinct(flatten(list(experiments))) AS experiments,
-                list(run_hash ORDER BY protocol, sample, "repeat") AS all_run_hashes
+                list(run_hash ORDER BY protocol, sample, "repeat") AS all_run_hashes,
+                -- the computations it was measured by: settings with equal ones are equivalent (one set of runs)
+                array_to_string(list_sort(list_distinct(list(run_group_hash))), ',') AS run_groups
             FROM done WHERE selected GROUP BY {key}
         ),
         chosen AS (
@@ -390,12 +441,14 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         )
         SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL THEN ppl < coalesce(min(ppl) OVER (
                 PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL
-                ORDER BY tpot_ms, ppl ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 'inf') END AS pareto
+                ORDER BY tpot_ms, ppl RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 'inf') END
+            AS pareto  -- equivalent settings (one set of runs, equal numbers) are on the frontier together or not
         FROM chosen ORDER BY method, {", ".join(q(k) for k in SETTING_KNOBS if k != "method")}
     """
     params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
               "experiments": list(experiments) if experiments is not None else None}
-    return con.execute(sql, params).df()
+    settings = con.execute(sql, params).df()
+    return settings.assign(equivalent_to=equivalent_to(settings, ["grid", "run_groups", "code_version"]))
 
 
 def varying_knobs(groups: pd.DataFrame) -> list[str]:

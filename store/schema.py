@@ -1,10 +1,12 @@
 """The store's schema, declared once (SQLAlchemy Core, compiled for DuckDB), with its version.
 
-Tables: grids, experiments (grid <-> run membership), runs (one row per configuration hash: knobs as typed columns,
-config JSON, status, summary, environment), tokens (one row per step), compactions (one row per event), meta, and
-superseded_* (earlier results of a hash, kept when it is rerun). Views for shell users: run_summaries, current_runs,
-experiment_runs, group_summaries. The per-token and per-compaction columns mirror streaming_llm.evaluate's
-TOKEN_SCHEMA / COMPACTION_SCHEMA. This module only declares; store/writer.py writes.
+Tables: grids, experiments (grid <-> run membership), configurations (every configuration an experiment lists and
+the run that computes it: equivalent configurations share one), runs (one row per run hash, i.e. per computation:
+knobs of the configuration that was run as typed columns, config JSON, status, summary, environment), tokens (one row
+per step), compactions (one row per event), meta, and superseded_* (earlier results of a hash, kept when it is rerun).
+Views for shell users: run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The
+per-token and per-compaction columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA. This module
+only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 2  # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
+SCHEMA_VERSION = 3  # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
+# 3: run_hash is the computation's identity (schedule fingerprint); table configurations
+MIGRATES_FROM = (2,)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -135,6 +139,25 @@ runs = Table(
     Column("recorded_at", DateTime(timezone=True)),  # when the driver committed the row
 )
 
+# Every configuration a grid's experiment lists, with the run that computes it: equivalent configurations (same kept
+# tokens at every step) map to one run_hash, and runs holds the knobs of the one that was run. Knobs, window and
+# capacities here are the configuration's own.
+configurations = Table(
+    "configurations", metadata,
+    Column("grid", String, primary_key=True),
+    Column("experiment", String, primary_key=True),
+    Column("config_hash", String, primary_key=True),  # RunConfig.config_hash
+    Column("config_group_hash", String, nullable=False),  # RunConfig.config_group_hash: shared by its repeats
+    Column("run_hash", String, nullable=False),  # RunConfig.run_hash: the computation (runs, tokens, compactions)
+    Column("config_json", Text, nullable=False),  # RunConfig.normalised()
+    *[Column(column.name, column.type, nullable=column.nullable) for column in KNOB_COLUMNS],
+    Column("window_resolved", Integer),
+    Column("soft_capacity", Integer),
+    Column("hard_capacity", Integer),
+    Column("setting_hash", String, nullable=False),  # RunConfig.setting_hash, the configuration's own
+)
+CONFIGURATION_OWN = ("window_resolved", "soft_capacity", "hard_capacity", "setting_hash")  # besides the knobs
+
 tokens = Table(
     "tokens", metadata,
     Column("run_hash", String, nullable=False),
@@ -172,6 +195,7 @@ superseded_runs = _superseded(runs)
 superseded_tokens = _superseded(tokens)
 superseded_compactions = _superseded(compactions)
 RESULT_TABLES = (runs, tokens, compactions)  # the tables a run's result spans, keyed by run_hash
+_OWN_KNOBS = ", ".join(f'c."{name}" AS "{name}"' for name in (*(c.name for c in KNOB_COLUMNS), *CONFIGURATION_OWN))
 _GROUP_KNOBS = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in KNOB_COLUMNS if c.name != "repeat")
 
 # Views (DuckDB SQL) for anyone's SQL shell. `stale`: made by evaluation code other than the store's last writer;
@@ -184,6 +208,13 @@ VIEWS = {
         SELECT * FROM run_summaries WHERE status = 'done' AND NOT stale""",
     "experiment_runs": """
         SELECT e.grid, e.experiment, s.* FROM experiments e JOIN run_summaries s USING (run_hash)""",
+    # One row per configuration of an experiment: its own knobs, the results of the run it shares, and how many
+    # configurations of the grid share that run (1: none equivalent).
+    "configuration_runs": f"""
+        SELECT c.grid, c.experiment, c.config_hash, c.config_group_hash,
+            count(DISTINCT c.config_hash) OVER (PARTITION BY c.grid, c.run_hash) AS configurations_sharing_run,
+            s.* REPLACE ({_OWN_KNOBS})
+        FROM configurations c JOIN run_summaries s USING (run_hash)""",
     "group_summaries": f"""
         SELECT group_hash, {_GROUP_KNOBS},
             count(*) AS repeats, avg(ppl) AS ppl_mean, stddev_samp(ppl) AS ppl_std,

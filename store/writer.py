@@ -28,12 +28,15 @@ from streaming_llm import RunConfig
 
 from .schema import (
     APPLICATION_ID,
+    CONFIGURATION_OWN,
     KNOB_COLUMNS,
+    MIGRATES_FROM,
     RESULT_TABLES,
     SCHEMA_VERSION,
     SUMMARY_COLUMNS,
     VIEWS,
     compactions,
+    configurations,
     metadata,
     runs,
     tokens,
@@ -86,7 +89,7 @@ def check_store_file(path: Path) -> None:
             "it was left untouched: pass another --store path"
         )
     version = found.get("schema_version")
-    if version != str(SCHEMA_VERSION):
+    if version not in {str(SCHEMA_VERSION), *(str(old) for old in MIGRATES_FROM)}:
         raise StoreError(
             f"--store {path} has store schema version {version}, this gridrun writes version {SCHEMA_VERSION}; it was "
             "left untouched: pass a new --store path (or use the gridrun that wrote it)"
@@ -216,9 +219,15 @@ class StoreWriter:
         self._lock_file = handle
 
     def _create_schema(self) -> None:
+        """Create what is missing. Migration 2 -> 3 is adding the table configurations: a version 2 run keeps its rows
+        under its hash (then the configuration's own), and readers treat each as its own configuration."""
         con = self._con()
         existing = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        previous = _read_meta(con).get("schema_version")
         con.begin()
+        if previous is not None and previous != str(SCHEMA_VERSION):
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        [f"migrated_from_{previous}", datetime.now(UTC).isoformat()])
         for table in metadata.sorted_tables:
             if table.name not in existing:
                 con.execute(str(CreateTable(table).compile(dialect=_dialect())))
@@ -242,8 +251,10 @@ class StoreWriter:
         return _stored_runs(self._con(), hashes)
 
     # --- writing ---
-    def register_grid(self, name: str, path: Path, spec_yaml: str, membership: list[tuple[str, str]]) -> None:
-        """The grid's file and its experiment <-> run membership, replacing what an earlier version of it listed."""
+    def register_grid(self, name: str, path: Path, spec_yaml: str, membership: list[tuple[str, str]],
+                      configs: list[tuple[str, RunConfig]] | None = None) -> None:
+        """The grid's file, its experiment <-> run membership and the (experiment, configuration) pairs behind it,
+        replacing what an earlier version of it listed."""
         con = self._con()
         con.begin()
         try:
@@ -256,6 +267,11 @@ class StoreWriter:
                 "run_hash": pa.array([m[1] for m in membership], pa.string()),
             })
             _insert_arrow(con, "experiments", rows)
+            con.execute("DELETE FROM configurations WHERE grid = ?", [name])
+            if configs:
+                listed = [configuration_row(name, experiment, config) for experiment, config in configs]
+                _insert_arrow(con, configurations.name, pa.Table.from_pylist(
+                    listed, schema=pa.schema([(c.name, _arrow_type(c)) for c in configurations.columns])))
             con.commit()
         except BaseException:
             con.rollback()
@@ -390,6 +406,22 @@ def run_row(config: RunConfig, summary: dict[str, Any], *, status: str, error: s
         "started_at": _timestamp(summary.get("started_at")), "ended_at": _timestamp(summary.get("ended_at")),
         "code_version": environment.get("code_version", "unknown"), "git_commit": environment.get("git_commit"),
         "environment_json": json.dumps(environment, sort_keys=True), "worker": worker,
+    }
+
+
+def configuration_row(grid: str, experiment: str, config: RunConfig) -> dict[str, Any]:
+    """The configurations row of one configuration an experiment lists: its own knobs, window and capacities."""
+    normalised = config.normalised()
+    policy = config.policy if config.method == "streaming" else None
+    own = dict.fromkeys(CONFIGURATION_OWN) | {"setting_hash": config.setting_hash}
+    if policy is not None:
+        own.update(window_resolved=policy.window, soft_capacity=policy.soft_capacity,
+                   hard_capacity=policy.hard_capacity)
+    return {
+        "grid": grid, "experiment": experiment, "config_hash": config.config_hash,
+        "config_group_hash": config.config_group_hash, "run_hash": config.run_hash,
+        "config_json": json.dumps(normalised, sort_keys=True),
+        **{column.name: normalised[column.name] for column in KNOB_COLUMNS}, **own,
     }
 
 

@@ -6,10 +6,10 @@ Import it alone and call it on a model: this package knows nothing of grids, Ray
 from .cache import StreamingCache
 from .config import ConfigError, RunConfig
 from .evaluate import LoadedModel, RunResult, evaluate
-from .policy import CompactionSchedule, StreamingPolicy, simulate_spans
+from .policy import CompactionSchedule, StreamingPolicy, schedule_fingerprint, simulate_spans
 from .rope import RotaryGeometry, UnsupportedModelError
 
 __all__ = [
     "CompactionSchedule", "ConfigError", "LoadedModel", "RotaryGeometry", "RunConfig", "RunResult", "StreamingCache",
-    "StreamingPolicy", "UnsupportedModelError", "evaluate", "simulate_spans",
+    "StreamingPolicy", "UnsupportedModelError", "evaluate", "schedule_fingerprint", "simulate_spans",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .policy import StreamingPolicy, peak_span
+from .policy import StreamingPolicy, peak_span, schedule_fingerprint
 from .text import DATASETS
 
 Method = Literal["dense", "streaming", "recompute"]
@@ -24,6 +24,9 @@ CACHE_KNOBS = (
     "sink", "window", "cap", "cap_mode", "overlap", "refresh", "refresh_policy",
     "slack", "compress_every", "max_drop", "rope_mode",
 )
+# Knobs that act only through the compaction schedule: a streaming run's identity holds its schedule fingerprint instead
+# of them, so settings that keep the same tokens at every step share one run. Every other knob stays in the identity.
+SCHEDULE_KNOBS = tuple(k for k in CACHE_KNOBS if k != "rope_mode")
 KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
     "dense": (),
     "streaming": CACHE_KNOBS,
@@ -164,17 +167,48 @@ class RunConfig(BaseModel):
         return _largest_window_within(self.cap, self.prefill, knobs)
 
     def normalised(self) -> dict[str, Any]:
-        """The content that identifies the run: every field, in a fixed order, irrelevant knobs at their defaults."""
+        """The configuration's content: every field, in a fixed order, irrelevant knobs at their defaults (what the run
+        computes is `identity()`)."""
         return self.model_dump(mode="json")
 
     @cached_property
+    def schedule_fingerprint(self) -> str | None:
+        """The hash of the kept token indices at every step of this run's stream (streaming only; see
+        `policy.schedule_fingerprint`)."""
+        if self.method != "streaming":
+            return None
+        return schedule_fingerprint(self.policy, self.max_tokens, self.prefill)
+
+    def identity(self) -> dict[str, Any]:
+        """What the run computes: the normalised content, with a streaming run's schedule knobs replaced by its schedule
+        fingerprint. Dense and recompute runs: the normalised content itself."""
+        content = self.normalised()
+        if self.method != "streaming":
+            return content
+        for knob in SCHEDULE_KNOBS:
+            del content[knob]
+        content["schedule"] = self.schedule_fingerprint
+        return content
+
+    @cached_property
     def run_hash(self) -> str:
-        """A 16-hex-digit identity of the normalised content."""
-        return _content_hash(self.normalised())
+        """A 16-hex-digit identity of the computation: equivalent configurations (same schedule) share it."""
+        return _content_hash(self.identity())
 
     @cached_property
     def group_hash(self) -> str:
-        """The identity shared by all repeats of one configuration (the hash with `repeat` left out)."""
+        """The identity shared by all repeats of one computation (the run hash with `repeat` left out)."""
+        return _content_hash({k: v for k, v in self.identity().items() if k != "repeat"})
+
+    @cached_property
+    def config_hash(self) -> str:
+        """A 16-hex-digit identity of the configuration itself (its normalised knobs); equals run_hash for dense and
+        recompute runs."""
+        return _content_hash(self.normalised())
+
+    @cached_property
+    def config_group_hash(self) -> str:
+        """The identity shared by all repeats of one configuration (config_hash with `repeat` left out)."""
         return _content_hash({k: v for k, v in self.normalised().items() if k != "repeat"})
 
     @cached_property

@@ -6,6 +6,8 @@ a tensor: the cache layers apply its plans, and `simulate_spans` runs it alone t
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass
 
 
@@ -110,6 +112,26 @@ class CompactionSchedule:
         newest = range(length - recent, length)
         return CompactionPlan(length_before=length, kept_slots=(*sinks, *refreshed, *newest))
 
+    def kept_runs(self, length: int, target: int) -> tuple[tuple[int, int], ...]:
+        """`plan(length, target).kept_slots` as maximal runs of consecutive slots [start, stop), without building it.
+
+        Canonical: two plans keep the same slots exactly when their runs are equal.
+        """
+        p = self.policy
+        recent = target - p.sink - p.refresh
+        pieces = [(0, min(p.sink, length))]
+        pieces += [(slot, slot + 1) for slot in evenly_spaced(range(p.sink, length - recent), p.refresh)]
+        pieces.append((length - recent, length))
+        runs: list[tuple[int, int]] = []
+        for start, stop in pieces:
+            if start >= stop:
+                continue
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop)
+            else:
+                runs.append((start, stop))
+        return tuple(runs)
+
     def step(self, length: int) -> CompactionPlan | None:
         """The compaction due after a step that left `length` entries, if any."""
         target = self.target_length(length)
@@ -152,3 +174,59 @@ def peak_span(policy: StreamingPolicy, prefill: int = 0) -> int:
     """
     horizon = 4 * (policy.hard_capacity + policy.compress_every + policy.max_drop) + 64
     return max([prefill, *simulate_spans(policy, horizon, prefill)])
+
+
+def schedule_fingerprint(policy: StreamingPolicy, tokens: int, prefill: int = 0) -> str:
+    """A hash of the kept token indices at every step of a stream of `tokens` tokens (the first `prefill` in one step).
+
+    Two policies with equal fingerprints hold the same tokens in the same slots at every step, so a model computes the
+    same thing under both. The cache starts empty and each step appends, so the state at every step follows from the
+    compactions alone: each is hashed as (steps since the previous one, length before, kept runs of slots), never as a
+    full kept list, and a repeat of the previous compaction only bumps a count. A 20k-token stream at cap 2048 takes
+    milliseconds.
+    """
+    schedule = CompactionSchedule(policy)
+    digest = hashlib.sha256(f"schedule v1: tokens {tokens}, prefill {prefill};".encode())
+    runs_of: dict[tuple[int, int], tuple[int, ...]] = {}
+    record: tuple[int, ...] = ()
+    repeats = 0
+    previous_step = -1
+    # As evaluate() steps: the prefill forward (its compaction belongs to step prefill - 1), then one token per step
+    # up to the last token fed, tokens - 2.
+    length = prefill
+    step = prefill - 1 if prefill else prefill
+    last_step = tokens - 2
+    if not prefill:
+        length = 1
+    while step <= last_step:
+        target = schedule.target_length(length)
+        if target is not None:
+            runs = runs_of.get((length, target))
+            if runs is None:
+                kept = schedule.kept_runs(length, target)
+                runs = runs_of[(length, target)] = (length, len(kept), *(b for run in kept for b in run))
+            if runs != (length, 1, 0, length):  # a plan keeping every slot changes nothing (the schedule makes none)
+                current = (step - previous_step, *runs)
+                if current == record:
+                    repeats += 1
+                else:
+                    _hash_record(digest, record, repeats)
+                    record, repeats = current, 1
+                previous_step = step
+            length = target
+        elif not policy.staged:
+            # Without staged eviction the schedule keeps no state: jump to the step that reaches C + R.
+            advance = min(policy.soft_capacity + policy.compress_every - length, last_step - step)
+            step += advance
+            length += advance
+            if advance > 0:
+                continue
+        step += 1
+        length += 1
+    _hash_record(digest, record, repeats)
+    return digest.hexdigest()[:16]
+
+
+def _hash_record(digest, record: tuple[int, ...], repeats: int) -> None:
+    if repeats:
+        digest.update(array("q", [repeats, len(record), *record]))

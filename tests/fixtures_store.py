@@ -25,7 +25,9 @@ SMOKE_GRID = ROOT / "grids" / "smoke.yaml"
 PAPER_GRID = "smoke-paper"
 # The paper experiments at smoke size, for as long as grids/smoke.yaml lacks them.
 PAPER_EXTRA_EXPERIMENTS = {
-    "max_drop_sweep": {"base": {"method": "streaming", "compress_every": 16, "slack": 8}, "grid": {"max_drop": [0, 8]}},
+    # slack 16: staged eviction acts (with slack 8 < R - 1 every max_drop would be the run of R=16)
+    "max_drop_sweep": {"base": {"method": "streaming", "compress_every": 16, "slack": 16},
+                       "grid": {"max_drop": [0, 8]}},
     "sink_sweep": {"base": {"method": "streaming", "compress_every": 16}, "grid": {"sink": [0, 4]}},
     "long_stream": {"base": {"protocol": "parallel", "max_tokens": 1200, "prefill": 0},
                     "runs": [{"method": "dense"}, {"method": "streaming", "sink": 0, "compress_every": 16},

@@ -62,8 +62,14 @@ def test_runs_view_lists_every_run_of_the_grid(store, monkeypatch):
     app = open_app(store, monkeypatch, "Runs")
     with duckdb.connect(str(store), read_only=True) as con:
         members = con.execute("SELECT count(DISTINCT run_hash) FROM experiments WHERE grid = 'smoke'").fetchone()[0]
+        configs = con.execute(
+            "SELECT count(DISTINCT config_hash) FROM configurations WHERE grid = 'smoke'").fetchone()[0]
     runs_table = app.dataframe[-1].value
-    assert len(runs_table) == members
+    assert len(runs_table) == configs > members  # one row per configuration; equivalent ones share a run
+    assert runs_table.run_hash.nunique() == members
+    shared = runs_table[runs_table.run_hash.duplicated(keep=False)]
+    assert len(shared) and (shared.equivalent_to != "").all() and shared.label.str.contains("≡").all()
+    assert any("share" in info.value for info in app.info)
     assert {"ppl", "delta_ppl_pct", "tpot_ms_mean", "speedup", "peak_memory_mib", "repeats", "stale",
             "compress_every", "slack", "max_drop", "sink", "cap"} <= set(runs_table.columns)
     assert {m.label: m.value for m in app.metric}["done"] == str(members)

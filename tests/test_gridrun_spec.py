@@ -38,7 +38,11 @@ def test_expansion_counts_repeats_and_cartesian_product():
         members.setdefault(experiment, []).append(run_hash)
     assert len(members["main"]) == 9  # 3 runs x 3 repeats
     assert len(members["r_sweep"]) == 3
-    assert len(members["cross"]) == 2 * 2 * 2  # runs x compress_every x sink
+    # runs x compress_every x sink configurations; slack without max_drop is a no-op, so they make 2 x 2 runs
+    assert len(members["cross"]) == 2 * 2
+    configurations = [experiment for experiment, _ in grid.configurations()]
+    assert configurations.count("cross") == 2 * 2 * 2
+    assert configurations.count("main") == 9
     repeats = sorted(run.config.repeat for run in grid.runs if "main" in run.experiments)
     assert repeats == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
@@ -51,8 +55,13 @@ def test_a_run_listed_twice_runs_once_and_belongs_to_both_experiments():
                                   "method": "streaming", "compress_every": 1})
     shared = next(run for run in grid.runs if run.run_hash == strict.run_hash)
     assert shared.experiments == ("main", "r_sweep")
-    # 9 (main) + 1 new in r_sweep (R=4; R=1 and R=8 repeat 0 are main's) + 8 (cross; R=8 sink=4 slack=0 is main's)
-    assert len(grid.runs) == 9 + 1 + 7
+    # 9 (main) + 1 new in r_sweep (R=4; R=1 and R=8 repeat 0 are main's) + 4 (cross, where slack = 4 is slack = 0;
+    # R=8 sink=4 is main's)
+    assert len(grid.runs) == 9 + 1 + 3
+    slack4 = RunConfig.from_dict({**strict.model_dump(exclude_unset=True), "compress_every": 8, "slack": 4})
+    shared = next(run for run in grid.runs if run.run_hash == slack4.run_hash)
+    assert [(p.config.slack, p.experiments) for p in shared.configs] == [
+        (0, ("main", "r_sweep", "cross")), (4, ("cross",))]
 
 
 def test_hash_is_the_runconfig_hash_and_repeats_share_a_group():
@@ -135,15 +144,25 @@ def test_paper_grids_hold_every_sweep_of_the_study(name):
     assert {config.method for config in main} == {"recompute", "streaming"}
     assert {config.compress_every for config in main if config.method == "streaming"} >= {1}
     assert max(config.repeat for config in main) >= 2  # mean +- std over at least 3 repeats
-    ladder = [run.config for run in grid.runs if "ladder" in run.experiments]
+    ladder = [config for experiment, config in grid.configurations() if experiment == "ladder"]
     assert len(ladder) == 4
     assert {run.config.cap_mode for run in grid.runs if "cap_mode" in run.experiments} == {"soft", "peak"}
+    # Each sweep shows something: three or more distinct computations, and equivalent settings at most once.
+    for experiment in PAPER_EXPERIMENTS - {"main"}:
+        configs = [config for name, config in grid.configurations() if name == experiment]
+        runs: dict[str, int] = {}
+        for config in configs:
+            runs[config.run_hash] = runs.get(config.run_hash, 0) + 1
+        assert len(runs) >= 3, (experiment, len(runs))
+        assert sum(1 for count in runs.values() if count > 1) <= 1, (experiment, sorted(runs.values()))
 
 
 def test_paper_full_is_at_the_study_size():
     grid = load_grid(ROOT / "grids" / "paper-full.yaml")
     configs = [run.config for run in grid.runs]
-    assert {config.cap for config in configs} == {2048}
+    assert {config.cap for config in configs if config.window is None} == {2048}
+    # The overlap experiment's set-window runs: lazy's window at cap 2048, plus the overlap they test.
+    assert {config.window for config in configs if config.window is not None} == {1980}
     assert min(config.max_tokens for config in configs) >= 20_000
 
 

@@ -31,10 +31,11 @@ def store_copy(store, tmp_path):
 
 
 def raw_runs(path, grid: str) -> pd.DataFrame:
+    """One row per configuration of the grid: its own knobs and its run's results (from the view for shell users)."""
     with duckdb.connect(str(path), read_only=True) as con:
         return con.execute(
-            "SELECT DISTINCT r.* FROM runs r JOIN experiments e USING (run_hash) WHERE e.grid = ? AND status = 'done'",
-            [grid]).df()
+            "SELECT DISTINCT ON (config_hash) * REPLACE (config_group_hash AS group_hash) FROM configuration_runs "
+            "WHERE grid = ? AND status = 'done'", [grid]).df()
 
 
 def test_connections_are_read_only(store):
@@ -129,15 +130,23 @@ def test_run_table_and_counts_cover_every_member(store):
         counts = queries.status_counts(con, "smoke")
         totals = queries.grid_totals(con, "smoke")
         members = con.execute("SELECT count(DISTINCT run_hash) FROM experiments WHERE grid = 'smoke'").fetchone()[0]
-    assert len(table) == members == totals["runs"] == totals["done"]
+        configs = con.execute(
+            "SELECT count(DISTINCT config_hash) FROM configurations WHERE grid = 'smoke'").fetchone()[0]
+    assert members == totals["runs"] == totals["done"] == table.run_hash.nunique()
+    assert len(table) == configs > members, "smoke lists equivalent configurations: one row each, fewer runs"
+    shared = table[table.sharing > 1]
+    assert (shared.equivalent_to != "").all() and (table[table.sharing == 1].equivalent_to == "").all()
+    for _, block in shared.groupby("run_hash"):
+        assert len(block) == block.sharing.iloc[0] and block.ppl.nunique() == 1  # one run: one set of numbers
     assert set(counts.experiment) >= {"main", "r_sweep", "slack_sweep", "ladder", "cap_mode"}
     assert (counts.runs == counts.done).all() and counts[["stale", "failed", "pending"]].sum().sum() == 0
 
 
 def test_stale_runs_are_hidden_unless_asked_and_never_pooled(store_copy):
     with duckdb.connect(str(store_copy)) as con:
-        run_hash, group_hash = con.execute(
-            "SELECT run_hash, group_hash FROM runs WHERE method = 'streaming' AND \"repeat\" = 1 LIMIT 1").fetchone()
+        run_hash, group_hash = con.execute(  # group_table's groups are configurations (repeats pooled)
+            "SELECT run_hash, config_group_hash FROM configurations WHERE method = 'streaming' AND \"repeat\" = 1 "
+            "LIMIT 1").fetchone()
         con.execute("UPDATE runs SET code_version = 'older-code' WHERE run_hash = ?", [run_hash])
     with queries.connect(store_copy) as con:
         assert run_hash not in set(queries.run_table(con, "smoke").run_hash)

@@ -17,6 +17,7 @@ MARKS = 150
 def render(source: data.Source) -> None:
     runs = data.run_table(source.path, source.signature, source.grid, source.include_stale)
     runs = runs[runs.status == "done"]
+    runs = runs.drop_duplicates("run_hash")  # one entry per run: its label names the equivalent configurations
     if runs.empty:
         st.info(f"Grid {source.grid} has no finished run yet.")
         return

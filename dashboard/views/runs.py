@@ -1,4 +1,5 @@
-"""Runs: status counts per experiment and a sortable, filterable table of run summaries. Reads only."""
+"""Runs: status counts per experiment and a sortable, filterable table of run summaries, one row per configuration,
+equivalent configurations (one shared run) marked. Reads only."""
 
 from __future__ import annotations
 
@@ -37,10 +38,17 @@ def render(source: data.Source) -> None:
         shown = shown[shown.status.isin(statuses)]
     if text:
         shown = shown[shown.run_hash.str.contains(text, regex=False) | shown.label.str.contains(text, regex=False)]
-    st.caption(f"{len(shown)} of {len(runs)} runs. ΔPPL and speedup are relative to the mean of the grid's recompute "
-               "runs with the same text, model, cap, device and code; click a column header to sort.")
-    columns = ["label", "experiments", "status", "stale", "ppl", "delta_ppl_pct", "tpot_ms_mean", "speedup",
-               "peak_memory_mib", "repeats", *KNOBS, "compaction_count", "kv_len_max", "device_name", "run_hash",
-               "group_hash", "code_version", "ended_at", "error"]
+    shared = runs[runs.sharing > 1]
+    st.caption(f"{len(shown)} of {len(runs)} configurations ({runs.run_hash.nunique()} runs). ΔPPL and speedup are "
+               "relative to the mean of the grid's recompute runs with the same text, model, cap, device and code; "
+               "click a column header to sort.")
+    if not shared.empty:
+        st.info(f"{len(shared)} configurations share {shared.run_hash.nunique()} runs with others: they keep the same "
+                "tokens at every step (same schedule fingerprint), so each set was computed once and its rows show one "
+                "result. Column 'equivalent to' lists the settings that share it; they are not independent results.")
+    columns = ["label", "equivalent_to", "experiments", "status", "stale", "ppl", "delta_ppl_pct", "tpot_ms_mean",
+               "speedup", "peak_memory_mib", "repeats", *KNOBS, "compaction_count", "kv_len_max", "device_name",
+               "run_hash", "config_hash", "group_hash", "code_version", "ended_at", "error"]
     config = {name: st.column_config.NumberColumn(format=fmt) for name, fmt in NUMBER_FORMATS.items()}
+    config["equivalent_to"] = st.column_config.TextColumn("equivalent to", help="configurations that share this run")
     st.dataframe(shown[columns], hide_index=True, width="stretch", column_config=config)
