@@ -60,6 +60,7 @@ class Outcome:
     summary: dict[str, Any] | None = None
     tokens: Any = None  # pyarrow.Table
     compactions: Any = None
+    forwards: Any = None  # generation runs: one row per verification forward
     error: str | None = None
 
 
@@ -308,7 +309,8 @@ class Scheduler:
         self._assign(slot)
         if value["status"] == "done":
             return Outcome(run, "done", attempts, worker, slot.name, started_at, value["seconds"],
-                           summary=value["summary"], tokens=value["tokens"], compactions=value["compactions"])
+                           summary=value["summary"], tokens=value["tokens"], compactions=value["compactions"],
+                           forwards=value.get("forwards"))
         return Outcome(run, "failed", attempts, worker, slot.name, started_at, value["seconds"], error=value["error"])
 
 

@@ -1,7 +1,7 @@
 """The store's schema, declared once (SQLAlchemy Core, compiled for DuckDB), with its version.
 
 Tables: grids, experiments (grid <-> run membership), runs (one row per configuration hash: knobs as typed columns,
-config JSON, status, summary, environment), tokens (one row per step), compactions (one row per event), meta, and
+config JSON, status, summary, environment), tokens (one row per step), compactions (one row per event), forwards (generation runs: one row per verification forward), meta, and
 superseded_* (earlier results of a hash, kept when it is rerun). Views for shell users: run_summaries, current_runs,
 experiment_runs, group_summaries. The per-token and per-compaction columns mirror streaming_llm.evaluate's
 TOKEN_SCHEMA / COMPACTION_SCHEMA. This module only declares; store/writer.py writes.
@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: generation runs (mode, spec knobs, forward column, forwards table)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -78,6 +78,18 @@ KNOB_COLUMNS = [
     Column("device", String, nullable=False),
     Column("attn_implementation", String, nullable=False),
     Column("repeat", Integer, nullable=False),
+    # generation (mode generate; at their defaults in score runs)
+    Column("mode", String, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("new_tokens", Integer, nullable=False),
+    Column("temperature", Double, nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("spec", String, nullable=False),
+    Column("num_draft", Integer, nullable=False),
+    Column("ngram_max", Integer, nullable=False),
+    Column("draft_model", String),
+    Column("draft_layers", Integer, nullable=False),
+    Column("draft_cap", Integer, nullable=False),
 ]
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
@@ -108,6 +120,18 @@ SUMMARY_COLUMNS = [
     Column("peak_memory_kind", String),
     Column("device_name", String),  # summary["environment"]["device"]
     Column("wall_s", Double),
+    # generation runs (null in score runs)
+    Column("generated_tokens", Integer),
+    Column("generated_hash", String),  # equal hashes: identical generated ids
+    Column("verify_forwards", Integer),  # verification forwards of the target
+    Column("tokens_per_s", Double),
+    Column("ms_per_token", Double),
+    Column("draft_ms_total", Double),
+    Column("verify_ms_total", Double),
+    Column("drafted_total", Integer),
+    Column("accepted_total", Integer),
+    Column("acceptance_rate", Double),  # accepted / drafted; null when nothing was drafted
+    Column("mean_accepted_length", Double),  # generated tokens per verification forward (accepted drafts + 1)
 ]
 
 runs = Table(
@@ -142,7 +166,8 @@ tokens = Table(
     Column("kv_len", Integer, nullable=False),
     Column("compacted", Boolean, nullable=False),
     Column("evicted", Integer, nullable=False),
-    Column("prefill", Boolean, nullable=False),
+    Column("prefill", Boolean, nullable=False),  # generation runs: the prompt's rows
+    Column("forward", Integer),  # generation runs: the verification forward that produced target_id
 )
 
 compactions = Table(
@@ -156,6 +181,22 @@ compactions = Table(
 )
 
 
+# Generation runs: one row per verification forward (streaming_llm.generate.FORWARD_SCHEMA).
+forwards = Table(
+    "forwards", metadata,
+    Column("run_hash", String, nullable=False),
+    Column("forward", Integer, nullable=False),
+    Column("step", Integer, nullable=False),  # stream index of the first token fed (the last accepted one)
+    Column("drafted", Integer, nullable=False),
+    Column("accepted", Integer, nullable=False),
+    Column("generated", Integer, nullable=False),
+    Column("kv_len", Integer, nullable=False),
+    Column("draft_ms", Double, nullable=False),
+    Column("verify_ms", Double, nullable=False),
+    Column("latency_ms", Double, nullable=False),
+)
+
+
 def _superseded(table: Table) -> Table:
     """A copy of `table` for results replaced by a rerun (new code version, or --force): kept, never mixed in."""
     columns = [Column(c.name, c.type, nullable=True) for c in table.columns]
@@ -165,7 +206,8 @@ def _superseded(table: Table) -> Table:
 superseded_runs = _superseded(runs)
 superseded_tokens = _superseded(tokens)
 superseded_compactions = _superseded(compactions)
-RESULT_TABLES = (runs, tokens, compactions)  # the tables a run's result spans, keyed by run_hash
+superseded_forwards = _superseded(forwards)
+RESULT_TABLES = (runs, tokens, compactions, forwards)  # the tables a run's result spans, keyed by run_hash
 _GROUP_KNOBS = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in KNOB_COLUMNS if c.name != "repeat")
 
 # Views (DuckDB SQL) for anyone's SQL shell. `stale`: made by evaluation code other than the store's last writer;

@@ -34,6 +34,7 @@ from .schema import (
     SUMMARY_COLUMNS,
     VIEWS,
     compactions,
+    forwards,
     metadata,
     runs,
     tokens,
@@ -263,9 +264,12 @@ class StoreWriter:
         self._publish()
 
     def record_done(self, config: RunConfig, summary: dict[str, Any], token_rows: pa.Table, compaction_rows: pa.Table,
-                    *, worker: str, attempts: int) -> None:
-        """A finished run, whole, in one transaction; earlier results of its hash move to superseded_*."""
-        for table, rows in ((tokens, token_rows), (compactions, compaction_rows)):
+                    *, worker: str, attempts: int, forward_rows: pa.Table | None = None) -> None:
+        """A finished run, whole, in one transaction; earlier results of its hash move to superseded_*.
+        `forward_rows`: a generation run's verification forwards."""
+        for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows)):
+            if rows is None:
+                continue
             missing = set(rows.column_names) - {column.name for column in table.columns}
             if missing:
                 raise StoreError(
@@ -273,7 +277,7 @@ class StoreWriter:
                     f"lacks: declare them in the {table.name} table and bump SCHEMA_VERSION"
                 )
         row = run_row(config, summary, status="done", error=None, attempts=attempts, worker=worker)
-        self._replace(config.run_hash, row, token_rows, compaction_rows)
+        self._replace(config.run_hash, row, token_rows, compaction_rows, forward_rows)
 
     def record_failed(self, config: RunConfig, error: str, *, worker: str | None, attempts: int,
                       started_at: datetime | None) -> None:
@@ -282,7 +286,7 @@ class StoreWriter:
         self._replace(config.run_hash, row, None, None)
 
     def _replace(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
-                 compaction_rows: pa.Table | None) -> None:
+                 compaction_rows: pa.Table | None, forward_rows: pa.Table | None = None) -> None:
         con = self._con()
         con.begin()
         try:
@@ -299,7 +303,7 @@ class StoreWriter:
                 con.execute(f"DELETE FROM {table.name} WHERE run_hash = ?", [run_hash])
             row["recorded_at"] = datetime.now(UTC)
             _insert_arrow(con, runs.name, pa.Table.from_pylist([row], schema=_runs_arrow_schema()))
-            for table, rows in ((tokens, token_rows), (compactions, compaction_rows)):
+            for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows)):
                 if rows is not None and rows.num_rows:
                     with_hash = rows.add_column(0, "run_hash", pa.array([run_hash] * rows.num_rows, pa.string()))
                     _insert_arrow(con, table.name, with_hash)
