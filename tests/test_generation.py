@@ -1,0 +1,185 @@
+"""Generation runs and speculative decoding: greedy output identical to spec none for every draft kind and k, the
+sampling correction distributes tokens as the target (chi-square), rollback leaves the cache as stepwise decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streaming_llm import ConfigError, RunConfig, evaluate
+from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, make_target
+from streaming_llm.speculative import Draft, PromptLookup, first_layers, verify
+from tests.conftest import TINY_MODELS
+
+GENERATE = dict(attn_implementation="eager", device="cpu", mode="generate", prompt_tokens=48, new_tokens=40, warmup=2)
+SPECS = [
+    ("prompt_lookup", dict(ngram_max=3)),
+    ("draft", dict(draft_layers=1)),
+    ("self_stream", dict(draft_cap=16)),
+]
+
+
+def generate_run(loaded, **knobs):
+    return evaluate(RunConfig(model=loaded.name, **GENERATE, **knobs), loaded=loaded)
+
+
+def generated(result) -> list[int]:
+    tokens = result.tokens
+    return [t for t, p in zip(tokens.column("target_id").to_pylist(), tokens.column("prefill").to_pylist(),
+                              strict=True) if not p]
+
+
+# --- configuration ----------------------------------------------------------------------------------------------------
+def test_generation_knobs_are_normalised_away_where_not_read():
+    assert RunConfig(window=8, spec="draft", num_draft=7, temperature=0.5).run_hash == RunConfig(window=8).run_hash
+    plain = RunConfig(window=8, mode="generate")
+    assert RunConfig(window=8, mode="generate", num_draft=7, draft_cap=9, seed=3, max_tokens=99,
+                     prefill=5).run_hash == plain.run_hash
+    assert RunConfig(window=8, mode="generate", temperature=1.0, seed=3).run_hash != RunConfig(
+        window=8, mode="generate", temperature=1.0).run_hash
+    lookup = RunConfig(window=8, mode="generate", spec="prompt_lookup", draft_layers=3)
+    assert lookup.draft_layers == 0 and lookup.run_hash != plain.run_hash
+
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(prompt_tokens=1), "prompt_tokens = 1 < 2"),
+    (dict(new_tokens=0), "new_tokens = 0 < 1"),
+    (dict(new_tokens=4, warmup=4), "warmup = 4 >= new_tokens = 4"),
+    (dict(temperature=-1.0), "temperature = -1.0"),
+    (dict(spec="draft"), "spec draft needs exactly one of draft_model"),
+    (dict(spec="prompt_lookup", num_draft=0), "num_draft = 0 < 1"),
+    (dict(spec="prompt_lookup", ngram_max=0), "ngram_max = 0 < 1"),
+    (dict(spec="self_stream", draft_cap=5), "draft_cap = 5 < sink + 2 = 6"),
+    (dict(spec="banana"), "spec = 'banana'"),
+])
+def test_invalid_generation_configuration_is_refused(knobs, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(dict(window=8, mode="generate", **knobs))
+    assert message in str(error.value)
+
+
+def test_recompute_cannot_verify_drafts():
+    with pytest.raises(ConfigError, match="spec = prompt_lookup with method recompute"):
+        RunConfig.from_dict(dict(method="recompute", cap=16, mode="generate", spec="prompt_lookup"))
+
+
+# --- greedy exactness -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("spec, knobs", SPECS)
+@pytest.mark.parametrize("num_draft", [1, 3, 6])
+def test_dense_greedy_speculation_generates_what_spec_none_generates(tiny_models, model, spec, knobs, num_draft):
+    loaded = tiny_models[model]
+    reference = generate_run(loaded, method="dense")
+    run = generate_run(loaded, method="dense", spec=spec, num_draft=num_draft, **knobs)
+    assert generated(run) == generated(reference)
+    assert run.summary["generated_hash"] == reference.summary["generated_hash"]
+    assert run.tokens.column("kv_len").to_pylist() == reference.tokens.column("kv_len").to_pylist()
+    assert run.tokens.column("position").to_pylist() == reference.tokens.column("position").to_pylist()
+    np.testing.assert_allclose(run.tokens.column("nll").to_numpy(), reference.tokens.column("nll").to_numpy(),
+                               rtol=0, atol=1e-4)
+    forwards = run.forwards.to_pydict()
+    assert sum(forwards["generated"]) == GENERATE["new_tokens"] == run.summary["generated_tokens"]
+    assert all(0 <= a <= d <= num_draft for a, d in zip(forwards["accepted"], forwards["drafted"], strict=True))
+    assert run.summary["verify_forwards"] == len(forwards["forward"]) <= reference.summary["verify_forwards"]
+
+
+def test_prompt_lookup_pays_off_on_a_repetitive_text(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    reference = generate_run(loaded, method="dense")
+    lookup = generate_run(loaded, method="dense", spec="prompt_lookup", num_draft=4)
+    assert lookup.summary["acceptance_rate"] > 0.3  # a random model's greedy output falls into loops
+    assert lookup.summary["verify_forwards"] < reference.summary["verify_forwards"] / 1.5
+
+
+# --- the pieces -------------------------------------------------------------------------------------------------------
+def test_prompt_lookup_continues_the_latest_match_of_the_longest_ngram():
+    lookup = PromptLookup(ngram_max=3)
+    history = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup.propose(history, 2).tokens == [7, 8]  # "2 3" (no "5 2 3" earlier): its latest full match
+    assert lookup.propose([4, 5, 6], 3).tokens == []
+    assert lookup.propose([1, 2, 1], 3).tokens == [2, 1]  # only match too close to the end: what follows it
+
+
+def test_first_layers_share_the_weights_and_equal_a_shallower_model(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    truncated = first_layers(loaded.model, 1)
+    assert len(loaded.model.base_model.layers) == 2  # the target is untouched
+    assert truncated.base_model.layers[0] is loaded.model.base_model.layers[0]
+    shallow_config = loaded.model.config.__class__(**{**loaded.model.config.to_dict(), "num_hidden_layers": 1})
+    shallow = type(loaded.model)(shallow_config).eval()
+    shallow.load_state_dict(loaded.model.state_dict(), strict=False)
+    ids = torch.arange(3, 40)[None, :]
+    with torch.inference_mode():
+        np.testing.assert_allclose(truncated(ids).logits.numpy(), shallow(ids).logits.numpy(), atol=1e-5)
+        assert not torch.allclose(truncated(ids).logits, loaded.model(ids).logits, atol=1e-2)
+
+
+def test_dense_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models):
+    """After a rejected block, the block target's cache holds, slot for slot, what one-token steps leave."""
+    loaded = tiny_models["tiny-neox"]
+    config = RunConfig(model=loaded.name, **GENERATE, method="dense", spec="prompt_lookup")
+    block, stepwise = make_target(loaded, config), StepwiseTarget(loaded, config.model_copy(update={"spec": "none"}))
+    assert isinstance(block, DenseBlockTarget)
+    tokens = torch.tensor([list(range(10, 40))])
+    with torch.inference_mode():
+        block.forward_block(tokens[:, :20])
+        block.forward_block(tokens[:, 20:27])  # a block of 7, of which the last 4 are rejected
+        block.rewind(4)
+        stepwise.forward_block(tokens[:, :23])
+    assert block.trace == stepwise.trace
+    for ours, theirs in zip(block.cache.layers, stepwise.stepper.cache.layers, strict=True):
+        np.testing.assert_allclose(ours.keys.numpy(), theirs.keys.numpy(), atol=1e-5)
+        np.testing.assert_allclose(ours.values.numpy(), theirs.values.numpy(), atol=1e-5)
+
+
+# --- the sampling correction ------------------------------------------------------------------------------------------
+def _chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    statistic = float(((counts - expected) ** 2 / expected).sum())
+    dof = len(counts) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def _resample_from_p(logits, draft, temperature, rng):
+    """A wrong correction: on rejection, draw from p itself instead of the positive part of p - q."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    token = draft.tokens[0]
+    q_token = 1.0 if draft.probs is None else float(draft.probs[0, token])
+    if float(torch.rand((), generator=rng, dtype=torch.float64)) * q_token < float(p[0, token]):
+        return 1, int(torch.multinomial(p[1], 1, generator=rng))
+    return 0, int(torch.multinomial(p[0], 1, generator=rng))
+
+
+TARGET_LOGITS = torch.tensor([[1.2, 0.3, -0.5, 0.9, 0.0, -1.0], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+DRAFT_PROBS = torch.tensor([0.05, 0.05, 0.5, 0.1, 0.2, 0.1], dtype=torch.float64)
+
+
+def _first_token_counts(correction, point_mass: bool, trials: int = 20000) -> np.ndarray:
+    """The first generated token over `trials` draws: a draft drawn from q (or the fixed token 2), then verified."""
+    rng = torch.Generator().manual_seed(1234)
+    counts = np.zeros(TARGET_LOGITS.shape[1])
+    for _ in range(trials):
+        if point_mass:
+            draft = Draft([2])
+        else:
+            draft = Draft([int(torch.multinomial(DRAFT_PROBS, 1, generator=rng))], DRAFT_PROBS[None, :])
+        accepted, following = correction(TARGET_LOGITS, draft, 0.7, rng)
+        counts[draft.tokens[0] if accepted else following] += 1
+    return counts
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_speculative_sampling_draws_the_first_token_from_the_target(point_mass):
+    target = torch.softmax(TARGET_LOGITS[0].double() / 0.7, dim=-1).numpy()
+    assert _chi_square_p_value(_first_token_counts(verify, point_mass), target) > 1e-3
+    assert _chi_square_p_value(_first_token_counts(_resample_from_p, point_mass), target) < 1e-9
+
+
+def test_greedy_verification_accepts_the_argmax_prefix():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [4.0, 0.0, 1.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    rng = torch.Generator().manual_seed(0)
+    assert verify(logits, Draft([1, 0, 1]), 0.0, rng) == (2, 2)
+    assert verify(logits, Draft([1, 0, 2]), 0.0, rng) == (3, 0)
+    assert verify(logits, Draft([]), 0.0, rng) == (0, 1)
