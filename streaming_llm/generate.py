@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .compat import cache_kwargs
+from .cache import StreamingCache
+from .compat import CACHE_KWARG, cache_kwargs
 from .config import RunConfig
 from .environment import fingerprint
 from .evaluate import COMPACTION_SCHEMA, STEPPERS, TOKEN_SCHEMA, LoadedModel, RunResult, _check_budget, _summarise
@@ -256,3 +258,46 @@ def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[in
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_length": len(generated) / forwards.num_rows,
     }
+
+
+# --- HF generate() over a StreamingCache ------------------------------------------------------------------------------
+@contextmanager
+def streaming_positions(model):
+    """While active, every forward of `model` over a StreamingCache takes its position ids from the cache.
+
+    HF `generate()` counts positions itself, from the attention mask (absolute stream indices): right for `absolute`
+    mode only. Realign and exact mode need each query at its slot; the cache knows both (`next_positions`), so a
+    pre-forward hook on the base model replaces the counted ids with the cache's. Other caches are left alone.
+    """
+
+    def use_cache_positions(module, args, kwargs):
+        cache = kwargs.get(CACHE_KWARG)
+        if isinstance(cache, StreamingCache):
+            inputs = next(x for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args) if x is not None)
+            kwargs["position_ids"] = cache.next_positions(inputs.shape[1], inputs.device)
+        return args, kwargs
+
+    handle = model.base_model.register_forward_pre_hook(use_cache_positions, with_kwargs=True)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def hf_generate(model, input_ids: torch.Tensor, cache=None, **kwargs) -> torch.Tensor:
+    """`model.generate(input_ids, cache=cache, **kwargs)`, HF's own loop (greedy, sampling, its logits processors),
+    with a StreamingCache in any RoPE mode. HF's prompt lookup / assisted decoding crops the cache after a rejection,
+    which a cache that compacts cannot do for entries a compaction has moved: refused here, use a RunConfig with
+    `mode: generate` and `spec: prompt_lookup` (its verification rolls the streaming state back exactly)."""
+    if isinstance(cache, StreamingCache) and (
+        kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None
+    ):
+        raise ValueError(
+            "HF's assisted / prompt-lookup decoding crops the cache after rejected drafts, which a StreamingCache "
+            "cannot do once it has compacted: run streaming_llm.evaluate with mode generate and spec prompt_lookup"
+        )
+    if isinstance(cache, StreamingCache) and input_ids.shape[0] != 1:
+        raise ValueError(f"a StreamingCache follows one stream: input_ids has batch {input_ids.shape[0]}, use 1")
+    with streaming_positions(model):
+        return model.generate(input_ids, **{CACHE_KWARG: cache}, **kwargs) if cache is not None else model.generate(
+            input_ids, **kwargs)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from streaming_llm import ConfigError, RunConfig, evaluate
-from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, make_target
+from streaming_llm import ConfigError, RunConfig, StreamingCache, evaluate
+from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, hf_generate, make_target
+from streaming_llm.rope import RotaryGeometry
 from streaming_llm.speculative import Draft, PromptLookup, first_layers, verify
 from tests.conftest import TINY_MODELS
 
@@ -21,7 +22,7 @@ SPECS = [
 
 
 def generate_run(loaded, **knobs):
-    return evaluate(RunConfig(model=loaded.name, **GENERATE, **knobs), loaded=loaded)
+    return evaluate(RunConfig(model=loaded.name, **{**GENERATE, **knobs}), loaded=loaded)
 
 
 def generated(result) -> list[int]:
@@ -183,3 +184,45 @@ def test_greedy_verification_accepts_the_argmax_prefix():
     assert verify(logits, Draft([1, 0, 1]), 0.0, rng) == (2, 2)
     assert verify(logits, Draft([1, 0, 2]), 0.0, rng) == (3, 0)
     assert verify(logits, Draft([]), 0.0, rng) == (0, 1)
+
+
+# --- HF generate() over a StreamingCache ------------------------------------------------------------------------------
+def _streaming_cache(loaded, rope_mode: str, window: int):
+    policy = RunConfig(window=window, sink=4).policy
+    return StreamingCache(policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers, rope_mode)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_hf_generate_over_a_streaming_cache_equals_the_generation_protocol(tiny_models, model, rope_mode):
+    """Greedy: HF's loop over our cache generates what our stepwise protocol does, across compactions."""
+    loaded = tiny_models[model]
+    ours = generate_run(loaded, method="streaming", window=40, sink=4, rope_mode=rope_mode, prompt_tokens=32)
+    assert ours.summary["compaction_count"] > 0
+    prompt = ours.tokens.column("token_id").to_pylist()[:32]
+    out = hf_generate(loaded.model, torch.tensor([prompt]), cache=_streaming_cache(loaded, rope_mode, 40),
+                      max_new_tokens=GENERATE["new_tokens"], do_sample=False)
+    assert out[0, 32:].tolist() == generated(ours)
+    if rope_mode != "absolute":  # without the cache's positions, HF's absolute count derails after a compaction
+        plain = loaded.model.generate(torch.tensor([prompt]), cache=_streaming_cache(loaded, rope_mode, 40),
+                                      max_new_tokens=GENERATE["new_tokens"], do_sample=False)
+        assert plain[0, 32:].tolist() != generated(ours)
+
+
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_hf_sampling_over_a_streaming_cache_with_room_equals_dense(tiny_models, rope_mode):
+    loaded = tiny_models["tiny-llama"]
+    prompt = torch.arange(40, 72)[None, :]
+    torch.manual_seed(7)
+    dense = hf_generate(loaded.model, prompt, max_new_tokens=30, do_sample=True, temperature=1.5, top_k=0)
+    torch.manual_seed(7)
+    streaming = hf_generate(loaded.model, prompt, cache=_streaming_cache(loaded, rope_mode, 200), max_new_tokens=30,
+                            do_sample=True, temperature=1.5, top_k=0)
+    assert streaming.tolist() == dense.tolist()
+
+
+def test_hf_prompt_lookup_over_a_streaming_cache_is_refused_with_the_alternative(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    with pytest.raises(ValueError, match="mode generate and spec prompt_lookup"):
+        hf_generate(loaded.model, torch.arange(40, 72)[None, :], cache=_streaming_cache(loaded, "realign", 40),
+                    max_new_tokens=8, prompt_lookup_num_tokens=3)
