@@ -1,10 +1,11 @@
 """The store's schema, declared once (SQLAlchemy Core, compiled for DuckDB), with its version.
 
 Tables: grids, experiments (grid <-> run membership), runs (one row per configuration hash: knobs as typed columns,
-config JSON, status, summary, environment), tokens (one row per step), compactions (one row per event), forwards (generation runs: one row per verification forward), meta, and
-superseded_* (earlier results of a hash, kept when it is rerun). Views for shell users: run_summaries, current_runs,
-experiment_runs, group_summaries. The per-token and per-compaction columns mirror streaming_llm.evaluate's
-TOKEN_SCHEMA / COMPACTION_SCHEMA. This module only declares; store/writer.py writes.
+config JSON, status, summary, environment), tokens (one row per step), compactions (one row per event), forwards
+(generation runs: one row per verification forward), meta, and superseded_* (earlier results of a hash, kept when it
+is rerun). Views for shell users: run_summaries, current_runs, experiment_runs, group_summaries. The per-token,
+per-compaction and per-forward columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA and
+streaming_llm.generate's GENERATION_TOKEN_SCHEMA / FORWARD_SCHEMA. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from .policy import StreamingPolicy, peak_span
 from .text import DATASETS
 
 Method = Literal["dense", "streaming", "recompute"]
+Protocol = Literal["stepwise", "parallel"]
 
 # Knobs each method reads; the others are reset to their defaults so that equivalent runs share one identity.
 CACHE_KNOBS = (
@@ -40,14 +41,16 @@ class RunConfig(BaseModel):
     Text: `dataset` is `shakespeare` (default, embedded), `pg19`, `wikitext` or `file` (then `text_file` is the path);
     `sample` picks the book / article / play to start from; `dataset_source` overrides the `datasets` location.
     Protocol: `prefill` tokens in one forward, then one token per step until `max_tokens` tokens were read; timing
-    statistics skip the first `warmup` decode steps.
+    statistics skip the first `warmup` decode steps. `protocol: parallel` computes the same per-step NLLs, spans and
+    compactions in forwards of `chunk` tokens (streaming_llm.parallel) and measures no latency.
     Policy knobs keep the study's names; see `StreamingPolicy`. `cap` derives `window` (`cap_mode`: `peak` keeps the
     largest attention span within cap, `soft` reproduces the study's W = cap - S - slack - O - B).
     Generation (`mode: generate`, see streaming_llm.generate): the first `prompt_tokens` of the text are the prompt
-    (fed as if token by token: `prefill` is read by score mode only), then `new_tokens` are generated at `temperature` (0 = greedy; `seed` seeds the
-    sampling), drafted by `spec` (`none`, `prompt_lookup` with n-grams up to `ngram_max`, `draft` from `draft_model` or
-    the target's first `draft_layers` layers, `self_stream`: the target over a strict streaming cache of `draft_cap`)
-    `num_draft` tokens at a time and verified by the target in one forward. `max_tokens` too is read by score mode only.
+    (fed as if token by token: `prefill` is read by score mode only), then `new_tokens` are generated at
+    `temperature` (0 = greedy; `seed` seeds the sampling), drafted by `spec` (`none`, `prompt_lookup` with n-grams
+    up to `ngram_max`, `draft` from `draft_model` or the target's first `draft_layers` layers, `self_stream`: the
+    target over a strict streaming cache of `draft_cap`) `num_draft` tokens at a time and verified by the target in
+    one forward. `max_tokens` too is read by score mode only.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -60,6 +63,8 @@ class RunConfig(BaseModel):
     max_tokens: int = 1024
     prefill: int = 0
     warmup: int = 8
+    protocol: Protocol = "stepwise"
+    chunk: int = 256
 
     method: Method = "streaming"
     sink: int = 4
@@ -98,8 +103,7 @@ class RunConfig(BaseModel):
         """Validate every given knob, then reset those the method does not read (and cap_mode without a cap)."""
         validated = handler(data)
         _check_signs(validated)  # on every knob given, even those the method ignores: a negative value is a mistake
-        used = KNOBS_USED_BY[validated.method]
-        ignored = [k for k in CACHE_KNOBS if k not in used or (k == "cap_mode" and validated.cap is None)]
+        ignored = _ignored_knobs(validated)
         ignored += _ignored_generation_knobs(validated)
         if not any(k in validated.model_fields_set for k in ignored):
             return validated
@@ -116,8 +120,10 @@ class RunConfig(BaseModel):
                 f"prefill = {self.prefill} >= max_tokens = {self.max_tokens}: prefill must leave decode steps; "
                 "lower prefill or raise max_tokens"
             )
+        if self.chunk < 1:
+            raise ConfigError(f"chunk = {self.chunk} < 1: a parallel forward reads at least one token")
         decode_steps = self.max_tokens - 1 - self.prefill
-        if self.mode == "score" and self.warmup >= decode_steps:
+        if self.mode == "score" and self.protocol == "stepwise" and self.warmup >= decode_steps:
             raise ConfigError(
                 f"warmup = {self.warmup} >= the {decode_steps} decode steps (max_tokens - 1 - prefill): no step would "
                 "be timed; lower warmup or prefill, or raise max_tokens"
@@ -153,6 +159,9 @@ class RunConfig(BaseModel):
         _ = self.policy  # derives the window, raising if none fits
 
     def _check_generation(self) -> None:
+        if self.protocol != "stepwise":
+            raise ConfigError(f"protocol = {self.protocol} with mode generate: generation has its own protocol (one "
+                              "verified block per forward); set protocol stepwise (its default)")
         if self.prompt_tokens < 2:
             raise ConfigError(f"prompt_tokens = {self.prompt_tokens} < 2: a generation run needs a prompt of 2 tokens "
                               "or more (the last one starts the generation)")
@@ -217,6 +226,13 @@ class RunConfig(BaseModel):
         """The identity shared by all repeats of one configuration (the hash with `repeat` left out)."""
         return _content_hash({k: v for k, v in self.normalised().items() if k != "repeat"})
 
+    @cached_property
+    def setting_hash(self) -> str:
+        """The setting apart from how and on how much text it was measured: shared by its text samples, repeats,
+        protocols and stream lengths. Quality (over samples) and timing (over repeats) of one setting join on it."""
+        measurement = {"sample", "repeat", "protocol", "chunk", "warmup", "max_tokens", "prefill"}
+        return _content_hash({k: v for k, v in self.normalised().items() if k not in measurement})
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
         """Build from plain data (YAML, JSON, flags), turning validation failures into one readable ConfigError."""
@@ -224,6 +240,15 @@ class RunConfig(BaseModel):
             return cls(**data)
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def _ignored_knobs(config: RunConfig) -> list[str]:
+    """Knobs this run never reads: cache knobs of other methods, cap_mode without a cap, the other protocol's knob."""
+    used = KNOBS_USED_BY[config.method]
+    ignored = [k for k in CACHE_KNOBS if k not in used or (k == "cap_mode" and config.cap is None)]
+    # Parallel runs measure no latency (so no warmup); stepwise runs feed one token per forward (so no chunk).
+    ignored.append("warmup" if config.protocol == "parallel" else "chunk")
+    return ignored
 
 
 def _content_hash(content: dict[str, Any]) -> str:
@@ -255,7 +280,8 @@ def _ignored_generation_knobs(config: RunConfig) -> list[str]:
 
 
 def _check_signs(config: RunConfig) -> None:
-    for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat", "seed"):
+    for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat", "chunk",
+                 "seed"):
         if getattr(config, knob) < 0:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
 

@@ -4,8 +4,9 @@ run's cache policy, drafted by `spec` and verified by the target one block per f
 `generate(config)` reads top to bottom like the protocol and returns a RunResult like `evaluate()`: per-token rows (the
 prompt's, teacher-forced, then one per generated token, with the verification forward it came from), per-forward rows
 and a summary. The target is fed through a block contract (`forward_block(ids)` -> logits, `rewind(count)`, `trace`):
-`StepwiseTarget` (the run's own stepper, one token per forward: the reference, and spec none) or `DenseBlockTarget`
-(HF's DynamicCache, cropped on rewind). It writes nothing.
+`StepwiseTarget` (the run's own stepper, one token per forward: the reference, and spec none), `DenseBlockTarget`
+(HF's DynamicCache, cropped on rewind) or `StreamingBlockTarget` (parallel.BlockStepper: exact blocks across
+compactions, rewound state and schedule). It writes nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -29,6 +29,7 @@ from .config import RunConfig
 from .environment import fingerprint
 from .evaluate import COMPACTION_SCHEMA, STEPPERS, TOKEN_SCHEMA, LoadedModel, RunResult, _check_budget, _summarise
 from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
+from .parallel import BlockStepper, StepTrace
 from .speculative import Draft, make_drafter, verify
 from .text import TokenStream, load_stream
 
@@ -47,16 +48,6 @@ FORWARD_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class StepTrace:
-    """What feeding one token did: its query's position id, the attention span, and the compaction after it."""
-
-    position: int
-    kv_len: int
-    compacted: bool
-    evicted: int
-
-
 class StepwiseTarget:
     """The run's own stepper (dense, streaming or recompute), one token per forward, as `evaluate` steps it.
 
@@ -73,7 +64,7 @@ class StepwiseTarget:
             logits = self.stepper.forward(input_ids[:, i : i + 1])
             span, position = self.stepper.span(), self.stepper.last_position()
             plan = self.stepper.compact()
-            self.trace.append(StepTrace(position, span, plan is not None, plan.evicted if plan else 0))
+            self.trace.append(StepTrace(position, span, plan.evicted if plan else 0))
             rows.append(logits[-1])
         return torch.stack(rows)
 
@@ -96,7 +87,7 @@ class DenseBlockTarget:
     def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
         start = self.cache.get_seq_length()
         out = self.model(input_ids=input_ids, logits_to_keep=0, **cache_kwargs(self.cache))
-        self.trace.extend(StepTrace(start + i, start + i + 1, False, 0) for i in range(input_ids.shape[-1]))
+        self.trace.extend(StepTrace(start + i, start + i + 1, 0) for i in range(input_ids.shape[-1]))
         return out.logits[0]
 
     def rewind(self, count: int) -> None:
@@ -108,13 +99,24 @@ class DenseBlockTarget:
         return 1.0
 
 
+class StreamingBlockTarget(BlockStepper):
+    """A streaming cache verified a block per forward (streaming_llm.parallel): compactions inside the block are
+    replayed per query, and a rewind restores the state, schedule and trace of the accepted prefix."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        super().__init__(loaded.model, config.policy, config.rope_mode)
+
+    def storage_factor(self) -> float:
+        return 1.0  # one key (pre-RoPE) and one value per entry
+
+
 def make_target(loaded: LoadedModel, config: RunConfig):
-    """The target of a generation run: a block target when drafts are verified, else the run's stepper."""
+    """The target of a generation run: a block target when drafts are verified, else the run's own stepper."""
     if config.spec == "none":
         return StepwiseTarget(loaded, config)
     if config.method == "dense":
         return DenseBlockTarget(loaded, config)
-    raise NotImplementedError(f"spec {config.spec} with method {config.method}: no block target for this method yet")
+    return StreamingBlockTarget(loaded, config)
 
 
 # --- the protocol -------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class Drafter(Protocol):
         ...
 
 
-# --- the correction ----------------------------------------------------------------------------------------------------
+# --- the correction ---------------------------------------------------------------------------------------------------
 def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(logits / temperature) in float64 on the CPU, where the sampling decisions are drawn."""
     return torch.softmax(logits.detach().to("cpu", torch.float64) / temperature, dim=-1)
