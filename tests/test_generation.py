@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from streaming_llm import ConfigError, RunConfig, StreamingCache, evaluate
-from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, hf_generate, make_target
+from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, StreamingBlockTarget, hf_generate, make_target
 from streaming_llm.rope import RotaryGeometry
 from streaming_llm.speculative import Draft, PromptLookup, first_layers, verify
 from tests.conftest import TINY_MODELS
@@ -66,16 +66,37 @@ def test_recompute_cannot_verify_drafts():
 
 
 # --- greedy exactness -------------------------------------------------------------------------------------------------
+POLICIES = {
+    "dense": dict(method="dense"),
+    "strict": dict(method="streaming", sink=4, window=20, compress_every=1),
+    "lazy": dict(method="streaming", sink=4, window=16, compress_every=6),
+    "staged": dict(method="streaming", sink=2, window=14, compress_every=5, slack=8, max_drop=3, refresh=2,
+                   refresh_policy="middle"),
+}
+CASES = [("dense", "realign")] + [(policy, rope) for policy in ("strict", "lazy", "staged")
+                                  for rope in ("realign", "exact", "absolute")]
+
+
 @pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("policy, rope_mode", CASES)
 @pytest.mark.parametrize("spec, knobs", SPECS)
 @pytest.mark.parametrize("num_draft", [1, 3, 6])
-def test_dense_greedy_speculation_generates_what_spec_none_generates(tiny_models, model, spec, knobs, num_draft):
+def test_greedy_speculation_generates_what_spec_none_generates(tiny_models, model, policy, rope_mode, spec, knobs,
+                                                                num_draft):
+    """Every draft kind and k, under every policy and RoPE mode: the same ids, spans and positions as spec none
+    (the run's own stepper, one token per forward), blocks crossing compactions included."""
     loaded = tiny_models[model]
-    reference = generate_run(loaded, method="dense")
-    run = generate_run(loaded, method="dense", spec=spec, num_draft=num_draft, **knobs)
+    cache = {**POLICIES[policy], **({"rope_mode": rope_mode} if policy != "dense" else {})}
+    reference = generate_run(loaded, **cache)
+    run = generate_run(loaded, spec=spec, num_draft=num_draft, **knobs, **cache)
+    if policy != "dense":
+        assert reference.summary["compaction_count"] >= 10
+    if spec == "prompt_lookup":
+        assert run.summary["accepted_total"] > 0 and run.summary["verify_forwards"] < GENERATE["new_tokens"]
     assert generated(run) == generated(reference)
     assert run.summary["generated_hash"] == reference.summary["generated_hash"]
-    assert run.tokens.column("kv_len").to_pylist() == reference.tokens.column("kv_len").to_pylist()
+    for column in ("kv_len", "evicted", "compacted", "position"):
+        assert run.tokens.column(column).to_pylist() == reference.tokens.column(column).to_pylist(), column
     assert run.tokens.column("position").to_pylist() == reference.tokens.column("position").to_pylist()
     np.testing.assert_allclose(run.tokens.column("nll").to_numpy(), reference.tokens.column("nll").to_numpy(),
                                rtol=0, atol=1e-4)
@@ -132,6 +153,50 @@ def test_dense_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models):
     for ours, theirs in zip(block.cache.layers, stepwise.stepper.cache.layers, strict=True):
         np.testing.assert_allclose(ours.keys.numpy(), theirs.keys.numpy(), atol=1e-5)
         np.testing.assert_allclose(ours.values.numpy(), theirs.values.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("policy", ["strict", "lazy", "staged"])
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+@pytest.mark.parametrize("rejected", [1, 4, 6])
+def test_streaming_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models, model, policy, rope_mode, rejected):
+    """A block of 7 crossing compactions, `rejected` of its tokens rolled back: the cache holds, slot for slot, the
+    entries (same stream indices, keys and values) that one-token steps over the accepted tokens leave."""
+    loaded = tiny_models[model]
+    config = RunConfig(model=loaded.name, **GENERATE, **POLICIES[policy], rope_mode=rope_mode, spec="prompt_lookup")
+    block = make_target(loaded, config)
+    stepwise = StepwiseTarget(loaded, config.model_copy(update={"spec": "none"}))
+    assert isinstance(block, StreamingBlockTarget)
+    tokens = torch.tensor([[(7 * i) % 200 + 20 for i in range(60)]])
+    with torch.inference_mode():
+        block.forward_block(tokens[:, :41])
+        block.forward_block(tokens[:, 41:48])
+        block.rewind(rejected)
+        stepwise.forward_block(tokens[:, : 48 - rejected])
+        contents = block.cache_contents()
+    assert block.trace == stepwise.trace
+    assert any(trace.compacted for trace in block.trace[41:]) or policy != "strict"
+    cache = stepwise.stepper.cache
+    assert block.kept_tokens() == _stepwise_kept_tokens(stepwise, 48 - rejected)
+    for layer, (keys, values) in zip(cache.layers, contents, strict=True):
+        with torch.inference_mode():
+            expected_keys = layer.keys_to_attend()
+        np.testing.assert_allclose(keys.numpy(), expected_keys.numpy(), atol=1e-4)
+        np.testing.assert_allclose(values.numpy(), layer.values[:, :, : layer.length].numpy(), atol=1e-5)
+
+
+def _stepwise_kept_tokens(stepwise: StepwiseTarget, fed: int) -> list[int]:
+    """Stream indices a StreamingCache keeps after `fed` steps, replayed from its schedule's plans (no tensors)."""
+    from streaming_llm.policy import CompactionSchedule
+
+    schedule = CompactionSchedule(stepwise.stepper.cache.schedule.policy)
+    kept: list[int] = []
+    for index in range(fed):
+        kept.append(index)
+        plan = schedule.step(len(kept))
+        if plan is not None:
+            kept = [kept[slot] for slot in plan.kept_slots]
+    return kept
 
 
 # --- the sampling correction ------------------------------------------------------------------------------------------
