@@ -51,14 +51,33 @@ FORWARD_SCHEMA = pa.schema([
 class StepwiseTarget:
     """The run's own stepper (dense, streaming or recompute), one token per forward, as `evaluate` steps it.
 
-    The reference every block path is compared with; it cannot rewind, so it verifies no drafts (spec none).
+    The reference every block path is compared with; it cannot rewind, so it verifies no drafts (spec none). A first
+    block (the prompt) goes in one causal forward when that is exactly the same (no compaction due inside it).
     """
 
     def __init__(self, loaded: LoadedModel, config: RunConfig):
         self.stepper = STEPPERS[config.method](loaded, config)
+        self.config = config
         self.trace: list[StepTrace] = []
 
+    def _one_forward_is_exact(self, count: int) -> bool:
+        """Whether `count` first tokens in one causal forward equal `count` steps: no compaction (streaming) or
+        window slide (recompute) would have fired before the last of them."""
+        if self.trace:
+            return False
+        if self.config.method == "streaming":
+            policy = self.config.policy
+            return count - policy.soft_capacity < policy.compress_every  # lengths 1..count - 1 never compact
+        return self.config.method == "dense" or count <= self.config.cap
+
     def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        count = input_ids.shape[-1]
+        if count > 1 and self._one_forward_is_exact(count):
+            logits = self.stepper.forward(input_ids, all_logits=True)
+            plan = self.stepper.compact()
+            self.trace.extend(StepTrace(i, i + 1, 0) for i in range(count - 1))
+            self.trace.append(StepTrace(count - 1, count, plan.evicted if plan else 0))
+            return logits
         rows = []
         for i in range(input_ids.shape[-1]):
             logits = self.stepper.forward(input_ids[:, i : i + 1])

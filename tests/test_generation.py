@@ -80,7 +80,7 @@ CASES = [("dense", "realign")] + [(policy, rope) for policy in ("strict", "lazy"
 @pytest.mark.parametrize("model", TINY_MODELS)
 @pytest.mark.parametrize("policy, rope_mode", CASES)
 @pytest.mark.parametrize("spec, knobs", SPECS)
-@pytest.mark.parametrize("num_draft", [1, 3, 6])
+@pytest.mark.parametrize("num_draft", [1, 4])
 def test_greedy_speculation_generates_what_spec_none_generates(tiny_models, model, policy, rope_mode, spec, knobs,
                                                                 num_draft):
     """Every draft kind and k, under every policy and RoPE mode: the same ids, spans and positions as spec none

@@ -1,6 +1,6 @@
 """The dashboard's views, one module each, every one a `render(source)` that reads through dashboard.data only."""
 
-from . import detail, runs, spikes, sql, sweeps, tradeoff
+from . import detail, runs, speculation, spikes, sql, sweeps, tradeoff
 
 VIEWS = {
     "Runs": runs.render,
@@ -8,5 +8,6 @@ VIEWS = {
     "Sweeps": sweeps.render,
     "Run detail": detail.render,
     "Compaction spikes": spikes.render,
+    "Speculation": speculation.render,
     "SQL": sql.render,
 }
