@@ -26,8 +26,9 @@ SWEEPS: dict[str, tuple[str, str]] = {
     "sink_sweep": ("sink", "attention sinks"),
     "cap_mode": ("cap_mode", "cap\\_mode (soft vs peak)"),
 }
+SPECULATIVE = "speculative"
 REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.tex",
-            **{name: "sweeps.tex" for name in SWEEPS}}
+            **{name: "sweeps.tex" for name in SWEEPS}, SPECULATIVE: "speculative.tex"}
 METHOD_ORDER = {"recompute": 0, "dense": 1, "streaming": 2}
 LADDER_RUNGS = ("Strict", "Lazy", "+ slack", "+ slack + max\\_drop")
 STALE_MARK = r"$^\dagger$"
@@ -47,10 +48,12 @@ class Gathered:
     profile: pd.DataFrame
     kv_series: pd.DataFrame
     spikes: pd.DataFrame
+    speculation: pd.DataFrame  # generation configurations of the speculative experiment (queries.speculation_table)
 
 
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
-    """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`."""
+    """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, speculative.tex, figures.tex and the figures (PDF +
+    PNG) to `out`."""
     with queries.connect(store) as con:
         grid = resolve_grid(con, grid, store)
         check_complete(con, grid, include_stale)
@@ -61,6 +64,7 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
             "ablations.tex": ladder_table(gathered),
             "sweeps.tex": sweeps_table(gathered),
             "profile.tex": profile_table(gathered),
+            "speculative.tex": speculative_table(gathered),
         }
     except MissingNumber as missing:
         raise ExportError(f"grid {grid}: {missing}; nothing was written") from None
@@ -110,7 +114,11 @@ def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: boo
 
 def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool, needed: list[str]) -> list[str]:
     problems = []
+    if SPECULATIVE in needed:
+        problems += _speculative_problems(queries.speculation_table(con, grid, [SPECULATIVE], include_stale))
     for name in needed:
+        if name == SPECULATIVE:
+            continue
         groups = queries.group_table(con, grid, [name], include_stale)
         for row in groups[groups.speedup.isna() & ~groups.is_baseline].itertuples():
             problems.append(f"experiment {name}: no recompute baseline in grid {grid} with the same text, model, "
@@ -153,7 +161,8 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     order = {group: index for index, group in enumerate(streaming.group_hash)}
     profile = profile.assign(label=profile.group_hash.map(labels)).sort_values(
         "group_hash", key=lambda column: column.map(order))
-    return Gathered(grid, experiments, all_groups, profile, kv_series, spikes)
+    speculation = queries.speculation_table(con, grid, [SPECULATIVE], include_stale)
+    return Gathered(grid, experiments, all_groups, profile, kv_series, spikes, speculation)
 
 
 # --- row labels -----------------------------------------------------------------------------------------------------
@@ -265,6 +274,51 @@ def sweeps_table(gathered: Gathered) -> str:
         rows = [[row_label(row, [swept, *others]), *result_cells(row), str(row.n)] for row in groups.itertuples()]
         table.add_panel(rf"\emph{{{title}}} ({held})", rows, [f"group {row.group_hash}" for row in groups.itertuples()])
     return table.render()
+
+
+def _speculative_problems(speculation: pd.DataFrame) -> list[str]:
+    if speculation.empty:
+        return [f"experiment {SPECULATIVE}: no generation runs (mode: generate)"]
+    return [f"experiment {SPECULATIVE}: configuration {row.group_hash} ({row.spec}, k={row.num_draft}) has no "
+            "spec none run with the same policy, prompt, device and code" for row in speculation.itertuples()
+            if pd.isna(row.reference_hash)]
+
+
+def speculative_table(gathered: Gathered) -> str:
+    """Speculative decoding under each cache policy: tokens/s, speedup and identical output vs spec none."""
+    rows_in = gathered.speculation
+    devices = ", ".join(sorted({escape(d) for d in rows_in.device_name}))
+    table = Table(
+        columns=[("Policy", "l"), ("Spec", "l"), ("$k$", "r"), ("Tokens/s", "r"), ("Speedup", "r"),
+                 ("Accept.", "r"), ("Mean acc. len.", "r"), ("Identical", "l"), ("$n$", "r")],
+        label="tab:speculative",
+        caption=("Speculative decoding over the cache policies (greedy, verified in one forward per block). Speedup: "
+                 "tokens/s over spec none's under the same policy; mean accepted length: tokens per verification "
+                 "forward; identical: the generated ids equal spec none's (from the stored hashes). Mean $\\pm$ std "
+                 f"over the $n$ repeats ({devices})."))
+    for policy, block in rows_in.groupby(rows_in.apply(_policy_name, axis=1), sort=False):
+        rows, notes = [], []
+        for row in block.itertuples():
+            what = f"configuration {row.group_hash}"
+            reference = row.spec == "none"
+            rows.append([
+                "", escape(row.spec), "--" if reference else str(row.num_draft),
+                mean_std(row.tokens_per_s, row.tokens_per_s_std, row.n, 1, what=f"tokens/s of {what}"),
+                r"\textit{ref.}" if reference else f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$",
+                "--" if reference else f"${number(row.acceptance_rate, 2, what=f'acceptance of {what}')}$",
+                f"${number(row.mean_accepted_length, 2, what=f'accepted length of {what}')}$",
+                "yes" if bool(row.identical) else "no", str(row.n)])
+            notes.append(f"group {row.group_hash}")
+        rows[0][0] = policy
+        table.add_panel(None, rows, notes)
+    return table.render()
+
+
+def _policy_name(row) -> str:
+    if row.method != "streaming":
+        return method_name(row)
+    stale = STALE_MARK if row.stale else ""
+    return f"{method_name(row)}{stale} ({knob('compress_every', row.compress_every)}, {knob('cap', row.cap)})"
 
 
 def profile_table(gathered: Gathered) -> str:

@@ -17,7 +17,7 @@ from dashboard.__main__ import parse, streamlit_command
 from dashboard.views import VIEWS
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2, "SQL": 0}
+CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2, "SQL": 0, "Speculation": 2}
 
 
 @pytest.fixture(scope="module")
