@@ -241,7 +241,7 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
     table, whichever experiment lists it): TPOT, PPL, ΔPPL % and speedup vs the baseline, peak memory, compactions,
     and whether the configuration is on the TPOT-PPL Pareto frontier of the selection (within one context). Stale
     configurations (other evaluation code) come only when asked, and never share a row or a baseline with current
-    ones."""
+    ones. Score runs only: generation runs (mode generate) are compared in `speculation_table`."""
     knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS if k not in CONTEXT)
     context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in CONTEXT)
     sql = f"""
@@ -255,7 +255,7 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
                 avg(peak_memory_bytes) / 2^20 AS peak_memory_mib, stddev_samp(peak_memory_bytes) / 2^20 AS
                 peak_memory_mib_std, avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
                 list(run_hash ORDER BY "repeat") AS run_hashes
-            FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)
+            FROM members WHERE status = 'done' AND mode IS DISTINCT FROM 'generate' AND ($include_stale OR NOT stale)
             GROUP BY grid, group_hash, code_version
         ),
         selected AS (

@@ -79,18 +79,19 @@ KNOB_COLUMNS = [
     Column("device", String, nullable=False),
     Column("attn_implementation", String, nullable=False),
     Column("repeat", Integer, nullable=False),
-    # generation (mode generate; at their defaults in score runs)
-    Column("mode", String, nullable=False),
-    Column("prompt_tokens", Integer, nullable=False),
-    Column("new_tokens", Integer, nullable=False),
-    Column("temperature", Double, nullable=False),
-    Column("seed", Integer, nullable=False),
-    Column("spec", String, nullable=False),
-    Column("num_draft", Integer, nullable=False),
-    Column("ngram_max", Integer, nullable=False),
+    # Generation (mode generate; at their defaults in score runs). Nullable, unlike the knobs above: rows written
+    # without them (older tools, hand-made fixtures) read as score runs (queries test mode = 'generate').
+    Column("mode", String),
+    Column("prompt_tokens", Integer),
+    Column("new_tokens", Integer),
+    Column("temperature", Double),
+    Column("seed", Integer),
+    Column("spec", String),
+    Column("num_draft", Integer),
+    Column("ngram_max", Integer),
     Column("draft_model", String),
-    Column("draft_layers", Integer, nullable=False),
-    Column("draft_cap", Integer, nullable=False),
+    Column("draft_layers", Integer),
+    Column("draft_cap", Integer),
 ]
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
