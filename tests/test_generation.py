@@ -291,3 +291,21 @@ def test_hf_prompt_lookup_over_a_streaming_cache_is_refused_with_the_alternative
     with pytest.raises(ValueError, match="mode generate and spec prompt_lookup"):
         hf_generate(loaded.model, torch.arange(40, 72)[None, :], cache=_streaming_cache(loaded, "realign", 40),
                     max_new_tokens=8, prompt_lookup_num_tokens=3)
+
+
+def test_embedded_model_greedy_speculation_is_exact_under_strict_and_lazy():
+    """SmolLM2-135M on Shakespeare: prompt lookup and self_stream under strict and lazy streaming generate exactly
+    spec none's ids (real attention patterns, blocks crossing compactions)."""
+    from streaming_llm import LoadedModel
+
+    base = dict(model="smollm2-135m", device="cpu", mode="generate", prompt_tokens=64, new_tokens=40, warmup=2,
+                method="streaming", cap=48)
+    loaded = LoadedModel.load(RunConfig(**{**base, "method": "dense", "cap": None}))
+    for compress_every in (1, 16):
+        reference = evaluate(RunConfig(**base, compress_every=compress_every), loaded=loaded)
+        assert reference.summary["compaction_count"] > 0
+        for spec in (dict(spec="prompt_lookup", num_draft=4), dict(spec="self_stream", num_draft=3, draft_cap=24)):
+            run = evaluate(RunConfig(**base, compress_every=compress_every, **spec), loaded=loaded)
+            assert generated(run) == generated(reference), (compress_every, spec)
+            assert run.tokens.column("kv_len").to_pylist() == reference.tokens.column("kv_len").to_pylist()
+            assert run.summary["accepted_total"] > 0, (compress_every, spec)
