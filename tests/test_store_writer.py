@@ -215,5 +215,6 @@ def test_generation_run_is_stored_with_its_forwards(tmp_path):
         assert con.execute("SELECT count(*) FROM superseded_forwards").fetchone()[0] == result.forwards.num_rows
     from store.schema import SUMMARY_COLUMNS
 
-    stored_elsewhere = {"run_hash", "method", "model", "environment", "window", "device", "started_at", "ended_at"}
+    stored_elsewhere = {"run_hash", "method", "model", "protocol", "environment", "window", "device", "started_at",
+                        "ended_at"}
     assert set(result.summary) - stored_elsewhere <= {c.name for c in SUMMARY_COLUMNS}
