@@ -40,6 +40,9 @@ def run_cost(config: RunConfig) -> float:
     cap 128 and 7.2x at cap 256 (measured), i.e. about 2.8 + cap / 58.
     """
     steps = config.max_tokens - config.prefill
+    if config.mode == "generate":
+        # A forward per generated token (fewer with drafts, whose own steps roughly make up for it), prompt aside.
+        steps = config.new_tokens * (2 if config.spec in ("draft", "self_stream") else 1)
     if config.method == "recompute":
         assert config.cap is not None
         return steps * (2.8 + config.cap / 58)
