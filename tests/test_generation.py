@@ -309,3 +309,11 @@ def test_embedded_model_greedy_speculation_is_exact_under_strict_and_lazy():
             assert generated(run) == generated(reference), (compress_every, spec)
             assert run.tokens.column("kv_len").to_pylist() == reference.tokens.column("kv_len").to_pylist()
             assert run.summary["accepted_total"] > 0, (compress_every, spec)
+
+
+@pytest.mark.parametrize("policy", ["dense", "strict"])
+def test_a_separate_draft_model_keeps_the_output_exact(tiny_models, policy):
+    loaded = tiny_models["tiny-llama"]
+    reference = generate_run(loaded, **POLICIES[policy])
+    run = generate_run(loaded, **POLICIES[policy], spec="draft", draft_model="tiny-neox", num_draft=3)
+    assert generated(run) == generated(reference) and run.summary["drafted_total"] > 0
