@@ -317,3 +317,12 @@ def test_a_separate_draft_model_keeps_the_output_exact(tiny_models, policy):
     reference = generate_run(loaded, **POLICIES[policy])
     run = generate_run(loaded, **POLICIES[policy], spec="draft", draft_model="tiny-neox", num_draft=3)
     assert generated(run) == generated(reference) and run.summary["drafted_total"] > 0
+
+
+@pytest.mark.parametrize("spec, knobs", SPECS)
+def test_sampled_generation_is_reproducible_from_its_seed(tiny_models, spec, knobs):
+    loaded = tiny_models["tiny-neox"]
+    runs = [generate_run(loaded, **POLICIES["lazy"], spec=spec, temperature=0.8, seed=seed, **knobs)
+            for seed in (3, 3, 4)]
+    assert runs[0].summary["generated_hash"] == runs[1].summary["generated_hash"] != runs[2].summary["generated_hash"]
+    assert all(run.summary["generated_tokens"] == GENERATE["new_tokens"] for run in runs)
