@@ -33,6 +33,9 @@ def model_key(config: RunConfig) -> tuple[str, str, str, str]:
     return (config.model, config.dtype, config.device, config.attn_implementation)
 
 
+PARALLEL_SPEEDUP = 10.0
+
+
 def run_cost(config: RunConfig) -> float:
     """Relative cost in cached decode steps, for ordering and the ETA (the ETA rescales it by measured speed).
 
@@ -43,6 +46,13 @@ def run_cost(config: RunConfig) -> float:
     if config.mode == "generate":
         # A forward per generated token (fewer with drafts, whose own steps roughly make up for it), prompt aside.
         steps = config.new_tokens * (2 if config.spec in ("draft", "self_stream") else 1)
+    if config.protocol == "parallel":
+        # A token of a chunked forward costs about a tenth of a cached step here; a scored recompute step is a
+        # forward of up to cap tokens (bench/parallel_eval.py).
+        if config.method == "recompute":
+            assert config.cap is not None
+            return steps / config.score_stride * config.cap / PARALLEL_SPEEDUP
+        return steps / PARALLEL_SPEEDUP
     if config.method == "recompute":
         assert config.cap is not None
         return steps * (2.8 + config.cap / 58)

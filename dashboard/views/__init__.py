@@ -1,13 +1,15 @@
 """The dashboard's views, one module each, every one a `render(source)` that reads through dashboard.data only."""
 
-from . import detail, runs, speculation, spikes, sql, sweeps, tradeoff
+from . import detail, longstream, runs, settings, speculation, spikes, sql, sweeps, tradeoff
 
 VIEWS = {
     "Runs": runs.render,
+    "Settings": settings.render,
     "Trade-off": tradeoff.render,
     "Sweeps": sweeps.render,
     "Run detail": detail.render,
     "Compaction spikes": spikes.render,
+    "Long stream": longstream.render,
     "Speculation": speculation.render,
     "SQL": sql.render,
 }
