@@ -94,6 +94,12 @@ def spikes(path: Path, signature: Signature, run_hashes: tuple[str, ...],
                 queries.spike_metrics(con, run_hashes, radius=radius))
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def speculation_table(path: Path, signature: Signature, grid: str, include_stale: bool) -> pd.DataFrame:
+    with queries.connect(path) as con:
+        return queries.speculation_table(con, grid, None, include_stale)
+
+
 def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """Add `label` (the method, R, and the knobs whose value differs from the most common one among rows of the same
     method; then '≡' and the settings of the configurations that share its run; the hash when rows would share a

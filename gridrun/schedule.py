@@ -43,6 +43,9 @@ def run_cost(config: RunConfig) -> float:
     cap 128 and 7.2x at cap 256 (measured), i.e. about 2.8 + cap / 58.
     """
     steps = config.max_tokens - config.prefill
+    if config.mode == "generate":
+        # A forward per generated token (fewer with drafts, whose own steps roughly make up for it), prompt aside.
+        steps = config.new_tokens * (2 if config.spec in ("draft", "self_stream") else 1)
     if config.protocol == "parallel":
         # A token of a chunked forward costs about a tenth of a cached step here; a scored recompute step is a
         # forward of up to cap tokens (bench/parallel_eval.py).
@@ -70,6 +73,7 @@ class Outcome:
     summary: dict[str, Any] | None = None
     tokens: Any = None  # pyarrow.Table
     compactions: Any = None
+    forwards: Any = None  # generation runs: one row per verification forward
     error: str | None = None
 
 
@@ -318,7 +322,8 @@ class Scheduler:
         self._assign(slot)
         if value["status"] == "done":
             return Outcome(run, "done", attempts, worker, slot.name, started_at, value["seconds"],
-                           summary=value["summary"], tokens=value["tokens"], compactions=value["compactions"])
+                           summary=value["summary"], tokens=value["tokens"], compactions=value["compactions"],
+                           forwards=value.get("forwards"))
         return Outcome(run, "failed", attempts, worker, slot.name, started_at, value["seconds"], error=value["error"])
 
 

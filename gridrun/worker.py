@@ -61,6 +61,7 @@ class EvaluationWorker:
             return {"status": "failed", "error": _error_text(exc), "seconds": time.perf_counter() - started}
         return {
             "status": "done", "summary": result.summary, "tokens": result.tokens, "compactions": result.compactions,
+            "forwards": result.forwards,
             "seconds": time.perf_counter() - started,
         }
 

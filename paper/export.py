@@ -27,8 +27,10 @@ SWEEPS: dict[str, tuple[str, str]] = {
     "sink_sweep": ("sink", "attention sinks"),
     "cap_mode": ("cap_mode", "cap\\_mode (soft vs peak)"),
 }
+SPECULATIVE = "speculative"
 REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.tex",
-            **{name: "sweeps.tex" for name in SWEEPS}, LONG_STREAM: "long_stream.pdf/.png"}
+            **{name: "sweeps.tex" for name in SWEEPS}, LONG_STREAM: "long_stream.pdf/.png",
+            SPECULATIVE: "speculative.tex"}
 METHOD_ORDER = {"recompute": 0, "dense": 1, "streaming": 2}
 LADDER_RUNGS = ("Strict", "Lazy", "+ slack", "+ slack + max\\_drop")
 STALE_MARK = r"$^\dagger$"
@@ -52,10 +54,12 @@ class Gathered:
     kv_series: pd.DataFrame
     spikes: pd.DataFrame
     long_stream: pd.DataFrame  # block PPL per run of the long-stream experiment, with its label and block size
+    speculation: pd.DataFrame  # generation configurations of the speculative experiment (queries.speculation_table)
 
 
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
-    """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`."""
+    """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, speculative.tex, figures.tex and the figures (PDF +
+    PNG) to `out`."""
     with queries.connect(store) as con:
         grid = resolve_grid(con, grid, store)
         check_complete(con, grid, include_stale)
@@ -66,6 +70,7 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
             "ablations.tex": ladder_table(gathered),
             "sweeps.tex": sweeps_table(gathered),
             "profile.tex": profile_table(gathered),
+            "speculative.tex": speculative_table(gathered),
         }
     except MissingNumber as missing:
         raise ExportError(f"grid {grid}: {missing}; nothing was written") from None
@@ -115,7 +120,11 @@ def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: boo
 
 def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool, needed: list[str]) -> list[str]:
     problems = []
+    if SPECULATIVE in needed:
+        problems += _speculative_problems(queries.speculation_table(con, grid, [SPECULATIVE], include_stale))
     for name in needed:
+        if name == SPECULATIVE:
+            continue
         groups = queries.setting_table(con, grid, [name], include_stale)
         # The long-stream figure is quality only: no TPOT, no baseline (recompute past 8k positions is not the point).
         timed = groups if name != LONG_STREAM else groups.iloc[:0]
@@ -143,7 +152,8 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
 
 # --- reading --------------------------------------------------------------------------------------------------------
 def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Gathered:
-    experiments = {name: queries.setting_table(con, grid, [name], include_stale) for name in REQUIRED}
+    experiments = {name: queries.setting_table(con, grid, [name], include_stale) for name in REQUIRED
+                   if name != SPECULATIVE}
     main = experiments[MAIN]
     streaming = main[main.method == "streaming"].sort_values("compress_every")
     profile = queries.cost_profile(con, grid, list(streaming.timing_group_hash), include_stale)
@@ -170,7 +180,9 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     profile = profile.assign(setting_hash=profile.group_hash.map(by_timing))
     profile = profile.assign(label=profile.setting_hash.map(labels)).sort_values(
         "setting_hash", key=lambda column: column.map(order))
-    return Gathered(grid, experiments, all_groups, profile, kv_series, spikes, long_stream_blocks(con, experiments))
+    speculation = queries.speculation_table(con, grid, [SPECULATIVE], include_stale)
+    return Gathered(grid, experiments, all_groups, profile, kv_series, spikes, long_stream_blocks(con, experiments),
+                    speculation)
 
 
 def long_stream_blocks(con: duckdb.DuckDBPyConnection, experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -340,6 +352,51 @@ def sweeps_table(gathered: Gathered) -> str:
         notes = [f"setting {row.setting_hashes}" for row in groups.itertuples()]
         table.add_panel(rf"\emph{{{title}}} ({held})", rows, notes)
     return table.render()
+
+
+def _speculative_problems(speculation: pd.DataFrame) -> list[str]:
+    if speculation.empty:
+        return [f"experiment {SPECULATIVE}: no generation runs (mode: generate)"]
+    return [f"experiment {SPECULATIVE}: configuration {row.group_hash} ({row.spec}, k={row.num_draft}) has no "
+            "spec none run with the same policy, prompt, device and code" for row in speculation.itertuples()
+            if pd.isna(row.reference_hash)]
+
+
+def speculative_table(gathered: Gathered) -> str:
+    """Speculative decoding under each cache policy: tokens/s, speedup and identical output vs spec none."""
+    rows_in = gathered.speculation
+    devices = ", ".join(sorted({escape(d) for d in rows_in.device_name}))
+    table = Table(
+        columns=[("Policy", "l"), ("Spec", "l"), ("$k$", "r"), ("Tokens/s", "r"), ("Speedup", "r"),
+                 ("Accept.", "r"), ("Mean acc. len.", "r"), ("Identical", "l"), ("$n$", "r")],
+        label="tab:speculative",
+        caption=("Speculative decoding over the cache policies (greedy, verified in one forward per block). Speedup: "
+                 "tokens/s over spec none's under the same policy; mean accepted length: tokens per verification "
+                 "forward; identical: the generated ids equal spec none's (from the stored hashes). Mean $\\pm$ std "
+                 f"over the $n$ repeats ({devices})."))
+    for policy, block in rows_in.groupby(rows_in.apply(_policy_name, axis=1), sort=False):
+        rows, notes = [], []
+        for row in block.itertuples():
+            what = f"configuration {row.group_hash}"
+            reference = row.spec == "none"
+            rows.append([
+                "", escape(row.spec), "--" if reference else str(row.num_draft),
+                mean_std(row.tokens_per_s, row.tokens_per_s_std, row.n, 1, what=f"tokens/s of {what}"),
+                r"\textit{ref.}" if reference else f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$",
+                "--" if reference else f"${number(row.acceptance_rate, 2, what=f'acceptance of {what}')}$",
+                f"${number(row.mean_accepted_length, 2, what=f'accepted length of {what}')}$",
+                "yes" if bool(row.identical) else "no", str(row.n)])
+            notes.append(f"group {row.group_hash}")
+        rows[0][0] = policy
+        table.add_panel(None, rows, notes)
+    return table.render()
+
+
+def _policy_name(row) -> str:
+    if row.method != "streaming":
+        return method_name(row)
+    stale = STALE_MARK if row.stale else ""
+    return f"{method_name(row)}{stale} ({knob('compress_every', row.compress_every)}, {knob('cap', row.cap)})"
 
 
 def profile_table(gathered: Gathered) -> str:

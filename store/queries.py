@@ -272,7 +272,7 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
     table, whichever experiment lists it): TPOT, PPL, ΔPPL % and speedup vs the baseline, peak memory, compactions,
     and whether the configuration is on the TPOT-PPL Pareto frontier of the selection (within one context). Stale
     configurations (other evaluation code) come only when asked, and never share a row or a baseline with current
-    ones."""
+    ones. Score runs only: generation runs (mode generate) are compared in `speculation_table`."""
     knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS if k not in CONTEXT)
     context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in CONTEXT)
     sql = f"""
@@ -286,7 +286,7 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
                 avg(peak_memory_bytes) / 2^20 AS peak_memory_mib, stddev_samp(peak_memory_bytes) / 2^20 AS
                 peak_memory_mib_std, avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
                 list(run_hash ORDER BY "repeat") AS run_hashes, any_value(run_group_hash) AS run_group_hash
-            FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)
+            FROM members WHERE status = 'done' AND mode IS DISTINCT FROM 'generate' AND ($include_stale OR NOT stale)
             GROUP BY grid, group_hash, code_version
         ),
         selected AS (
@@ -361,7 +361,8 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         WITH members AS ({_members_sql("grid = $grid")}),
         done AS (
             SELECT *, $experiments IS NULL OR list_has_any(experiments, $experiments) AS selected
-            FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)
+            FROM members WHERE status = 'done' AND mode IS DISTINCT FROM 'generate'  -- generation: speculation_table
+                AND ($include_stale OR NOT stale)
         ),
         per_sample AS (
             SELECT {key}, protocol, max_tokens, prefill, sample, token_hash, any_value(method) AS method, {run_context},
@@ -630,6 +631,45 @@ def cost_profile(con: duckdb.DuckDBPyConnection, grid: str, group_hashes: Sequen
     """
     params = {"cv": current_code_version(), "grid": grid, "groups": list(group_hashes),
               "include_stale": include_stale}
+    return con.execute(sql, params).df()
+
+
+# --- generation runs: speculative decoding ---------------------------------------------------------------------------
+# The knobs of the draft kind; a generation run's reference is the spec-none run equal in every other knob.
+SPEC_KNOBS: tuple[str, ...] = ("spec", "num_draft", "ngram_max", "draft_model", "draft_layers", "draft_cap")
+
+
+def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
+                      include_stale: bool = False) -> pd.DataFrame:
+    """One row per generation configuration (repeats aggregated) of `grid`'s done runs, optionally only those in
+    `experiments`: tokens/s (mean, std), ms per token, acceptance rate, mean accepted length, speedup in tokens/s vs
+    the `spec: none` configuration with every other knob equal (same policy, prompt, device and code), `outputs`
+    (distinct generated-id hashes among the repeats) and `identical`: whether it generated exactly the reference's ids
+    (null without a reference)."""
+    knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS)
+    same = [k for k in KNOBS if k not in SPEC_KNOBS] + ["device_name", "code_version"]
+    join = " AND ".join(f"r.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in same)
+    sql = f"""
+        WITH members AS ({_members_sql("grid = $grid")}),
+        groups AS (
+            SELECT group_hash, code_version, any_value(device_name) AS device_name, {knobs},
+                any_value(stale) AS stale, list_distinct(flatten(list(experiments))) AS experiments, count(*) AS n,
+                avg(tokens_per_s) AS tokens_per_s, stddev_samp(tokens_per_s) AS tokens_per_s_std,
+                avg(ms_per_token) AS ms_per_token, avg(acceptance_rate) AS acceptance_rate,
+                avg(mean_accepted_length) AS mean_accepted_length, avg(compaction_count) AS compactions,
+                count(DISTINCT generated_hash) AS outputs, any_value(generated_hash) AS generated_hash
+            FROM members WHERE status = 'done' AND mode = 'generate' AND ($include_stale OR NOT stale)
+            GROUP BY group_hash, code_version
+        )
+        SELECT x.*, r.group_hash AS reference_hash, x.tokens_per_s / r.tokens_per_s AS speedup,
+            CASE WHEN r.group_hash IS NULL THEN NULL
+                 ELSE x.outputs = 1 AND r.outputs = 1 AND x.generated_hash = r.generated_hash END AS identical
+        FROM groups x LEFT JOIN groups r ON r.spec = 'none' AND {join}
+        WHERE $experiments IS NULL OR list_has_any(x.experiments, $experiments)
+        ORDER BY x.method, x.compress_every, x.cap, x.spec <> 'none', x.spec, x.num_draft, x.group_hash
+    """
+    params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
+              "experiments": list(experiments) if experiments is not None else None}
     return con.execute(sql, params).df()
 
 

@@ -3,10 +3,11 @@
 Tables: grids, experiments (grid <-> run membership), configurations (every configuration an experiment lists and
 the run that computes it: equivalent configurations share one), runs (one row per run hash, i.e. per computation:
 knobs of the configuration that was run as typed columns, config JSON, status, summary, environment), tokens (one row
-per step), compactions (one row per event), meta, and superseded_* (earlier results of a hash, kept when it is rerun).
-Views for shell users: run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The
-per-token and per-compaction columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA. This module
-only declares; store/writer.py writes.
+per step), compactions (one row per event), forwards (generation runs: one row per verification forward), meta, and
+superseded_* (earlier results of a hash, kept when it is rerun). Views for shell users: run_summaries, current_runs,
+experiment_runs, configuration_runs, group_summaries. The per-token, per-compaction and per-forward columns mirror
+streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA and streaming_llm.generate's GENERATION_TOKEN_SCHEMA /
+FORWARD_SCHEMA. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 3  # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
-# 3: run_hash is the computation's identity (schedule fingerprint); table configurations
+# 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
+# 3: run_hash is the computation's identity (schedule fingerprint); table configurations; generation runs (mode and
+#    spec knobs, generation summary, tokens.forward, the forwards table)
+SCHEMA_VERSION = 3
 MIGRATES_FROM = (2,)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
@@ -85,6 +88,19 @@ KNOB_COLUMNS = [
     Column("device", String, nullable=False),
     Column("attn_implementation", String, nullable=False),
     Column("repeat", Integer, nullable=False),
+    # Generation (mode generate; at their defaults in score runs). Nullable, unlike the knobs above: rows written
+    # without them (older tools, hand-made fixtures) read as score runs (queries test mode = 'generate').
+    Column("mode", String),
+    Column("prompt_tokens", Integer),
+    Column("new_tokens", Integer),
+    Column("temperature", Double),
+    Column("seed", Integer),
+    Column("spec", String),
+    Column("num_draft", Integer),
+    Column("ngram_max", Integer),
+    Column("draft_model", String),
+    Column("draft_layers", Integer),
+    Column("draft_cap", Integer),
 ]
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
@@ -116,6 +132,18 @@ SUMMARY_COLUMNS = [
     Column("peak_memory_kind", String),
     Column("device_name", String),  # summary["environment"]["device"]
     Column("wall_s", Double),
+    # generation runs (null in score runs)
+    Column("generated_tokens", Integer),
+    Column("generated_hash", String),  # equal hashes: identical generated ids
+    Column("verify_forwards", Integer),  # verification forwards of the target
+    Column("tokens_per_s", Double),
+    Column("ms_per_token", Double),
+    Column("draft_ms_total", Double),
+    Column("verify_ms_total", Double),
+    Column("drafted_total", Integer),
+    Column("accepted_total", Integer),
+    Column("acceptance_rate", Double),  # accepted / drafted; null when nothing was drafted
+    Column("mean_accepted_length", Double),  # generated tokens per verification forward (accepted drafts + 1)
 ]
 
 runs = Table(
@@ -171,7 +199,8 @@ tokens = Table(
     Column("kv_len", Integer, nullable=False),
     Column("compacted", Boolean, nullable=False),
     Column("evicted", Integer, nullable=False),
-    Column("prefill", Boolean, nullable=False),
+    Column("prefill", Boolean, nullable=False),  # generation runs: the prompt's rows
+    Column("forward", Integer),  # generation runs: the verification forward that produced target_id
 )
 
 compactions = Table(
@@ -185,6 +214,22 @@ compactions = Table(
 )
 
 
+# Generation runs: one row per verification forward (streaming_llm.generate.FORWARD_SCHEMA).
+forwards = Table(
+    "forwards", metadata,
+    Column("run_hash", String, nullable=False),
+    Column("forward", Integer, nullable=False),
+    Column("step", Integer, nullable=False),  # stream index of the first token fed (the last accepted one)
+    Column("drafted", Integer, nullable=False),
+    Column("accepted", Integer, nullable=False),
+    Column("generated", Integer, nullable=False),
+    Column("kv_len", Integer, nullable=False),
+    Column("draft_ms", Double, nullable=False),
+    Column("verify_ms", Double, nullable=False),
+    Column("latency_ms", Double, nullable=False),
+)
+
+
 def _superseded(table: Table) -> Table:
     """A copy of `table` for results replaced by a rerun (new code version, or --force): kept, never mixed in."""
     columns = [Column(c.name, c.type, nullable=True) for c in table.columns]
@@ -194,7 +239,8 @@ def _superseded(table: Table) -> Table:
 superseded_runs = _superseded(runs)
 superseded_tokens = _superseded(tokens)
 superseded_compactions = _superseded(compactions)
-RESULT_TABLES = (runs, tokens, compactions)  # the tables a run's result spans, keyed by run_hash
+superseded_forwards = _superseded(forwards)
+RESULT_TABLES = (runs, tokens, compactions, forwards)  # the tables a run's result spans, keyed by run_hash
 _OWN_KNOBS = ", ".join(f'c."{name}" AS "{name}"' for name in (*(c.name for c in KNOB_COLUMNS), *CONFIGURATION_OWN))
 _GROUP_KNOBS = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in KNOB_COLUMNS if c.name != "repeat")
 

@@ -37,6 +37,7 @@ from .schema import (
     VIEWS,
     compactions,
     configurations,
+    forwards,
     metadata,
     runs,
     tokens,
@@ -219,8 +220,9 @@ class StoreWriter:
         self._lock_file = handle
 
     def _create_schema(self) -> None:
-        """Create what is missing. Migration 2 -> 3 is adding the table configurations: a version 2 run keeps its rows
-        under its hash (then the configuration's own), and readers treat each as its own configuration."""
+        """Create what is missing. Migration 2 -> 3 adds the table configurations and the columns declared since
+        (generation runs), null in older rows: a version 2 run keeps its rows under its hash (then the configuration's
+        own), and readers treat each as its own configuration."""
         con = self._con()
         existing = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         previous = _read_meta(con).get("schema_version")
@@ -231,6 +233,14 @@ class StoreWriter:
         for table in metadata.sorted_tables:
             if table.name not in existing:
                 con.execute(str(CreateTable(table).compile(dialect=_dialect())))
+                continue
+            # An older version's table gains the columns declared since, null in its rows (never dropped or retyped).
+            present = {row[0] for row in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]).fetchall()}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=_dialect())
+                    con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
         for name, sql in VIEWS.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         meta = {
@@ -279,9 +289,12 @@ class StoreWriter:
         self._publish()
 
     def record_done(self, config: RunConfig, summary: dict[str, Any], token_rows: pa.Table, compaction_rows: pa.Table,
-                    *, worker: str, attempts: int) -> None:
-        """A finished run, whole, in one transaction; earlier results of its hash move to superseded_*."""
-        for table, rows in ((tokens, token_rows), (compactions, compaction_rows)):
+                    *, worker: str, attempts: int, forward_rows: pa.Table | None = None) -> None:
+        """A finished run, whole, in one transaction; earlier results of its hash move to superseded_*.
+        `forward_rows`: a generation run's verification forwards."""
+        for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows)):
+            if rows is None:
+                continue
             missing = set(rows.column_names) - {column.name for column in table.columns}
             if missing:
                 raise StoreError(
@@ -289,7 +302,7 @@ class StoreWriter:
                     f"lacks: declare them in the {table.name} table and bump SCHEMA_VERSION"
                 )
         row = run_row(config, summary, status="done", error=None, attempts=attempts, worker=worker)
-        self._replace(config.run_hash, row, token_rows, compaction_rows)
+        self._replace(config.run_hash, row, token_rows, compaction_rows, forward_rows)
 
     def record_failed(self, config: RunConfig, error: str, *, worker: str | None, attempts: int,
                       started_at: datetime | None) -> None:
@@ -298,7 +311,7 @@ class StoreWriter:
         self._replace(config.run_hash, row, None, None)
 
     def _replace(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
-                 compaction_rows: pa.Table | None) -> None:
+                 compaction_rows: pa.Table | None, forward_rows: pa.Table | None = None) -> None:
         con = self._con()
         con.begin()
         try:
@@ -315,7 +328,7 @@ class StoreWriter:
                 con.execute(f"DELETE FROM {table.name} WHERE run_hash = ?", [run_hash])
             row["recorded_at"] = datetime.now(UTC)
             _insert_arrow(con, runs.name, pa.Table.from_pylist([row], schema=_runs_arrow_schema()))
-            for table, rows in ((tokens, token_rows), (compactions, compaction_rows)):
+            for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows)):
                 if rows is not None and rows.num_rows:
                     with_hash = rows.add_column(0, "run_hash", pa.array([run_hash] * rows.num_rows, pa.string()))
                     _insert_arrow(con, table.name, with_hash)

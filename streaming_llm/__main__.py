@@ -14,10 +14,10 @@ from .config import ConfigError, RunConfig
 
 
 def _flag_type(annotation):
-    """argparse type for a RunConfig field: int, str, or int-or-none."""
+    """argparse type for a RunConfig field: int, float, str, or int-or-none."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if args else annotation
-    return int if base is int else str
+    return base if base in (int, float) else str
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ layer at once. One layer class per RoPE mode:
 - `AbsoluteLayer` (`absolute`): never re-aligns; queries keep their absolute positions.
 A plain `model(input_ids, cache=cache)` works: positions default to `get_seq_length()`, the slot index that realign
 and exact expect (absolute mode needs `position_ids=cache.next_positions(n)`). HF `generate()` counts positions itself
-(absolute), so it fits `absolute` mode only. Tested with transformers 5.24.
+(absolute): `streaming_llm.generate.hf_generate` runs it with the cache's positions, in every mode. Tested with
+transformers 5.24.
 """
 
 from __future__ import annotations

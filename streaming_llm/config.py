@@ -50,6 +50,12 @@ class RunConfig(BaseModel):
     forward), and comparisons with it are paired on those steps.
     Policy knobs keep the study's names; see `StreamingPolicy`. `cap` derives `window` (`cap_mode`: `peak` keeps the
     largest attention span within cap, `soft` reproduces the study's W = cap - S - slack - O - B).
+    Generation (`mode: generate`, see streaming_llm.generate): the first `prompt_tokens` of the text are the prompt
+    (fed as if token by token: `prefill` is read by score mode only), then `new_tokens` are generated at
+    `temperature` (0 = greedy; `seed` seeds the sampling), drafted by `spec` (`none`, `prompt_lookup` with n-grams
+    up to `ngram_max`, `draft` from `draft_model` or the target's first `draft_layers` layers, `self_stream`: the
+    target over a strict streaming cache of `draft_cap`) `num_draft` tokens at a time and verified by the target in
+    one forward. `max_tokens` too is read by score mode only.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -84,6 +90,19 @@ class RunConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     repeat: int = 0
 
+    # Generation and speculative decoding (streaming_llm.generate / streaming_llm.speculative); see GENERATION_DOC.
+    mode: Literal["score", "generate"] = "score"
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    spec: Literal["none", "prompt_lookup", "draft", "self_stream"] = "none"
+    num_draft: int = 4
+    ngram_max: int = 3
+    draft_model: str | None = None
+    draft_layers: int = 0
+    draft_cap: int = 64
+
     @model_validator(mode="wrap")
     @classmethod
     def _normalise(cls, data: Any, handler) -> RunConfig:
@@ -91,15 +110,18 @@ class RunConfig(BaseModel):
         validated = handler(data)
         _check_signs(validated)  # on every knob given, even those the method ignores: a negative value is a mistake
         ignored = _ignored_knobs(validated)
+        ignored += _ignored_generation_knobs(validated)
         if not any(k in validated.model_fields_set for k in ignored):
             return validated
         return handler({k: v for k, v in validated.model_dump().items() if k not in ignored})
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.max_tokens < 2:
+        if self.mode == "generate":
+            self._check_generation()
+        elif self.max_tokens < 2:
             raise ConfigError(f"max_tokens = {self.max_tokens} < 2: a run needs at least one token to predict")
-        if self.prefill >= self.max_tokens:
+        if self.mode == "score" and self.prefill >= self.max_tokens:
             raise ConfigError(
                 f"prefill = {self.prefill} >= max_tokens = {self.max_tokens}: prefill must leave decode steps; "
                 "lower prefill or raise max_tokens"
@@ -109,7 +131,7 @@ class RunConfig(BaseModel):
         if self.score_stride < 1:
             raise ConfigError(f"score_stride = {self.score_stride} < 1: score every step (1) or every k-th (k > 1)")
         decode_steps = self.max_tokens - 1 - self.prefill
-        if self.protocol == "stepwise" and self.warmup >= decode_steps:
+        if self.mode == "score" and self.protocol == "stepwise" and self.warmup >= decode_steps:
             raise ConfigError(
                 f"warmup = {self.warmup} >= the {decode_steps} decode steps (max_tokens - 1 - prefill): no step would "
                 "be timed; lower warmup or prefill, or raise max_tokens"
@@ -143,6 +165,38 @@ class RunConfig(BaseModel):
                 f"prefill = {self.prefill} > cap = {self.cap}: with cap_mode peak the prefill's span must fit the cap"
             )
         _ = self.policy  # derives the window, raising if none fits
+
+    def _check_generation(self) -> None:
+        if self.protocol != "stepwise":
+            raise ConfigError(f"protocol = {self.protocol} with mode generate: generation has its own protocol (one "
+                              "verified block per forward); set protocol stepwise (its default)")
+        if self.prompt_tokens < 2:
+            raise ConfigError(f"prompt_tokens = {self.prompt_tokens} < 2: a generation run needs a prompt of 2 tokens "
+                              "or more (the last one starts the generation)")
+        if self.new_tokens < 1:
+            raise ConfigError(f"new_tokens = {self.new_tokens} < 1: generate at least one token")
+        if self.warmup >= self.new_tokens:
+            raise ConfigError(f"warmup = {self.warmup} >= new_tokens = {self.new_tokens}: no generated token would be "
+                              "timed; lower warmup or raise new_tokens")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ConfigError(f"temperature = {self.temperature}: must be 0 (greedy) or a positive number <= 100")
+        if self.method == "recompute" and self.spec != "none":
+            raise ConfigError(f"spec = {self.spec} with method recompute: a recompute window cannot verify a block "
+                              "in one forward; use spec none, or method dense / streaming")
+        if self.spec == "none":
+            return
+        if self.num_draft < 1:
+            raise ConfigError(f"num_draft = {self.num_draft} < 1: draft at least one token per verification")
+        if self.spec == "prompt_lookup" and self.ngram_max < 1:
+            raise ConfigError(f"ngram_max = {self.ngram_max} < 1: prompt_lookup matches n-grams of 1..ngram_max")
+        if self.spec == "draft" and (self.draft_model is None) == (self.draft_layers == 0):
+            raise ConfigError("spec draft needs exactly one of draft_model (a separate model) or draft_layers >= 1 "
+                              "(the target's first layers)")
+        if self.spec == "draft" and self.draft_layers < 0:
+            raise ConfigError(f"draft_layers = {self.draft_layers} < 0: use 1 or more of the target's layers")
+        if self.spec == "self_stream" and self.draft_cap < self.sink + 2:
+            raise ConfigError(f"draft_cap = {self.draft_cap} < sink + 2 = {self.sink + 2}: the draft's streaming cache "
+                              "needs the sinks plus a window of 2 or more; raise draft_cap")
 
     @cached_property
     def policy(self) -> StreamingPolicy:
@@ -244,9 +298,32 @@ def _content_hash(content: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+# Knobs each generation setting reads; score mode reads none of them (and generate mode does not read max_tokens).
+SPEC_KNOBS = ("num_draft", "ngram_max", "draft_model", "draft_layers", "draft_cap")
+SPEC_KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "prompt_lookup": ("num_draft", "ngram_max"),
+    "draft": ("num_draft", "draft_model", "draft_layers"),
+    "self_stream": ("num_draft", "draft_cap"),
+}
+GENERATION_KNOBS = ("prompt_tokens", "new_tokens", "temperature", "seed", "spec", *SPEC_KNOBS)
+
+
+def _ignored_generation_knobs(config: RunConfig) -> list[str]:
+    """The generation knobs `config` does not read, reset to their defaults by the normalisation."""
+    if config.mode == "score":
+        return list(GENERATION_KNOBS)
+    used = SPEC_KNOBS_USED_BY[config.spec]
+    ignored = [k for k in SPEC_KNOBS if k not in used]
+    if config.temperature == 0.0:
+        ignored.append("seed")  # greedy decoding draws nothing
+    # The prompt is fed as if token by token (one block where the target verifies blocks): no prefill forward.
+    return ["max_tokens", "prefill", *ignored]
+
+
 def _check_signs(config: RunConfig) -> None:
     for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat", "chunk",
-                 "score_stride"):
+                 "score_stride", "seed"):
         if getattr(config, knob) < 0:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
 

@@ -60,6 +60,7 @@ class RunResult:
     summary: dict[str, Any]
     tokens: pa.Table
     compactions: pa.Table
+    forwards: pa.Table | None = None  # generation runs: one row per verification forward (streaming_llm.generate)
 
 
 @dataclass
@@ -186,6 +187,10 @@ STEPPERS = {"dense": DenseStepper, "streaming": StreamingStepper, "recompute": R
 # --- the protocol ---------------------------------------------------------------------------------------------------
 def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStream | None = None) -> RunResult:
     """Run `config` and measure it. `loaded` and `stream` may be passed in to reuse a model or a text across runs."""
+    if config.mode == "generate":
+        from .generate import generate  # the generation protocol, beside this one
+
+        return generate(config, loaded, stream)
     started_at = datetime.now(UTC)
     wall_start = time.perf_counter()
     if loaded is None or not loaded.serves(config):

@@ -17,7 +17,7 @@ from fixtures_store import PAPER_GRID, ROOT, smoke_store
 
 from paper.export import ExportError, export
 
-TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "figures.tex")
+TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex")
 FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
@@ -197,6 +197,34 @@ def test_profile_numbers_equal_the_store(exported, store):
         assert numbers(compactions)[0] == pytest.approx(group["compactions"], abs=0.05)
         assert numbers(forward)[0] + numbers(compaction)[0] == pytest.approx(numbers(total)[0], abs=0.0025)
         assert int(n) == group["n"]
+
+
+def test_speculative_numbers_equal_the_store(exported, store):
+    """tokens/s, speedup vs spec none under the same policy, acceptance and identical output, from the runs table."""
+    with duckdb.connect(str(store), read_only=True) as con:
+        frame = con.execute("""
+            SELECT r.group_hash, any_value(spec) AS spec, any_value(compress_every) AS r, count(*) AS n,
+                avg(tokens_per_s) AS tps, avg(acceptance_rate) AS acceptance, avg(mean_accepted_length) AS length,
+                any_value(generated_hash) AS output
+            FROM runs r WHERE status = 'done' AND mode = 'generate' AND run_hash IN
+                (SELECT run_hash FROM experiments WHERE grid = ? AND experiment = 'speculative')
+            GROUP BY r.group_hash""", [PAPER_GRID]).df()
+    found = {}  # generation rows are configurations (repeats aggregated): their comment names the group hash
+    for line in (exported / "speculative.tex").read_text().splitlines():
+        if " % group " in line:
+            body, group = line.split(r" \\ % group ")
+            found[group.strip()] = body.split(" & ")
+    assert set(found) == set(frame.group_hash)
+    for group in frame.itertuples():
+        reference = frame[(frame.spec == "none") & (frame.r == group.r)].iloc[0]
+        policy, spec, k, tps, speedup, acceptance, length, identical, n = found[group.group_hash]
+        assert close(tps, [group.tps], 1) and close(length, [group.length], 2) and int(n) == group.n
+        assert identical == ("yes" if group.output == reference.output else "no")
+        if group.spec == "none":
+            assert speedup == r"\textit{ref.}" and acceptance == "--"
+        else:
+            assert close(speedup, [group.tps / reference.tps], 2) and close(acceptance, [group.acceptance], 2)
+    assert {cells[7] for cells in found.values()} == {"yes"}  # greedy speculation: identical output
 
 
 def damaged_copy(store: Path, tmp_path: Path, *statements: str) -> Path:

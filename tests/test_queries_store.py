@@ -93,6 +93,7 @@ def test_group_table_is_mean_std_n_of_the_raw_runs(store):
     with queries.connect(store) as con:
         groups = queries.group_table(con, "smoke").set_index("group_hash")
     runs = raw_runs(store, "smoke")
+    runs = runs[runs["mode"] != "generate"]  # generation runs are compared in speculation_table
     expected = runs.groupby("group_hash").agg(n=("run_hash", "count"), tpot=("tpot_ms_mean", "mean"),
                                               tpot_std=("tpot_ms_mean", "std"), ppl=("ppl", "mean"))
     assert sorted(groups.index) == sorted(expected.index)
@@ -105,7 +106,8 @@ def test_group_table_is_mean_std_n_of_the_raw_runs(store):
 
     llama = runs[runs.model == "tiny-llama"]
     base = llama[llama.method == "recompute"]
-    for group in llama[llama.method == "streaming"].group_hash.unique():
+    # Generation runs (mode generate) have no recompute baseline: their reference is spec none (speculation_table).
+    for group in llama[(llama.method == "streaming") & (llama["mode"] != "generate")].group_hash.unique():
         row = groups.loc[group]
         assert row.speedup == pytest.approx(base.tpot_ms_mean.mean() / row.tpot_ms)
         assert row.delta_ppl_pct == pytest.approx(100 * (row.ppl / base.ppl.mean() - 1))
@@ -237,3 +239,19 @@ def test_sql_box_runs_selects_in_a_sandbox(store, tmp_path):
     secret.write_text("a\n1\n")
     with pytest.raises(duckdb.Error, match="disabled by configuration"):
         queries.run_user_sql(store, f"SELECT * FROM read_csv('{secret}')")
+
+
+def test_speculation_table_compares_each_draft_kind_with_spec_none_under_its_policy(store):
+    with queries.connect(store) as con:
+        table = queries.speculation_table(con, "smoke")
+    runs = raw_runs(store, "smoke")
+    generation = runs[runs["mode"] == "generate"]
+    assert sorted(table.group_hash) == sorted(generation.group_hash.unique())
+    assert set(table.spec) == {"none", "prompt_lookup"} and set(table.compress_every) == {1, 16}
+    for row in table.itertuples():
+        reference = table[(table.spec == "none") & (table.compress_every == row.compress_every)].iloc[0]
+        assert row.reference_hash == reference.group_hash
+        assert row.speedup == pytest.approx(row.tokens_per_s / reference.tokens_per_s)
+        assert row.identical  # greedy: speculation generates exactly spec none's ids
+    lookup = table[table.spec == "prompt_lookup"]
+    assert (lookup.acceptance_rate > 0).all() and (lookup.mean_accepted_length > 1).all()

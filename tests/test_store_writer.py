@@ -175,13 +175,46 @@ def _duckdb_file(path: Path, sql: str) -> None:
 
 
 def test_the_schema_mirrors_every_column_and_summary_key_of_the_engine(results):
-    from store.schema import SUMMARY_COLUMNS, compactions, runs, tokens
+    from store.schema import SUMMARY_COLUMNS, compactions, forwards, runs, tokens
     from streaming_llm.evaluate import COMPACTION_SCHEMA, TOKEN_SCHEMA
+    from streaming_llm.generate import FORWARD_SCHEMA, GENERATION_TOKEN_SCHEMA
 
-    assert [c.name for c in tokens.columns][1:] == TOKEN_SCHEMA.names
+    assert [c.name for c in tokens.columns][1:] == GENERATION_TOKEN_SCHEMA.names
+    assert GENERATION_TOKEN_SCHEMA.names[: len(TOKEN_SCHEMA)] == TOKEN_SCHEMA.names
+    assert [c.name for c in forwards.columns][1:] == FORWARD_SCHEMA.names
     assert [c.name for c in compactions.columns][1:] == COMPACTION_SCHEMA.names
     stored_elsewhere = {"run_hash", "method", "model", "protocol", "environment", "window", "device", "started_at",
                         "ended_at"}
     summary_columns = {c.name for c in SUMMARY_COLUMNS}
     assert set(results[0].summary) - stored_elsewhere <= summary_columns
     assert {"environment_json", "window_resolved", "device_name", "started_at", "ended_at"} <= set(runs.columns.keys())
+
+
+def test_generation_run_is_stored_with_its_forwards(tmp_path):
+    config = RunConfig.from_dict({**BASE, "method": "dense", "cap": None, "mode": "generate", "prompt_tokens": 32,
+                                  "new_tokens": 24, "spec": "prompt_lookup", "num_draft": 3})
+    result = evaluate(config)
+    path = tmp_path / "store.duckdb"
+    with StoreWriter(path, "v1") as writer:
+        writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
+                           attempts=1, forward_rows=result.forwards)
+        writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
+                           attempts=1, forward_rows=result.forwards)  # a rerun supersedes, never mixes
+    with duckdb.connect(str(path), read_only=True) as con:
+        row = con.execute("SELECT mode, spec, num_draft, generated_tokens, generated_hash, acceptance_rate, "
+                          "verify_forwards FROM runs WHERE run_hash = ?", [config.run_hash]).fetchone()
+        assert row == ("generate", "prompt_lookup", 3, 24, result.summary["generated_hash"],
+                       pytest.approx(result.summary["acceptance_rate"]), result.forwards.num_rows)
+        forwards = con.execute("SELECT forward, accepted, generated FROM forwards WHERE run_hash = ? ORDER BY forward",
+                               [config.run_hash]).fetchall()
+        assert forwards == list(zip(*(result.forwards.column(n).to_pylist() for n in ("forward", "accepted",
+                                                                                      "generated")), strict=True))
+        generated = con.execute("SELECT count(*), count(DISTINCT forward) FROM tokens WHERE run_hash = ? "
+                                "AND NOT prefill", [config.run_hash]).fetchone()
+        assert generated == (24, result.forwards.num_rows)
+        assert con.execute("SELECT count(*) FROM superseded_forwards").fetchone()[0] == result.forwards.num_rows
+    from store.schema import SUMMARY_COLUMNS
+
+    stored_elsewhere = {"run_hash", "method", "model", "protocol", "environment", "window", "device", "started_at",
+                        "ended_at"}
+    assert set(result.summary) - stored_elsewhere <= {c.name for c in SUMMARY_COLUMNS}

@@ -1,0 +1,324 @@
+"""The generation protocol (`mode: generate`): a prompt from the run's text, then `new_tokens` generated through the
+run's cache policy, drafted by `spec` and verified by the target one block per forward.
+
+`generate(config)` reads top to bottom like the protocol and returns a RunResult like `evaluate()`: per-token rows (the
+prompt's, teacher-forced, then one per generated token, with the verification forward it came from), per-forward rows
+and a summary. The target is fed through a block contract (`forward_block(ids)` -> logits, `rewind(count)`, `trace`):
+`StepwiseTarget` (the run's own stepper, one token per forward: the reference, and spec none), `DenseBlockTarget`
+(HF's DynamicCache, cropped on rewind) or `StreamingBlockTarget` (parallel.BlockStepper: exact blocks across
+compactions, rewound state and schedule). It writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .cache import StreamingCache
+from .compat import CACHE_KWARG, cache_kwargs
+from .config import RunConfig
+from .environment import fingerprint
+from .evaluate import COMPACTION_SCHEMA, STEPPERS, TOKEN_SCHEMA, LoadedModel, RunResult, _check_budget, _summarise
+from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
+from .parallel import BlockStepper, StepTrace
+from .speculative import Draft, make_drafter, verify
+from .text import TokenStream, load_stream
+
+# Generation rows are the score rows plus the verification forward that produced the token (null on prompt rows).
+GENERATION_TOKEN_SCHEMA = TOKEN_SCHEMA.append(pa.field("forward", pa.int32()))
+FORWARD_SCHEMA = pa.schema([
+    ("forward", pa.int32()),  # index of the verification forward in the run
+    ("step", pa.int32()),  # stream index of the first token it fed (the last accepted one)
+    ("drafted", pa.int32()),
+    ("accepted", pa.int32()),
+    ("generated", pa.int32()),  # accepted + 1: the target's own token after them
+    ("kv_len", pa.int32()),  # attention span of its first query
+    ("draft_ms", pa.float64()),  # drafting, and syncing the drafter with the last verification
+    ("verify_ms", pa.float64()),  # the target's forward over the block, the acceptance decisions and the rollback
+    ("latency_ms", pa.float64()),
+])
+
+
+class StepwiseTarget:
+    """The run's own stepper (dense, streaming or recompute), one token per forward, as `evaluate` steps it.
+
+    The reference every block path is compared with; it cannot rewind, so it verifies no drafts (spec none). A first
+    block (the prompt) goes in one causal forward when that is exactly the same (no compaction due inside it).
+    """
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.stepper = STEPPERS[config.method](loaded, config)
+        self.config = config
+        self.trace: list[StepTrace] = []
+
+    def _one_forward_is_exact(self, count: int) -> bool:
+        """Whether `count` first tokens in one causal forward equal `count` steps: no compaction (streaming) or
+        window slide (recompute) would have fired before the last of them."""
+        if self.trace:
+            return False
+        if self.config.method == "streaming":
+            policy = self.config.policy
+            return count - policy.soft_capacity < policy.compress_every  # lengths 1..count - 1 never compact
+        return self.config.method == "dense" or count <= self.config.cap
+
+    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        count = input_ids.shape[-1]
+        if count > 1 and self._one_forward_is_exact(count):
+            logits = self.stepper.forward(input_ids, all_logits=True)
+            plan = self.stepper.compact()
+            self.trace.extend(StepTrace(i, i + 1, 0) for i in range(count - 1))
+            self.trace.append(StepTrace(count - 1, count, plan.evicted if plan else 0))
+            return logits
+        rows = []
+        for i in range(input_ids.shape[-1]):
+            logits = self.stepper.forward(input_ids[:, i : i + 1])
+            span, position = self.stepper.span(), self.stepper.last_position()
+            plan = self.stepper.compact()
+            self.trace.append(StepTrace(position, span, plan.evicted if plan else 0))
+            rows.append(logits[-1])
+        return torch.stack(rows)
+
+    def rewind(self, count: int) -> None:
+        if count:
+            raise ValueError(f"the stepwise target cannot rewind {count} tokens: drafts need a block target")
+
+    def storage_factor(self) -> float:
+        return self.stepper.storage_factor()
+
+
+class DenseBlockTarget:
+    """No eviction, a block per forward over HF's DynamicCache; a rewind crops the rejected entries."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.cache = DynamicCache(config=loaded.model.config)
+        self.trace: list[StepTrace] = []
+
+    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        start = self.cache.get_seq_length()
+        out = self.model(input_ids=input_ids, logits_to_keep=0, **cache_kwargs(self.cache))
+        self.trace.extend(StepTrace(start + i, start + i + 1, 0) for i in range(input_ids.shape[-1]))
+        return out.logits[0]
+
+    def rewind(self, count: int) -> None:
+        if count:
+            self.cache.crop(-count)  # transformers 5.24: a negative value removes that many entries
+            del self.trace[-count:]
+
+    def storage_factor(self) -> float:
+        return 1.0
+
+
+class StreamingBlockTarget(BlockStepper):
+    """A streaming cache verified a block per forward (streaming_llm.parallel): compactions inside the block are
+    replayed per query, and a rewind restores the state, schedule and trace of the accepted prefix."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        super().__init__(loaded.model, config.policy, config.rope_mode)
+
+    def storage_factor(self) -> float:
+        return 1.0  # one key (pre-RoPE) and one value per entry
+
+
+def make_target(loaded: LoadedModel, config: RunConfig):
+    """The target of a generation run: a block target when drafts are verified, else the run's own stepper."""
+    if config.spec == "none":
+        return StepwiseTarget(loaded, config)
+    if config.method == "dense":
+        return DenseBlockTarget(loaded, config)
+    return StreamingBlockTarget(loaded, config)
+
+
+# --- the protocol -------------------------------------------------------------------------------------------------
+def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStream | None = None) -> RunResult:
+    """Run a `mode: generate` configuration and measure it; `loaded` and `stream` may be reused across runs."""
+    if config.mode != "generate":
+        raise ValueError(f"generate() runs mode generate; this config has mode {config.mode}: call evaluate()")
+    started_at = datetime.now(UTC)
+    wall_start = time.perf_counter()
+    if loaded is None or not loaded.serves(config):
+        loaded = LoadedModel.load(config)
+    if stream is None:
+        stream = load_stream(loaded.tokenizer, config.dataset, config.prompt_tokens, config.sample, config.text_file,
+                             config.dataset_source)
+    if len(stream.ids) < config.prompt_tokens:
+        raise ValueError(f"the token stream has {len(stream.ids)} ids < prompt_tokens = {config.prompt_tokens}")
+    device = loaded.device
+    prompt = [int(token) for token in stream.ids[: config.prompt_tokens]]
+    rng = torch.Generator().manual_seed(config.seed)
+    target = make_target(loaded, config)
+    drafter = make_drafter(config, loaded, rng)
+    record = _GenerationRecorder()
+    clock = Stopwatch(device)
+    reset_peak_memory(device)
+
+    with torch.inference_mode():
+        # The prompt but its last token, as if token by token: that token starts the first verified block.
+        clock.start()
+        logits = target.forward_block(_ids(prompt[:-1], device))
+        prompt_ms = clock.stop()
+        nll = -_logprobs(logits, prompt[1:])
+        for i, trace in enumerate(target.trace):
+            record.token(i, trace, prompt[i], prompt[i + 1], nll[i], math.nan, None)
+
+        history = list(prompt)
+        while len(history) - len(prompt) < config.new_tokens:
+            room = config.new_tokens - (len(history) - len(prompt)) - 1  # drafts past the last token are never used
+            clock.start()
+            draft = Draft([])
+            if drafter is not None:
+                drafter.accepted(history)
+                draft = drafter.propose(history, min(config.num_draft, room))
+            draft_ms = clock.stop()
+            block = [history[-1], *draft.tokens]
+            clock.start()
+            logits = target.forward_block(_ids(block, device))
+            accepted, following = verify(logits, draft, config.temperature, rng)
+            target.rewind(len(draft.tokens) - accepted)
+            verify_ms = clock.stop()
+            produced = [*draft.tokens[:accepted], following]
+            share = (draft_ms + verify_ms) / len(produced)
+            logprobs = _logprobs(logits[: len(produced)], produced)
+            first_step = len(history) - 1
+            traces = target.trace[-len(produced) :]
+            for j, token in enumerate(produced):
+                record.token(first_step + j, traces[j], block[j], token, -logprobs[j], share, record.forwards)
+            record.forward(first_step, len(draft.tokens), accepted, traces[0].kv_len, draft_ms, verify_ms)
+            history.extend(produced)
+            if len(target.trace) != len(history) - 1:
+                raise RuntimeError(f"internal error: the target holds {len(target.trace)} tokens, the history "
+                                   f"{len(history) - 1} fed")
+
+    peak_bytes, peak_kind = peak_memory_bytes(device)
+    tokens, forwards = record.tables()
+    compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
+    summary = _summarise(config, loaded, stream, tokens.drop_columns(["forward"]), compactions, prompt_ms,
+                         target.storage_factor())
+    summary.update(_generation_summary(tokens, forwards, history[len(prompt) :]))
+    _check_budget(config, summary)
+    summary.update(
+        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
+        ended_at=datetime.now(UTC).isoformat(), wall_s=time.perf_counter() - wall_start,
+        environment=fingerprint(device),
+    )
+    return RunResult(config=config, summary=summary, tokens=tokens, compactions=compactions, forwards=forwards)
+
+
+def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([tokens], dtype=torch.long, device=device)
+
+
+def _logprobs(logits: torch.Tensor, targets: list[int]) -> np.ndarray:
+    """log p(target) under the target model (temperature 1), float32 log-softmax."""
+    index = torch.tensor(targets, device=logits.device)
+    rows = F.log_softmax(logits[: len(targets)].float(), dim=-1)
+    return rows.gather(1, index[:, None])[:, 0].double().cpu().numpy()
+
+
+def generated_hash(ids: list[int]) -> str:
+    """A 16-hex-digit identity of the generated ids: equal hashes, identical outputs."""
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class _GenerationRecorder:
+    """Per-token and per-forward rows, in order."""
+
+    def __init__(self):
+        self.rows: dict[str, list] = {name: [] for name in GENERATION_TOKEN_SCHEMA.names}
+        self.forward_rows: dict[str, list] = {name: [] for name in FORWARD_SCHEMA.names}
+        self.forwards = 0
+
+    def token(self, step: int, trace: StepTrace, token: int, target: int, nll: float, latency: float,
+              forward: int | None) -> None:
+        prompt = forward is None
+        values = (step, trace.position, token, target, float(nll), None if prompt else latency,
+                  None, trace.kv_len, trace.compacted, trace.evicted, prompt, forward)
+        for name, value in zip(GENERATION_TOKEN_SCHEMA.names, values, strict=True):
+            self.rows[name].append(value)
+
+    def forward(self, step: int, drafted: int, accepted: int, kv_len: int, draft_ms: float, verify_ms: float) -> None:
+        values = (self.forwards, step, drafted, accepted, accepted + 1, kv_len, draft_ms, verify_ms,
+                  draft_ms + verify_ms)
+        for name, value in zip(FORWARD_SCHEMA.names, values, strict=True):
+            self.forward_rows[name].append(value)
+        self.forwards += 1
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        return (pa.table(self.rows, schema=GENERATION_TOKEN_SCHEMA),
+                pa.table(self.forward_rows, schema=FORWARD_SCHEMA))
+
+
+def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[int]) -> dict:
+    compacted = tokens.column("compacted").to_numpy(zero_copy_only=False)
+    evicted = tokens.column("evicted").to_numpy()
+    drafted = int(np.sum(forwards.column("drafted").to_numpy()))
+    accepted = int(np.sum(forwards.column("accepted").to_numpy()))
+    total_ms = float(np.sum(forwards.column("latency_ms").to_numpy()))
+    return {
+        "compaction_count": int(compacted.sum()),
+        "evicted_total": int(evicted.sum()),
+        "compaction_ms_total": None,  # inside the forwards' latency: a block's compactions are not timed apart
+        "generated_tokens": len(generated),
+        "generated_hash": generated_hash(generated),
+        "verify_forwards": forwards.num_rows,
+        "tokens_per_s": len(generated) / (total_ms / 1000.0),
+        "ms_per_token": total_ms / len(generated),
+        "draft_ms_total": float(np.sum(forwards.column("draft_ms").to_numpy())),
+        "verify_ms_total": float(np.sum(forwards.column("verify_ms").to_numpy())),
+        "drafted_total": drafted,
+        "accepted_total": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_length": len(generated) / forwards.num_rows,
+    }
+
+
+# --- HF generate() over a StreamingCache ------------------------------------------------------------------------------
+@contextmanager
+def streaming_positions(model):
+    """While active, every forward of `model` over a StreamingCache takes its position ids from the cache.
+
+    HF `generate()` counts positions itself, from the attention mask (absolute stream indices): right for `absolute`
+    mode only. Realign and exact mode need each query at its slot; the cache knows both (`next_positions`), so a
+    pre-forward hook on the base model replaces the counted ids with the cache's. Other caches are left alone.
+    """
+
+    def use_cache_positions(module, args, kwargs):
+        cache = kwargs.get(CACHE_KWARG)
+        if isinstance(cache, StreamingCache):
+            inputs = next(x for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args) if x is not None)
+            kwargs["position_ids"] = cache.next_positions(inputs.shape[1], inputs.device)
+        return args, kwargs
+
+    handle = model.base_model.register_forward_pre_hook(use_cache_positions, with_kwargs=True)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def hf_generate(model, input_ids: torch.Tensor, cache=None, **kwargs) -> torch.Tensor:
+    """`model.generate(input_ids, cache=cache, **kwargs)`, HF's own loop (greedy, sampling, its logits processors),
+    with a StreamingCache in any RoPE mode. HF's prompt lookup / assisted decoding crops the cache after a rejection,
+    which a cache that compacts cannot do for entries a compaction has moved: refused here, use a RunConfig with
+    `mode: generate` and `spec: prompt_lookup` (its verification rolls the streaming state back exactly)."""
+    if isinstance(cache, StreamingCache) and (
+        kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_model") is not None
+    ):
+        raise ValueError(
+            "HF's assisted / prompt-lookup decoding crops the cache after rejected drafts, which a StreamingCache "
+            "cannot do once it has compacted: run streaming_llm.evaluate with mode generate and spec prompt_lookup"
+        )
+    if isinstance(cache, StreamingCache) and input_ids.shape[0] != 1:
+        raise ValueError(f"a StreamingCache follows one stream: input_ids has batch {input_ids.shape[0]}, use 1")
+    with streaming_positions(model):
+        return model.generate(input_ids, **{CACHE_KWARG: cache}, **kwargs) if cache is not None else model.generate(
+            input_ids, **kwargs)

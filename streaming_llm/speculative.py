@@ -1,0 +1,223 @@
+"""Draft kinds for speculative decoding, and the speculative-sampling correction that keeps the output exact.
+
+A drafter proposes up to k tokens after the history, with the distributions it drew them from (or none: a point mass);
+`verify` decides from the target's logits over the block which of them are accepted and draws the token that follows,
+so that the generated tokens are distributed exactly as the target's (Leviathan et al. 2023, Chen et al. 2023) and,
+greedy, are the target's argmax tokens. A drafter never touches the target's cache: it keeps its own state.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from transformers import DynamicCache
+
+from .cache import StreamingCache
+from .compat import cache_kwargs
+from .config import ConfigError, RunConfig, _largest_window_within
+from .models import load_model
+from .rope import RotaryGeometry
+
+
+@dataclass
+class Draft:
+    """Proposed tokens, and the distributions [len(tokens), vocab] they were drawn from (None: point masses)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+class Drafter(Protocol):
+    def propose(self, history: list[int], count: int) -> Draft:
+        """Up to `count` tokens to follow `history` (fewer, or none, when the drafter has no guess)."""
+        ...
+
+    def accepted(self, history: list[int]) -> None:
+        """The history after a verification: forget whatever the drafter assumed past its common prefix."""
+        ...
+
+
+# --- the correction ---------------------------------------------------------------------------------------------------
+def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / temperature) in float64 on the CPU, where the sampling decisions are drawn."""
+    return torch.softmax(logits.detach().to("cpu", torch.float64) / temperature, dim=-1)
+
+
+def verify(logits: torch.Tensor, draft: Draft, temperature: float, rng: torch.Generator) -> tuple[int, int]:
+    """(accepted, next): how many drafted tokens the target accepts, and the token it emits after them.
+
+    `logits` [len(draft.tokens) + 1, vocab]: row j is the target's prediction after the j-th token of the block
+    (the last accepted token, then the drafts). Greedy (temperature 0): drafts are accepted while they equal the
+    target's argmax, and the next token is the argmax after them. Sampling: draft j is accepted with probability
+    min(1, p_j(d) / q_j(d)); the first rejected one is replaced by a draw from the normalised positive part of
+    p_j - q_j (for a point mass q: p_j with d removed); when all are accepted, the next token is drawn from p_k.
+    """
+    if temperature == 0.0:
+        greedy = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(draft.tokens) and draft.tokens[accepted] == greedy[accepted]:
+            accepted += 1
+        return accepted, greedy[accepted]
+    p = probabilities(logits, temperature)
+    for j, token in enumerate(draft.tokens):
+        q_token = 1.0 if draft.probs is None else float(draft.probs[j, token])
+        if float(torch.rand((), generator=rng, dtype=torch.float64)) * q_token < float(p[j, token]):
+            continue
+        if draft.probs is None:
+            residual = p[j].clone()
+            residual[token] = 0.0
+        else:
+            residual = (p[j] - draft.probs[j].to(p.dtype)).clamp_min(0.0)
+        if float(residual.sum()) <= 0.0:  # p_j == q_j, where a rejection has probability 0 (rounding only)
+            residual = p[j]
+        return j, int(torch.multinomial(residual, 1, generator=rng))
+    return len(draft.tokens), int(torch.multinomial(p[len(draft.tokens)], 1, generator=rng))
+
+
+# --- prompt lookup -------------------------------------------------------------------------------------------------
+@dataclass
+class PromptLookup:
+    """N-gram lookup over the token history (text, not cache: evicted tokens still count), as HF's prompt lookup.
+
+    The last n tokens (n = ngram_max down to 1) are searched earlier in the history; the tokens that followed the most
+    recent match with `count` followers (else the earliest match) are the draft, as a point mass.
+    """
+
+    ngram_max: int = 3
+
+    def propose(self, history: list[int], count: int) -> Draft:
+        if count < 1:
+            return Draft([])
+        ids = np.asarray(history, dtype=np.int64)
+        for n in range(min(self.ngram_max, len(ids) - 1), 0, -1):
+            windows = sliding_window_view(ids[:-1], n)  # ngrams that have at least one follower
+            starts = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+            if not len(starts):
+                continue
+            full = starts[starts + n + count <= len(ids)]
+            start = int(full[-1] if len(full) else starts[0])
+            return Draft(ids[start + n : start + n + count].tolist())
+        return Draft([])
+
+    def accepted(self, history: list[int]) -> None:
+        return None
+
+
+# --- model drafts --------------------------------------------------------------------------------------------------
+class ModelDrafter:
+    """Drafts with a causal LM over its own cache: a separate model, the target's first layers, or the target over a
+    small streaming cache. Greedy drafts are argmax tokens; sampled ones are drawn at the run's temperature.
+
+    The draft's cache holds `fed` (a prefix of the history plus the drafts it fed); after a verification it is cut back
+    to the common prefix with the new history, so only tokens the draft has not seen are fed at the next proposal.
+    """
+
+    def __init__(self, model, cache, temperature: float, rng: torch.Generator):
+        self.model = model
+        self.cache = cache
+        self.temperature = temperature
+        self.rng = rng
+        self.fed: list[int] = []
+        self.device = next(model.parameters()).device
+
+    def _forward(self, tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=self.device)
+        kwargs: dict[str, Any] = {}
+        if isinstance(self.cache, StreamingCache):
+            kwargs["position_ids"] = self.cache.next_positions(len(tokens), self.device)
+        out = self.model(input_ids=ids, logits_to_keep=1, **kwargs, **cache_kwargs(self.cache))
+        self.fed.extend(tokens)
+        return out.logits[0, -1]
+
+    def propose(self, history: list[int], count: int) -> Draft:
+        if count < 1:
+            return Draft([])
+        logits = self._forward(history[len(self.fed) :])
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(count):
+            if self.temperature == 0.0:
+                token = int(logits.argmax())
+            else:
+                q = probabilities(logits, self.temperature)
+                token = int(torch.multinomial(q, 1, generator=self.rng))
+                probs.append(q)
+            tokens.append(token)
+            if i < count - 1:
+                logits = self._forward([token])
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def accepted(self, history: list[int]) -> None:
+        common = 0
+        limit = min(len(self.fed), len(history))
+        while common < limit and self.fed[common] == history[common]:
+            common += 1
+        if common < len(self.fed):
+            drop_newest(self.cache, len(self.fed) - common)
+            del self.fed[common:]
+
+
+def drop_newest(cache, count: int) -> None:
+    """Forget the newest `count` entries of a draft's cache (DynamicCache: crop; StreamingCache: shorten).
+
+    For a StreamingCache this is not the exact rollback of the target's verification (the schedule is not rewound):
+    the newest entries survive any compaction, so dropping them is right, and a schedule a few steps off only changes
+    which old entries the draft sees, hence its acceptance, never the output.
+    """
+    if isinstance(cache, StreamingCache):
+        cache.compact_pending()
+        for layer in cache.layers:
+            layer.length = max(layer.length - count, 0)
+        cache.tokens_seen -= count
+        return
+    cache.crop(-count)  # transformers 5.24: a negative value removes that many entries
+
+
+def first_layers(model, count: int):
+    """The target's first `count` decoder layers with its final norm and head, sharing its weights (no copy)."""
+    base = model.base_model
+    total = len(base.layers)
+    if not 1 <= count < total:
+        raise ConfigError(f"draft_layers = {count}: the target has {total} layers, use 1 to {total - 1}")
+    config = copy.copy(model.config)
+    config.num_hidden_layers = count
+    truncated_base = copy.copy(base)
+    truncated_base._modules = dict(base._modules)
+    truncated_base._modules["layers"] = torch.nn.ModuleList(list(base.layers)[:count])
+    truncated_base.config = config
+    truncated = copy.copy(model)
+    truncated._modules = dict(model._modules)
+    truncated._modules[model.base_model_prefix] = truncated_base
+    truncated.config = config
+    return truncated
+
+
+def make_drafter(config: RunConfig, loaded, rng: torch.Generator) -> Drafter | None:
+    """The drafter of `config.spec` (None for spec none), its weights loaded or shared before any timing."""
+    if config.spec == "none":
+        return None
+    if config.spec == "prompt_lookup":
+        return PromptLookup(config.ngram_max)
+    target = loaded.model
+    if config.spec == "draft":
+        if config.draft_model is not None:
+            model = load_model(config.draft_model, target.dtype, loaded.device, loaded.attn_implementation)
+            if model.config.vocab_size != target.config.vocab_size:
+                raise ConfigError(
+                    f"draft_model = {config.draft_model} has a vocabulary of {model.config.vocab_size} tokens, the "
+                    f"target {config.model} {target.config.vocab_size}: a draft must share the target's tokenizer"
+                )
+        else:
+            model = first_layers(target, config.draft_layers)
+        return ModelDrafter(model, DynamicCache(config=model.config), config.temperature, rng)
+    # self_stream: the target itself over a strict streaming cache of draft_cap entries (realign).
+    policy = _largest_window_within(config.draft_cap, 0, dict(
+        sink=config.sink, overlap=0, refresh=0, slack=0, compress_every=1, max_drop=0,
+    ))
+    cache = StreamingCache(policy, RotaryGeometry.of(target), target.config.num_hidden_layers, "realign")
+    return ModelDrafter(target, cache, config.temperature, rng)

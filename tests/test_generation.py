@@ -1,0 +1,328 @@
+"""Generation runs and speculative decoding: greedy output identical to spec none for every draft kind and k, the
+sampling correction distributes tokens as the target (chi-square), rollback leaves the cache as stepwise decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streaming_llm import ConfigError, RunConfig, StreamingCache, evaluate
+from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, StreamingBlockTarget, hf_generate, make_target
+from streaming_llm.rope import RotaryGeometry
+from streaming_llm.speculative import Draft, PromptLookup, first_layers, verify
+from tests.conftest import TINY_MODELS
+
+GENERATE = dict(attn_implementation="eager", device="cpu", mode="generate", prompt_tokens=48, new_tokens=40, warmup=2)
+SPECS = [
+    ("prompt_lookup", dict(ngram_max=3)),
+    ("draft", dict(draft_layers=1)),
+    ("self_stream", dict(draft_cap=16)),
+]
+
+
+def generate_run(loaded, **knobs):
+    return evaluate(RunConfig(model=loaded.name, **{**GENERATE, **knobs}), loaded=loaded)
+
+
+def generated(result) -> list[int]:
+    tokens = result.tokens
+    return [t for t, p in zip(tokens.column("target_id").to_pylist(), tokens.column("prefill").to_pylist(),
+                              strict=True) if not p]
+
+
+# --- configuration ----------------------------------------------------------------------------------------------------
+def test_generation_knobs_are_normalised_away_where_not_read():
+    assert RunConfig(window=8, spec="draft", num_draft=7, temperature=0.5).run_hash == RunConfig(window=8).run_hash
+    plain = RunConfig(window=8, mode="generate")
+    assert RunConfig(window=8, mode="generate", num_draft=7, draft_cap=9, seed=3, max_tokens=99,
+                     prefill=5).run_hash == plain.run_hash
+    assert RunConfig(window=8, mode="generate", temperature=1.0, seed=3).run_hash != RunConfig(
+        window=8, mode="generate", temperature=1.0).run_hash
+    lookup = RunConfig(window=8, mode="generate", spec="prompt_lookup", draft_layers=3)
+    assert lookup.draft_layers == 0 and lookup.run_hash != plain.run_hash
+
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(prompt_tokens=1), "prompt_tokens = 1 < 2"),
+    (dict(new_tokens=0), "new_tokens = 0 < 1"),
+    (dict(new_tokens=4, warmup=4), "warmup = 4 >= new_tokens = 4"),
+    (dict(temperature=-1.0), "temperature = -1.0"),
+    (dict(spec="draft"), "spec draft needs exactly one of draft_model"),
+    (dict(spec="prompt_lookup", num_draft=0), "num_draft = 0 < 1"),
+    (dict(spec="prompt_lookup", ngram_max=0), "ngram_max = 0 < 1"),
+    (dict(spec="self_stream", draft_cap=5), "draft_cap = 5 < sink + 2 = 6"),
+    (dict(spec="banana"), "spec = 'banana'"),
+])
+def test_invalid_generation_configuration_is_refused(knobs, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(dict(window=8, mode="generate", **knobs))
+    assert message in str(error.value)
+
+
+def test_recompute_cannot_verify_drafts():
+    with pytest.raises(ConfigError, match="spec = prompt_lookup with method recompute"):
+        RunConfig.from_dict(dict(method="recompute", cap=16, mode="generate", spec="prompt_lookup"))
+
+
+# --- greedy exactness -------------------------------------------------------------------------------------------------
+POLICIES = {
+    "dense": dict(method="dense"),
+    "strict": dict(method="streaming", sink=4, window=20, compress_every=1),
+    "lazy": dict(method="streaming", sink=4, window=16, compress_every=6),
+    "staged": dict(method="streaming", sink=2, window=14, compress_every=5, slack=8, max_drop=3, refresh=2,
+                   refresh_policy="middle"),
+}
+CASES = [("dense", "realign")] + [(policy, rope) for policy in ("strict", "lazy", "staged")
+                                  for rope in ("realign", "exact", "absolute")]
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("policy, rope_mode", CASES)
+@pytest.mark.parametrize("spec, knobs", SPECS)
+@pytest.mark.parametrize("num_draft", [1, 4])
+def test_greedy_speculation_generates_what_spec_none_generates(tiny_models, model, policy, rope_mode, spec, knobs,
+                                                                num_draft):
+    """Every draft kind and k, under every policy and RoPE mode: the same ids, spans and positions as spec none
+    (the run's own stepper, one token per forward), blocks crossing compactions included."""
+    loaded = tiny_models[model]
+    cache = {**POLICIES[policy], **({"rope_mode": rope_mode} if policy != "dense" else {})}
+    reference = generate_run(loaded, **cache)
+    run = generate_run(loaded, spec=spec, num_draft=num_draft, **knobs, **cache)
+    if policy != "dense":
+        assert reference.summary["compaction_count"] >= 10
+    if spec == "prompt_lookup":
+        assert run.summary["accepted_total"] > 0 and run.summary["verify_forwards"] < GENERATE["new_tokens"]
+    assert generated(run) == generated(reference)
+    assert run.summary["generated_hash"] == reference.summary["generated_hash"]
+    for column in ("kv_len", "evicted", "compacted", "position"):
+        assert run.tokens.column(column).to_pylist() == reference.tokens.column(column).to_pylist(), column
+    assert run.tokens.column("position").to_pylist() == reference.tokens.column("position").to_pylist()
+    np.testing.assert_allclose(run.tokens.column("nll").to_numpy(), reference.tokens.column("nll").to_numpy(),
+                               rtol=0, atol=1e-4)
+    forwards = run.forwards.to_pydict()
+    assert sum(forwards["generated"]) == GENERATE["new_tokens"] == run.summary["generated_tokens"]
+    assert all(0 <= a <= d <= num_draft for a, d in zip(forwards["accepted"], forwards["drafted"], strict=True))
+    assert run.summary["verify_forwards"] == len(forwards["forward"]) <= reference.summary["verify_forwards"]
+
+
+def test_prompt_lookup_pays_off_on_a_repetitive_text(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    reference = generate_run(loaded, method="dense")
+    lookup = generate_run(loaded, method="dense", spec="prompt_lookup", num_draft=4)
+    assert lookup.summary["acceptance_rate"] > 0.3  # a random model's greedy output falls into loops
+    assert lookup.summary["verify_forwards"] < reference.summary["verify_forwards"] / 1.5
+
+
+# --- the pieces -------------------------------------------------------------------------------------------------------
+def test_prompt_lookup_continues_the_latest_match_of_the_longest_ngram():
+    lookup = PromptLookup(ngram_max=3)
+    history = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup.propose(history, 2).tokens == [7, 8]  # "2 3" (no "5 2 3" earlier): its latest full match
+    assert lookup.propose([4, 5, 6], 3).tokens == []
+    assert lookup.propose([1, 2, 1], 3).tokens == [2, 1]  # only match too close to the end: what follows it
+
+
+def test_first_layers_share_the_weights_and_equal_a_shallower_model(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    truncated = first_layers(loaded.model, 1)
+    assert len(loaded.model.base_model.layers) == 2  # the target is untouched
+    assert truncated.base_model.layers[0] is loaded.model.base_model.layers[0]
+    shallow_config = loaded.model.config.__class__(**{**loaded.model.config.to_dict(), "num_hidden_layers": 1})
+    shallow = type(loaded.model)(shallow_config).eval()
+    shallow.load_state_dict(loaded.model.state_dict(), strict=False)
+    ids = torch.arange(3, 40)[None, :]
+    with torch.inference_mode():
+        np.testing.assert_allclose(truncated(ids).logits.numpy(), shallow(ids).logits.numpy(), atol=1e-5)
+        assert not torch.allclose(truncated(ids).logits, loaded.model(ids).logits, atol=1e-2)
+
+
+def test_dense_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models):
+    """After a rejected block, the block target's cache holds, slot for slot, what one-token steps leave."""
+    loaded = tiny_models["tiny-neox"]
+    config = RunConfig(model=loaded.name, **GENERATE, method="dense", spec="prompt_lookup")
+    block, stepwise = make_target(loaded, config), StepwiseTarget(loaded, config.model_copy(update={"spec": "none"}))
+    assert isinstance(block, DenseBlockTarget)
+    tokens = torch.tensor([list(range(10, 40))])
+    with torch.inference_mode():
+        block.forward_block(tokens[:, :20])
+        block.forward_block(tokens[:, 20:27])  # a block of 7, of which the last 4 are rejected
+        block.rewind(4)
+        stepwise.forward_block(tokens[:, :23])
+    assert block.trace == stepwise.trace
+    for ours, theirs in zip(block.cache.layers, stepwise.stepper.cache.layers, strict=True):
+        np.testing.assert_allclose(ours.keys.numpy(), theirs.keys.numpy(), atol=1e-5)
+        np.testing.assert_allclose(ours.values.numpy(), theirs.values.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("policy", ["strict", "lazy", "staged"])
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+@pytest.mark.parametrize("rejected", [1, 4, 6])
+def test_streaming_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models, model, policy, rope_mode, rejected):
+    """A block of 7 crossing compactions, `rejected` of its tokens rolled back: the cache holds, slot for slot, the
+    entries (same stream indices, keys and values) that one-token steps over the accepted tokens leave."""
+    loaded = tiny_models[model]
+    config = RunConfig(model=loaded.name, **GENERATE, **POLICIES[policy], rope_mode=rope_mode, spec="prompt_lookup")
+    block = make_target(loaded, config)
+    stepwise = StepwiseTarget(loaded, config.model_copy(update={"spec": "none"}))
+    assert isinstance(block, StreamingBlockTarget)
+    tokens = torch.tensor([[(7 * i) % 200 + 20 for i in range(60)]])
+    with torch.inference_mode():
+        block.forward_block(tokens[:, :41])
+        block.forward_block(tokens[:, 41:48])
+        block.rewind(rejected)
+        stepwise.forward_block(tokens[:, : 48 - rejected])
+        contents = block.cache_contents()
+    assert block.trace == stepwise.trace
+    assert any(trace.compacted for trace in block.trace[41:]) or policy != "strict"
+    cache = stepwise.stepper.cache
+    assert block.kept_tokens() == _stepwise_kept_tokens(stepwise, 48 - rejected)
+    for layer, (keys, values) in zip(cache.layers, contents, strict=True):
+        with torch.inference_mode():
+            expected_keys = layer.keys_to_attend()
+        np.testing.assert_allclose(keys.numpy(), expected_keys.numpy(), atol=1e-4)
+        np.testing.assert_allclose(values.numpy(), layer.values[:, :, : layer.length].numpy(), atol=1e-5)
+
+
+def _stepwise_kept_tokens(stepwise: StepwiseTarget, fed: int) -> list[int]:
+    """Stream indices a StreamingCache keeps after `fed` steps, replayed from its schedule's plans (no tensors)."""
+    from streaming_llm.policy import CompactionSchedule
+
+    schedule = CompactionSchedule(stepwise.stepper.cache.schedule.policy)
+    kept: list[int] = []
+    for index in range(fed):
+        kept.append(index)
+        plan = schedule.step(len(kept))
+        if plan is not None:
+            kept = [kept[slot] for slot in plan.kept_slots]
+    return kept
+
+
+# --- the sampling correction ------------------------------------------------------------------------------------------
+def _chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    statistic = float(((counts - expected) ** 2 / expected).sum())
+    dof = len(counts) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def _resample_from_p(logits, draft, temperature, rng):
+    """A wrong correction: on rejection, draw from p itself instead of the positive part of p - q."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    token = draft.tokens[0]
+    q_token = 1.0 if draft.probs is None else float(draft.probs[0, token])
+    if float(torch.rand((), generator=rng, dtype=torch.float64)) * q_token < float(p[0, token]):
+        return 1, int(torch.multinomial(p[1], 1, generator=rng))
+    return 0, int(torch.multinomial(p[0], 1, generator=rng))
+
+
+TARGET_LOGITS = torch.tensor([[1.2, 0.3, -0.5, 0.9, 0.0, -1.0], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+DRAFT_PROBS = torch.tensor([0.05, 0.05, 0.5, 0.1, 0.2, 0.1], dtype=torch.float64)
+
+
+def _first_token_counts(correction, point_mass: bool, trials: int = 20000) -> np.ndarray:
+    """The first generated token over `trials` draws: a draft drawn from q (or the fixed token 2), then verified."""
+    rng = torch.Generator().manual_seed(1234)
+    counts = np.zeros(TARGET_LOGITS.shape[1])
+    for _ in range(trials):
+        if point_mass:
+            draft = Draft([2])
+        else:
+            draft = Draft([int(torch.multinomial(DRAFT_PROBS, 1, generator=rng))], DRAFT_PROBS[None, :])
+        accepted, following = correction(TARGET_LOGITS, draft, 0.7, rng)
+        counts[draft.tokens[0] if accepted else following] += 1
+    return counts
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_speculative_sampling_draws_the_first_token_from_the_target(point_mass):
+    target = torch.softmax(TARGET_LOGITS[0].double() / 0.7, dim=-1).numpy()
+    assert _chi_square_p_value(_first_token_counts(verify, point_mass), target) > 1e-3
+    assert _chi_square_p_value(_first_token_counts(_resample_from_p, point_mass), target) < 1e-9
+
+
+def test_greedy_verification_accepts_the_argmax_prefix():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [4.0, 0.0, 1.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    rng = torch.Generator().manual_seed(0)
+    assert verify(logits, Draft([1, 0, 1]), 0.0, rng) == (2, 2)
+    assert verify(logits, Draft([1, 0, 2]), 0.0, rng) == (3, 0)
+    assert verify(logits, Draft([]), 0.0, rng) == (0, 1)
+
+
+# --- HF generate() over a StreamingCache ------------------------------------------------------------------------------
+def _streaming_cache(loaded, rope_mode: str, window: int):
+    policy = RunConfig(window=window, sink=4).policy
+    return StreamingCache(policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers, rope_mode)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_hf_generate_over_a_streaming_cache_equals_the_generation_protocol(tiny_models, model, rope_mode):
+    """Greedy: HF's loop over our cache generates what our stepwise protocol does, across compactions."""
+    loaded = tiny_models[model]
+    ours = generate_run(loaded, method="streaming", window=40, sink=4, rope_mode=rope_mode, prompt_tokens=32)
+    assert ours.summary["compaction_count"] > 0
+    prompt = ours.tokens.column("token_id").to_pylist()[:32]
+    out = hf_generate(loaded.model, torch.tensor([prompt]), cache=_streaming_cache(loaded, rope_mode, 40),
+                      max_new_tokens=GENERATE["new_tokens"], do_sample=False)
+    assert out[0, 32:].tolist() == generated(ours)
+    if rope_mode != "absolute":  # without the cache's positions, HF's absolute count derails after a compaction
+        plain = loaded.model.generate(torch.tensor([prompt]), cache=_streaming_cache(loaded, rope_mode, 40),
+                                      max_new_tokens=GENERATE["new_tokens"], do_sample=False)
+        assert plain[0, 32:].tolist() != generated(ours)
+
+
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_hf_sampling_over_a_streaming_cache_with_room_equals_dense(tiny_models, rope_mode):
+    loaded = tiny_models["tiny-llama"]
+    prompt = torch.arange(40, 72)[None, :]
+    torch.manual_seed(7)
+    dense = hf_generate(loaded.model, prompt, max_new_tokens=30, do_sample=True, temperature=1.5, top_k=0)
+    torch.manual_seed(7)
+    streaming = hf_generate(loaded.model, prompt, cache=_streaming_cache(loaded, rope_mode, 200), max_new_tokens=30,
+                            do_sample=True, temperature=1.5, top_k=0)
+    assert streaming.tolist() == dense.tolist()
+
+
+def test_hf_prompt_lookup_over_a_streaming_cache_is_refused_with_the_alternative(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    with pytest.raises(ValueError, match="mode generate and spec prompt_lookup"):
+        hf_generate(loaded.model, torch.arange(40, 72)[None, :], cache=_streaming_cache(loaded, "realign", 40),
+                    max_new_tokens=8, prompt_lookup_num_tokens=3)
+
+
+def test_embedded_model_greedy_speculation_is_exact_under_strict_and_lazy():
+    """SmolLM2-135M on Shakespeare: prompt lookup and self_stream under strict and lazy streaming generate exactly
+    spec none's ids (real attention patterns, blocks crossing compactions)."""
+    from streaming_llm import LoadedModel
+
+    base = dict(model="smollm2-135m", device="cpu", mode="generate", prompt_tokens=64, new_tokens=40, warmup=2,
+                method="streaming", cap=48)
+    loaded = LoadedModel.load(RunConfig(**{**base, "method": "dense", "cap": None}))
+    for compress_every in (1, 16):
+        reference = evaluate(RunConfig(**base, compress_every=compress_every), loaded=loaded)
+        assert reference.summary["compaction_count"] > 0
+        for spec in (dict(spec="prompt_lookup", num_draft=4), dict(spec="self_stream", num_draft=3, draft_cap=24)):
+            run = evaluate(RunConfig(**base, compress_every=compress_every, **spec), loaded=loaded)
+            assert generated(run) == generated(reference), (compress_every, spec)
+            assert run.tokens.column("kv_len").to_pylist() == reference.tokens.column("kv_len").to_pylist()
+            assert run.summary["accepted_total"] > 0, (compress_every, spec)
+
+
+@pytest.mark.parametrize("policy", ["dense", "strict"])
+def test_a_separate_draft_model_keeps_the_output_exact(tiny_models, policy):
+    loaded = tiny_models["tiny-llama"]
+    reference = generate_run(loaded, **POLICIES[policy])
+    run = generate_run(loaded, **POLICIES[policy], spec="draft", draft_model="tiny-neox", num_draft=3)
+    assert generated(run) == generated(reference) and run.summary["drafted_total"] > 0
+
+
+@pytest.mark.parametrize("spec, knobs", SPECS)
+def test_sampled_generation_is_reproducible_from_its_seed(tiny_models, spec, knobs):
+    loaded = tiny_models["tiny-neox"]
+    runs = [generate_run(loaded, **POLICIES["lazy"], spec=spec, temperature=0.8, seed=seed, **knobs)
+            for seed in (3, 3, 4)]
+    assert runs[0].summary["generated_hash"] == runs[1].summary["generated_hash"] != runs[2].summary["generated_hash"]
+    assert all(run.summary["generated_tokens"] == GENERATE["new_tokens"] for run in runs)
