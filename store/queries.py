@@ -42,6 +42,7 @@ _PIVOT = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:UN)?PIVOT\b", re.IGN
 # No connection of ours fetches or loads an extension (a foreign file, a SQLite one, would make DuckDB download one).
 NO_EXTENSIONS = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
 DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
+FILE_HEADER_BYTES = 3 * 4096  # DuckDB's main header and its two database headers, before the first block
 
 
 class StoreError(RuntimeError):
@@ -96,6 +97,7 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
     con = _open_read_only(path, attempts, config)
     try:
         try:
+            check_length(con, path)
             _check_is_store(con, path)
             yield con
         except duckdb.Error as exc:
@@ -114,6 +116,17 @@ def _is_damage(exc: duckdb.Error) -> bool:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Raise StoreError when the file is shorter than the blocks its header counts (a truncated copy or download):
+    DuckDB would only notice when a query reaches a missing block, an index's perhaps, midway through a write."""
+    blocks, block_size = con.execute("SELECT total_blocks, block_size FROM pragma_database_size()").fetchall()[0]
+    expected = FILE_HEADER_BYTES + blocks * block_size
+    size = path.stat().st_size
+    if size < expected:
+        raise StoreError(f"{path} is damaged (truncated: {size:,} bytes, its header counts {blocks} blocks = "
+                         f"{expected:,} bytes); it was left untouched: restore it, or rerun the grid into a new --store")
 
 
 def _check_header(path: Path) -> None:

@@ -26,7 +26,8 @@ from sqlalchemy.schema import CreateTable
 
 from streaming_llm import RunConfig
 
-from .queries import DUCKDB_MAGIC, NO_EXTENSIONS
+from .queries import DUCKDB_MAGIC, NO_EXTENSIONS, check_length
+from .queries import StoreError as ReadError
 from .schema import (
     APPLICATION_ID,
     KNOB_COLUMNS,
@@ -84,7 +85,10 @@ def check_store_file(path: Path) -> None:
         raise StoreError(f"--store {path} cannot be opened ({_first_line(exc)}); it was left untouched: pass another "
                          "--store") from exc
     try:
+        check_length(con, path)
         found = _read_meta(con)
+    except ReadError as exc:
+        raise StoreError(f"--store {exc}") from None
     except duckdb.Error as exc:
         raise _damaged(path, exc) from exc
     finally:
