@@ -126,7 +126,8 @@ def check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     size = path.stat().st_size
     if size < expected:
         raise StoreError(f"{path} is damaged (truncated: {size:,} bytes, its header counts {blocks} blocks = "
-                         f"{expected:,} bytes); it was left untouched: restore it, or rerun the grid into a new --store")
+                         f"{expected:,} bytes); it was left untouched: restore it, or rerun the grid into a new "
+                         "--store")
 
 
 def _check_header(path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from gridrun.__main__ import main
 from gridrun.preflight import _model_problem
-from gridrun.spec import GridError, load_grid
+from gridrun.spec import load_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = "name: h\nbase: {model: tiny-llama, max_tokens: 64, cap: 32, warmup: 2}\n"

@@ -24,7 +24,8 @@ from streaming_llm import RunConfig, evaluate
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 BASE = {"model": "tiny-llama", "max_tokens": 200, "cap": 48, "sink": 4, "warmup": 2, "method": "streaming"}
-GRID = "name: g\nbase: {model: tiny-llama, max_tokens: 200, cap: 48, sink: 4, warmup: 2}\nexperiments: {main: {runs: [{}]}}\n"
+GRID = ("name: g\nbase: {model: tiny-llama, max_tokens: 200, cap: 48, sink: 4, warmup: 2}\n"
+        "experiments: {main: {runs: [{}]}}\n")
 BLOCK, HEADER = 262_144, 3 * 4096  # DuckDB's block size and file header
 
 
@@ -123,9 +124,8 @@ def test_a_store_of_a_newer_schema_gets_a_clear_message_in_the_dashboard(tmp_pat
     make_store(store, result, copies=1)
     with duckdb.connect(str(store)) as con:
         con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(queries.StoreError, match="written by a newer gridrun"):
-        with queries.connect(store):
-            pass
+    with pytest.raises(queries.StoreError, match="written by a newer gridrun"), queries.connect(store):
+        pass
     monkeypatch.setenv("GRIDRUN_STORE", str(store))
     app = AppTest.from_file(APP, default_timeout=60).run()
     assert not app.exception and any("newer gridrun" in error.value for error in app.error)
@@ -137,9 +137,8 @@ def test_a_sqlite_file_is_refused_without_fetching_an_extension(tmp_path):
     path = tmp_path / "store.duckdb"
     with sqlite3.connect(path) as con:
         con.execute("CREATE TABLE runs (x)")
-    with pytest.raises(queries.StoreError, match="not a DuckDB database") as refused:
-        with queries.connect(path):
-            pass
+    with pytest.raises(queries.StoreError, match="not a DuckDB database") as refused, queries.connect(path):
+        pass
     assert "download" not in str(refused.value).lower()
 
 
