@@ -125,9 +125,9 @@ def check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     expected = FILE_HEADER_BYTES + blocks * block_size
     size = path.stat().st_size
     if size < expected:
-        raise StoreError(f"{path} is damaged (truncated: {size:,} bytes, its header counts {blocks} blocks = "
-                         f"{expected:,} bytes); it was left untouched: restore it, or rerun the grid into a new "
-                         "--store")
+        raise StoreError(f"{path} cannot be read: corrupt or truncated ({size:,} bytes, its header counts {blocks} "
+                         f"blocks = {expected:,} bytes); it was left untouched: restore it, or rerun the grid into a "
+                         "new --store")
 
 
 def _check_header(path: Path) -> None:
