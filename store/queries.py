@@ -94,10 +94,10 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
     if sandbox:
         config |= {"enable_external_access": False, "memory_limit": SQL_BOX_MEMORY, "temp_directory": "",
                    "lock_configuration": True}
-    con = _open_read_only(path, attempts, config)
+    con, size = _open_snapshot(path, attempts, config)
     try:
         try:
-            check_length(con, path)
+            check_length(con, path, size)
             _check_is_store(con, path)
             yield con
         except duckdb.Error as exc:
@@ -118,12 +118,24 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """Raise StoreError when the file is shorter than the blocks its header counts (a truncated copy or download):
-    DuckDB would only notice when a query reaches a missing block, an index's perhaps, midway through a write."""
+def _open_snapshot(path: Path, attempts: int, config: dict) -> tuple[duckdb.DuckDBPyConnection, int]:
+    """A read-only connection and the size of the very file it opened (a writer may swap in a new snapshot between
+    a stat and the open: then the open is retried)."""
+    for _ in range(attempts):
+        before = os.stat(path)
+        con = _open_read_only(path, attempts, config)
+        if os.stat(path).st_ino == before.st_ino:
+            return con, before.st_size
+        con.close()
+    raise StoreError(f"{path} was replaced {attempts} times while being opened: retry")
+
+
+def check_length(con: duckdb.DuckDBPyConnection, path: Path, size: int) -> None:
+    """Raise StoreError when the file (of `size` bytes) is shorter than the blocks its header counts (a truncated copy
+    or download): DuckDB would only notice when a query reaches a missing block, an index's perhaps, midway through a
+    write."""
     blocks, block_size = con.execute("SELECT total_blocks, block_size FROM pragma_database_size()").fetchall()[0]
     expected = FILE_HEADER_BYTES + blocks * block_size
-    size = path.stat().st_size
     if size < expected:
         raise StoreError(f"{path} cannot be read: corrupt or truncated ({size:,} bytes, its header counts {blocks} "
                          f"blocks = {expected:,} bytes); it was left untouched: restore it, or rerun the grid into a "
