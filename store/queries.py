@@ -134,12 +134,13 @@ def check_length(con: duckdb.DuckDBPyConnection, path: Path, size: int) -> None:
     """Raise StoreError when the file (of `size` bytes) is shorter than the blocks its header counts (a truncated copy
     or download): DuckDB would only notice when a query reaches a missing block, an index's perhaps, midway through a
     write."""
-    blocks, block_size = con.execute("SELECT total_blocks, block_size FROM pragma_database_size()").fetchall()[0]
+    # Used blocks, not total ones: DuckDB truncates free blocks off the end of the file, but every used block is in it.
+    blocks, block_size = con.execute("SELECT used_blocks, block_size FROM pragma_database_size()").fetchall()[0]
     expected = FILE_HEADER_BYTES + blocks * block_size
     if size < expected:
         raise StoreError(f"{path} cannot be read: corrupt or truncated ({size:,} bytes, its header counts {blocks} "
-                         f"blocks = {expected:,} bytes); it was left untouched: restore it, or rerun the grid into a "
-                         "new --store")
+                         f"used blocks = {expected:,} bytes); it was left untouched: restore it, or rerun the grid "
+                         "into a new --store")
 
 
 def _check_header(path: Path) -> None:
