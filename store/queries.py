@@ -152,8 +152,8 @@ def _check_header(path: Path) -> None:
     except OSError as exc:
         raise StoreError(f"{path} cannot be read ({exc.strerror}): fix its permissions") from None
     if len(header) < 12 or header[8:12] != DUCKDB_MAGIC:
-        raise StoreError(f"{path} is not a DuckDB database (another kind of file, or truncated): pass the store that "
-                         "python -m gridrun --store wrote")
+        raise StoreError(f"{path} cannot be read as a DuckDB database (it is another kind of file, or truncated): pass "
+                         "the store that python -m gridrun --store wrote")
 
 
 def _open_read_only(path: Path, attempts: int, config: dict) -> duckdb.DuckDBPyConnection:
