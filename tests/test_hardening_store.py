@@ -137,7 +137,8 @@ def test_a_sqlite_file_is_refused_without_fetching_an_extension(tmp_path):
     path = tmp_path / "store.duckdb"
     with sqlite3.connect(path) as con:
         con.execute("CREATE TABLE runs (x)")
-    with pytest.raises(queries.StoreError, match="cannot be read as a DuckDB database") as refused, queries.connect(path):
+    refused = "cannot be read as a DuckDB database"
+    with pytest.raises(queries.StoreError, match=refused) as refused, queries.connect(path):
         pass
     assert "download" not in str(refused.value).lower()
 
