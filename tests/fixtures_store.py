@@ -134,7 +134,8 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
             run_hash = f"synthetic{index:07d}"
             knobs = {column.name: None for column in KNOB_COLUMNS} | {
                 "model": "synthetic", "dataset": "shakespeare", "sample": 0, "max_tokens": steps + 1, "prefill": 0,
-                "warmup": 8, "method": method, "sink": 4, "cap": 256, "cap_mode": "peak", "overlap": 0, "refresh": 0,
+                "warmup": 8, "protocol": "stepwise", "chunk": 256, "score_stride": 1, "method": method, "sink": 4,
+                "cap": 256, "cap_mode": "peak", "overlap": 0, "refresh": 0,
                 "refresh_policy": "none", "slack": slack if method == "streaming" else 0,
                 "compress_every": compress_every if method == "streaming" else 1, "max_drop": 0,
                 "rope_mode": "realign", "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa",
@@ -144,6 +145,7 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
             nll = tokens.column("nll").to_numpy()
             row = {
                 "run_hash": run_hash, "group_hash": f"group{index % 24:04d}" if method == "streaming" else "base",
+                "setting_hash": f"group{index % 24:04d}" if method == "streaming" else "base",
                 "status": "done", "error": None, "attempts": 1, "config_json": json.dumps(knobs), **knobs,
                 "text_id": "synthetic", "token_hash": "synthetic", "random_weights": True, "predicted_tokens": steps,
                 "decode_steps": steps, "ppl": float(np.exp(nll.mean())), "ppl_decode": float(np.exp(nll.mean())),
