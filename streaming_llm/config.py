@@ -36,6 +36,7 @@ KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
 # log2 cap) then resolves a window within about 2 s here.
 KNOB_BOUNDS: dict[str, int] = {
     "max_tokens": 1 << 22, "prefill": 1 << 22, "warmup": 1 << 22, "sample": 1_000_000, "repeat": 1_000_000,
+    "chunk": 1 << 22, "score_stride": 1 << 22,
 }
 SPAN_KNOBS = ("sink", "window", "cap", "overlap", "refresh", "slack", "compress_every", "max_drop")
 SPAN_BUDGET = 1 << 14

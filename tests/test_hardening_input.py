@@ -48,6 +48,7 @@ BAD_FILES = {
     "max_tokens 1e23": (experiment("{runs: [{max_tokens: 100000000000000000000000}]}").encode(), "max_tokens"),
     "sample > INT32": (experiment("{runs: [{sample: 2147483648}]}").encode(), "sample"),
     "repeat > INT32": (experiment("{runs: [{repeat: 2147483648}]}").encode(), "repeat"),
+    "chunk > INT32": (experiment("{runs: [{protocol: parallel, chunk: 2147483648}]}").encode(), "chunk"),
     "product of lists": (experiment("{grid: {sink: [0,1,2,3,4,5,6,7,8,9], slack: [0,1,2,3,4,5,6,7,8,9], "
                                     "overlap: [0,1,2,3,4,5,6,7,8,9], max_drop: [0,1,2,3,4,5,6,7,8,9], "
                                     "repeats: [1,2,3,4,5,6,7,8,9,10]}}").encode(), "more than 10,000 runs"),
