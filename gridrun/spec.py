@@ -153,6 +153,8 @@ def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
 
 def _load_yaml(text: str, where: str) -> Any:
     """Safe YAML with bounded nesting and bounded alias expansion; errors become one-line GridErrors."""
+    if _flow_depth(text) > MAX_DEPTH:  # PyYAML's scanner reads a whole flow collection ahead: refuse it unread
+        raise GridError(f"{where}: not valid YAML: nested more than {MAX_DEPTH} levels deep: a grid needs 4")
     try:
         data = yaml.load(text, Loader=_SafeUniqueKeyLoader)  # a SafeLoader: it builds no arbitrary objects
     except yaml.MarkedYAMLError as exc:
@@ -164,6 +166,19 @@ def _load_yaml(text: str, where: str) -> Any:
         raise GridError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
     _check_size(data, where)
     return data
+
+
+_QUOTED_OR_COMMENT = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\']|\'\')*\'|(?:^|(?<=\s))#[^\n]*', re.MULTILINE)
+
+
+def _flow_depth(text: str, limit: int = MAX_DEPTH) -> int:
+    """How deep `[` and `{` nest outside quotes and comments (counting stops just past `limit`)."""
+    depth = 0
+    for bracket in re.finditer(r"[\[\]{}]", _QUOTED_OR_COMMENT.sub("", text)):
+        depth = depth + 1 if bracket.group() in "[{" else max(depth - 1, 0)
+        if depth > limit:
+            break
+    return depth
 
 
 def _check_size(data: Any, where: str) -> None:

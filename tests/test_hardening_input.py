@@ -69,7 +69,7 @@ def test_a_bad_grid_file_is_one_line_exit_2_fast_small_and_before_anything(case,
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith(f"error: {grid}") and message in err, err
-    assert seconds < 5 and peak < 100 * 2**20, (seconds, peak)
+    assert seconds < 5 and peak < 100 * 2**20, (seconds, peak)  # ~0.1 s on an idle machine
     assert not store.parent.exists()  # no store file, no folder, no lock
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
