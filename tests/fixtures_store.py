@@ -27,6 +27,10 @@ PAPER_GRID = "smoke-paper"
 PAPER_EXTRA_EXPERIMENTS = {
     "max_drop_sweep": {"base": {"method": "streaming", "compress_every": 16, "slack": 8}, "grid": {"max_drop": [0, 8]}},
     "sink_sweep": {"base": {"method": "streaming", "compress_every": 16}, "grid": {"sink": [0, 4]}},
+    "long_stream": {"base": {"protocol": "parallel", "max_tokens": 1200, "prefill": 0},
+                    "runs": [{"method": "dense"}, {"method": "streaming", "sink": 0, "compress_every": 16},
+                             {"method": "streaming", "compress_every": 1}, {"method": "streaming",
+                                                                            "compress_every": 16}]},
 }
 _BUILT: dict[str, Path] = {}
 READS_DURING_GRID: list[int | str] = []  # done counts (or errors) read while grids/smoke.yaml was running
