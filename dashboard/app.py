@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import duckdb
 import streamlit as st
 
 from dashboard import data
@@ -70,11 +71,16 @@ def main() -> None:
     st.set_page_config(page_title="gridrun", layout="wide")
     path = store_path().resolve()
     view = st.sidebar.radio("view", list(VIEWS))
-    source = sidebar(path)
-    if source is None:
-        return
-    st.title(view)
-    VIEWS[view](source)
+    try:
+        source = sidebar(path)
+        if source is None:
+            return
+        st.title(view)
+        VIEWS[view](source)
+    except queries.StoreError as error:  # damaged, foreign, or of another schema version: said, never a traceback
+        st.error(str(error))
+    except duckdb.Error as error:
+        st.error(f"reading {path} failed: {' '.join(str(error).split())[:500]}")
 
 
 main()

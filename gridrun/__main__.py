@@ -7,7 +7,6 @@ Command-line parsing and messages only: validation lives in gridrun.spec, runnin
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -21,9 +20,11 @@ from .driver import (
     GridRunner,
     decide,
     dry_run,
+    interrupt_on_sigterm,
     resume_command,
     write_equivalences,
 )
+from .preflight import check_runnable
 from .schedule import ScheduleError
 from .spec import GridError, load_grid
 
@@ -81,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             return migrate(build_migrate_parser().parse_args(argv[1:]))
         return run(build_parser().parse_args(argv), argv)
     except (GridError, StoreError, ScheduleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error as one line of bounded length (YAML and DuckDB messages span lines; a hostile value can be long)."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -92,11 +99,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.dry_run:
         return dry_run(grid, args.store, code_version(), args.force)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends a grid as cleanly as Ctrl-C
+    _check_options(args)
+    # Everything a run would load is looked for now, before Ray starts or the store is opened for writing; the store
+    # is only read here (a damaged or foreign one is refused, untouched).
+    stored = read_runs(args.store, [run.run_hash for run in grid.runs])
+    to_run = [d.run for d in decide(grid.runs, stored, code_version(), args.force) if d.action == "run"]
+    check_runnable(to_run, args.grid, local=args.address is None)
+    interrupt_on_sigterm()  # `kill` ends a grid as cleanly as Ctrl-C (the driver re-installs it after Ray's init)
     runner = GridRunner(grid, args.store, code_version(), force=args.force, address=args.address,
                         workers=args.workers, threads=args.threads, retries=args.retries, registered=whole)
-    report = runner.run()
     resume = resume_command(argv)
+    try:
+        report = runner.run()
+    except KeyboardInterrupt:  # before any run started (opening the store): nothing to keep
+        print(f"\ninterrupted before any run started; nothing was recorded. Resume with:\n  {resume}", flush=True)
+        return EXIT_INTERRUPTED
     if report.interrupted:
         ray_state = "Ray shut down" if args.address is None else "its actors stopped, the cluster left running"
         print(f"\ninterrupted: {report.done} run(s) finished and stored in {args.store}, runs in progress dropped, "
@@ -146,8 +163,11 @@ def migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _check_options(args: argparse.Namespace) -> None:
+    for option, value, low in (("--workers", args.workers, 1), ("--threads", args.threads, 1),
+                               ("--retries", args.retries, 0)):
+        if value is not None and not low <= value <= 4096:
+            raise GridError(f"{option} {value}: give a number from {low} to 4096")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ from streaming_llm import ConfigError, RunConfig
 GRID_ONLY_KEYS = ("repeats",)  # knobs of the grid, not of a run: `repeats: n` expands to repeat = 0 .. n-1
 KNOWN_KEYS = (*RunConfig.model_fields, *GRID_ONLY_KEYS)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# What a grid file may ask of the parser, so that a hostile file is refused in bounded time and memory.
+MAX_GRID_BYTES = 1 << 20  # a grid is a page of YAML; 1 MiB is far past any real one
+MAX_DEPTH = 16  # nesting of mappings and lists (a grid needs 4: experiments > name > runs > run)
+MAX_VALUES = 100_000  # scalars, mappings and lists after anchors and aliases are expanded
+MAX_REPEATS = 1_000
+MAX_RUNS = 10_000  # runs one grid file expands to, repeats included
 
 
 class GridError(ValueError):
@@ -140,17 +146,35 @@ def load_grid(path: Path | str, overrides: list[str] | None = None) -> Grid:
     """Read, validate and expand a grid file; `overrides` are `key=value` strings applied to every run (--set)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_GRID_BYTES + 1)
     except OSError as exc:
         raise GridError(f"{path}: cannot read the grid file ({exc.strerror}): check the path") from None
-    return parse_grid(text, path, overrides or [])
+    if len(data) > MAX_GRID_BYTES:
+        raise GridError(f"{path}: larger than {MAX_GRID_BYTES:,} bytes: a grid file is a page of YAML; check the path")
+    return parse_grid(decode_grid_text(data, path), path, overrides or [])
+
+
+def decode_grid_text(data: bytes, path: Path) -> str:
+    """The file as text: UTF-8 (a UTF-8 byte-order mark is allowed); anything else is refused with where it breaks."""
+    for bom, encoding in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if data.startswith(bom):
+            raise GridError(f"{path}: the file is {encoding} (it starts with a byte-order mark): save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise GridError(f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 (a Latin-1 or other legacy "
+                        "encoding?): save the file as UTF-8") from None
+    if "\x00" in text:
+        raise GridError(f"{path}: the file holds NUL characters (a binary file, or UTF-16 without a byte-order mark?): "
+                        "save it as UTF-8 text")
+    return text
 
 
 def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
-    try:
-        data = yaml.load(text, Loader=_SafeUniqueKeyLoader)  # a SafeLoader: it builds no arbitrary objects
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path}: not valid YAML: {exc}") from None
+    data = _load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise GridError(f"{path}: a grid file is a mapping with name, base and experiments (got {type(data).__name__})")
     try:
@@ -166,6 +190,7 @@ def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
 
     # run hash -> config hash -> (configuration, experiments listing it), in file order
     planned: dict[str, dict[str, tuple[RunConfig, list[str]]]] = {}
+    _check_run_count(spec, forced, path)
     for name, experiment in spec.experiments.items():
         for config in _expand(spec, name, experiment, forced, path):
             configs = planned.setdefault(config.run_hash, {})
@@ -183,12 +208,78 @@ def _planned_run(configs: dict[str, tuple[RunConfig, list[str]]], order: list[st
     return PlannedRun(members[0].config, experiments, members)
 
 
+def _load_yaml(text: str, where: str) -> Any:
+    """Safe YAML with bounded nesting and bounded alias expansion; errors become one-line GridErrors."""
+    if _flow_depth(text) > MAX_DEPTH:  # PyYAML's scanner reads a whole flow collection ahead: refuse it unread
+        raise GridError(f"{where}: not valid YAML: nested more than {MAX_DEPTH} levels deep: a grid needs 4")
+    try:
+        data = yaml.load(text, Loader=_SafeUniqueKeyLoader)  # a SafeLoader: it builds no arbitrary objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = " ".join(str(exc.problem or exc.context or "").split())
+        raise GridError(f"{where}: not valid YAML: {at}{problem}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise GridError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
+    _check_size(data, where)
+    return data
+
+
+_QUOTED_OR_COMMENT = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\']|\'\')*\'|(?:^|(?<=\s))#[^\n]*', re.MULTILINE)
+
+
+def _flow_depth(text: str, limit: int = MAX_DEPTH) -> int:
+    """How deep `[` and `{` nest outside quotes and comments (counting stops just past `limit`)."""
+    depth = 0
+    for bracket in re.finditer(r"[\[\]{}]", _QUOTED_OR_COMMENT.sub("", text)):
+        depth = depth + 1 if bracket.group() in "[{" else max(depth - 1, 0)
+        if depth > limit:
+            break
+    return depth
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Count values as a reader of the expanded document would see them (aliases count each time they are used):
+    `&a [*b, *b, ...]` chains (YAML bombs) and recursive aliases are refused before anything walks them."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise GridError(f"{where}: the document expands to more than {MAX_VALUES:,} values (anchors and aliases "
+                            "that nest or refer to themselves?): write the grid out without them")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 class _SafeUniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice is an error (safe_load silently keeps the last one)."""
+    """yaml.safe_load, except that a key given twice is an error (safe_load silently keeps the last one), nesting
+    deeper than MAX_DEPTH is refused (it would exhaust Python's stack). Merge keys (`<<: *defaults`) work: keys given
+    beside them override the merged ones, as YAML defines."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep: a grid "
+                                                  "needs 4", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -209,10 +300,33 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if key not in KNOWN_KEYS:
             raise GridError(f"--set {key}: unknown key (allowed: {', '.join(KNOWN_KEYS)})")
         try:
-            forced[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise GridError(f"--set {item!r}: the value is not a YAML scalar") from None
+            forced[key] = _load_yaml(value, f"--set {key}")
+        except GridError:
+            raise GridError(f"--set {item!r}: the value is not a YAML scalar (e.g. 64, true, null, soft)") from None
+        if isinstance(forced[key], (dict, list)):
+            raise GridError(f"--set {item!r}: the value is not a YAML scalar (e.g. 64, true, null, soft)")
     return forced
+
+
+def _check_run_count(spec: GridSpec, forced: dict[str, Any], path: Path) -> None:
+    """Refuse a grid that would expand to more than MAX_RUNS runs, before expanding it (a product of long lists)."""
+    total = 0
+    for name, experiment in spec.experiments.items():
+        points = 1
+        for values in experiment.grid.values():
+            points *= len(values)
+        for index, run in enumerate(experiment.runs or [{}]):
+            repeats = {**spec.base, **experiment.base, **run, **forced}.get("repeats", 1)
+            if "repeats" in experiment.grid:
+                repeats = max((v for v in experiment.grid["repeats"] if type(v) is int), default=1)
+            where = f"{path}: experiment '{name}'" + (f" runs[{index}]" if experiment.runs else "")
+            if type(repeats) is not int or not 1 <= repeats <= MAX_REPEATS:
+                raise GridError(f"{where}: repeats = {repeats!r}: repeats must be an integer >= 1 "
+                                f"(at most {MAX_REPEATS:,})")
+            total += points * repeats
+            if total > MAX_RUNS:
+                raise GridError(f"{where}: the grid expands to more than {MAX_RUNS:,} runs (grid lists multiply, "
+                                "times repeats): split it into smaller grids or sweep fewer values")
 
 
 def _expand(spec: GridSpec, name: str, experiment: ExperimentSpec, forced: dict[str, Any], path: Path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from store.schema import CONFIGURATION_OWN, KNOB_COLUMNS
+from store.schema import CONFIGURATION_OWN, KNOB_COLUMNS, MIGRATES_FROM, SCHEMA_VERSION
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 
@@ -33,6 +35,14 @@ CONTEXT: tuple[str, ...] = (
 BASELINE_METHOD = "recompute"
 SQL_BOX_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
 SQL_BOX_ROW_LIMIT = 10_000
+SQL_BOX_SECONDS = 20.0  # a statement still running then is interrupted
+SQL_BOX_MEMORY = "1GB"  # DuckDB's memory_limit for the box's connection; nothing spills to disk
+# PIVOT without an IN list is DuckDB's one MULTI statement a reader needs (it looks up the pivot values first).
+_PIVOT = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:UN)?PIVOT\b", re.IGNORECASE | re.DOTALL)
+# No connection of ours fetches or loads an extension (a foreign file, a SQLite one, would make DuckDB download one).
+NO_EXTENSIONS = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
+DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
+FILE_HEADER_BYTES = 3 * 4096  # DuckDB's main header and its two database headers, before the first block
 
 
 class StoreError(RuntimeError):
@@ -41,6 +51,10 @@ class StoreError(RuntimeError):
 
 class WriteRefused(ValueError):
     """A statement given to the read-only SQL box would write (or is not a query)."""
+
+
+class QueryLimit(RuntimeError):
+    """A statement of the SQL box ran past its time or memory limit and was stopped."""
 
 
 def q(name: str) -> str:
@@ -75,13 +89,71 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
         raise StoreError(
             f"no store at {path}: run a grid first (python -m gridrun grids/smoke.yaml --store {path}) or pass --store"
         )
-    config = {"enable_external_access": False, "lock_configuration": True} if sandbox else {}
-    con = _open_read_only(path, attempts, config)
+    _check_header(path)
+    config = dict(NO_EXTENSIONS)
+    if sandbox:
+        config |= {"enable_external_access": False, "memory_limit": SQL_BOX_MEMORY, "temp_directory": "",
+                   "lock_configuration": True}
+    con, size = _open_snapshot(path, attempts, config)
     try:
-        _check_is_store(con, path)
-        yield con
+        try:
+            check_length(con, path, size)
+            _check_is_store(con, path)
+            yield con
+        except duckdb.Error as exc:
+            if _is_damage(exc):
+                raise StoreError(f"{path} is damaged (corrupt or truncated: {_first_line(exc)}); it was left "
+                                 "untouched: restore it, or rerun the grid into a new --store") from exc
+            raise
     finally:
         con.close()
+
+
+def _is_damage(exc: duckdb.Error) -> bool:
+    text = str(exc)
+    return isinstance(exc, duckdb.IOException) or "Corrupt database" in text or "checksum" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _open_snapshot(path: Path, attempts: int, config: dict) -> tuple[duckdb.DuckDBPyConnection, int]:
+    """A read-only connection and the size of the very file it opened (a writer may swap in a new snapshot between
+    a stat and the open: then the open is retried)."""
+    for _ in range(attempts):
+        before = os.stat(path)
+        con = _open_read_only(path, attempts, config)
+        if os.stat(path).st_ino == before.st_ino:
+            return con, before.st_size
+        con.close()
+    raise StoreError(f"{path} was replaced {attempts} times while being opened: retry")
+
+
+def check_length(con: duckdb.DuckDBPyConnection, path: Path, size: int) -> None:
+    """Raise StoreError when the file (of `size` bytes) is shorter than the blocks its header counts (a truncated copy
+    or download): DuckDB would only notice when a query reaches a missing block, an index's perhaps, midway through a
+    write."""
+    # Used blocks, not total ones: DuckDB truncates free blocks off the end of the file, but every used block is in it.
+    blocks, block_size = con.execute("SELECT used_blocks, block_size FROM pragma_database_size()").fetchall()[0]
+    expected = FILE_HEADER_BYTES + blocks * block_size
+    if size < expected:
+        raise StoreError(f"{path} cannot be read: corrupt or truncated ({size:,} bytes, its header counts {blocks} "
+                         f"used blocks = {expected:,} bytes); it was left untouched: restore it, or rerun the grid "
+                         "into a new --store")
+
+
+def _check_header(path: Path) -> None:
+    """A file that is not a DuckDB database is refused before DuckDB sees it (DuckDB would try to load an extension
+    for a SQLite file)."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(12)
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror}): fix its permissions") from None
+    if len(header) < 12 or header[8:12] != DUCKDB_MAGIC:
+        raise StoreError(f"{path} cannot be read as a DuckDB database (it is another kind of file, or truncated): pass "
+                         "the store that python -m gridrun --store wrote")
 
 
 def _open_read_only(path: Path, attempts: int, config: dict) -> duckdb.DuckDBPyConnection:
@@ -91,8 +163,8 @@ def _open_read_only(path: Path, attempts: int, config: dict) -> duckdb.DuckDBPyC
             return duckdb.connect(str(path), read_only=True, config=config)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():
-                raise StoreError(f"{path} cannot be read as a DuckDB database ({exc}): pass the store that "
-                                 "python -m gridrun --store wrote") from exc
+                raise StoreError(f"{path} cannot be read as a DuckDB database ({_first_line(exc)}): pass the store "
+                                 "that python -m gridrun --store wrote") from exc
             if attempt == attempts - 1:
                 raise StoreError(
                     f"{path} stays locked or unreadable after {attempts} tries ({exc}): open the published snapshot "
@@ -109,9 +181,22 @@ def _check_is_store(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     if missing:
         raise StoreError(f"{path} is not a gridrun store (no table {', '.join(sorted(missing))}): pass the store "
                          "that python -m gridrun --store wrote")
+    found = dict(con.execute("SELECT key, value FROM meta WHERE key = 'schema_version'").fetchall()) \
+        if "meta" in tables else {}
+    version = found.get("schema_version")
+    if version is not None and version.isdigit() and int(version) in MIGRATES_FROM:
+        raise StoreError(f"{path} was written by an older gridrun (store schema {version}): upgrade it in place, "
+                         f"every row kept, with python -m gridrun migrate --store {path}")
+    if version is not None and version != str(SCHEMA_VERSION):
+        newer = version.isdigit() and int(version) > SCHEMA_VERSION
+        raise StoreError(
+            f"{path} has store schema version {version}, this checkout reads version {SCHEMA_VERSION}: "
+            + ("it was written by a newer gridrun; update this checkout (git pull) to read it" if newer else
+               "it was written by an older gridrun; read it with that version, or rerun the grid into a new --store")
+        )
     if "configurations" not in tables:
-        raise StoreError(f"{path} was written by an older gridrun (store schema 2, no table configurations): upgrade "
-                         f"it in place, every row kept, with python -m gridrun migrate --store {path}")
+        raise StoreError(f"{path} was written by an older gridrun (no table configurations): upgrade it in place, "
+                         f"every row kept, with python -m gridrun migrate --store {path}")
 
 
 # --- grids and status -----------------------------------------------------------------------------------------------
@@ -675,7 +760,7 @@ def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Se
 
 # --- the SQL box ----------------------------------------------------------------------------------------------------
 def check_read_only(sql: str) -> None:
-    """Raise WriteRefused unless `sql` is exactly one SELECT (or EXPLAIN) statement."""
+    """Raise WriteRefused unless `sql` is exactly one SELECT (or EXPLAIN, or PIVOT) statement."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -683,6 +768,8 @@ def check_read_only(sql: str) -> None:
     if len(statements) != 1:
         raise WriteRefused(f"{len(statements)} statements given: the SQL box runs one SELECT at a time")
     kind = statements[0].type
+    if kind == duckdb.StatementType.MULTI and _PIVOT.match(sql):
+        return  # the read-only, locked, sandboxed connection refuses anything a PIVOT could try to write
     if kind not in SQL_BOX_STATEMENTS:
         raise WriteRefused(
             f"refused: {kind.name} statements are not run here; the store is read-only and this box runs SELECT "
@@ -690,11 +777,27 @@ def check_read_only(sql: str) -> None:
         )
 
 
-def run_user_sql(path: Path | str, sql: str, limit: int = SQL_BOX_ROW_LIMIT) -> tuple[pd.DataFrame, bool]:
-    """Run a user's SELECT in a sandboxed read-only connection: its first `limit` rows, and whether there were more."""
+def run_user_sql(path: Path | str, sql: str, limit: int = SQL_BOX_ROW_LIMIT,
+                 seconds: float = SQL_BOX_SECONDS) -> tuple[pd.DataFrame, bool]:
+    """Run a user's SELECT in a sandboxed read-only connection: its first `limit` rows, and whether there were more.
+
+    The statement is interrupted after `seconds` (QueryLimit), and its connection holds at most SQL_BOX_MEMORY.
+    """
     check_read_only(sql)
     with connect(path, sandbox=True) as con:
-        result = con.execute(sql)
-        rows = result.fetchmany(limit + 1)
-        columns = [column[0] for column in result.description or []]
+        timer = threading.Timer(seconds, con.interrupt)
+        timer.daemon = True
+        timer.start()
+        try:
+            result = con.execute(sql)
+            rows = result.fetchmany(limit + 1)
+            columns = [column[0] for column in result.description or []]
+        except duckdb.InterruptException:
+            raise QueryLimit(f"stopped after {seconds:g} s, the SQL box's time limit: narrow the query (a WHERE on "
+                             "run_hash, fewer joins of tokens) or run it in duckdb -readonly") from None
+        except duckdb.OutOfMemoryException:
+            raise QueryLimit(f"stopped at the SQL box's memory limit ({SQL_BOX_MEMORY}): aggregate before joining, "
+                             "filter on run_hash, or run it in duckdb -readonly") from None
+        finally:
+            timer.cancel()
         return pd.DataFrame(rows[:limit], columns=columns), len(rows) > limit

@@ -26,6 +26,8 @@ from sqlalchemy.schema import CreateTable
 
 from streaming_llm import RunConfig
 
+from .queries import DUCKDB_MAGIC, NO_EXTENSIONS, check_length
+from .queries import StoreError as ReadError
 from .schema import (
     APPLICATION_ID,
     CONFIGURATION_OWN,
@@ -44,7 +46,6 @@ from .schema import (
 )
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
-DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
 
 
 class StoreError(RuntimeError):
@@ -65,23 +66,37 @@ class StoredRun:
 def check_store_file(path: Path) -> None:
     """Raise StoreError unless `path` is absent or a gridrun store of a schema this code writes. Never modifies it."""
     if not path.exists():
+        if path.is_symlink():
+            return  # a link to a store yet to be made: the writer creates its target
+        if path.parent.exists() and not path.parent.is_dir():
+            raise StoreError(f"--store {path}: {path.parent} is a file, not a folder: pass a path in a folder")
         return
     if not path.is_file():
         raise StoreError(f"--store {path} is not a file: pass a path like results/gridrun.duckdb")
-    with path.open("rb") as handle:
-        header = handle.read(12)
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(12)
+    except OSError as exc:
+        raise StoreError(f"--store {path} cannot be read ({exc.strerror}): fix its permissions") from None
     if len(header) < 12 or header[8:12] != DUCKDB_MAGIC:
         raise StoreError(
             f"--store {path} is not a DuckDB database (corrupt, truncated or another kind of file); it was left "
             "untouched: pass another --store path, or move the file away"
         )
+    before = path.stat()
     try:
         con = _connect_read_only(path)
     except duckdb.Error as exc:
-        raise StoreError(f"--store {path} cannot be opened ({exc}); it was left untouched: pass another --store"
-                         ) from exc
+        raise StoreError(f"--store {path} cannot be opened ({_first_line(exc)}); it was left untouched: pass another "
+                         "--store") from exc
     try:
+        if path.stat().st_ino == before.st_ino:  # else a writer published a new snapshot meanwhile: those are whole
+            check_length(con, path, before.st_size)
         found = _read_meta(con)
+    except ReadError as exc:
+        raise StoreError(f"--store {exc}") from None
+    except duckdb.Error as exc:
+        raise _damaged(path, exc) from exc
     finally:
         con.close()
     if found.get("application_id") != APPLICATION_ID:
@@ -95,6 +110,30 @@ def check_store_file(path: Path) -> None:
             f"--store {path} has store schema version {version}, this gridrun writes version {SCHEMA_VERSION}; it was "
             "left untouched: pass a new --store path (or use the gridrun that wrote it)"
         )
+
+
+def _damaged(path: Path, exc: BaseException) -> StoreError:
+    return StoreError(f"--store {path} cannot be read: corrupt or truncated ({_first_line(exc)}); it was left "
+                      "untouched: pass another --store path, or move the file away")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def verify_readable(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Read every block of every table (DuckDB checks each block's checksum on read): a truncated or bit-flipped
+    store whose header and catalog are intact is refused here, before anything is written or published."""
+    try:
+        tables = con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()
+        for (table,) in tables:
+            columns = [row[0] for row in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()]
+            hashed = ", ".join(f'"{c}"' for c in columns)
+            con.execute(f'SELECT count(*), max(hash({hashed})) FROM "{table}"').fetchall()
+    except duckdb.Error as exc:
+        raise _damaged(path, exc) from exc
 
 
 def _read_meta(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
@@ -112,7 +151,7 @@ def _connect_read_only(path: Path, attempts: int = 20) -> duckdb.DuckDBPyConnect
     delay = 0.05
     for attempt in range(attempts):
         try:
-            return duckdb.connect(str(path), read_only=True)
+            return duckdb.connect(str(path), read_only=True, config=NO_EXTENSIONS)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():
                 raise
@@ -134,6 +173,8 @@ def read_runs(path: Path, hashes: Iterable[str] | None = None) -> dict[str, Stor
     con = _connect_read_only(path)
     try:
         return _stored_runs(con, hashes)
+    except duckdb.Error as exc:
+        raise _damaged(path, exc) from exc
     finally:
         con.close()
 
@@ -151,10 +192,13 @@ class StoreWriter:
     """Holds the store for writing: `record_*` commits one run and publishes a new snapshot before returning."""
 
     def __init__(self, path: Path, code_version: str):
-        self.path = Path(path)
+        self.path = Path(path)  # as the user spelled it, for messages
+        # Every spelling of one file (a symlink, a relative path, `..`) is one store: one lock, one working copy, and
+        # snapshots replace the link's target, never the link.
+        self.target = self.path.resolve()
         self.code_version = code_version
-        self.working = self.path.with_name(f".{self.path.name}.writing")
-        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self.working = self.target.with_name(f".{self.target.name}.writing")
+        self.lock_path = self.target.with_name(f".{self.target.name}.lock")
         self.publish_seconds = 0.0  # time spent checkpointing and copying snapshots
         self.publishes = 0
         self._lock_file = None
@@ -168,25 +212,35 @@ class StoreWriter:
         self.close()
 
     def open(self) -> None:
-        check_store_file(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_store_file(self.target)
+        folder = self.target.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"--store {self.path}: cannot create the folder {folder} ({exc.strerror}): pass a "
+                             "--store in a folder you can write") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"--store {self.path}: the folder {folder} is not writable (gridrun writes its snapshots "
+                             "and a lock file beside the store): pass a --store in a folder you can write")
         self._take_lock()
         try:
             # The published file is the truth; a working copy left by a crash may hold a commit that was never
-            # published (its run was never reported done), so it is rebuilt from the published file.
-            for leftover in (self.working, self.working.with_name(self.working.name + ".wal")):
-                leftover.unlink(missing_ok=True)
-            if self.path.exists():
-                _copy_file(self.path, self.working)
+            # published (its run was never reported done), so it is rebuilt from the published file. Snapshots a
+            # killed writer was copying (each a whole store) are removed: only the lock holder makes them.
+            self._remove_leftovers(staging=True)
+            if self.target.exists():
+                _copy_file(self.target, self.working)
             try:
-                self.con = duckdb.connect(str(self.working))
+                self.con = duckdb.connect(str(self.working), config=NO_EXTENSIONS)
+                verify_readable(self.con, self.path)
                 self._create_schema()
             except duckdb.Error as exc:
-                raise StoreError(
-                    f"--store {self.path} cannot be read: corrupt or truncated ({exc}); it was left untouched: pass "
-                    "another --store path, or move the file away"
-                ) from exc
+                raise _damaged(self.path, exc) from exc
             self._publish()
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"--store {self.path}: {exc.strerror or exc} while making its working copy (a full "
+                             "disk?); nothing was changed: free space or pass another --store") from None
         except BaseException:
             self.close()
             raise
@@ -195,14 +249,25 @@ class StoreWriter:
         if self.con is not None:
             self.con.close()
             self.con = None
-            for leftover in (self.working, self.working.with_name(self.working.name + ".wal")):
-                leftover.unlink(missing_ok=True)
         if self._lock_file is not None:
+            self._remove_leftovers(staging=False)
             self._lock_file.close()
             self._lock_file = None
 
+    def _remove_leftovers(self, staging: bool) -> None:
+        """The working copy and its WAL; with `staging`, also the snapshots being copied when a writer died."""
+        leftovers = [self.working, self.working.with_name(self.working.name + ".wal")]
+        if staging:
+            leftovers += self.target.parent.glob(f".{self.target.name}.publish-*")
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+
     def _take_lock(self) -> None:
-        handle = self.lock_path.open("a+")
+        try:
+            handle = self.lock_path.open("a+")
+        except OSError as exc:
+            raise StoreError(f"--store {self.path}: cannot create the lock file {self.lock_path} ({exc.strerror}): "
+                             "pass a --store in a folder you can write") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -312,6 +377,15 @@ class StoreWriter:
 
     def _replace(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
                  compaction_rows: pa.Table | None, forward_rows: pa.Table | None = None) -> None:
+        try:
+            self._commit_run(run_hash, row, token_rows, compaction_rows, forward_rows)
+        except duckdb.Error as exc:
+            raise StoreError(f"--store {self.path}: recording run {run_hash} failed ({_first_line(exc)}; a full "
+                             "disk?): the runs recorded before it are kept; free space, then rerun") from exc
+        self._publish()
+
+    def _commit_run(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
+                    compaction_rows: pa.Table | None, forward_rows: pa.Table | None) -> None:
         con = self._con()
         con.begin()
         try:
@@ -336,17 +410,19 @@ class StoreWriter:
         except BaseException:
             con.rollback()
             raise
-        self._publish()
 
     def _publish(self) -> None:
         """Make the committed state what readers see: checkpoint, copy, atomic rename over the published path."""
         started = time.perf_counter()
         con = self._con()
-        con.execute("CHECKPOINT")
-        staging = self.path.with_name(f".{self.path.name}.publish-{os.getpid()}")
+        staging = self.target.with_name(f".{self.target.name}.publish-{os.getpid()}")
         try:
+            con.execute("CHECKPOINT")
             _copy_file(self.working, staging)
-            os.replace(staging, self.path)
+            os.replace(staging, self.target)
+        except (OSError, duckdb.Error) as exc:
+            raise StoreError(f"--store {self.path}: publishing a snapshot failed ({_first_line(exc)}; a full disk?): "
+                             "the published store is the last whole snapshot; free space, then rerun") from exc
         finally:
             staging.unlink(missing_ok=True)
         self.publish_seconds += time.perf_counter() - started

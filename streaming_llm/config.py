@@ -34,6 +34,17 @@ KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
 }
 
 
+# Largest value of each integer knob: what its store column (INT32) and one machine hold. The cache knobs share one
+# budget: their sum bounds the attention span a policy can reach, and cap_mode peak's simulation (linear in it, times
+# log2 cap) then resolves a window within about 2 s here.
+KNOB_BOUNDS: dict[str, int] = {
+    "max_tokens": 1 << 22, "prefill": 1 << 22, "warmup": 1 << 22, "sample": 1_000_000, "repeat": 1_000_000,
+    "chunk": 1 << 22, "score_stride": 1 << 22,
+}
+SPAN_KNOBS = ("sink", "window", "cap", "overlap", "refresh", "slack", "compress_every", "max_drop")
+SPAN_BUDGET = 1 << 14
+
+
 class ConfigError(ValueError):
     """An invalid run configuration; the message names the knob, the constraint and the fix."""
 
@@ -107,6 +118,8 @@ class RunConfig(BaseModel):
     @classmethod
     def _normalise(cls, data: Any, handler) -> RunConfig:
         """Validate every given knob, then reset those the method does not read (and cap_mode without a cap)."""
+        if isinstance(data, dict):
+            _check_bounds(data)  # before any check that simulates the schedule: its cost grows with the values
         validated = handler(data)
         _check_signs(validated)  # on every knob given, even those the method ignores: a negative value is a mistake
         ignored = _ignored_knobs(validated)
@@ -326,6 +339,21 @@ def _check_signs(config: RunConfig) -> None:
                  "score_stride", "seed"):
         if getattr(config, knob) < 0:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
+
+
+def _check_bounds(knobs: dict[str, Any]) -> None:
+    for knob, bound in KNOB_BOUNDS.items():
+        value = knobs.get(knob)
+        if type(value) is int and value > bound:
+            raise ConfigError(f"{knob} = {value:,} > {bound:,}: the largest {knob} a run can have (its store column "
+                              f"and one machine's memory; KNOB_BOUNDS in streaming_llm/config.py): lower {knob}")
+    spans = {k: knobs[k] for k in SPAN_KNOBS if type(knobs.get(k)) is int and knobs[k] > 0}
+    if sum(spans.values()) > SPAN_BUDGET:
+        terms = " + ".join(f"{k} {v:,}" for k, v in spans.items())
+        total = f" = {sum(spans.values()):,}" if len(spans) > 1 else ""
+        raise ConfigError(f"{terms}{total} > {SPAN_BUDGET:,}: the cache knobs together bound the "
+                          f"attention span, at most {SPAN_BUDGET:,} tokens (SPAN_BUDGET in streaming_llm/config.py): "
+                          "lower them")
 
 
 def _largest_window_within(cap: int, prefill: int, knobs: dict[str, int]) -> StreamingPolicy:

@@ -299,6 +299,15 @@ def test_ctrl_c_keeps_finished_runs_stops_ray_and_resume_finishes_exactly_once(r
     assert query(store, "SELECT count(*) FROM superseded_tokens") == [(0,)]
 
 
+def test_sigterm_stops_a_grid_like_ctrl_c_after_ray_started(ray_local, tmp_path):
+    # ray.init installs its own SIGTERM handler (it exits without a word); the driver re-installs gridrun's.
+    grid_path, store = write_grid(tmp_path, INTERRUPTED), tmp_path / "store.duckdb"
+    code, output = start_driver_and_stop_it(grid_path, store, signal.SIGTERM, after="done   1/")
+    assert code == 130, output
+    assert "Ray shut down" in output and "Resume with:" in output, output
+    assert 1 <= assert_whole_runs(store) < 8
+
+
 def test_a_killed_driver_leaves_whole_runs_and_resuming_finishes_exactly_once(ray_local, tmp_path):
     grid_path, store = write_grid(tmp_path, INTERRUPTED), tmp_path / "store.duckdb"
     code, output = start_driver_and_stop_it(grid_path, store, signal.SIGKILL, after="done   1/")

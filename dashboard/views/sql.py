@@ -16,8 +16,9 @@ GROUP BY ALL ORDER BY tpot_ms"""
 
 
 def render(source) -> None:
-    st.caption("Tables: runs, tokens, compactions, experiments, grids, meta. Read-only: one SELECT at a time, at most "
-               f"{queries.SQL_BOX_ROW_LIMIT:,} rows shown.")
+    st.caption("Tables: runs, tokens, compactions, experiments, grids, meta. Read-only: one SELECT (or PIVOT) at a "
+               f"time, at most {queries.SQL_BOX_ROW_LIMIT:,} rows shown; a statement is stopped after "
+               f"{queries.SQL_BOX_SECONDS:g} s or at {queries.SQL_BOX_MEMORY} of memory.")
     with st.form("sql"):
         sql = st.text_area("query", EXAMPLE, height=180)
         submitted = st.form_submit_button("Run")
@@ -25,7 +26,7 @@ def render(source) -> None:
         return
     try:
         frame, truncated = queries.run_user_sql(source.path, sql)
-    except queries.WriteRefused as refusal:
+    except (queries.WriteRefused, queries.QueryLimit) as refusal:
         st.error(str(refusal))
         return
     except (duckdb.Error, queries.StoreError) as error:  # the user's SQL: shown, never raised
