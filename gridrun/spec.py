@@ -33,7 +33,8 @@ class GridError(ValueError):
 
 
 class ExperimentSpec(BaseModel):
-    """One experiment: `base` overrides, then the cartesian product of `grid`, crossed with the explicit `runs`."""
+    """One experiment: `base` overrides, then the cartesian product of `grid`, crossed with the explicit `runs`, each
+    measured as each of the grid's `measurements` it names (default: all of them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -41,16 +42,24 @@ class ExperimentSpec(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     runs: list[dict[str, Any]] = Field(default_factory=list)
+    measurements: list[str] | None = None
 
 
 class GridSpec(BaseModel):
-    """A grid file: its `name`, `base` knobs shared by every run, and named experiments."""
+    """A grid file: its `name`, `base` knobs shared by every run, named `measurements` and named experiments.
+
+    A measurement is how each configuration is measured: knobs laid over every run of an experiment (after its base,
+    runs and grid), a list value expanding to one run per value. E.g. `quality: {protocol: parallel, sample: [0, 1, 2,
+    3, 4]}` and `timing: {protocol: stepwise, repeats: 3}` measure each configuration once over five texts and once
+    over three timed repeats; the query layer joins them per setting.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
+    measurements: dict[str, dict[str, Any]] = Field(default_factory=dict)
     experiments: dict[str, ExperimentSpec] = Field(min_length=1)
 
 
@@ -183,10 +192,22 @@ def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
         raise GridError(f"{path}: {_describe(exc)}") from None
     forced = parse_overrides(overrides)
     _check_keys(spec.base, f"{path}: base")
+    for measurement, knobs in spec.measurements.items():
+        if re.match(NAME_PATTERN, measurement) is None:
+            raise GridError(f"{path}: measurement name {measurement!r}: use letters, digits, '_', '.', '-'")
+        _check_keys(knobs, f"{path}: measurement '{measurement}'")
+        for key, value in knobs.items():
+            if isinstance(value, list) and (not value or len({repr(v) for v in value}) != len(value)):
+                raise GridError(f"{path}: measurement '{measurement}': {key} = {value}: list each value once, "
+                                "at least one")
     for name, experiment in spec.experiments.items():
         if re.match(NAME_PATTERN, name) is None:
             raise GridError(f"{path}: experiment name {name!r}: use letters, digits, '_', '.', '-' ({NAME_PATTERN})")
         _check_experiment(experiment, f"{path}: experiment '{name}'")
+        unknown = [m for m in experiment.measurements or [] if m not in spec.measurements]
+        if unknown:
+            raise GridError(f"{path}: experiment '{name}' measurements: {', '.join(unknown)} not defined (the grid's "
+                            f"measurements: {', '.join(spec.measurements) or 'none'})")
 
     # run hash -> config hash -> (configuration, experiments listing it), in file order
     planned: dict[str, dict[str, tuple[RunConfig, list[str]]]] = {}
@@ -315,15 +336,19 @@ def _check_run_count(spec: GridSpec, forced: dict[str, Any], path: Path) -> None
         points = 1
         for values in experiment.grid.values():
             points *= len(values)
+        measures = _measure_points(spec, experiment) if sum(
+            len(v) if isinstance(v, list) else 1 for m in spec.measurements.values() for v in m.values()
+        ) <= MAX_RUNS else [{}] * (MAX_RUNS + 1)
         for index, run in enumerate(experiment.runs or [{}]):
-            repeats = {**spec.base, **experiment.base, **run, **forced}.get("repeats", 1)
-            if "repeats" in experiment.grid:
-                repeats = max((v for v in experiment.grid["repeats"] if type(v) is int), default=1)
-            where = f"{path}: experiment '{name}'" + (f" runs[{index}]" if experiment.runs else "")
-            if type(repeats) is not int or not 1 <= repeats <= MAX_REPEATS:
-                raise GridError(f"{where}: repeats = {repeats!r}: repeats must be an integer >= 1 "
-                                f"(at most {MAX_REPEATS:,})")
-            total += points * repeats
+            for measure in measures:
+                repeats = {**spec.base, **experiment.base, **run, **measure, **forced}.get("repeats", 1)
+                if "repeats" in experiment.grid:
+                    repeats = max((v for v in experiment.grid["repeats"] if type(v) is int), default=1)
+                where = f"{path}: experiment '{name}'" + (f" runs[{index}]" if experiment.runs else "")
+                if type(repeats) is not int or not 1 <= repeats <= MAX_REPEATS:
+                    raise GridError(f"{where}: repeats = {repeats!r}: repeats must be an integer >= 1 "
+                                    f"(at most {MAX_REPEATS:,})")
+                total += points * repeats
             if total > MAX_RUNS:
                 raise GridError(f"{where}: the grid expands to more than {MAX_RUNS:,} runs (grid lists multiply, "
                                 "times repeats): split it into smaller grids or sweep fewer values")
@@ -339,9 +364,9 @@ def _expand(spec: GridSpec, name: str, experiment: ExperimentSpec, forced: dict[
                 f"{path}: experiment '{name}': runs[{index}] sets {', '.join(sorted(clash))}, which grid also sweeps: "
                 "set it in one place only"
             )
-        for point in points:
-            knobs = {**spec.base, **experiment.base, **run, **point, **forced}
-            where = _where(path, name, index if experiment.runs else None, point)
+        for point, measure in itertools.product(points, _measure_points(spec, experiment)):
+            knobs = {**spec.base, **experiment.base, **run, **point, **measure, **forced}
+            where = _where(path, name, index if experiment.runs else None, {**point, **measure})
             repeats = knobs.pop("repeats", 1)
             if type(repeats) is not int or repeats < 1:
                 raise GridError(f"{where}: repeats = {repeats!r}: repeats must be an integer >= 1")
@@ -353,6 +378,18 @@ def _expand(spec: GridSpec, name: str, experiment: ExperimentSpec, forced: dict[
                     yield RunConfig.from_dict(values, where=where)
                 except ConfigError as exc:
                     raise GridError(str(exc)) from None
+
+
+def _measure_points(spec: GridSpec, experiment: ExperimentSpec) -> list[dict[str, Any]]:
+    """The overlays of the experiment's measurements, list values expanded (one empty overlay when it has none)."""
+    names = list(spec.measurements) if experiment.measurements is None else experiment.measurements
+    overlays = []
+    for name in names:
+        knobs = spec.measurements[name]
+        listed = {k: v for k, v in knobs.items() if isinstance(v, list)}
+        for values in itertools.product(*listed.values()):
+            overlays.append({**knobs, **dict(zip(listed, values, strict=True))})
+    return overlays or [{}]
 
 
 def _where(path: Path, experiment: str, run_index: int | None, point: dict[str, Any]) -> str:

@@ -169,3 +169,46 @@ def test_paper_full_is_at_the_study_size():
 def test_smoke_grid_uses_only_tiny_models():
     grid = load_grid(ROOT / "grids" / "smoke.yaml")
     assert {run.config.model for run in grid.runs} <= {"tiny-llama", "tiny-neox"}
+
+
+MEASURED = """
+name: measured
+base: {model: tiny-llama, cap: 32, sink: 4}
+measurements:
+  quality: {protocol: parallel, max_tokens: 256, prefill: 0, sample: [0, 1, 2]}
+  timing: {protocol: stepwise, max_tokens: 96, prefill: 32, repeats: 2}
+experiments:
+  main:
+    runs: [{method: recompute, score_stride: 4}, {method: streaming, compress_every: 8}]
+  long:
+    measurements: []
+    base: {method: dense, protocol: parallel, max_tokens: 512}
+    runs: [{}]
+  timed_only:
+    measurements: [timing]
+    runs: [{method: streaming, compress_every: 1}]
+"""
+
+
+def test_measurements_measure_every_configuration_over_samples_and_repeats():
+    grid = parse(MEASURED)
+    by_experiment = {name: [run.config for run in grid.runs if name in run.experiments] for name in grid.experiments}
+    main = by_experiment["main"]
+    assert len(main) == 2 * (3 + 2)
+    for method in ("recompute", "streaming"):
+        runs = [c for c in main if c.method == method]
+        quality = [c for c in runs if c.protocol == "parallel"]
+        timing = [c for c in runs if c.protocol == "stepwise"]
+        assert sorted(c.sample for c in quality) == [0, 1, 2] and {c.max_tokens for c in quality} == {256}
+        assert sorted(c.repeat for c in timing) == [0, 1] and {c.max_tokens for c in timing} == {96}
+        assert len({c.setting_hash for c in runs}) == 1  # one setting, two measurements
+    assert {c.score_stride for c in main if c.method == "recompute" and c.protocol == "parallel"} == {4}
+    assert [(c.method, c.max_tokens) for c in by_experiment["long"]] == [("dense", 512)]
+    assert {c.protocol for c in by_experiment["timed_only"]} == {"stepwise"}
+
+
+def test_an_unknown_measurement_or_key_is_named():
+    with pytest.raises(GridError, match="measurements: speed not defined"):
+        parse(MEASURED.replace("measurements: [timing]", "measurements: [speed]"))
+    with pytest.raises(GridError, match="measurement 'quality': unknown key 'samples'"):
+        parse(MEASURED.replace("sample: [0, 1, 2]", "samples: [0, 1, 2]"))
