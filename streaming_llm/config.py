@@ -23,6 +23,8 @@ CACHE_KNOBS = (
     "sink", "window", "cap", "cap_mode", "overlap", "refresh", "refresh_policy",
     "slack", "compress_every", "max_drop", "rope_mode",
 )
+# Quantization: the kv_quant_* details matter only when kv_quant quantizes (kv_quant_sinks only when there are sinks).
+KV_QUANT_KNOBS = ("kv_quant_group", "kv_quant_residual", "kv_quant_sinks")
 KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
     "dense": (),
     "streaming": CACHE_KNOBS,
@@ -74,6 +76,13 @@ class RunConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     repeat: int = 0
 
+    # Quantization (README "Quantization"): the streaming cache's storage, and the model's linear layers (torchao).
+    kv_quant: Literal["none", "int8", "int4"] = "none"
+    kv_quant_group: int = 32
+    kv_quant_residual: int = 0
+    kv_quant_sinks: Literal["quantized", "full"] = "full"
+    weight_quant: Literal["none", "int8", "int8_dynamic", "int4"] = "none"
+
     @model_validator(mode="wrap")
     @classmethod
     def _normalise(cls, data: Any, handler) -> RunConfig:
@@ -82,6 +91,8 @@ class RunConfig(BaseModel):
         _check_signs(validated)  # on every knob given, even those the method ignores: a negative value is a mistake
         used = KNOBS_USED_BY[validated.method]
         ignored = [k for k in CACHE_KNOBS if k not in used or (k == "cap_mode" and validated.cap is None)]
+        ignored += [k for k in KV_QUANT_KNOBS if validated.kv_quant == "none" or (
+            k == "kv_quant_sinks" and (validated.sink == 0 or "sink" in ignored))]
         if not any(k in validated.model_fields_set for k in ignored):
             return validated
         return handler({k: v for k, v in validated.model_dump().items() if k not in ignored})
@@ -112,7 +123,26 @@ class RunConfig(BaseModel):
                 raise ConfigError(f"prefill = {self.prefill} > cap = {self.cap}: recompute never attends past cap")
         if self.method == "streaming":
             self._check_streaming()
+        self._check_kv_quant()
         return self
+
+    def _check_kv_quant(self) -> None:
+        """What can be checked without the model; kv_quant_group | head_dim is checked when the cache is built."""
+        if self.kv_quant == "none":
+            return
+        if self.method != "streaming":
+            raise ConfigError(f"kv_quant = {self.kv_quant} quantizes the streaming cache; method {self.method} uses "
+                              "none: use method streaming (a window holding everything compares with dense)")
+        if self.kv_quant_group < 1:
+            raise ConfigError(f"kv_quant_group = {self.kv_quant_group} < 1: a group holds 1 or more elements")
+        if self.kv_quant == "int4" and self.kv_quant_group % 2:
+            raise ConfigError(f"kv_quant int4 packs two codes per byte: kv_quant_group = {self.kv_quant_group} must be "
+                              "even; use 16, 32 or 64")
+        if self.kv_quant_residual > self.policy.window:
+            raise ConfigError(
+                f"kv_quant_residual = {self.kv_quant_residual} > window = {self.policy.window}: the float entries must "
+                "be among the recent ones every compaction keeps; lower kv_quant_residual or raise window/cap"
+            )
 
     def _check_streaming(self) -> None:
         if self.compress_every < 1:
@@ -182,7 +212,8 @@ def _content_hash(content: dict[str, Any]) -> str:
 
 
 def _check_signs(config: RunConfig) -> None:
-    for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat"):
+    for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat",
+                 "kv_quant_residual"):
         if getattr(config, knob) < 0:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
 
