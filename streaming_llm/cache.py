@@ -201,7 +201,7 @@ class _Codes:
         self.quantizer = quantizer
         self.payload = torch.empty((layers, batch, heads, capacity, quantizer.payload_dim(head_dim)),
                                    dtype=torch.uint8, device=like.device)
-        self.scale = torch.empty((layers, batch, heads, capacity, groups), dtype=like.dtype, device=like.device)
+        self.scale = torch.empty((layers, batch, heads, capacity, groups), dtype=torch.float32, device=like.device)
         self.zero = torch.empty((layers, batch, heads, capacity, groups), dtype=torch.uint8, device=like.device)
 
     def tensors(self) -> list[torch.Tensor]:
