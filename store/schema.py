@@ -78,6 +78,12 @@ KNOB_COLUMNS = [
     Column("device", String, nullable=False),
     Column("attn_implementation", String, nullable=False),
     Column("repeat", Integer, nullable=False),
+    # Quantization knobs (README "Quantization").
+    Column("kv_quant", String, nullable=False),
+    Column("kv_quant_group", Integer, nullable=False),
+    Column("kv_quant_residual", Integer, nullable=False),
+    Column("kv_quant_sinks", String, nullable=False),
+    Column("weight_quant", String, nullable=False),
 ]
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
@@ -108,6 +114,10 @@ SUMMARY_COLUMNS = [
     Column("peak_memory_kind", String),
     Column("device_name", String),  # summary["environment"]["device"]
     Column("wall_s", Double),
+    # Quantization: measured bytes (null without a cache: recompute).
+    Column("kv_bytes_per_token", Double),  # kv_cache_peak_bytes / entries the cache had room for
+    Column("weights_bytes", BigInteger),  # parameters + buffers after weight_quant
+    Column("weights_bytes_float", BigInteger),  # the same before it
 ]
 
 runs = Table(

@@ -7,7 +7,7 @@ layer at once. One layer class per RoPE mode:
 - `PreRopeLayer` (`exact`): stores pre-RoPE keys and rotates all of them by slot index at every step;
 - `AbsoluteLayer` (`absolute`): never re-aligns; queries keep their absolute positions.
 With `kv_quant`, `QuantizedLayer` replaces them: the cache holds int8 / int4 codes (`QuantizedStorage`), keys before
-RoPE (rotated by slot after dequantization, except in absolute mode), and a compaction moves codes and scales as they are.
+RoPE (rotated by slot after dequantization, except in absolute mode); a compaction moves codes and scales as they are.
 A plain `model(input_ids, cache=cache)` works: positions default to `get_seq_length()`, the slot index that realign
 and exact expect (absolute mode needs `position_ids=cache.next_positions(n)`). HF `generate()` counts positions itself
 (absolute), so it fits `absolute` mode only. Tested with transformers 5.24.
@@ -184,8 +184,8 @@ def _unrotate(key_states: torch.Tensor, first_slot: int, geometry: RotaryGeometr
 
 @dataclass(frozen=True)
 class KVQuantSpec:
-    """How the cache stores entries: `quantizer` (bits, group along head_dim); `residual`, the newest entries kept in
-    the model's dtype until they age out (KIVI's residual); `full_sinks`, whether the sinks stay in the model's dtype."""
+    """How the cache stores entries: `quantizer` (bits, group along head_dim); `residual`, the newest entries kept
+    in the model's dtype until they age out (KIVI's residual); `full_sinks`, whether sinks stay in the model's dtype."""
 
     quantizer: KVQuantizer
     residual: int = 0

@@ -204,7 +204,8 @@ def quantized_models() -> dict[tuple[str, str], LoadedModel]:
 @pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
 def test_weight_quant_runs_close_to_float_and_composes(tiny_models, quantized_models, model, weight_quant, rope_mode):
     loaded = quantized_models[model, weight_quant]
-    wanted = RunConfig(model=model, method="dense", attn_implementation="eager", device="cpu", weight_quant=weight_quant)
+    wanted = RunConfig(model=model, method="dense", attn_implementation="eager", device="cpu",
+                       weight_quant=weight_quant)
     assert loaded.serves(wanted) and not tiny_models[model].serves(wanted)  # the model key includes weight_quant
     knobs = dict(method="streaming", sink=4, window=24, compress_every=4, max_tokens=120, rope_mode=rope_mode,
                  weight_quant=weight_quant)
