@@ -17,6 +17,7 @@ from .policy import StreamingPolicy, peak_span
 from .text import DATASETS
 
 Method = Literal["dense", "streaming", "recompute"]
+Protocol = Literal["stepwise", "parallel"]
 
 # Knobs each method reads; the others are reset to their defaults so that equivalent runs share one identity.
 CACHE_KNOBS = (
@@ -42,7 +43,8 @@ class RunConfig(BaseModel):
     Text: `dataset` is `shakespeare` (default, embedded), `pg19`, `wikitext` or `file` (then `text_file` is the path);
     `sample` picks the book / article / play to start from; `dataset_source` overrides the `datasets` location.
     Protocol: `prefill` tokens in one forward, then one token per step until `max_tokens` tokens were read; timing
-    statistics skip the first `warmup` decode steps.
+    statistics skip the first `warmup` decode steps. `protocol: parallel` computes the same per-step NLLs, spans and
+    compactions in forwards of `chunk` tokens (streaming_llm.parallel) and measures no latency.
     Policy knobs keep the study's names; see `StreamingPolicy`. `cap` derives `window` (`cap_mode`: `peak` keeps the
     largest attention span within cap, `soft` reproduces the study's W = cap - S - slack - O - B).
     """
@@ -57,6 +59,8 @@ class RunConfig(BaseModel):
     max_tokens: int = 1024
     prefill: int = 0
     warmup: int = 8
+    protocol: Protocol = "stepwise"
+    chunk: int = 256
 
     method: Method = "streaming"
     sink: int = 4
@@ -89,10 +93,7 @@ class RunConfig(BaseModel):
         """Validate every given knob, then reset those the method does not read (and cap_mode without a cap)."""
         validated = handler(data)
         _check_signs(validated)  # on every knob given, even those the method ignores: a negative value is a mistake
-        used = KNOBS_USED_BY[validated.method]
-        ignored = [k for k in CACHE_KNOBS if k not in used or (k == "cap_mode" and validated.cap is None)]
-        ignored += [k for k in KV_QUANT_KNOBS if validated.kv_quant == "none" or (
-            k == "kv_quant_sinks" and (validated.sink == 0 or "sink" in ignored))]
+        ignored = _ignored_knobs(validated)
         if not any(k in validated.model_fields_set for k in ignored):
             return validated
         return handler({k: v for k, v in validated.model_dump().items() if k not in ignored})
@@ -106,8 +107,10 @@ class RunConfig(BaseModel):
                 f"prefill = {self.prefill} >= max_tokens = {self.max_tokens}: prefill must leave decode steps; "
                 "lower prefill or raise max_tokens"
             )
+        if self.chunk < 1:
+            raise ConfigError(f"chunk = {self.chunk} < 1: a parallel forward reads at least one token")
         decode_steps = self.max_tokens - 1 - self.prefill
-        if self.warmup >= decode_steps:
+        if self.protocol == "stepwise" and self.warmup >= decode_steps:
             raise ConfigError(
                 f"warmup = {self.warmup} >= the {decode_steps} decode steps (max_tokens - 1 - prefill): no step would "
                 "be timed; lower warmup or prefill, or raise max_tokens"
@@ -133,6 +136,9 @@ class RunConfig(BaseModel):
         if self.method != "streaming":
             raise ConfigError(f"kv_quant = {self.kv_quant} quantizes the streaming cache; method {self.method} uses "
                               "none: use method streaming (a window holding everything compares with dense)")
+        if self.protocol == "parallel":
+            raise ConfigError(f"kv_quant = {self.kv_quant} is implemented in the stepwise protocol's cache; protocol "
+                              "parallel holds none: use protocol stepwise")
         if self.kv_quant_group < 1:
             raise ConfigError(f"kv_quant_group = {self.kv_quant_group} < 1: a group holds 1 or more elements")
         if self.kv_quant == "int4" and self.kv_quant_group % 2:
@@ -197,6 +203,13 @@ class RunConfig(BaseModel):
         """The identity shared by all repeats of one configuration (the hash with `repeat` left out)."""
         return _content_hash({k: v for k, v in self.normalised().items() if k != "repeat"})
 
+    @cached_property
+    def setting_hash(self) -> str:
+        """The setting apart from how and on how much text it was measured: shared by its text samples, repeats,
+        protocols and stream lengths. Quality (over samples) and timing (over repeats) of one setting join on it."""
+        measurement = {"sample", "repeat", "protocol", "chunk", "warmup", "max_tokens", "prefill"}
+        return _content_hash({k: v for k, v in self.normalised().items() if k not in measurement})
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> RunConfig:
         """Build from plain data (YAML, JSON, flags), turning validation failures into one readable ConfigError."""
@@ -206,13 +219,25 @@ class RunConfig(BaseModel):
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
 
 
+def _ignored_knobs(config: RunConfig) -> list[str]:
+    """Knobs this run never reads: cache knobs of other methods, cap_mode without a cap, the other protocol's knob,
+    the kv_quant details without kv_quant (and kv_quant_sinks without sinks)."""
+    used = KNOBS_USED_BY[config.method]
+    ignored = [k for k in CACHE_KNOBS if k not in used or (k == "cap_mode" and config.cap is None)]
+    ignored += [k for k in KV_QUANT_KNOBS if config.kv_quant == "none" or (
+        k == "kv_quant_sinks" and (config.sink == 0 or "sink" in ignored))]
+    # Parallel runs measure no latency (so no warmup); stepwise runs feed one token per forward (so no chunk).
+    ignored.append("warmup" if config.protocol == "parallel" else "chunk")
+    return ignored
+
+
 def _content_hash(content: dict[str, Any]) -> str:
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _check_signs(config: RunConfig) -> None:
-    for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat",
+    for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat", "chunk",
                  "kv_quant_residual"):
         if getattr(config, knob) < 0:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")

@@ -25,6 +25,7 @@ from .config import ConfigError, RunConfig
 from .environment import fingerprint
 from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
 from .models import apply_weight_quant, is_random, load_model, load_tokenizer
+from .parallel import BlockStepper, recompute_blocks
 from .quant import kv_quantizer
 from .rope import RotaryGeometry
 from .text import TokenStream, load_stream
@@ -222,49 +223,25 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
         raise ValueError(f"the token stream has {len(stream.ids)} ids < max_tokens = {config.max_tokens}")
     device = loaded.device
     ids = torch.as_tensor(stream.ids[: config.max_tokens], device=device).unsqueeze(0)
-    stepper = STEPPERS[config.method](loaded, config)
     record = _Recorder(config.max_tokens - 1)
-    clock = Stopwatch(device)
     reset_peak_memory(device)
-    prefill_ms = 0.0
-
+    scoring_start = time.perf_counter()
     with torch.inference_mode():
-        if config.prefill:
-            # One forward over the first `prefill` tokens: each of its positions predicts the next token.
-            clock.start()
-            logits = stepper.forward(ids[:, : config.prefill], all_logits=True)
-            prefill_ms = clock.stop()
-            nll = _nll(logits, ids[0, 1 : config.prefill + 1])
-            for i in range(config.prefill):
-                # Under the causal mask, prefill position i attends the i + 1 entries up to itself.
-                record.row(step=i, position=i, token=ids[0, i], target=ids[0, i + 1], nll=nll[i], latency=math.nan,
-                           compaction=math.nan, span=i + 1, evicted=0, prefill=True)
-            # A compaction right after the prefill forward is an event of the prefill's last step.
-            clock.start()
-            plan = stepper.compact()
-            record.compaction(config.prefill - 1, plan, clock.stop())
-
-        for step in range(config.prefill, config.max_tokens - 1):
-            clock.start()
-            logits = stepper.forward(ids[:, step : step + 1])
-            forward_ms = clock.stop()
-            span, position = stepper.span(), stepper.last_position()
-            clock.start()
-            plan = stepper.compact()
-            compaction_ms = clock.stop() if plan is not None else 0.0
-            nll = _nll(logits, ids[0, step + 1 : step + 2])
-            record.row(step=step, position=position, token=ids[0, step], target=ids[0, step + 1], nll=nll[0],
-                       latency=forward_ms + compaction_ms, compaction=compaction_ms, span=span,
-                       evicted=plan.evicted if plan else 0, prefill=False)
-            record.compaction(step, plan, compaction_ms)
+        prefill_ms, kv_storage = PROTOCOLS[config.protocol](config, loaded, ids, record)
+    scoring_s = time.perf_counter() - scoring_start
 
     peak_bytes, peak_kind = peak_memory_bytes(device)
     tokens = record.table()
     compactions = pa.Table.from_pylist(
         [dict(zip(COMPACTION_SCHEMA.names, row, strict=True)) for row in record.compactions], schema=COMPACTION_SCHEMA
     )
+    compactions = compactions.set_column(
+        compactions.schema.get_field_index("compaction_ms"), "compaction_ms",
+        _nan_to_null(compactions.column("compaction_ms")),
+    )
     _check_finite(tokens)
-    summary = _summarise(config, loaded, stream, tokens, compactions, prefill_ms, stepper.kv_storage())
+    summary = _summarise(config, loaded, stream, tokens, compactions, prefill_ms, kv_storage)
+    summary["eval_tokens_per_s"] = tokens.num_rows / scoring_s
     _check_budget(config, summary)
     summary.update(
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
@@ -272,6 +249,74 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
         environment={**fingerprint(device), **loaded.quantization},
     )
     return RunResult(config=config, summary=summary, tokens=tokens, compactions=compactions)
+
+
+def _score_stepwise(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, record: _Recorder):
+    """Prefill in one forward, then one token per forward, each timed. Returns (prefill_ms, the cache's measured
+    (peak bytes, entries))."""
+    stepper = STEPPERS[config.method](loaded, config)
+    clock = Stopwatch(loaded.device)
+    prefill_ms = 0.0
+    if config.prefill:
+        # One forward over the first `prefill` tokens: each of its positions predicts the next token.
+        clock.start()
+        logits = stepper.forward(ids[:, : config.prefill], all_logits=True)
+        prefill_ms = clock.stop()
+        record.prefill_rows(ids, _nll(logits, ids[0, 1 : config.prefill + 1]))
+        # A compaction right after the prefill forward is an event of the prefill's last step.
+        clock.start()
+        plan = stepper.compact()
+        record.compaction(config.prefill - 1, plan, clock.stop())
+
+    for step in range(config.prefill, config.max_tokens - 1):
+        clock.start()
+        logits = stepper.forward(ids[:, step : step + 1])
+        forward_ms = clock.stop()
+        span, position = stepper.span(), stepper.last_position()
+        clock.start()
+        plan = stepper.compact()
+        compaction_ms = clock.stop() if plan is not None else 0.0
+        nll = _nll(logits, ids[0, step + 1 : step + 2])
+        record.row(step=step, position=position, token=ids[0, step], target=ids[0, step + 1], nll=nll[0],
+                   latency=forward_ms + compaction_ms, compaction=compaction_ms, span=span,
+                   evicted=plan.evicted if plan else 0, prefill=False)
+        record.compaction(step, plan, compaction_ms)
+    return prefill_ms, stepper.kv_storage()
+
+
+def _score_parallel(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, record: _Recorder):
+    """The same rows from forwards of `chunk` tokens (streaming_llm.parallel); no latency is measured."""
+    steps = config.max_tokens - 1
+    if config.method == "recompute":
+        for first, logits in recompute_blocks(loaded.model, ids[:, : steps + 1], config.cap, config.chunk):
+            nll = _nll(logits, ids[0, first + 1 : first + 1 + len(logits)])
+            for offset, value in enumerate(nll):
+                step = first + offset
+                span = min(step + 1, config.cap)
+                record.row(step=step, position=span - 1, token=ids[0, step], target=ids[0, step + 1], nll=value,
+                           latency=math.nan, compaction=math.nan, span=span, evicted=0,
+                           prefill=step < config.prefill)
+        return None, None  # KV bytes are measured on the stepwise protocol's cache; this one holds none
+    stepper = BlockStepper(loaded.model, config.policy if config.method == "streaming" else None, config.rope_mode)
+    if config.prefill:
+        logits = stepper.forward_block(ids[:, : config.prefill], one_step=True)
+        record.prefill_rows(ids, _nll(logits, ids[0, 1 : config.prefill + 1]))
+        last = stepper.trace[-1]
+        record.compaction_event(config.prefill - 1, last.kv_len, last.evicted, math.nan)
+    for first in range(config.prefill, steps, config.chunk):
+        last = min(first + config.chunk, steps)
+        logits = stepper.forward_block(ids[:, first:last])
+        nll = _nll(logits, ids[0, first + 1 : last + 1])
+        for offset, trace in enumerate(stepper.trace[first - last :]):
+            step = first + offset
+            record.row(step=step, position=trace.position, token=ids[0, step], target=ids[0, step + 1],
+                       nll=nll[offset], latency=math.nan, compaction=math.nan, span=trace.kv_len,
+                       evicted=trace.evicted, prefill=False)
+            record.compaction_event(step, trace.kv_len, trace.evicted, math.nan)
+    return None, None
+
+
+PROTOCOLS = {"stepwise": _score_stepwise, "parallel": _score_parallel}
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
@@ -296,21 +341,30 @@ class _Recorder:
             self.columns[name][self.count] = value
         self.count += 1
 
+    def prefill_rows(self, ids: torch.Tensor, nll: np.ndarray) -> None:
+        """The rows of a prefill forward over the first len(nll) tokens."""
+        for i in range(len(nll)):
+            # Under the causal mask, prefill position i attends the i + 1 entries up to itself.
+            self.row(step=i, position=i, token=ids[0, i], target=ids[0, i + 1], nll=nll[i], latency=math.nan,
+                     compaction=math.nan, span=i + 1, evicted=0, prefill=True)
+
     def compaction(self, step: int, plan, compaction_ms: float) -> None:
         """One compaction event, if the step compacted (`plan` is not None)."""
         if plan is not None:
-            self.compactions.append((step, plan.length_before, plan.length_after, plan.evicted, compaction_ms))
+            self.compaction_event(step, plan.length_before, plan.evicted, compaction_ms)
+
+    def compaction_event(self, step: int, length_before: int, evicted: int, compaction_ms: float) -> None:
+        """One compaction event, if the step evicted anything (a due compaction always does)."""
+        if evicted > 0:
+            self.compactions.append((step, length_before, length_before - evicted, evicted, compaction_ms))
 
     def table(self) -> pa.Table:
         arrays = [pa.array(self.columns[name][: self.count], type=t) for name, t in zip(
             TOKEN_SCHEMA.names, TOKEN_SCHEMA.types, strict=True)]
         table = pa.Table.from_arrays(arrays, schema=TOKEN_SCHEMA)
-        prefill = pa.array(self.columns["prefill"][: self.count])
-        # Prefill rows have no step latency of their own: null, not a made-up share of the prefill time.
+        # Prefill rows have no step latency of their own, parallel rows none at all: null, not a made-up number.
         for name in ("latency_ms", "compaction_ms"):
-            column = table.column(name).combine_chunks()
-            nulled = pc.if_else(prefill, pa.scalar(None, pa.float64()), column)
-            table = table.set_column(table.schema.get_field_index(name), name, nulled)
+            table = table.set_column(table.schema.get_field_index(name), name, _nan_to_null(table.column(name)))
         return table
 
 
@@ -324,11 +378,17 @@ def _check_finite(tokens: pa.Table) -> None:
                                  "the run's numbers are meaningless; check dtype / weight_quant / kv_quant")
 
 
+def _nan_to_null(column: pa.ChunkedArray) -> pa.Array:
+    column = column.combine_chunks()
+    return pc.if_else(pc.is_nan(column), pa.scalar(None, pa.float64()), column)
+
+
 def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, prefill_ms: float,
                kv_storage: tuple[int, int] | None) -> dict:
     nll = tokens.column("nll").to_numpy()
     decode = ~tokens.column("prefill").to_numpy(zero_copy_only=False)
-    latency = tokens.column("latency_ms").to_numpy(zero_copy_only=False)[decode][config.warmup :]
+    timed = config.protocol == "stepwise"
+    latency = tokens.column("latency_ms").to_numpy(zero_copy_only=False)[decode][config.warmup :] if timed else None
     spans = tokens.column("kv_len").to_numpy()
     policy = config.policy if config.method == "streaming" else None
     return {
@@ -343,13 +403,15 @@ def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, 
         "ppl": float(np.exp(nll.mean())),
         "ppl_decode": float(np.exp(nll[decode].mean())),
         "mean_nll": float(nll.mean()),
-        "tpot_ms_mean": float(latency.mean()),
-        "tpot_ms_median": float(np.median(latency)),
-        "tpot_ms_p95": float(np.percentile(latency, 95)),
-        "timed_steps": int(len(latency)),
+        "protocol": config.protocol,
+        # Latency exists only where each step was timed on its own: never derived from a parallel run.
+        "tpot_ms_mean": float(latency.mean()) if timed else None,
+        "tpot_ms_median": float(np.median(latency)) if timed else None,
+        "tpot_ms_p95": float(np.percentile(latency, 95)) if timed else None,
+        "timed_steps": int(len(latency)) if timed else 0,
         "prefill_ms": prefill_ms,
         "compaction_count": compactions.num_rows,
-        "compaction_ms_total": float(pc.sum(compactions.column("compaction_ms")).as_py() or 0.0),
+        "compaction_ms_total": float(pc.sum(compactions.column("compaction_ms")).as_py() or 0.0) if timed else None,
         "evicted_total": int(pc.sum(compactions.column("evicted")).as_py() or 0),
         "kv_len_max": int(spans.max()),
         "kv_len_mean": float(spans.mean()),

@@ -163,6 +163,7 @@ def test_dense_and_recompute_bytes(tiny_models):
     (dict(kv_quant="int8", method="dense", window=None), "method dense uses none"),
     (dict(kv_quant="int2"), "kv_quant"),
     (dict(weight_quant="fp8"), "weight_quant"),
+    (dict(kv_quant="int8", protocol="parallel"), "protocol parallel holds none"),
 ])
 def test_invalid_quantization_knobs_are_refused_before_any_model(knobs, message):
     base = dict(model="tiny-llama", method="streaming", sink=4, window=24)
