@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: protocol, chunk, setting_hash, eval_tokens_per_s; compaction_ms nullable
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -62,6 +62,8 @@ KNOB_COLUMNS = [
     Column("max_tokens", Integer, nullable=False),
     Column("prefill", Integer, nullable=False),
     Column("warmup", Integer, nullable=False),
+    Column("protocol", String, nullable=False),  # stepwise | parallel (parallel rows have no latency)
+    Column("chunk", Integer, nullable=False),
     Column("method", String, nullable=False),
     Column("sink", Integer, nullable=False),
     Column("window", Integer),  # as set; null when derived from cap (see window_resolved)
@@ -96,6 +98,7 @@ SUMMARY_COLUMNS = [
     Column("ppl", Double),
     Column("ppl_decode", Double),
     Column("mean_nll", Double),
+    Column("eval_tokens_per_s", Double),  # predicted tokens / scoring wall time, either protocol
     Column("tpot_ms_mean", Double),
     Column("tpot_ms_median", Double),
     Column("tpot_ms_p95", Double),
@@ -124,6 +127,8 @@ runs = Table(
     "runs", metadata,
     Column("run_hash", String, primary_key=True),  # RunConfig.run_hash
     Column("group_hash", String, nullable=False),  # RunConfig.group_hash: shared by the repeats of a configuration
+    # RunConfig.setting_hash: shared by a setting's text samples, repeats, protocols and stream lengths
+    Column("setting_hash", String, nullable=False),
     Column("status", String, nullable=False),  # done | failed
     Column("error", Text),
     Column("attempts", Integer, nullable=False),
@@ -162,7 +167,7 @@ compactions = Table(
     Column("kv_len_before", Integer, nullable=False),
     Column("kv_len_after", Integer, nullable=False),
     Column("evicted", Integer, nullable=False),
-    Column("compaction_ms", Double, nullable=False),
+    Column("compaction_ms", Double),  # null in parallel runs, which time nothing
 )
 
 

@@ -382,7 +382,8 @@ def run_row(config: RunConfig, summary: dict[str, Any], *, status: str, error: s
     summary["device_name"] = environment.get("device")
     normalised = config.normalised()
     return {
-        "run_hash": config.run_hash, "group_hash": config.group_hash, "status": status, "error": error,
+        "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
+        "status": status, "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
         **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
         **{column.name: summary.get(column.name) for column in SUMMARY_COLUMNS},
@@ -396,7 +397,8 @@ def failed_row(config: RunConfig, error: str, code_version: str, *, attempts: in
                started_at: datetime | None) -> dict[str, Any]:
     normalised = config.normalised()
     return {
-        "run_hash": config.run_hash, "group_hash": config.group_hash, "status": "failed", "error": error,
+        "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
+        "status": "failed", "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
         **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
         "started_at": started_at, "ended_at": datetime.now(UTC), "code_version": code_version, "worker": worker,

@@ -270,8 +270,10 @@ class _BlockCache(Cache):
         return self._positions
 
 
-def recompute_blocks(model: Any, ids: torch.Tensor, cap: int, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first step, logits [n, vocab]) of the sliding-window recompute baseline for every step of `ids` [1, N].
+def recompute_blocks(
+    model: Any, ids: torch.Tensor, cap: int, chunk: int, start: int = 0
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first step, logits [n, vocab]) of the sliding-window recompute baseline for the steps `start`.. of `ids` [1, N].
 
     Step t's logits are the model's, run without cache on its window ids[max(0, t - cap + 1) : t + 1] (positions from
     0), as `RecomputeStepper` does. Windows that start at the first token are prefixes of one causal sequence, so
@@ -279,11 +281,14 @@ def recompute_blocks(model: Any, ids: torch.Tensor, cap: int, chunk: int) -> Ite
     """
     steps = ids.shape[-1] - 1
     head = min(cap, steps)
-    dense = BlockStepper(model, None)
-    for first in range(0, head, chunk):
-        yield first, dense.forward_block(ids[:, first : min(first + chunk, head)])
+    if start < head:
+        dense = BlockStepper(model, None)
+        for first in range(0, head, chunk):
+            logits = dense.forward_block(ids[:, first : min(first + chunk, head)])
+            if first + len(logits) > start:
+                yield max(first, start), logits[max(0, start - first) :]
     windows_per_forward = max(1, chunk // cap)
-    for first in range(head, steps, windows_per_forward):
+    for first in range(max(head, start), steps, windows_per_forward):
         last = min(first + windows_per_forward, steps)
         windows = torch.stack([ids[0, t - cap + 1 : t + 1] for t in range(first, last)])
         yield first, model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]
