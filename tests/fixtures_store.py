@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import yaml
 
 from store.schema import APPLICATION_ID, KNOB_COLUMNS, SCHEMA_VERSION, metadata
+from streaming_llm import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_GRID = ROOT / "grids" / "smoke.yaml"
@@ -132,7 +133,7 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
             slack, repeat = [0, 8, 16, 32][(index // 6) % 4], index // 24
             tokens, compactions = _synthetic_tokens(rng, steps, cap=256, sink=4, compress_every=compress_every)
             run_hash = f"synthetic{index:07d}"
-            knobs = {column.name: None for column in KNOB_COLUMNS} | {
+            knobs = {column.name: RunConfig.model_fields[column.name].default for column in KNOB_COLUMNS} | {
                 "model": "synthetic", "dataset": "shakespeare", "sample": 0, "max_tokens": steps + 1, "prefill": 0,
                 "warmup": 8, "method": method, "sink": 4, "cap": 256, "cap_mode": "peak", "overlap": 0, "refresh": 0,
                 "refresh_policy": "none", "slack": slack if method == "streaming" else 0,
@@ -144,6 +145,7 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
             nll = tokens.column("nll").to_numpy()
             row = {
                 "run_hash": run_hash, "group_hash": f"group{index % 24:04d}" if method == "streaming" else "base",
+                "setting_hash": f"group{index % 24:04d}" if method == "streaming" else "base",
                 "status": "done", "error": None, "attempts": 1, "config_json": json.dumps(knobs), **knobs,
                 "text_id": "synthetic", "token_hash": "synthetic", "random_weights": True, "predicted_tokens": steps,
                 "decode_steps": steps, "ppl": float(np.exp(nll.mean())), "ppl_decode": float(np.exp(nll.mean())),
