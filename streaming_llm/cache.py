@@ -411,6 +411,7 @@ class StreamingCache(Cache):
         self.quantized: QuantizedStorage | None = None
         self.capacity = 0  # entries the storage has room for
         self.peak_nbytes = 0  # the most bytes its tensors ever held together
+        self._slot_angles: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of slots 0, 1, ...
         self.pending: CompactionPlan | None = None
         self.tokens_seen = 0
         self.last_span = 0
@@ -516,8 +517,12 @@ class StreamingCache(Cache):
 
     def rotate_by_slot(self, keys: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE keys [..., length, head_dim] rotated at slots 0 .. length - 1."""
-        slots = torch.arange(keys.shape[-2], device=keys.device)
-        cos, sin = self.geometry.cos_sin(slots, keys.device)
+        length = keys.shape[-2]
+        if self._slot_angles is None or len(self._slot_angles[0]) < length:
+            # Every layer of every step asks again: keep the table for the capacity (the same numbers, sliced).
+            slots = torch.arange(max(length, self.capacity), device=keys.device)
+            self._slot_angles = self.geometry.cos_sin(slots, keys.device)
+        cos, sin = (table[:length] for table in self._slot_angles)
         return rotate_keys(keys, cos, sin, scale=self.geometry.attention_scaling)
 
     def next_positions(self, count: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -28,6 +28,11 @@ PAPER_GRID = "smoke-paper"
 PAPER_EXTRA_EXPERIMENTS = {
     "max_drop_sweep": {"base": {"method": "streaming", "compress_every": 16, "slack": 8}, "grid": {"max_drop": [0, 8]}},
     "sink_sweep": {"base": {"method": "streaming", "compress_every": 16}, "grid": {"sink": [0, 4]}},
+    "quantization": {"base": {"method": "streaming", "kv_quant_group": 8},
+                     "grid": {"kv_quant": ["none", "int8"], "weight_quant": ["none", "int8"]},
+                     "runs": [{"compress_every": 1}, {"compress_every": 16}]},
+    "quantization_sinks": {"base": {"method": "streaming", "kv_quant": "int4", "kv_quant_group": 8,
+                                    "compress_every": 16}, "grid": {"kv_quant_sinks": ["full", "quantized"]}},
 }
 _BUILT: dict[str, Path] = {}
 READS_DURING_GRID: list[int | str] = []  # done counts (or errors) read while grids/smoke.yaml was running
@@ -82,12 +87,12 @@ def smoke_store(tmp_path_factory) -> Path:
 
 
 def _paper_grid(folder: Path) -> Path:
-    from paper.export import REQUIRED
+    from paper.export import QUANT_EXPERIMENTS, REQUIRED
 
     spec = yaml.safe_load(SMOKE_GRID.read_text())
     spec["name"] = PAPER_GRID
     for name, experiment in PAPER_EXTRA_EXPERIMENTS.items():
-        if name in REQUIRED and name not in spec["experiments"]:
+        if (name in REQUIRED or name in QUANT_EXPERIMENTS) and name not in spec["experiments"]:
             spec["experiments"][name] = experiment
     path = folder / f"{PAPER_GRID}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
