@@ -58,7 +58,7 @@ def full_windows_rate(loaded: LoadedModel, ids: torch.Tensor, cap: int, steps: i
     """Steps/s of parallel recompute over `steps` full windows (the steady state; the first cap steps are cheaper)."""
     with torch.inference_mode():
         start = time.perf_counter()
-        for _ in recompute_blocks(loaded.model, ids[:, : cap + steps + 1], cap, chunk, start=cap):
+        for _ in recompute_blocks(loaded.model, ids, cap, chunk, range(cap, cap + steps)):
             pass
         return steps / (time.perf_counter() - start)
 

@@ -44,7 +44,7 @@ class Gathered:
     """Everything the paper prints, read from the store in one connection."""
 
     grid: str
-    experiments: dict[str, pd.DataFrame]  # groups (configurations) per required experiment
+    experiments: dict[str, pd.DataFrame]  # settings (store.queries.setting_table) per required experiment
     all_groups: pd.DataFrame
     profile: pd.DataFrame
     kv_series: pd.DataFrame
@@ -183,10 +183,14 @@ def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: boo
 def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool, needed: list[str]) -> list[str]:
     problems = []
     for name in needed:
-        groups = queries.group_table(con, grid, [name], include_stale)
-        for row in groups[groups.speedup.isna() & ~groups.is_baseline].itertuples():
-            problems.append(f"experiment {name}: no recompute baseline in grid {grid} with the same text, model, "
-                            f"cap ({row.cap}), device ({row.device_name}) and code as configuration {row.group_hash}")
+        groups = queries.setting_table(con, grid, [name], include_stale)
+        for row in groups[groups.tpot_ms.isna()].itertuples():
+            problems.append(f"experiment {name}: setting {row.setting_hash} has no stepwise run, so no TPOT (parallel "
+                            "runs measure quality only): add a stepwise run of it")
+        for row in groups[(groups.speedup.isna() | groups.delta_ppl_pct.isna()) & ~groups.is_baseline].itertuples():
+            problems.append(f"experiment {name}: no recompute baseline in grid {grid} with the same tokens, model, "
+                            f"cap ({row.cap}), device ({row.device_name}) and code as setting {row.setting_hash} "
+                            f"(for its {'TPOT' if pd.isna(row.speedup) else 'text samples'})")
         if name in SWEEPS and groups[SWEEPS[name][0]].nunique() < 2:
             problems.append(f"experiment {name}: {SWEEPS[name][0]} takes fewer than two values")
         if name == LADDER:
@@ -202,29 +206,31 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
 
 # --- reading --------------------------------------------------------------------------------------------------------
 def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Gathered:
-    experiments = {name: queries.group_table(con, grid, [name], include_stale) for name in REQUIRED}
+    experiments = {name: queries.setting_table(con, grid, [name], include_stale) for name in REQUIRED}
     main = experiments[MAIN]
     streaming = main[main.method == "streaming"].sort_values("compress_every")
-    profile = queries.cost_profile(con, grid, list(streaming.group_hash), include_stale)
-    labels = {row.group_hash: row_label(row, ["compress_every"]) for row in main.itertuples()}
+    profile = queries.cost_profile(con, grid, list(streaming.timing_group_hash), include_stale)
+    labels = {row.setting_hash: row_label(row, ["compress_every"]) for row in main.itertuples()}
     runs = [hashes[0] for hashes in streaming.run_hashes]
     steps = queries.step_range(con, runs)
     window = figures.sawtooth_window(steps, int(streaming.compress_every.max()), int(streaming.cap.max()))
     kv_series = queries.token_series(con, runs, window, points=window.last - window.first + 1, rolling=1)
     kv_series["label"] = kv_series.run_hash.map(
-        {hashes[0]: f"{labels[group]}, repeat 0 of n={n}"
-         for hashes, group, n in zip(streaming.run_hashes, streaming.group_hash, streaming.n, strict=True)})
+        {hashes[0]: f"{labels[setting]}, repeat 0 of n={n}"
+         for hashes, setting, n in zip(streaming.run_hashes, streaming.setting_hash, streaming.n_repeats, strict=True)})
     pooled_runs = [run for hashes in streaming.run_hashes for run in hashes]
-    series = [labels[group] for hashes, group in zip(streaming.run_hashes, streaming.group_hash, strict=True)
+    series = [labels[setting] for hashes, setting in zip(streaming.run_hashes, streaming.setting_hash, strict=True)
               for _ in hashes]
     spikes = queries.spike_profile(con, pooled_runs, series=series, radius=figures.SPIKE_RADIUS)
-    all_groups = queries.group_table(con, grid, None, include_stale)
-    # The trade-off figure compares like with like: the model, text and device of the main table.
-    context = ["model", "token_hash", "device_name"]
-    all_groups = all_groups.merge(main[context].drop_duplicates(), on=context)
-    order = {group: index for index, group in enumerate(streaming.group_hash)}
-    profile = profile.assign(label=profile.group_hash.map(labels)).sort_values(
-        "group_hash", key=lambda column: column.map(order))
+    all_groups = queries.setting_table(con, grid, None, include_stale)
+    # The trade-off figure compares like with like: the model, text and device of the main table, timed settings.
+    context = ["model", "dataset", "device_name"]
+    all_groups = all_groups[all_groups.tpot_ms.notna()].merge(main[context].drop_duplicates(), on=context)
+    by_timing = dict(zip(streaming.timing_group_hash, streaming.setting_hash, strict=True))
+    order = {setting: index for index, setting in enumerate(streaming.setting_hash)}
+    profile = profile.assign(setting_hash=profile.group_hash.map(by_timing))
+    profile = profile.assign(label=profile.setting_hash.map(labels)).sort_values(
+        "setting_hash", key=lambda column: column.map(order))
     return Gathered(grid, experiments, all_groups, profile, kv_series, spikes)
 
 
@@ -267,45 +273,56 @@ def ladder_label(row) -> str:
 
 def _sorted(groups: pd.DataFrame) -> pd.DataFrame:
     order = groups.method.map(METHOD_ORDER).fillna(9)
-    knobs = [k for k in queries.KNOBS if k != "method"]
+    knobs = [k for k in queries.SETTING_KNOBS if k != "method" and k in groups]
     return groups.assign(_order=order).sort_values(["_order", *knobs]).drop(columns="_order")
 
 
 # --- tables ---------------------------------------------------------------------------------------------------------
 RESULT_COLUMNS = [("Method", "l"), ("TPOT (ms)", "r"), ("Speedup", "r"), ("PPL", "r"), (r"$\Delta$PPL (\%)", "r")]
+N_COLUMNS = [("$n_r$", "r"), ("$n_t$", "r")]  # timing repeats, text samples
 
 
 def result_cells(row) -> list[str]:
-    """TPOT, speedup, PPL, ΔPPL: the cells every results table shares."""
-    what = f"configuration {row.group_hash}"
+    """TPOT, speedup, PPL, ΔPPL: the cells every results table shares. ΔPPL is paired per text sample and says how
+    many samples agree with its sign (k/n)."""
+    what = f"setting {row.setting_hash}"
     if row.is_baseline:
         speedup, delta = r"\textit{ref.}", r"\textit{ref.}"
     else:
         speedup = f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$"
-        delta = f"${number(row.delta_ppl_pct, 2, signed=True, what=f'delta PPL of {what}')}$"
-    return [mean_std(row.tpot_ms, row.tpot_ms_std, row.n, 2, what=f"TPOT of {what}"), speedup,
-            mean_std(row.ppl, row.ppl_std, row.n, 2, what=f"PPL of {what}"), delta]
+        delta = mean_std(row.delta_ppl_pct, row.delta_ppl_pct_std, row.n_pairs, 2, signed=True,
+                         what=f"delta PPL of {what}")
+        delta += f" ({int(row.agree)}/{int(row.n_pairs)})"
+    return [mean_std(row.tpot_ms, row.tpot_ms_std, row.n_repeats, 2, what=f"TPOT of {what}"), speedup,
+            mean_std(row.ppl, row.ppl_std, row.n_samples, 2, what=f"PPL of {what}"), delta]
+
+
+def n_cells(row) -> list[str]:
+    return [str(int(row.n_repeats)), str(int(row.n_samples))]
 
 
 def _caption(text: str, groups: pd.DataFrame) -> str:
     devices = ", ".join(sorted({escape(d) for d in groups.device_name}))
+    protocols = ", ".join(sorted({escape(p) for p in groups.quality_protocol}))
     stale = f" {STALE_MARK}: made by other evaluation code than the current one." if groups.stale.any() else ""
-    return (f"{text} Mean $\\pm$ std over the $n$ repeats of each configuration; speedup (TPOT) and $\\Delta$PPL are "
-            f"relative to the recompute baseline of the same grid, text, cap and device ({devices}).{stale}")
+    return (f"{text} TPOT: mean $\\pm$ std over the $n_r$ stepwise timing repeats of each setting; PPL: mean $\\pm$ "
+            f"std over its $n_t$ text samples ({protocols} protocol); $\\Delta$PPL paired per sample with the "
+            f"recompute baseline of the same tokens (in brackets: samples agreeing in sign); speedup relative to the "
+            f"baseline's TPOT (same grid, text, cap and device: {devices}).{stale}")
 
 
 def main_table(gathered: Gathered) -> str:
     groups = _sorted(gathered.experiments[MAIN])
     knobs = [k for k in queries.varying_knobs(groups) if k not in ("method", "compress_every") and k not in
              queries.CONTEXT]
-    table = Table(columns=[*RESULT_COLUMNS, ("Peak mem. (MiB)", "r"), ("$n$", "r")], label="tab:main",
+    table = Table(columns=[*RESULT_COLUMNS, ("Peak mem. (MiB)", "r"), *N_COLUMNS], label="tab:main",
                   caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups))
     for (dataset, device), block in groups.groupby(["dataset", "device_name"], sort=True):
         rows = [[row_label(row, ["compress_every", *knobs]), *result_cells(row),
-                 mean_std(row.peak_memory_mib, row.peak_memory_mib_std, row.n, 0,
-                          what=f"peak memory of {row.group_hash}"), str(row.n)] for row in block.itertuples()]
+                 mean_std(row.peak_memory_mib, row.peak_memory_mib_std, row.n_repeats, 0,
+                          what=f"peak memory of {row.setting_hash}"), *n_cells(row)] for row in block.itertuples()]
         table.add_panel(rf"\emph{{{escape(dataset)}}} ({escape(device)})", rows,
-                        [f"group {row.group_hash}" for row in block.itertuples()])
+                        [f"setting {row.setting_hash}" for row in block.itertuples()])
     return table.render()
 
 
@@ -314,18 +331,18 @@ def ladder_table(gathered: Gathered) -> str:
     groups = groups.assign(rung=[ladder_rung(row) for row in groups.itertuples()]).sort_values(
         ["rung", "compress_every", "slack", "max_drop"])
     # A wrapping label column: each rung names every knob value that makes it.
-    table = Table(columns=[("Configuration", "p{4.4cm}"), *RESULT_COLUMNS[1:], ("Compactions", "r"), ("$n$", "r")],
+    table = Table(columns=[("Configuration", "p{4.4cm}"), *RESULT_COLUMNS[1:], ("Compactions", "r"), *N_COLUMNS],
                   label="tab:ablations", caption=_caption("Ablation ladder: strict $\\to$ lazy $\\to$ + slack $\\to$ "
                                                           "+ slack + max\\_drop.", groups))
     rows = [[ladder_label(row), *result_cells(row), f"${number(row.compactions, 1, what='compactions')}$",
-             str(row.n)] for row in groups.itertuples()]
-    notes = [f"group {row.group_hash}" for row in groups.itertuples()]
+             *n_cells(row)] for row in groups.itertuples()]
+    notes = [f"setting {row.setting_hash}" for row in groups.itertuples()]
     table.add_panel(None, rows, notes)
     return table.render()
 
 
 def sweeps_table(gathered: Gathered) -> str:
-    table = Table(columns=[("Value", "l"), *RESULT_COLUMNS[1:], ("$n$", "r")], label="tab:sweeps",
+    table = Table(columns=[("Value", "l"), *RESULT_COLUMNS[1:], *N_COLUMNS], label="tab:sweeps",
                   caption=_caption("Sweeps: one knob varied, the others held fixed.",
                                    pd.concat([gathered.experiments[name] for name in SWEEPS])))
     for name, (swept, title) in SWEEPS.items():
@@ -334,8 +351,9 @@ def sweeps_table(gathered: Gathered) -> str:
         fixed = [k for k in ("cap", "sink", "compress_every", "slack", "max_drop") if k != swept and k not in others]
         streaming = groups[groups.method == "streaming"]
         held = ", ".join(knob(k, streaming[k].iloc[0]) for k in fixed) if not streaming.empty else ""
-        rows = [[row_label(row, [swept, *others]), *result_cells(row), str(row.n)] for row in groups.itertuples()]
-        table.add_panel(rf"\emph{{{title}}} ({held})", rows, [f"group {row.group_hash}" for row in groups.itertuples()])
+        rows = [[row_label(row, [swept, *others]), *result_cells(row), *n_cells(row)] for row in groups.itertuples()]
+        notes = [f"setting {row.setting_hash}" for row in groups.itertuples()]
+        table.add_panel(rf"\emph{{{title}}} ({held})", rows, notes)
     return table.render()
 
 
@@ -350,5 +368,5 @@ def profile_table(gathered: Gathered) -> str:
              mean_std(row.compaction_ms, row.compaction_ms_std, row.n, 3, what="compaction ms"),
              mean_std(row.total_ms, row.total_ms_std, row.n, 3, what="total ms"), str(row.n)]
             for row in profile.itertuples()]
-    table.add_panel(None, rows, [f"group {row.group_hash}" for row in profile.itertuples()])
+    table.add_panel(None, rows, [f"setting {row.setting_hash}" for row in profile.itertuples()])
     return table.render()

@@ -85,7 +85,8 @@ def kv_len(series: pd.DataFrame) -> plt.Figure:
 
 
 def tradeoff(groups: pd.DataFrame) -> plt.Figure:
-    """TPOT vs PPL per configuration: mean ± std over repeats, recompute marked, Pareto frontier dashed."""
+    """TPOT vs PPL per setting: TPOT mean ± std over repeats, PPL over text samples, recompute marked, Pareto frontier
+    dashed."""
     figure, axes = plt.subplots(figsize=SIZE)
     for (method, compress_every), block in groups.groupby(["method", "compress_every"], sort=True):
         baseline = method == "recompute"
@@ -93,14 +94,16 @@ def tradeoff(groups: pd.DataFrame) -> plt.Figure:
         name = "recompute (baseline)" if baseline else name
         axes.errorbar(block.tpot_ms, block.ppl, xerr=block.tpot_ms_std.fillna(0), yerr=block.ppl_std.fillna(0),
                       fmt="X" if baseline else "o", markersize=9 if baseline else 5, capsize=2, linestyle="none",
-                      color="black" if baseline else None, label=f"{name} (n={_n_range(block.n)})")
-    for index, (_, frontier) in enumerate(groups[groups.pareto].groupby(["model", "token_hash", "device_name"])):
+                      color="black" if baseline else None,
+                      label=f"{name} (n_r={_n_range(block.n_repeats)}, n_t={_n_range(block.n_samples)})")
+    pareto = groups[groups.pareto.fillna(False).astype(bool)]
+    for index, (_, frontier) in enumerate(pareto.groupby(["model", "dataset", "device_name"])):
         frontier = frontier.sort_values("tpot_ms")
         axes.step(frontier.tpot_ms, frontier.ppl, where="post", linestyle="--", color="grey", linewidth=1,
                   label="Pareto frontier" if index == 0 else None)
     axes.set_xscale("log")  # the recompute baseline is often an order of magnitude slower than the rest
     axes.set(xlabel="TPOT (ms / token, log scale)", ylabel="perplexity",
-             title=f"mean ± std over n repeats (n = {_n_range(groups.n)})")
+             title="TPOT over n_r stepwise repeats, PPL over n_t text samples")
     axes.legend(fontsize=6, ncols=2)
     return figure
 
@@ -125,8 +128,9 @@ def figures_latex(gathered: Gathered) -> str:
     captions = {
         "kv_len": "Measured attention span (kv\\_len) per step: strict compaction keeps it at the cap, lazy pruning "
                   "lets it grow for $R$ steps and cuts it back (the sawtooth).",
-        "tradeoff": "TPOT against perplexity for every configuration of the grid: mean $\\pm$ std over $n$ repeats; "
-                    "the cross is the recompute baseline, the dashed line the Pareto frontier.",
+        "tradeoff": "TPOT against perplexity for every timed setting of the grid: TPOT mean $\\pm$ std over $n_r$ "
+                    "stepwise repeats, PPL mean $\\pm$ std over $n_t$ text samples; the cross is the recompute "
+                    "baseline, the dashed line the Pareto frontier.",
         "nll_compactions": "NLL around compaction events (minus each run's median), mean $\\pm$ std over events "
                            "pooled over the repeats; $n$ in the legend.",
     }

@@ -27,9 +27,10 @@ def number(value: float | None, digits: int, *, signed: bool = False, what: str 
     return f"{value:{'+' if signed else ''}.{digits}f}"
 
 
-def mean_std(mean: float, std: float | None, n: int, digits: int, *, what: str = "value") -> str:
+def mean_std(mean: float, std: float | None, n: int, digits: int, *, signed: bool = False,
+             what: str = "value") -> str:
     """`$mean \\pm std$` when there are repeats (n > 1), else `$mean$`."""
-    text = number(mean, digits, what=what)
+    text = number(mean, digits, signed=signed, what=what)
     if n > 1:
         text += r" \pm " + number(std, digits, what=f"std of {what}")
     return f"${text}$"

@@ -276,6 +276,122 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
     return con.execute(sql, params).df()
 
 
+# How a setting was measured, not what it is (streaming_llm.config.RunConfig.setting_hash leaves these out).
+MEASUREMENT_KNOBS: tuple[str, ...] = (
+    "sample", "protocol", "chunk", "score_stride", "max_tokens", "prefill", "warmup")
+SETTING_KNOBS: tuple[str, ...] = tuple(k for k in KNOBS if k not in MEASUREMENT_KNOBS)
+# What a setting's numbers are comparable within (its baseline and its Pareto frontier).
+SETTING_CONTEXT: tuple[str, ...] = ("model", "dataset", "dtype", "attn_implementation", "device_name", "code_version")
+_BASELINE_MATCH = " AND ".join(
+    f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}"
+    for k in ("grid", "model", "dtype", "attn_implementation", "device_name", "code_version", "cap", "token_hash",
+              "prefill")
+)
+
+
+def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
+                  include_stale: bool = False) -> pd.DataFrame:
+    """One row per setting (RunConfig.setting_hash) of the done runs of `grid`, optionally only those in `experiments`.
+
+    Quality is a statistic over text samples: one PPL per sample (its repeats averaged: the same NLLs), from the
+    setting's preferred measurement (the parallel protocol if it has one, then the most samples, the longest stream);
+    `ppl` is their mean, `ppl_std` their sample std, `n_samples` their count. ΔPPL % is paired per sample with the
+    recompute baseline of the same cap on the same tokens, over the steps the baseline scored (all, or every k-th with
+    `score_stride`): `delta_ppl_pct` mean and std over pairs, `n_pairs`, and `agree` (pairs whose sign is the mean's).
+    Timing is a statistic over repeats of the setting's stepwise runs
+    (`tpot_ms`, `tpot_ms_std`, `n_repeats`, speedup vs the baseline's stepwise TPOT on the same tokens); parallel runs
+    never give a TPOT. A sample's PPL is never averaged with another setting's.
+    """
+    setting_knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_KNOBS if k not in SETTING_CONTEXT)
+    context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_CONTEXT if k != "code_version")
+    run_context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in (
+        "cap", "model", "dtype", "attn_implementation", "device_name"))
+    key = "grid, setting_hash, code_version"
+    sql = f"""
+        WITH members AS ({_members_sql("grid = $grid")}),
+        done AS (SELECT * FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)),
+        per_sample AS (
+            SELECT {key}, protocol, max_tokens, prefill, sample, token_hash, any_value(method) AS method, {run_context},
+                avg(ppl) AS ppl, any_value(run_hash) AS run_hash
+            FROM done GROUP BY {key}, protocol, max_tokens, prefill, sample, token_hash
+        ),
+        measures AS (
+            SELECT {key}, protocol, max_tokens, prefill, row_number() OVER (
+                PARTITION BY {key} ORDER BY protocol = 'parallel' DESC, count(*) DESC, max_tokens DESC, prefill
+            ) AS preference
+            FROM per_sample GROUP BY {key}, protocol, max_tokens, prefill
+        ),
+        quality_samples AS (
+            SELECT p.* FROM per_sample p JOIN measures m USING ({key}, protocol, max_tokens, prefill)
+            WHERE m.preference = 1
+        ),
+        quality AS (
+            SELECT {key}, avg(ppl) AS ppl, stddev_samp(ppl) AS ppl_std, count(*) AS n_samples,
+                any_value(protocol) AS quality_protocol, any_value(max_tokens) AS quality_tokens
+            FROM quality_samples GROUP BY ALL
+        ),
+        pair_runs AS (
+            SELECT x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash, any_value(b.run_hash) AS base_run
+            FROM quality_samples x JOIN per_sample b ON b.method = '{BASELINE_METHOD}' AND {_BASELINE_MATCH}
+            GROUP BY x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash
+        ),
+        pairs AS (  -- on the steps the baseline scored (parallel recompute may score every k-th step only)
+            SELECT p.grid, p.setting_hash, p.code_version, p.sample, 100 * (exp(avg(t.nll) - avg(b.nll)) - 1) AS delta
+            FROM pair_runs p JOIN tokens b ON b.run_hash = p.base_run
+            JOIN tokens t ON t.run_hash = p.run_hash AND t.step = b.step
+            GROUP BY p.grid, p.setting_hash, p.code_version, p.sample
+        ),
+        paired AS (
+            SELECT {key}, avg(delta) AS delta_ppl_pct, stddev_samp(delta) AS delta_ppl_pct_std, count(*) AS n_pairs,
+                count(*) FILTER (agrees) AS agree
+            FROM (SELECT *, sign(delta) = sign(avg(delta) OVER (PARTITION BY {key})) AS agrees FROM pairs)
+            GROUP BY {key}
+        ),
+        timings AS (
+            SELECT {key}, group_hash, any_value(method) AS method, count(*) AS n_repeats,
+                avg(tpot_ms_mean) AS tpot_ms, stddev_samp(tpot_ms_mean) AS tpot_ms_std,
+                avg(peak_memory_bytes) / 2^20 AS peak_memory_mib,
+                stddev_samp(peak_memory_bytes) / 2^20 AS peak_memory_mib_std,
+                avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
+                list(run_hash ORDER BY "repeat") AS run_hashes, any_value(token_hash) AS token_hash,
+                any_value(prefill) AS prefill, any_value(warmup) AS warmup, {run_context},
+                row_number() OVER (PARTITION BY {key} ORDER BY count(*) DESC, any_value(max_tokens) DESC)
+                    AS preference
+            FROM done WHERE protocol = 'stepwise' GROUP BY {key}, group_hash
+        ),
+        timing AS (
+            SELECT x.*, b.tpot_ms / x.tpot_ms AS speedup
+            FROM (SELECT * FROM timings WHERE preference = 1) x
+            LEFT JOIN (SELECT * FROM timings WHERE method = '{BASELINE_METHOD}') b
+                ON {_BASELINE_MATCH} AND b.warmup = x.warmup
+        ),
+        settings AS (
+            SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale,
+                list_distinct(flatten(list(experiments))) AS experiments,
+                list(run_hash ORDER BY protocol, sample, "repeat") AS all_run_hashes
+            FROM done GROUP BY {key}
+        ),
+        selected AS (
+            SELECT s.*, s.method = '{BASELINE_METHOD}' AS is_baseline,
+                qu.ppl, qu.ppl_std, qu.n_samples, qu.quality_protocol, qu.quality_tokens,
+                pa.delta_ppl_pct, pa.delta_ppl_pct_std, coalesce(pa.n_pairs, 0) AS n_pairs, pa.agree,
+                coalesce(t.n_repeats, 0) AS n_repeats, t.tpot_ms, t.tpot_ms_std, t.speedup, t.peak_memory_mib,
+                t.peak_memory_mib_std, t.compactions, t.kv_len_max, t.group_hash AS timing_group_hash,
+                coalesce(t.run_hashes, s.all_run_hashes) AS run_hashes
+            FROM settings s JOIN quality qu USING ({key})
+            LEFT JOIN paired pa USING ({key}) LEFT JOIN timing t USING ({key})
+            WHERE $experiments IS NULL OR list_has_any(s.experiments, $experiments)
+        )
+        SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL THEN ppl < coalesce(min(ppl) OVER (
+                PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL
+                ORDER BY tpot_ms, ppl ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 'inf') END AS pareto
+        FROM selected ORDER BY method, {", ".join(q(k) for k in SETTING_KNOBS if k != "method")}
+    """
+    params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
+              "experiments": list(experiments) if experiments is not None else None}
+    return con.execute(sql, params).df()
+
+
 def varying_knobs(groups: pd.DataFrame) -> list[str]:
     """The knobs that take more than one value among `groups` (what a sweep or a legend is about)."""
     return [k for k in KNOBS if k in groups and groups[k].nunique(dropna=False) > 1]

@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 2  # 2: protocol, chunk, setting_hash, eval_tokens_per_s; compaction_ms nullable
+SCHEMA_VERSION = 2  # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -64,6 +64,7 @@ KNOB_COLUMNS = [
     Column("warmup", Integer, nullable=False),
     Column("protocol", String, nullable=False),  # stepwise | parallel (parallel rows have no latency)
     Column("chunk", Integer, nullable=False),
+    Column("score_stride", Integer, nullable=False),  # parallel recompute: every k-th step scored
     Column("method", String, nullable=False),
     Column("sink", Integer, nullable=False),
     Column("window", Integer),  # as set; null when derived from cap (see window_resolved)

@@ -44,7 +44,9 @@ class RunConfig(BaseModel):
     `sample` picks the book / article / play to start from; `dataset_source` overrides the `datasets` location.
     Protocol: `prefill` tokens in one forward, then one token per step until `max_tokens` tokens were read; timing
     statistics skip the first `warmup` decode steps. `protocol: parallel` computes the same per-step NLLs, spans and
-    compactions in forwards of `chunk` tokens (streaming_llm.parallel) and measures no latency.
+    compactions in forwards of `chunk` tokens (streaming_llm.parallel) and measures no latency; there the recompute
+    baseline may score every `score_stride`-th step only (steps t with t % score_stride == 0: each costs a cap-token
+    forward), and comparisons with it are paired on those steps.
     Policy knobs keep the study's names; see `StreamingPolicy`. `cap` derives `window` (`cap_mode`: `peak` keeps the
     largest attention span within cap, `soft` reproduces the study's W = cap - S - slack - O - B).
     """
@@ -61,6 +63,7 @@ class RunConfig(BaseModel):
     warmup: int = 8
     protocol: Protocol = "stepwise"
     chunk: int = 256
+    score_stride: int = 1
 
     method: Method = "streaming"
     sink: int = 4
@@ -109,6 +112,8 @@ class RunConfig(BaseModel):
             )
         if self.chunk < 1:
             raise ConfigError(f"chunk = {self.chunk} < 1: a parallel forward reads at least one token")
+        if self.score_stride < 1:
+            raise ConfigError(f"score_stride = {self.score_stride} < 1: score every step (1) or every k-th (k > 1)")
         decode_steps = self.max_tokens - 1 - self.prefill
         if self.protocol == "stepwise" and self.warmup >= decode_steps:
             raise ConfigError(
@@ -207,7 +212,7 @@ class RunConfig(BaseModel):
     def setting_hash(self) -> str:
         """The setting apart from how and on how much text it was measured: shared by its text samples, repeats,
         protocols and stream lengths. Quality (over samples) and timing (over repeats) of one setting join on it."""
-        measurement = {"sample", "repeat", "protocol", "chunk", "warmup", "max_tokens", "prefill"}
+        measurement = {"sample", "repeat", "protocol", "chunk", "score_stride", "warmup", "max_tokens", "prefill"}
         return _content_hash({k: v for k, v in self.normalised().items() if k not in measurement})
 
     @classmethod
@@ -228,6 +233,9 @@ def _ignored_knobs(config: RunConfig) -> list[str]:
         k == "kv_quant_sinks" and (config.sink == 0 or "sink" in ignored))]
     # Parallel runs measure no latency (so no warmup); stepwise runs feed one token per forward (so no chunk).
     ignored.append("warmup" if config.protocol == "parallel" else "chunk")
+    # Only parallel recompute can skip steps: every other path computes each step to reach the next.
+    if config.method != "recompute" or config.protocol != "parallel":
+        ignored.append("score_stride")
     return ignored
 
 
@@ -238,7 +246,7 @@ def _content_hash(content: dict[str, Any]) -> str:
 
 def _check_signs(config: RunConfig) -> None:
     for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat", "chunk",
-                 "kv_quant_residual"):
+                 "score_stride", "kv_quant_residual"):
         if getattr(config, knob) < 0:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
 

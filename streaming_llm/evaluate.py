@@ -288,10 +288,10 @@ def _score_parallel(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, r
     """The same rows from forwards of `chunk` tokens (streaming_llm.parallel); no latency is measured."""
     steps = config.max_tokens - 1
     if config.method == "recompute":
-        for first, logits in recompute_blocks(loaded.model, ids[:, : steps + 1], config.cap, config.chunk):
-            nll = _nll(logits, ids[0, first + 1 : first + 1 + len(logits)])
-            for offset, value in enumerate(nll):
-                step = first + offset
+        scored = range(0, steps, config.score_stride)
+        for block, logits in recompute_blocks(loaded.model, ids, config.cap, config.chunk, scored):
+            nll = _nll(logits, ids[0, [step + 1 for step in block]])
+            for step, value in zip(block, nll, strict=True):
                 span = min(step + 1, config.cap)
                 record.row(step=step, position=span - 1, token=ids[0, step], target=ids[0, step + 1], nll=value,
                            latency=math.nan, compaction=math.nan, span=span, evicted=0,

@@ -10,7 +10,7 @@ one forward yields the NLLs of n stepwise steps, compactions inside the block in
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,25 +270,26 @@ class _BlockCache(Cache):
         return self._positions
 
 
-def recompute_blocks(
-    model: Any, ids: torch.Tensor, cap: int, chunk: int, start: int = 0
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first step, logits [n, vocab]) of the sliding-window recompute baseline for the steps `start`.. of `ids` [1, N].
+def recompute_blocks(model: Any, ids: torch.Tensor, cap: int, chunk: int,
+                     steps: Sequence[int]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(steps, logits [len(steps), vocab]) of the sliding-window recompute baseline for the given ascending `steps`.
 
     Step t's logits are the model's, run without cache on its window ids[max(0, t - cap + 1) : t + 1] (positions from
     0), as `RecomputeStepper` does. Windows that start at the first token are prefixes of one causal sequence, so
     they come from dense blocks; the full windows come `chunk // cap` (at least one) to a batched forward.
     """
-    steps = ids.shape[-1] - 1
-    head = min(cap, steps)
-    if start < head:
+    prefix_steps = [t for t in steps if t < cap]
+    if prefix_steps:
         dense = BlockStepper(model, None)
-        for first in range(0, head, chunk):
-            logits = dense.forward_block(ids[:, first : min(first + chunk, head)])
-            if first + len(logits) > start:
-                yield max(first, start), logits[max(0, start - first) :]
+        for first in range(0, prefix_steps[-1] + 1, chunk):
+            last = min(first + chunk, prefix_steps[-1] + 1)
+            logits = dense.forward_block(ids[:, first:last])
+            wanted = [t for t in prefix_steps if first <= t < last]
+            if wanted:
+                yield wanted, logits[[t - first for t in wanted]]
+    full_steps = [t for t in steps if t >= cap]
     windows_per_forward = max(1, chunk // cap)
-    for first in range(max(head, start), steps, windows_per_forward):
-        last = min(first + windows_per_forward, steps)
-        windows = torch.stack([ids[0, t - cap + 1 : t + 1] for t in range(first, last)])
-        yield first, model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]
+    for index in range(0, len(full_steps), windows_per_forward):
+        batch = full_steps[index : index + windows_per_forward]
+        windows = torch.stack([ids[0, t - cap + 1 : t + 1] for t in batch])
+        yield batch, model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]

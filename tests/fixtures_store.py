@@ -140,7 +140,8 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
             run_hash = f"synthetic{index:07d}"
             knobs = {column.name: RunConfig.model_fields[column.name].default for column in KNOB_COLUMNS} | {
                 "model": "synthetic", "dataset": "shakespeare", "sample": 0, "max_tokens": steps + 1, "prefill": 0,
-                "warmup": 8, "method": method, "sink": 4, "cap": 256, "cap_mode": "peak", "overlap": 0, "refresh": 0,
+                "warmup": 8, "protocol": "stepwise", "chunk": 256, "score_stride": 1, "method": method, "sink": 4,
+                "cap": 256, "cap_mode": "peak", "overlap": 0, "refresh": 0,
                 "refresh_policy": "none", "slack": slack if method == "streaming" else 0,
                 "compress_every": compress_every if method == "streaming" else 1, "max_drop": 0,
                 "rope_mode": "realign", "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa",

@@ -46,11 +46,11 @@ def exported(store, tmp_path_factory) -> Path:
 
 
 def rows(tex: Path) -> dict[str, list[str]]:
-    """Body rows of a generated table, by the configuration (group hash) each row's trailing comment names."""
+    """Body rows of a generated table, by the setting (setting hash) each row's trailing comment names."""
     found = {}
     for line in tex.read_text().splitlines():
-        if " % group " in line:
-            body, group = line.split(r" \\ % group ")
+        if " % setting " in line:
+            body, group = line.split(r" \\ % setting ")
             found.setdefault(group.strip(), body.split(" & "))
     return found
 
@@ -66,30 +66,35 @@ def close(cell: str, expected: list[float], digits: int) -> bool:
 
 
 def expected_groups(store: Path, experiment: str) -> dict[str, dict]:
-    """Per configuration of `experiment`: mean, std and n of its done runs in the grid (a configuration has one set of
-    numbers in every table), and speedup / ΔPPL vs the grid's recompute runs of the same model and cap, straight
-    from the tables."""
+    """Per setting of `experiment` (all runs of this grid are stepwise, on one text sample): mean, std and n of its done
+    runs in the grid (a setting has one set of numbers in every table), and speedup / ΔPPL vs the grid's recompute
+    runs of the same model and cap, straight from the tables."""
     with duckdb.connect(str(store), read_only=True) as con:
         frame = con.execute("""
             WITH members AS (SELECT DISTINCT run_hash FROM experiments WHERE grid = $grid),
             done AS (SELECT * FROM runs WHERE status = 'done' AND run_hash IN (SELECT run_hash FROM members)),
             base AS (SELECT model, cap, avg(tpot_ms_mean) AS base_tpot, avg(ppl) AS base_ppl FROM done
                      WHERE method = 'recompute' GROUP BY ALL)
-            SELECT group_hash, any_value(method) AS method, count(*) AS n,
+            SELECT setting_hash, any_value(method) AS method, count(*) AS n, count(DISTINCT sample) AS n_samples,
                 avg(tpot_ms_mean) AS tpot, stddev_samp(tpot_ms_mean) AS tpot_std, avg(ppl) AS ppl,
-                stddev_samp(ppl) AS ppl_std, avg(peak_memory_bytes) / 1048576 AS mem,
+                avg(peak_memory_bytes) / 1048576 AS mem,
                 stddev_samp(peak_memory_bytes) / 1048576 AS mem_std, avg(compaction_count) AS compactions,
                 any_value(base_tpot) / avg(tpot_ms_mean) AS speedup, 100 * (avg(ppl) / any_value(base_ppl) - 1) AS dppl
             FROM done LEFT JOIN base USING (model, cap)
-            WHERE group_hash IN (SELECT group_hash FROM runs JOIN experiments USING (run_hash)
-                                 WHERE grid = $grid AND experiment = $experiment)
-            GROUP BY group_hash
+            WHERE setting_hash IN (SELECT setting_hash FROM runs JOIN experiments USING (run_hash)
+                                   WHERE grid = $grid AND experiment = $experiment)
+            GROUP BY setting_hash
         """, {"grid": PAPER_GRID, "experiment": experiment}).df()
-    return {row.group_hash: row._asdict() for row in frame.itertuples()}
+    return {row.setting_hash: row._asdict() for row in frame.itertuples()}
 
 
 def mean_std(group: dict, name: str) -> list[float]:
     return [group[name], group[f"{name}_std"]] if group["n"] > 1 else [group[name]]
+
+
+def check_delta(cell: str, group: dict) -> bool:
+    """One text sample: the paired ΔPPL is that sample's, and one sample of one agrees with its sign."""
+    return close(cell, [group["dppl"], 1, 1], 2)
 
 
 def test_export_writes_every_table_and_figure(exported):
@@ -121,15 +126,15 @@ def test_main_table_numbers_equal_the_store(exported, store):
     assert any(group["n"] > 1 for group in expected.values()), "main has repeats: mean +- std is printed"
     for group_hash, cells in found.items():
         group = expected[group_hash]
-        label, tpot, speedup, ppl, dppl, memory, n = cells
+        label, tpot, speedup, ppl, dppl, memory, repeats, samples = cells
         assert close(tpot, mean_std(group, "tpot"), 2), (label, tpot, group)
-        assert close(ppl, mean_std(group, "ppl"), 2), (label, ppl, group)
+        assert close(ppl, [group["ppl"]], 2), (label, ppl, group)  # one text sample: no std over samples
         assert close(memory, mean_std(group, "mem"), 0), (label, memory, group)
-        assert int(n) == group["n"]
+        assert int(repeats) == group["n"] and int(samples) == group["n_samples"] == 1
         if group["method"] == "recompute":
             assert speedup == dppl == r"\textit{ref.}"
         else:
-            assert close(speedup, [group["speedup"]], 2) and close(dppl, [group["dppl"]], 2), (label, group)
+            assert close(speedup, [group["speedup"]], 2) and check_delta(dppl, group), (label, group)
 
 
 @pytest.mark.parametrize("tex, experiments", [
@@ -144,9 +149,9 @@ def test_ablation_and_sweep_numbers_equal_the_store(exported, store, tex, experi
     assert set(found) == set(expected)
     for group_hash, cells in found.items():
         group = expected[group_hash]
-        assert close(cells[1], mean_std(group, "tpot"), 2) and close(cells[3], mean_std(group, "ppl"), 2), cells
-        assert close(cells[2], [group["speedup"]], 2) and close(cells[4], [group["dppl"]], 2), cells
-        assert int(cells[-1]) == group["n"]
+        assert close(cells[1], mean_std(group, "tpot"), 2) and close(cells[3], [group["ppl"]], 2), cells
+        assert close(cells[2], [group["speedup"]], 2) and check_delta(cells[4], group), cells
+        assert int(cells[-2]) == group["n"] and int(cells[-1]) == 1
     if tex == "ablations.tex":
         labels = [cells[0] for cells in found.values()]
         assert [label.split(" (")[0] for label in labels] == ["Strict", "Lazy", "+ slack", r"+ slack + max\_drop"]

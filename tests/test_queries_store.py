@@ -191,8 +191,9 @@ def test_spike_metrics_of_a_known_spike(tmp_path):
     compactions = pa.table({"step": events.astype(np.int32), "kv_len_before": np.full(len(events), 40, np.int32),
                             "kv_len_after": np.full(len(events), 32, np.int32),
                             "evicted": np.full(len(events), 8, np.int32), "compaction_ms": np.full(len(events), 6.0)})
-    row = {"run_hash": "spiky", "group_hash": "spiky", "status": "done", "attempts": 1, "config_json": "{}",
-           "model": "m", "dataset": "d", "sample": 0, "max_tokens": 201, "prefill": 0, "warmup": 4,
+    row = {"run_hash": "spiky", "group_hash": "spiky", "setting_hash": "spiky", "status": "done", "attempts": 1,
+           "config_json": "{}", "model": "m", "dataset": "d", "sample": 0, "max_tokens": 201, "prefill": 0,
+           "warmup": 4, "protocol": "stepwise", "chunk": 256, "score_stride": 1,
            "method": "streaming", "sink": 4, "cap_mode": "peak", "overlap": 0, "refresh": 0, "refresh_policy": "none",
            "slack": 0, "compress_every": 20, "max_drop": 0, "rope_mode": "realign", "dtype": "float32",
            "device": "cpu", "attn_implementation": "sdpa", "repeat": 0, "code_version": "x"}

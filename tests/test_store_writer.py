@@ -180,7 +180,8 @@ def test_the_schema_mirrors_every_column_and_summary_key_of_the_engine(results):
 
     assert [c.name for c in tokens.columns][1:] == TOKEN_SCHEMA.names
     assert [c.name for c in compactions.columns][1:] == COMPACTION_SCHEMA.names
-    stored_elsewhere = {"run_hash", "method", "model", "environment", "window", "device", "started_at", "ended_at"}
+    stored_elsewhere = {"run_hash", "method", "model", "protocol", "environment", "window", "device", "started_at",
+                        "ended_at"}
     summary_columns = {c.name for c in SUMMARY_COLUMNS}
     assert set(results[0].summary) - stored_elsewhere <= summary_columns
     assert {"environment_json", "window_resolved", "device_name", "started_at", "ended_at"} <= set(runs.columns.keys())

@@ -1,0 +1,127 @@
+"""Settings as the unit of the paper's tables: quality over text samples (parallel runs), timing over repeats
+(stepwise runs), ΔPPL paired per sample with the recompute baseline; checked against numbers computed here from the
+runs themselves, written by the store's own writer (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from store import queries
+from store.writer import StoreWriter
+from streaming_llm import LoadedModel, RunConfig, evaluate
+
+SETTINGS = {
+    "recompute": dict(method="recompute", cap=32),
+    "strict": dict(method="streaming", cap=32, sink=4, compress_every=1),
+    "lazy": dict(method="streaming", cap=32, sink=4, compress_every=8),
+}
+SAMPLES = (0, 1, 2)
+REPEATS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_models) -> tuple[Path, dict]:
+    loaded: LoadedModel = tiny_models["tiny-llama"]
+    common = dict(model="tiny-llama", attn_implementation="eager", device="cpu")
+    runs: dict[str, dict[str, list]] = {}
+    for name, knobs in SETTINGS.items():
+        quality = [evaluate(RunConfig(**common, **knobs, protocol="parallel", chunk=40, max_tokens=160, sample=sample),
+                            loaded=loaded) for sample in SAMPLES]
+        timing = [evaluate(RunConfig(**common, **knobs, max_tokens=60, prefill=24, warmup=2, repeat=repeat),
+                           loaded=loaded) for repeat in REPEATS]
+        runs[name] = {"quality": quality, "timing": timing}
+    path = tmp_path_factory.mktemp("settings") / "store.duckdb"
+    results = [result for kinds in runs.values() for group in kinds.values() for result in group]
+    with StoreWriter(path, results[0].summary["environment"]["code_version"]) as writer:
+        writer.register_grid("g", Path("g.yaml"), "name: g\n", [("main", r.config.run_hash) for r in results])
+        for result in results:
+            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
+                               attempts=1)
+    return path, runs
+
+
+def test_quality_is_over_samples_and_timing_over_repeats(store):
+    path, runs = store
+    with queries.connect(path) as con:
+        table = queries.setting_table(con, "g").set_index("method", drop=False)
+    assert len(table) == 3
+    for name, kinds in runs.items():
+        row = table[(table.method == kinds["quality"][0].config.method)
+                    & (table.compress_every == kinds["quality"][0].config.compress_every)].iloc[0]
+        ppls = np.array([r.summary["ppl"] for r in kinds["quality"]])
+        tpots = np.array([r.summary["tpot_ms_mean"] for r in kinds["timing"]])
+        assert row.n_samples == len(SAMPLES) and row.n_repeats == len(REPEATS), name
+        assert row.quality_protocol == "parallel" and row.quality_tokens == 160
+        assert row.ppl == pytest.approx(ppls.mean()) and row.ppl_std == pytest.approx(ppls.std(ddof=1))
+        assert row.tpot_ms == pytest.approx(tpots.mean()) and row.tpot_ms_std == pytest.approx(tpots.std(ddof=1))
+        assert row.setting_hash == kinds["timing"][0].config.setting_hash
+        assert set(row.run_hashes) == {r.config.run_hash for r in kinds["timing"]}
+        # The timing runs read other tokens (60, with a prefill): their PPL is in no quality number.
+        assert not np.isclose(row.ppl, np.mean([r.summary["ppl"] for r in kinds["timing"]]))
+
+
+def test_delta_ppl_is_paired_per_sample_and_speedup_is_over_stepwise_timing(store):
+    path, runs = store
+    with queries.connect(path) as con:
+        table = queries.setting_table(con, "g")
+    base_ppl = {r.config.sample: r.summary["ppl"] for r in runs["recompute"]["quality"]}
+    base_tpot = np.mean([r.summary["tpot_ms_mean"] for r in runs["recompute"]["timing"]])
+    for name in ("strict", "lazy"):
+        kinds = runs[name]
+        row = table[table.setting_hash == kinds["quality"][0].config.setting_hash].iloc[0]
+        deltas = np.array([100 * (r.summary["ppl"] / base_ppl[r.config.sample] - 1) for r in kinds["quality"]])
+        assert row.n_pairs == 3
+        assert row.delta_ppl_pct == pytest.approx(deltas.mean())
+        assert row.delta_ppl_pct_std == pytest.approx(deltas.std(ddof=1))
+        assert row.agree == int((np.sign(deltas) == np.sign(deltas.mean())).sum())
+        tpot = np.mean([r.summary["tpot_ms_mean"] for r in kinds["timing"]])
+        assert row.speedup == pytest.approx(base_tpot / tpot)
+        assert not row.is_baseline
+    assert table[table.method == "recompute"].iloc[0].is_baseline
+
+
+def test_a_setting_with_only_parallel_runs_has_quality_and_no_timing(tmp_path, tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    results = [evaluate(RunConfig(model="tiny-llama", attn_implementation="eager", device="cpu", method="dense",
+                                  protocol="parallel", max_tokens=80, sample=sample), loaded=loaded)
+               for sample in (0, 1)]
+    path = tmp_path / "store.duckdb"
+    with StoreWriter(path, results[0].summary["environment"]["code_version"]) as writer:
+        writer.register_grid("g", Path("g.yaml"), "name: g\n", [("main", r.config.run_hash) for r in results])
+        for result in results:
+            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+                               attempts=1)
+    with queries.connect(path) as con:
+        row = queries.setting_table(con, "g").iloc[0]
+    assert row.n_samples == 2 and row.n_repeats == 0
+    assert pd.isna(row.tpot_ms) and pd.isna(row.speedup) and pd.isna(row.pareto)
+
+
+def test_delta_against_a_strided_baseline_is_paired_on_its_steps(tmp_path, tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    common = dict(model="tiny-llama", attn_implementation="eager", device="cpu", protocol="parallel", max_tokens=150)
+    base = [evaluate(RunConfig(**common, method="recompute", cap=32, score_stride=5, sample=s), loaded=loaded)
+            for s in (0, 1)]
+    lazy = [evaluate(RunConfig(**common, method="streaming", cap=32, compress_every=8, sample=s), loaded=loaded)
+            for s in (0, 1)]
+    path = tmp_path / "store.duckdb"
+    with StoreWriter(path, base[0].summary["environment"]["code_version"]) as writer:
+        writer.register_grid("g", Path("g.yaml"), "name: g\n", [("main", r.config.run_hash) for r in base + lazy])
+        for result in base + lazy:
+            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+                               attempts=1)
+    deltas = []
+    for b, x in zip(base, lazy, strict=True):
+        steps = b.tokens.column("step").to_numpy()
+        assert len(steps) == 30  # every 5th of 149 steps
+        x_nll = x.tokens.column("nll").to_numpy()[steps]
+        deltas.append(100 * (np.exp(x_nll.mean() - b.tokens.column("nll").to_numpy().mean()) - 1))
+    with queries.connect(path) as con:
+        row = queries.setting_table(con, "g").set_index("method").loc["streaming"]
+    assert row.n_pairs == 2 and row.delta_ppl_pct == pytest.approx(np.mean(deltas))
+    # The setting's own PPL is over all its steps; only the comparison is restricted to the baseline's.
+    assert row.ppl == pytest.approx(np.mean([x.summary["ppl"] for x in lazy]))
