@@ -118,3 +118,17 @@ def _label(row: pd.Series, knobs: list[str], usual: pd.Series) -> str:
     if row["method"] in ("streaming", queries.BASELINE_METHOD):
         parts += [f"{SHORT.get(k, k)}={row[k]}" for k in knobs if pd.notna(row[k]) and row[k] != usual[k]]
     return " ".join(parts)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def setting_table(path: Path, signature: Signature, grid: str, experiments: tuple[str, ...] | None,
+                  include_stale: bool) -> pd.DataFrame:
+    with queries.connect(path) as con:
+        frame = queries.setting_table(con, grid, experiments, include_stale)
+    return with_labels(frame.assign(group_hash=frame.setting_hash))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def block_ppl(path: Path, signature: Signature, run_hashes: tuple[str, ...], block: int) -> pd.DataFrame:
+    with queries.connect(path) as con:
+        return queries.block_ppl(con, run_hashes, block)

@@ -85,13 +85,17 @@ class Progress:
             summary = outcome.summary or {}
             self.cost_done += run_cost(run.config)
             self.seconds_done += outcome.seconds
-            # Decode speed: the prefill's tokens come in one forward and would inflate a tokens / wall_s rate.
             stats = self.workers.setdefault(outcome.slot, _WorkerStats())
-            stats.tokens += int(summary.get("timed_steps", 0))
-            stats.seconds += int(summary.get("timed_steps", 0)) * float(summary.get("tpot_ms_mean", 0.0)) / 1000
+            if summary.get("tpot_ms_mean") is not None:
+                # Decode speed: the prefill's tokens come in one forward and would inflate a tokens / wall_s rate.
+                stats.tokens += int(summary.get("timed_steps", 0))
+                stats.seconds += int(summary.get("timed_steps", 0)) * float(summary["tpot_ms_mean"]) / 1000
+                speed = f"tpot {summary['tpot_ms_mean']:.1f} ms"
+            else:  # a parallel run times no step: its speed is tokens scored per second
+                speed = f"{summary.get('eval_tokens_per_s', float('nan')):.0f} tok/s (parallel)"
             self.line(
                 f"done   {count} {run.run_hash} [{','.join(run.experiments)}] {self.describe(run.config)}: "
-                f"ppl {summary.get('ppl', float('nan')):.3f}, tpot {summary.get('tpot_ms_mean', float('nan')):.1f} ms, "
+                f"ppl {summary.get('ppl', float('nan')):.3f}, {speed}, "
                 f"{summary.get('wall_s', 0.0):.1f} s on {outcome.worker}"
             )
         else:

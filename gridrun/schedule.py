@@ -33,6 +33,9 @@ def model_key(config: RunConfig) -> tuple[str, str, str, str]:
     return (config.model, config.dtype, config.device, config.attn_implementation)
 
 
+PARALLEL_SPEEDUP = 10.0
+
+
 def run_cost(config: RunConfig) -> float:
     """Relative cost in cached decode steps, for ordering and the ETA (the ETA rescales it by measured speed).
 
@@ -40,6 +43,13 @@ def run_cost(config: RunConfig) -> float:
     cap 128 and 7.2x at cap 256 (measured), i.e. about 2.8 + cap / 58.
     """
     steps = config.max_tokens - config.prefill
+    if config.protocol == "parallel":
+        # A token of a chunked forward costs about a tenth of a cached step here; a scored recompute step is a
+        # forward of up to cap tokens (bench/parallel_eval.py).
+        if config.method == "recompute":
+            assert config.cap is not None
+            return steps / config.score_stride * config.cap / PARALLEL_SPEEDUP
+        return steps / PARALLEL_SPEEDUP
     if config.method == "recompute":
         assert config.cap is not None
         return steps * (2.8 + config.cap / 58)

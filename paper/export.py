@@ -18,6 +18,7 @@ from store import queries
 
 MAIN = "main"
 LADDER = "ladder"
+LONG_STREAM = "long_stream"
 # Sweep experiments, the knob each sweeps, and how its panel is titled.
 SWEEPS: dict[str, tuple[str, str]] = {
     "r_sweep": ("compress_every", "compaction interval $R$"),
@@ -27,7 +28,7 @@ SWEEPS: dict[str, tuple[str, str]] = {
     "cap_mode": ("cap_mode", "cap\\_mode (soft vs peak)"),
 }
 REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.tex",
-            **{name: "sweeps.tex" for name in SWEEPS}}
+            **{name: "sweeps.tex" for name in SWEEPS}, LONG_STREAM: "long_stream.pdf/.png"}
 METHOD_ORDER = {"recompute": 0, "dense": 1, "streaming": 2}
 LADDER_RUNGS = ("Strict", "Lazy", "+ slack", "+ slack + max\\_drop")
 STALE_MARK = r"$^\dagger$"
@@ -49,6 +50,7 @@ class Gathered:
     profile: pd.DataFrame
     kv_series: pd.DataFrame
     spikes: pd.DataFrame
+    long_stream: pd.DataFrame  # block PPL per run of the long-stream experiment, with its label and block size
 
 
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
@@ -184,10 +186,12 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
     problems = []
     for name in needed:
         groups = queries.setting_table(con, grid, [name], include_stale)
-        for row in groups[groups.tpot_ms.isna()].itertuples():
+        # The long-stream figure is quality only: no TPOT, no baseline (recompute past 8k positions is not the point).
+        timed = groups if name != LONG_STREAM else groups.iloc[:0]
+        for row in timed[timed.tpot_ms.isna()].itertuples():
             problems.append(f"experiment {name}: setting {row.setting_hash} has no stepwise run, so no TPOT (parallel "
                             "runs measure quality only): add a stepwise run of it")
-        for row in groups[(groups.speedup.isna() | groups.delta_ppl_pct.isna()) & ~groups.is_baseline].itertuples():
+        for row in timed[(timed.speedup.isna() | timed.delta_ppl_pct.isna()) & ~timed.is_baseline].itertuples():
             problems.append(f"experiment {name}: no recompute baseline in grid {grid} with the same tokens, model, "
                             f"cap ({row.cap}), device ({row.device_name}) and code as setting {row.setting_hash} "
                             f"(for its {'TPOT' if pd.isna(row.speedup) else 'text samples'})")
@@ -197,6 +201,8 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
             rungs = {ladder_rung(row) for row in groups.itertuples()}
             problems += [f"experiment {LADDER}: no '{rung}' configuration" for index, rung in enumerate(LADDER_RUNGS)
                          if index not in rungs]
+        if name == LONG_STREAM and groups.method.nunique() < 2:
+            problems.append(f"experiment {LONG_STREAM}: needs dense and streaming runs to compare")
         if name == MAIN:
             kinds = {method_name(row) for row in groups.itertuples()}
             problems += [f"experiment {MAIN}: no {kind} configuration" for kind in ("Recompute", "Strict", "Lazy")
@@ -231,7 +237,18 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     profile = profile.assign(setting_hash=profile.group_hash.map(by_timing))
     profile = profile.assign(label=profile.setting_hash.map(labels)).sort_values(
         "setting_hash", key=lambda column: column.map(order))
-    return Gathered(grid, experiments, all_groups, profile, kv_series, spikes)
+    return Gathered(grid, experiments, all_groups, profile, kv_series, spikes, long_stream_blocks(con, experiments))
+
+
+def long_stream_blocks(con: duckdb.DuckDBPyConnection, experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """PPL per block of positions of one run per setting of the long-stream experiment (its first text sample)."""
+    settings = experiments[LONG_STREAM]
+    runs = {hashes[0]: row_label(row, ["sink", "compress_every"]) for hashes, row in
+            zip(settings.run_hashes, settings.itertuples(), strict=True)}
+    steps = queries.step_range(con, list(runs))
+    block = 1024 if steps.last >= 16 * 1024 else max(16, (steps.last + 1) // 16)
+    blocks = queries.block_ppl(con, list(runs), block)
+    return blocks.assign(label=blocks.run_hash.map(runs), block=block)
 
 
 # --- row labels -----------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def write_all(gathered: Gathered, out: Path) -> list[Path]:
         written = _save(kv_len(gathered.kv_series), out / "kv_len")
         written += _save(tradeoff(gathered.all_groups), out / "tradeoff")
         written += _save(nll_compactions(gathered.spikes), out / "nll_compactions")
+        written += _save(long_stream(gathered.long_stream), out / "long_stream")
     figures_tex = out / "figures.tex"
     figures_tex.write_text(figures_latex(gathered))
     return [*written, figures_tex]
@@ -123,6 +124,18 @@ def nll_compactions(spikes: pd.DataFrame) -> plt.Figure:
     return figure
 
 
+def long_stream(blocks: pd.DataFrame) -> plt.Figure:
+    """PPL per block of positions along one long stream, one line per setting (log scale: dense can explode)."""
+    figure, axes = plt.subplots(figsize=SIZE)
+    for label, run in blocks.groupby("label", sort=True):
+        axes.plot(run.block_start, run.ppl, marker=".", linewidth=1, label=_plain(label))
+    axes.set_yscale("log")
+    axes.set(xlabel=f"position (start of a block of {int(blocks.block.iloc[0])} tokens)",
+             ylabel="perplexity of the block (log scale)")
+    axes.legend(fontsize=7)
+    return figure
+
+
 def figures_latex(gathered: Gathered) -> str:
     grid = escape(gathered.grid)
     captions = {
@@ -133,6 +146,9 @@ def figures_latex(gathered: Gathered) -> str:
                     "baseline, the dashed line the Pareto frontier.",
         "nll_compactions": "NLL around compaction events (minus each run's median), mean $\\pm$ std over events "
                            "pooled over the repeats; $n$ in the legend.",
+        "long_stream": "Perplexity per block of positions along one long stream: dense attention past the model's "
+                       "trained length against streaming (sinks + window, strict and lazy) and window attention "
+                       "without sinks.",
     }
     blocks = [
         "\n".join([r"\begin{figure}[t]", r"\centering", rf"\includegraphics[width=\linewidth]{{{name}}}",

@@ -298,6 +298,9 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     `ppl` is their mean, `ppl_std` their sample std, `n_samples` their count. ΔPPL % is paired per sample with the
     recompute baseline of the same cap on the same tokens, over the steps the baseline scored (all, or every k-th with
     `score_stride`): `delta_ppl_pct` mean and std over pairs, `n_pairs`, and `agree` (pairs whose sign is the mean's).
+    With `experiments`, a setting's measurements are chosen among its runs in those experiments (a long-stream
+    experiment does not replace the main table's measurement); a chosen measurement pools all its runs in the grid, and
+    baselines may come from anywhere in the grid.
     Timing is a statistic over repeats of the setting's stepwise runs
     (`tpot_ms`, `tpot_ms_std`, `n_repeats`, speedup vs the baseline's stepwise TPOT on the same tokens); parallel runs
     never give a TPOT. A sample's PPL is never averaged with another setting's.
@@ -309,17 +312,20 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     key = "grid, setting_hash, code_version"
     sql = f"""
         WITH members AS ({_members_sql("grid = $grid")}),
-        done AS (SELECT * FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)),
+        done AS (
+            SELECT *, $experiments IS NULL OR list_has_any(experiments, $experiments) AS selected
+            FROM members WHERE status = 'done' AND ($include_stale OR NOT stale)
+        ),
         per_sample AS (
             SELECT {key}, protocol, max_tokens, prefill, sample, token_hash, any_value(method) AS method, {run_context},
-                avg(ppl) AS ppl, any_value(run_hash) AS run_hash
+                avg(ppl) AS ppl, any_value(run_hash) AS run_hash, bool_or(selected) AS selected
             FROM done GROUP BY {key}, protocol, max_tokens, prefill, sample, token_hash
         ),
-        measures AS (
+        measures AS (  -- a setting's own numbers come from the selected experiments' runs; baselines from the grid's
             SELECT {key}, protocol, max_tokens, prefill, row_number() OVER (
                 PARTITION BY {key} ORDER BY protocol = 'parallel' DESC, count(*) DESC, max_tokens DESC, prefill
             ) AS preference
-            FROM per_sample GROUP BY {key}, protocol, max_tokens, prefill
+            FROM per_sample WHERE selected GROUP BY {key}, protocol, max_tokens, prefill
         ),
         quality_samples AS (
             SELECT p.* FROM per_sample p JOIN measures m USING ({key}, protocol, max_tokens, prefill)
@@ -355,13 +361,16 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
                 list(run_hash ORDER BY "repeat") AS run_hashes, any_value(token_hash) AS token_hash,
                 any_value(prefill) AS prefill, any_value(warmup) AS warmup, {run_context},
-                row_number() OVER (PARTITION BY {key} ORDER BY count(*) DESC, any_value(max_tokens) DESC)
-                    AS preference
+                bool_or(selected) AS selected
             FROM done WHERE protocol = 'stepwise' GROUP BY {key}, group_hash
+        ),
+        own_timings AS (
+            SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY n_repeats DESC, group_hash) AS preference
+            FROM timings WHERE selected
         ),
         timing AS (
             SELECT x.*, b.tpot_ms / x.tpot_ms AS speedup
-            FROM (SELECT * FROM timings WHERE preference = 1) x
+            FROM (SELECT * EXCLUDE (preference) FROM own_timings WHERE preference = 1) x
             LEFT JOIN (SELECT * FROM timings WHERE method = '{BASELINE_METHOD}') b
                 ON {_BASELINE_MATCH} AND b.warmup = x.warmup
         ),
@@ -369,9 +378,9 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
             SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale,
                 list_distinct(flatten(list(experiments))) AS experiments,
                 list(run_hash ORDER BY protocol, sample, "repeat") AS all_run_hashes
-            FROM done GROUP BY {key}
+            FROM done WHERE selected GROUP BY {key}
         ),
-        selected AS (
+        chosen AS (
             SELECT s.*, s.method = '{BASELINE_METHOD}' AS is_baseline,
                 qu.ppl, qu.ppl_std, qu.n_samples, qu.quality_protocol, qu.quality_tokens,
                 pa.delta_ppl_pct, pa.delta_ppl_pct_std, coalesce(pa.n_pairs, 0) AS n_pairs, pa.agree,
@@ -380,12 +389,11 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 coalesce(t.run_hashes, s.all_run_hashes) AS run_hashes
             FROM settings s JOIN quality qu USING ({key})
             LEFT JOIN paired pa USING ({key}) LEFT JOIN timing t USING ({key})
-            WHERE $experiments IS NULL OR list_has_any(s.experiments, $experiments)
         )
         SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL THEN ppl < coalesce(min(ppl) OVER (
                 PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL
                 ORDER BY tpot_ms, ppl ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 'inf') END AS pareto
-        FROM selected ORDER BY method, {", ".join(q(k) for k in SETTING_KNOBS if k != "method")}
+        FROM chosen ORDER BY method, {", ".join(q(k) for k in SETTING_KNOBS if k != "method")}
     """
     params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
               "experiments": list(experiments) if experiments is not None else None}
@@ -454,6 +462,21 @@ def compaction_marks(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], 
     """
     params = {"runs": list(run_hashes), "first": steps.first, "last": steps.last, "stride": steps.stride(points)}
     return con.execute(sql, params).df()
+
+
+def block_ppl(con: duckdb.DuckDBPyConnection, run_hashes: Sequence[str], block: int) -> pd.DataFrame:
+    """Per run and block of `block` consecutive positions (steps) of its stream: the block's first step, its perplexity
+    (exp of the mean NLL over the block's tokens) and its token count. The long-stream figure: flat under streaming,
+    rising for dense attention past the model's trained length."""
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"block = {block} < 1: a block holds at least one position")
+    sql = """
+        SELECT run_hash, (step // $block) * $block AS block_start, exp(avg(nll)) AS ppl, count(*) AS tokens
+        FROM tokens WHERE list_contains($runs, run_hash)
+        GROUP BY run_hash, step // $block ORDER BY run_hash, block_start
+    """
+    return con.execute(sql, {"runs": list(run_hashes), "block": block}).df()
 
 
 # --- compaction spikes ----------------------------------------------------------------------------------------------

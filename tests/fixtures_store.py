@@ -33,6 +33,10 @@ PAPER_EXTRA_EXPERIMENTS = {
                      "runs": [{"compress_every": 1}, {"compress_every": 16}]},
     "quantization_sinks": {"base": {"method": "streaming", "kv_quant": "int4", "kv_quant_group": 8,
                                     "compress_every": 16}, "grid": {"kv_quant_sinks": ["full", "quantized"]}},
+    "long_stream": {"base": {"protocol": "parallel", "max_tokens": 1200, "prefill": 0},
+                    "runs": [{"method": "dense"}, {"method": "streaming", "sink": 0, "compress_every": 16},
+                             {"method": "streaming", "compress_every": 1}, {"method": "streaming",
+                                                                            "compress_every": 16}]},
 }
 _BUILT: dict[str, Path] = {}
 READS_DURING_GRID: list[int | str] = []  # done counts (or errors) read while grids/smoke.yaml was running

@@ -26,6 +26,8 @@ EXPECTED = {
     "Sweeps": (1, ["TPOT (ms / token)"]),
     "Run detail": (1, ["rolling NLL", "latency (ms / step)", "kv_len (measured)"]),
     "Compaction spikes": (2, ["steps from compaction", "NLL − run median"]),
+    "Settings": (0, []),
+    "Long stream": (1, ["perplexity of the block (log scale)"]),
     "SQL": (0, []),
 }
 # Per chart, read from Vega's SVG: its drawn marks, its text, and the height its y-axis labels span in pixels (a

@@ -17,7 +17,8 @@ from dashboard.__main__ import parse, streamlit_command
 from dashboard.views import VIEWS
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-CHARTS = {"Runs": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2, "SQL": 0}
+CHARTS = {"Runs": 0, "Settings": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2,
+          "Long stream": 1, "SQL": 0}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,24 @@ def test_run_detail_and_spikes_follow_the_chosen_runs(store, monkeypatch):
                                             "nll_peak_excess", "nll_area", "nll_width"} <= set(metrics.columns)
 
 
+def test_long_stream_and_settings_views_of_the_paper_grid(store, monkeypatch):
+    monkeypatch.setenv("GRIDRUN_STORE", str(store))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    app.sidebar.selectbox[0].set_value("smoke-paper")
+    app.sidebar.radio[0].set_value("Long stream").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.selectbox[0].value == "long_stream"
+    spec = json.loads(app.get("vega_lite_chart")[0].proto.spec)
+    assert spec["encoding"]["y"]["scale"]["type"] == "log"
+    app.sidebar.radio[0].set_value("Settings").run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = app.dataframe[0].value
+    assert {"n_samples", "n_repeats", "delta_ppl_pct", "agree"} <= set(table.columns)
+    # The long-stream runs (parallel) give their settings quality but no TPOT.
+    parallel = table[table.quality_protocol == "parallel"]
+    assert len(parallel) and parallel.n_samples.min() >= 1
+
+
 @pytest.mark.parametrize("sql", ["DELETE FROM runs", "DROP TABLE tokens", "INSERT INTO meta VALUES ('a', 'b')",
                                  "COPY runs TO 'stolen.csv'"])
 def test_sql_box_refuses_writes_with_a_message(store, monkeypatch, sql):
@@ -118,7 +137,7 @@ def test_sql_box_runs_a_select(store, monkeypatch):
     app.text_area[0].input("SELECT method, count(*) AS runs FROM runs GROUP BY ALL ORDER BY method")
     app.main.button[0].click().run()
     assert not app.exception and not app.error
-    assert list(app.dataframe[0].value.method) == ["recompute", "streaming"]
+    assert list(app.dataframe[0].value.method) == ["dense", "recompute", "streaming"]  # dense: long_stream
 
 
 def test_new_runs_appear_when_a_new_snapshot_is_published(store, monkeypatch, tmp_path):

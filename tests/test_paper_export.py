@@ -18,7 +18,7 @@ from fixtures_store import PAPER_GRID, ROOT, smoke_store
 from paper.export import ExportError, export, quantization_table
 
 TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "figures.tex", "quantization.tex")
-FIGURES = ("kv_len", "tradeoff", "nll_compactions", "quantization")
+FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream", "quantization")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -66,9 +66,10 @@ def close(cell: str, expected: list[float], digits: int) -> bool:
 
 
 def expected_groups(store: Path, experiment: str) -> dict[str, dict]:
-    """Per setting of `experiment` (all runs of this grid are stepwise, on one text sample): mean, std and n of its done
-    runs in the grid (a setting has one set of numbers in every table), and speedup / ΔPPL vs the grid's recompute
-    runs of the same model and cap, straight from the tables."""
+    """Per setting of `experiment` (its runs there are stepwise, on one text sample): mean, std and n of the done runs
+    of its configurations there (all their repeats in the grid; not its runs of other lengths or protocols in other
+    experiments), and speedup / ΔPPL vs the grid's recompute runs of the same model and cap, straight from the
+    tables."""
     with duckdb.connect(str(store), read_only=True) as con:
         frame = con.execute("""
             WITH members AS (SELECT DISTINCT run_hash FROM experiments WHERE grid = $grid),
@@ -81,8 +82,8 @@ def expected_groups(store: Path, experiment: str) -> dict[str, dict]:
                 stddev_samp(peak_memory_bytes) / 1048576 AS mem_std, avg(compaction_count) AS compactions,
                 any_value(base_tpot) / avg(tpot_ms_mean) AS speedup, 100 * (avg(ppl) / any_value(base_ppl) - 1) AS dppl
             FROM done LEFT JOIN base USING (model, cap)
-            WHERE setting_hash IN (SELECT setting_hash FROM runs JOIN experiments USING (run_hash)
-                                   WHERE grid = $grid AND experiment = $experiment)
+            WHERE group_hash IN (SELECT group_hash FROM runs JOIN experiments USING (run_hash)
+                                 WHERE grid = $grid AND experiment = $experiment)
             GROUP BY setting_hash
         """, {"grid": PAPER_GRID, "experiment": experiment}).df()
     return {row.setting_hash: row._asdict() for row in frame.itertuples()}

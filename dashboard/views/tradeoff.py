@@ -13,6 +13,7 @@ def render(source: data.Source) -> None:
     experiments = data.experiment_names(source.path, source.signature, source.grid)
     chosen = st.multiselect("experiments", experiments, default=experiments)
     groups = data.group_table(source.path, source.signature, source.grid, tuple(chosen), source.include_stale)
+    groups = groups[groups.tpot_ms.notna()]  # parallel runs measure quality only: no TPOT to place them at
     if groups.empty:
         st.info(f"No finished runs in {', '.join(chosen) or 'no experiment'} of grid {source.grid} yet.")
         return

@@ -1,0 +1,31 @@
+"""Settings: one row per setting, quality over text samples and timing over repeats, each with its own n. Reads only."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import data
+from store.queries import SETTING_KNOBS
+
+NUMBER_FORMATS = {
+    "ppl": "%.4f", "ppl_std": "%.4f", "delta_ppl_pct": "%+.3f %%", "delta_ppl_pct_std": "%.3f %%", "tpot_ms": "%.3f",
+    "tpot_ms_std": "%.3f", "speedup": "%.2fx",
+}
+
+
+def render(source: data.Source) -> None:
+    experiments = data.experiment_names(source.path, source.signature, source.grid)
+    chosen = st.multiselect("experiments", experiments, default=experiments)
+    settings = data.setting_table(source.path, source.signature, source.grid, tuple(chosen), source.include_stale)
+    if settings.empty:
+        st.info(f"No finished runs in {', '.join(chosen) or 'no experiment'} of grid {source.grid} yet.")
+        return
+    st.caption(
+        "Quality is a statistic over text samples: PPL mean ± std over n_samples texts (from the protocol shown), and "
+        "ΔPPL paired per sample with the recompute baseline on the same tokens (agree: samples with the mean's sign). "
+        "Timing is a statistic over repeats: TPOT mean ± std over n_repeats stepwise runs; parallel runs have none.")
+    columns = ["label", "experiments", "ppl", "ppl_std", "n_samples", "quality_protocol", "quality_tokens",
+               "delta_ppl_pct", "delta_ppl_pct_std", "n_pairs", "agree", "tpot_ms", "tpot_ms_std", "n_repeats",
+               "speedup", *[k for k in SETTING_KNOBS if k in settings], "stale", "setting_hash"]
+    config = {name: st.column_config.NumberColumn(format=fmt) for name, fmt in NUMBER_FORMATS.items()}
+    st.dataframe(settings[columns], hide_index=True, width="stretch", column_config=config)
