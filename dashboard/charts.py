@@ -24,7 +24,10 @@ METRIC_TITLES = {
     "peak_memory_mib": "peak memory (MiB)",
     "compactions": "compactions per run",
     "kv_len_max": "largest kv_len",
+    "kv_bytes_per_token": "KV bytes per cached token",
+    "total_bytes": "KV cache peak + weights (bytes)",
 }
+TRADEOFF_X = ("tpot_ms", "kv_bytes_per_token", "total_bytes")  # what the trade-off view can put on its x axis
 # The metrics whose spread over repeats the store gives (a ratio of means has none).
 METRIC_STD = {"tpot_ms": "tpot_ms_std", "ppl": "ppl_std", "peak_memory_mib": "peak_memory_mib_std"}
 
@@ -34,13 +37,17 @@ def _with_bounds(frame: pd.DataFrame, value: str, std: str) -> pd.DataFrame:
     return frame.assign(**{f"{value}_low": frame[value] - spread, f"{value}_high": frame[value] + spread})
 
 
-def tradeoff(groups: pd.DataFrame, colour: str) -> alt.LayerChart:
-    """TPOT vs PPL, one point per configuration (mean over repeats, bars of ± std where n > 1), coloured by `colour`,
-    the recompute baseline drawn as a large cross and the Pareto frontier (lower TPOT and PPL) as a step line."""
+def tradeoff(groups: pd.DataFrame, colour: str, x_metric: str = "tpot_ms") -> alt.LayerChart:
+    """TPOT (or bytes: `x_metric` of TRADEOFF_X) vs PPL, one point per configuration (mean over repeats, bars of ± std
+    where n > 1), coloured by `colour`, the recompute baseline drawn as a large cross and, on the TPOT axis, the
+    Pareto frontier (lower TPOT and PPL) as a step line. Configurations without a cache have no bytes: not drawn."""
+    if x_metric != "tpot_ms":
+        groups = groups[groups[x_metric].notna()].assign(tpot_ms=groups[x_metric], tpot_ms_std=float("nan"),
+                                                         pareto=False)
     frame = _with_bounds(_with_bounds(groups, "tpot_ms", "tpot_ms_std"), "ppl", "ppl_std")
     frame = frame.assign(colour=frame[colour].astype(str), role=frame["is_baseline"].map(
         {True: "recompute baseline", False: "configuration"}))
-    x = alt.X("tpot_ms:Q", title=METRIC_TITLES["tpot_ms"], scale=alt.Scale(zero=False))
+    x = alt.X("tpot_ms:Q", title=METRIC_TITLES[x_metric], scale=alt.Scale(zero=False))
     y = alt.Y("ppl:Q", title=METRIC_TITLES["ppl"], scale=alt.Scale(zero=False))
     tooltip = ["label:N", "n:Q", alt.Tooltip("tpot_ms:Q", format=".3f"), alt.Tooltip("tpot_ms_std:Q", format=".3f"),
                alt.Tooltip("ppl:Q", format=".4f"), alt.Tooltip("ppl_std:Q", format=".4f"),

@@ -37,6 +37,8 @@ STALE_MARK = r"$^\dagger$"
 EQUIVALENT_MARK = r"$\equiv$"
 EQUIVALENT_NOTE = (r" $\equiv$: configurations that keep the same tokens at every step (one computation, run once), "
                    "shown as one row.")
+# Optional: when the grid has them, quantization.tex and its figure (failed configurations are rows, with reasons).
+QUANT_EXPERIMENTS = ("quantization", "quantization_sinks")
 
 
 class ExportError(RuntimeError):
@@ -64,6 +66,7 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
         grid = resolve_grid(con, grid, store)
         check_complete(con, grid, include_stale)
         gathered = gather(con, grid, include_stale)
+        quant = gather_quantization(con, grid, include_stale)
     try:
         texts = {
             "tables.tex": main_table(gathered),
@@ -72,6 +75,8 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
             "profile.tex": profile_table(gathered),
             "speculative.tex": speculative_table(gathered),
         }
+        if quant is not None:
+            texts["quantization.tex"] = quantization_table(*quant)
     except MissingNumber as missing:
         raise ExportError(f"grid {grid}: {missing}; nothing was written") from None
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +85,74 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
         (out / name).write_text(text)
         written.append(out / name)
     written += figures.write_all(gathered, out)
+    if quant is not None:
+        written += figures.save(figures.quantization(quant[0]), out / "quantization")
     return written
+
+
+# --- quantization ---------------------------------------------------------------------------------------------------
+QUANT_KNOBS = ("kv_quant", "kv_quant_sinks", "weight_quant")
+
+
+def gather_quantization(con: duckdb.DuckDBPyConnection, grid: str,
+                        include_stale: bool) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(done configurations with ΔPPL and the TPOT ratio vs the same policy in float, failed runs with their error),
+    or None when the grid has no quantization experiment. Pending or stale runs stop the export, as elsewhere."""
+    present = [name for name in QUANT_EXPERIMENTS if name in queries.experiment_names(con, grid)]
+    if not present:
+        return None
+    missing = queries.missing_runs(con, grid, present, include_stale)
+    waiting = missing[(missing.status != "failed") | missing.stale]
+    if not waiting.empty:
+        listing = "\n  ".join(f"experiment {row.experiment}: run {row.run_hash} {row.status}"
+                               for row in waiting.itertuples())
+        raise ExportError(f"paper export of grid {grid} is incomplete; nothing was written. Missing:\n  {listing}")
+    groups = queries.group_table(con, grid, present, include_stale)
+    policy = [k for k in queries.KNOBS if k not in QUANT_KNOBS and k not in ("kv_quant_group", "kv_quant_residual")]
+    floats = groups[(groups.kv_quant == "none") & (groups.weight_quant == "none")]
+    reference = floats[policy + ["ppl", "tpot_ms"]].rename(columns={"ppl": "float_ppl", "tpot_ms": "float_tpot_ms"})
+    groups = groups.merge(reference, on=policy, how="left")
+    groups = groups.assign(delta_float_pct=100 * (groups.ppl / groups.float_ppl - 1),
+                           tpot_ratio=groups.tpot_ms / groups.float_tpot_ms)
+    runs = queries.run_table(con, grid, include_stale)
+    failed = runs[(runs.status == "failed") & runs.run_hash.isin(missing.run_hash)]
+    return groups, failed
+
+
+def quantization_table(groups: pd.DataFrame, failed: pd.DataFrame) -> str:
+    columns = [("Configuration", "l"), ("PPL", "r"), (r"$\Delta$PPL (\%)", "r"), ("TPOT (ms)", "r"),
+               ("TPOT ratio", "r"), ("KV B/token", "r"), ("Weights (MiB)", "r"), ("$n$", "r")]
+    table = Table(columns=columns, label="tab:quantization", caption=(
+        "Quantization: KV-cache codes (kv\\_quant; sinks kept full or quantized) and torchao weights (weight\\_quant). "
+        "$\\Delta$PPL and the TPOT ratio are relative to the same policy in float; KV bytes per token and weight "
+        "bytes are measured (nbytes of every tensor held). Mean $\\pm$ std over $n$ repeats; failed configurations "
+        "are listed with their reason."))
+    for compress_every, block in groups.groupby("compress_every", sort=True):
+        block = block.sort_values(["weight_quant", "kv_quant", "kv_quant_sinks"])
+        rows = []
+        for row in block.itertuples():
+            what = f"configuration {row.group_hash}"
+            rows.append([
+                _quant_label(row), mean_std(row.ppl, row.ppl_std, row.n, 3, what=f"PPL of {what}"),
+                f"${number(row.delta_float_pct, 2, signed=True, what=f'delta PPL vs float of {what}')}$",
+                mean_std(row.tpot_ms, row.tpot_ms_std, row.n, 2, what=f"TPOT of {what}"),
+                f"${number(row.tpot_ratio, 2, what=f'TPOT ratio of {what}')}\\times$",
+                f"${number(row.kv_bytes_per_token, 0, what=f'KV bytes of {what}')}$",
+                f"${number(row.weights_bytes / 2**20, 1, what=f'weights bytes of {what}')}$", str(row.n)])
+        lost = failed[failed.compress_every == compress_every]
+        for row in lost.itertuples():
+            reason = escape(str(row.error).strip().splitlines()[0][:90]) if isinstance(row.error, str) else "unknown"
+            rows.append([f"{_quant_label(row)}: \\textit{{failed}} ({reason})", *["---"] * 6, "0"])
+        notes = [f"group {row.group_hash}" for row in block.itertuples()] + [f"run {row.run_hash}"
+                                                                             for row in lost.itertuples()]
+        table.add_panel(rf"\emph{{{knob('compress_every', compress_every)}}}", rows, notes)
+    return table.render()
+
+
+def _quant_label(row) -> str:
+    kv = escape(row.kv_quant) if row.kv_quant == "none" or row.kv_quant_sinks == "full" else \
+        f"{escape(row.kv_quant)}, sinks quantized"
+    return f"KV {kv}; weights {escape(row.weight_quant)}"
 
 
 def resolve_grid(con: duckdb.DuckDBPyConnection, grid: str | None, store: Path) -> str:

@@ -44,6 +44,29 @@ def write_all(gathered: Gathered, out: Path) -> list[Path]:
     return [*written, figures_tex]
 
 
+def save(figure: plt.Figure, stem: Path) -> list[Path]:
+    return _save(figure, stem)
+
+
+def quantization(groups: pd.DataFrame) -> plt.Figure:
+    """PPL against measured KV bytes per cached token, one line per policy (R) and weight quantization."""
+    figure, axes = plt.subplots(figsize=SIZE)
+    full_sinks = groups[(groups.kv_quant == "none") | (groups.kv_quant_sinks == "full")]
+    for (compress_every, weight_quant), block in full_sinks.groupby(["compress_every", "weight_quant"], sort=True):
+        block = block.sort_values("kv_bytes_per_token")
+        axes.errorbar(block.kv_bytes_per_token, block.ppl, yerr=block.ppl_std.fillna(0), marker="o", markersize=4,
+                      capsize=2, label=f"R={compress_every}, weights {weight_quant} (n={_n_range(block.n)})")
+    quantized_sinks = groups[(groups.kv_quant != "none") & (groups.kv_quant_sinks == "quantized")]
+    for row in quantized_sinks.itertuples():
+        axes.plot(row.kv_bytes_per_token, row.ppl, marker="x", color="black", linestyle="none")
+    if not quantized_sinks.empty:
+        axes.plot([], [], marker="x", color="black", linestyle="none", label="sinks quantized too")
+    axes.set_xscale("log")
+    axes.set(xlabel="KV bytes per cached token (measured, log scale)", ylabel="perplexity")
+    axes.legend(fontsize=6)
+    return figure
+
+
 def _save(figure: plt.Figure, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
     for path in paths:

@@ -370,6 +370,8 @@ def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence
                 avg(ppl) AS ppl, stddev_samp(ppl) AS ppl_std,
                 avg(peak_memory_bytes) / 2^20 AS peak_memory_mib, stddev_samp(peak_memory_bytes) / 2^20 AS
                 peak_memory_mib_std, avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
+                avg(kv_bytes_per_token) AS kv_bytes_per_token, avg(kv_cache_peak_bytes) AS kv_cache_peak_bytes,
+                avg(weights_bytes) AS weights_bytes, avg(kv_cache_peak_bytes + weights_bytes) AS total_bytes,
                 list(run_hash ORDER BY "repeat") AS run_hashes, any_value(run_group_hash) AS run_group_hash
             FROM members WHERE status = 'done' AND mode IS DISTINCT FROM 'generate' AND ($include_stale OR NOT stale)
             GROUP BY grid, group_hash, code_version

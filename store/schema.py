@@ -101,6 +101,12 @@ KNOB_COLUMNS = [
     Column("draft_model", String),
     Column("draft_layers", Integer),
     Column("draft_cap", Integer),
+    # Quantization knobs (README "Quantization").
+    Column("kv_quant", String, nullable=False),
+    Column("kv_quant_group", Integer, nullable=False),
+    Column("kv_quant_residual", Integer, nullable=False),
+    Column("kv_quant_sinks", String, nullable=False),
+    Column("weight_quant", String, nullable=False),
 ]
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
@@ -144,6 +150,10 @@ SUMMARY_COLUMNS = [
     Column("accepted_total", Integer),
     Column("acceptance_rate", Double),  # accepted / drafted; null when nothing was drafted
     Column("mean_accepted_length", Double),  # generated tokens per verification forward (accepted drafts + 1)
+    # Quantization: measured bytes (null without a cache: recompute).
+    Column("kv_bytes_per_token", Double),  # kv_cache_peak_bytes / entries the cache had room for
+    Column("weights_bytes", BigInteger),  # parameters + buffers after weight_quant
+    Column("weights_bytes_float", BigInteger),  # the same before it
 ]
 
 runs = Table(

@@ -6,6 +6,8 @@ layer at once. One layer class per RoPE mode:
 - `RealignedLayer` (`realign`): stores post-RoPE keys; a compaction rotates each moved key by its shift;
 - `PreRopeLayer` (`exact`): stores pre-RoPE keys and rotates all of them by slot index at every step;
 - `AbsoluteLayer` (`absolute`): never re-aligns; queries keep their absolute positions.
+With `kv_quant`, `QuantizedLayer` replaces them: the cache holds int8 / int4 codes (`QuantizedStorage`), keys before
+RoPE (rotated by slot after dequantization, except in absolute mode); a compaction moves codes and scales as they are.
 A plain `model(input_ids, cache=cache)` works: positions default to `get_seq_length()`, the slot index that realign
 and exact expect (absolute mode needs `position_ids=cache.next_positions(n)`). HF `generate()` counts positions itself
 (absolute): `streaming_llm.generate.hf_generate` runs it with the cache's positions, in every mode. Tested with
@@ -20,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .policy import CompactionPlan, CompactionSchedule, StreamingPolicy
+from .quant import KVQuantizer
 from .rope import RotaryGeometry, rotate_keys
 
 
@@ -83,7 +86,7 @@ class StreamingLayer(CacheLayerMixin):
         self.keys[:, :, start : start + count] = self.key_to_store(key_states, start)
         self.values[:, :, start : start + count] = value_states
         self.length = start + count
-        return self.keys_to_attend(), self.values[:, :, : self.length]
+        return self.keys_to_attend(), self.values_to_attend()
 
     def get_seq_length(self) -> int:
         """Entries the next step will see before its own: the length after any pending compaction."""
@@ -106,6 +109,9 @@ class StreamingLayer(CacheLayerMixin):
 
     def keys_to_attend(self) -> torch.Tensor:
         return self.keys[:, :, : self.length]
+
+    def values_to_attend(self) -> torch.Tensor:
+        return self.values[:, :, : self.length]
 
     @classmethod
     def move_keys(cls, cache: StreamingCache, move: Move) -> None:
@@ -163,10 +169,7 @@ class PreRopeLayer(StreamingLayer):
         return _unrotate(key_states, first_slot, self.cache.geometry)
 
     def keys_to_attend(self) -> torch.Tensor:
-        geometry = self.cache.geometry
-        slots = torch.arange(self.length, device=self.keys.device)
-        cos, sin = geometry.cos_sin(slots, self.keys.device)
-        return rotate_keys(self.keys[:, :, : self.length], cos, sin, scale=geometry.attention_scaling)
+        return self.cache.rotate_by_slot(self.keys[:, :, : self.length])
 
 
 class AbsoluteLayer(StreamingLayer):
@@ -178,6 +181,197 @@ def _unrotate(key_states: torch.Tensor, first_slot: int, geometry: RotaryGeometr
     slots = torch.arange(first_slot, first_slot + key_states.shape[-2], device=key_states.device)
     cos, sin = geometry.cos_sin(slots, key_states.device)
     return rotate_keys(key_states, cos, -sin, scale=1.0 / geometry.attention_scaling)
+
+
+@dataclass(frozen=True)
+class KVQuantSpec:
+    """How the cache stores entries: `quantizer` (bits, group along head_dim); `residual`, the newest entries kept
+    in the model's dtype until they age out (KIVI's residual); `full_sinks`, whether sinks stay in the model's dtype."""
+
+    quantizer: KVQuantizer
+    residual: int = 0
+    full_sinks: bool = True
+
+
+class _Codes:
+    """Quantized entries (keys or values) of every layer: payload, scale and zero point along one slot dimension."""
+
+    def __init__(self, quantizer: KVQuantizer, like: torch.Tensor, layers: int, capacity: int):
+        batch, heads, _, head_dim = like.shape
+        groups = head_dim // quantizer.group
+        self.quantizer = quantizer
+        self.payload = torch.empty((layers, batch, heads, capacity, quantizer.payload_dim(head_dim)),
+                                   dtype=torch.uint8, device=like.device)
+        self.scale = torch.empty((layers, batch, heads, capacity, groups), dtype=torch.float32, device=like.device)
+        self.zero = torch.empty((layers, batch, heads, capacity, groups), dtype=torch.uint8, device=like.device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.payload, self.scale, self.zero]
+
+    def write(self, layer: int | slice, start: int, entries: torch.Tensor) -> None:
+        """Quantize `entries` [..., n, head_dim] into slots [start, start + n) of `layer` (an index or all: slice)."""
+        target = slice(start, start + entries.shape[-2])
+        for stored, part in zip(self.tensors(), self.quantizer.quantize(entries), strict=True):
+            stored[layer][..., target, :] = part
+
+    def read(self, layer: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+        payload, scale, zero = (t[layer][..., :count, :] for t in self.tensors())
+        return self.quantizer.dequantize(payload, scale, zero, dtype)
+
+    def move(self, target: slice, source: slice) -> None:
+        """Copy codes and scales as they are: a kept entry is never requantized (out of place: ranges may overlap)."""
+        for stored in self.tensors():
+            stored[..., target, :] = stored[..., source, :].clone()
+
+    def grow(self, capacity: int, keep: int) -> None:
+        for name in ("payload", "scale", "zero"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
+            new[..., :keep, :] = old[..., :keep, :]
+            setattr(self, name, new)
+
+
+class QuantizedStorage:
+    """Every layer's entries in three runs of slots: [0, sunk) sinks in the model's dtype (`full_sinks`), then
+    `quantized` entries as codes, then the newest ones in the model's dtype (`recent`: the residual, plus what the
+    current step appended). Keys are stored before RoPE when the cache rotates them by slot.
+
+    `flush()` ends a step: it quantizes, for all layers at once, what the step pushed past the residual. A step that
+    appends more than one entry (a prefill) quantizes its own overflow in its layer's update, so that the float part
+    never holds more than residual + 1 entries and the bytes stay those of the format.
+    """
+
+    def __init__(self, spec: KVQuantSpec, sink: int, layers: int, keys: torch.Tensor, values: torch.Tensor,
+                 capacity: int):
+        self.spec = spec
+        self.sink_slots = sink if spec.full_sinks else 0
+        self.recent_capacity = spec.residual + 1
+        self.keys = _Codes(spec.quantizer, keys, layers, max(1, capacity - self.sink_slots - spec.residual))
+        self.values = _Codes(spec.quantizer, values, layers, self.keys.payload.shape[-2])
+        float_shape = (layers, *keys.shape[:2])
+        self.sink_keys = keys.new_empty((*float_shape, self.sink_slots, keys.shape[-1]))
+        self.sink_values = values.new_empty((*float_shape, self.sink_slots, values.shape[-1]))
+        self.recent_keys = keys.new_empty((*float_shape, self.recent_capacity, keys.shape[-1]))
+        self.recent_values = values.new_empty((*float_shape, self.recent_capacity, values.shape[-1]))
+        self.quantized = [0] * layers  # entries held as codes, per layer (equal between steps)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys.tensors(), *self.values.tensors(), self.sink_keys, self.sink_values, self.recent_keys,
+                self.recent_values]
+
+    def reserve(self, entries: int) -> None:
+        """Room for `entries` slots in all (grows the codes by doubling, like the float storage)."""
+        needed = entries - self.sink_slots - self.spec.residual
+        capacity = self.keys.payload.shape[-2]
+        if needed <= capacity:
+            return
+        while capacity < needed:
+            capacity *= 2
+        for codes in (self.keys, self.values):
+            codes.grow(capacity, max(self.quantized))
+
+    def append(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store entries for slots [start, start + n) of `layer`: sinks first, then the newest as floats, and what
+        does not fit in the residual + 1 float slots quantized right away."""
+        sunk = min(start, self.sink_slots)
+        into_sinks = max(0, min(keys.shape[-2], self.sink_slots - start))
+        if into_sinks:
+            self.sink_keys[layer][..., start : start + into_sinks, :] = keys[..., :into_sinks, :]
+            self.sink_values[layer][..., start : start + into_sinks, :] = values[..., :into_sinks, :]
+            keys, values = keys[..., into_sinks:, :], values[..., into_sinks:, :]
+        recent = start - sunk - self.quantized[layer]
+        overflow = recent + keys.shape[-2] - self.recent_capacity
+        if overflow > 0:
+            # Oldest first: the floats held, then the new entries, until the rest fits.
+            keys = torch.cat((self.recent_keys[layer][..., :recent, :], keys), dim=-2)
+            values = torch.cat((self.recent_values[layer][..., :recent, :], values), dim=-2)
+            self.keys.write(layer, self.quantized[layer], keys[..., :overflow, :])
+            self.values.write(layer, self.quantized[layer], values[..., :overflow, :])
+            self.quantized[layer] += overflow
+            keys, values, recent = keys[..., overflow:, :], values[..., overflow:, :], 0
+        self.recent_keys[layer][..., recent : recent + keys.shape[-2], :] = keys
+        self.recent_values[layer][..., recent : recent + values.shape[-2], :] = values
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, length) of `layer` in the model's dtype (keys as stored: before RoPE)."""
+        sunk, quantized = min(length, self.sink_slots), self.quantized[layer]
+        recent = length - sunk - quantized
+        parts = []
+        for sinks, codes, floats in ((self.sink_keys, self.keys, self.recent_keys),
+                                     (self.sink_values, self.values, self.recent_values)):
+            parts.append(torch.cat((
+                sinks[layer][..., :sunk, :], codes.read(layer, quantized, floats.dtype),
+                floats[layer][..., :recent, :],
+            ), dim=-2))
+        return parts[0], parts[1]
+
+    def flush(self, length: int) -> None:
+        """End of a step (all layers at `length`): quantize the oldest float entries past the residual, in one call."""
+        sunk, quantized = min(length, self.sink_slots), self.quantized[0]
+        recent = length - sunk - quantized
+        overflow = recent - self.spec.residual
+        if overflow <= 0:
+            return
+        for codes, floats in ((self.keys, self.recent_keys), (self.values, self.recent_values)):
+            codes.write(slice(None), quantized, floats[..., :overflow, :])
+            floats[..., : self.spec.residual, :] = floats[..., overflow:recent, :].clone()
+        self.quantized = [quantized + overflow] * len(self.quantized)
+
+    def move(self, move: Move) -> None:
+        """Apply one move of a compaction to the codes. Sinks never move and the float entries are the newest, which
+        every compaction keeps in order at the end (residual <= window), so only the codes' part of a move moves."""
+        count = min(move.count, self.sink_slots + self.quantized[0] - move.source)
+        if count <= 0:
+            return
+        target, source = move.target - self.sink_slots, move.source - self.sink_slots
+        for codes in (self.keys, self.values):
+            codes.move(slice(target, target + count), slice(source, source + count))
+
+    def compacted(self, length_after: int) -> None:
+        """After every move: the codes hold what is neither a sink nor among the float entries."""
+        recent = min(self.spec.residual, length_after - min(length_after, self.sink_slots))
+        self.quantized = [length_after - min(length_after, self.sink_slots) - recent] * len(self.quantized)
+
+    def step_sizes(self, layer: int, length: int, values: bool = False) -> torch.Tensor:
+        """The largest quantization step (scale) of each of slots [0, length) of `layer`'s keys (or values), 0 where
+        it is held in the model's dtype: a dequantized entry is within half of it of what was stored.
+        [batch, heads, length]."""
+        sunk, quantized = min(length, self.sink_slots), self.quantized[layer]
+        scales = (self.values if values else self.keys).scale[layer][..., :quantized, :].amax(-1).float()
+        zeros = scales.new_zeros
+        return torch.cat((zeros((*scales.shape[:-1], sunk)), scales,
+                          zeros((*scales.shape[:-1], length - sunk - quantized))), dim=-1)
+
+
+class QuantizedLayer(StreamingLayer):
+    """A layer of a `kv_quant` cache: entries go to the cache's `QuantizedStorage`; attention reads them dequantized,
+    keys rotated by slot after dequantization (realign and exact alike), or as stored in absolute mode."""
+
+    def __init__(self, cache: StreamingCache, index: int):
+        super().__init__(cache)
+        self.index = index
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, count = self.length, key_states.shape[-2]
+        if self.cache.rotates_quantized_keys:
+            key_states = _unrotate(key_states, start, self.cache.geometry)
+        self.cache.quantized.append(self.index, start, key_states, value_states)
+        self.length = start + count
+        keys, values = self.cache.quantized.read(self.index, self.length)
+        if self.cache.rotates_quantized_keys:
+            keys = self.cache.rotate_by_slot(keys)
+        return keys, values
+
+    def keys_to_attend(self) -> torch.Tensor:
+        keys = self.cache.quantized.read(self.index, self.length)[0]
+        return self.cache.rotate_by_slot(keys) if self.cache.rotates_quantized_keys else keys
+
+    def values_to_attend(self) -> torch.Tensor:
+        return self.cache.quantized.read(self.index, self.length)[1]
 
 
 LAYER_CLASSES: dict[str, type[StreamingLayer]] = {
@@ -195,18 +389,30 @@ class StreamingCache(Cache):
     of the next step.
     """
 
-    def __init__(self, policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str = "realign"):
+    def __init__(self, policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str = "realign",
+                 kv_quant: KVQuantSpec | None = None):
         if rope_mode not in LAYER_CLASSES:
             raise ValueError(f"rope_mode '{rope_mode}' is unknown (known: {', '.join(LAYER_CLASSES)})")
+        if kv_quant is not None and kv_quant.residual > policy.window:
+            raise ValueError(f"kv_quant residual = {kv_quant.residual} > window = {policy.window}: the float entries "
+                             "must be among those every compaction keeps; lower the residual")
         self.layer_class = LAYER_CLASSES[rope_mode]
         self.rope_mode = rope_mode
         self.geometry = geometry
+        self.policy = policy
         self.schedule = CompactionSchedule(policy)
         self.initial_capacity = policy.hard_capacity + policy.compress_every + 1
-        super().__init__(layers=[self.layer_class(self) for _ in range(num_layers)])
+        self.kv_quant = kv_quant
+        self.rotates_quantized_keys = rope_mode != "absolute"
+        layers = [QuantizedLayer(self, i) if kv_quant else self.layer_class(self) for i in range(num_layers)]
+        super().__init__(layers=layers)
         self.all_keys: torch.Tensor | None = None
         self.all_values: torch.Tensor | None = None
         self.shadow_keys: torch.Tensor | None = None
+        self.quantized: QuantizedStorage | None = None
+        self.capacity = 0  # entries the storage has room for
+        self.peak_nbytes = 0  # the most bytes its tensors ever held together
+        self._slot_angles: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of slots 0, 1, ...
         self.pending: CompactionPlan | None = None
         self.tokens_seen = 0
         self.last_span = 0
@@ -217,6 +423,13 @@ class StreamingCache(Cache):
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Create the storage of every layer from the first update's shapes (all layers share them)."""
         capacity = max(self.initial_capacity, key_states.shape[-2])
+        if self.kv_quant is not None:
+            self.quantized = QuantizedStorage(
+                self.kv_quant, self.policy.sink, len(self.layers), key_states, value_states, capacity
+            )
+            self.capacity = capacity
+            self._bind_layers()
+            return
         self.all_keys = key_states.new_empty((len(self.layers), *key_states.shape[:2], capacity, key_states.shape[-1]))
         self.all_values = value_states.new_empty(
             (len(self.layers), *value_states.shape[:2], capacity, value_states.shape[-1])
@@ -226,19 +439,34 @@ class StreamingCache(Cache):
         self._bind_layers()
 
     def _bind_layers(self) -> None:
+        tensors = self.storage_tensors()
+        self.capacity = self.capacity if self.quantized is not None else self.all_keys.shape[-2]
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in tensors))
         for index, layer in enumerate(self.layers):
-            layer.keys, layer.values = self.all_keys[index], self.all_values[index]
-            layer.shadow = None if self.shadow_keys is None else self.shadow_keys[index]
-            layer.device = self.all_keys.device
+            if self.quantized is None:
+                layer.keys, layer.values = self.all_keys[index], self.all_values[index]
+                layer.shadow = None if self.shadow_keys is None else self.shadow_keys[index]
+            layer.device = tensors[0].device
             layer.is_initialized = True
+
+    def storage_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds: keys, values, any shadow; or codes, scales, zero points and float entries."""
+        if self.quantized is not None:
+            return self.quantized.tensors()
+        return [t for t in (self.all_keys, self.all_values, self.shadow_keys) if t is not None]
 
     def _reserve(self, needed: int) -> None:
         """Grow the storage (doubling) so that every layer can hold `needed` entries; called between steps."""
-        capacity = self.all_keys.shape[-2]
+        capacity = self.capacity
         if needed <= capacity:
             return
         while capacity < needed:
             capacity *= 2
+        if self.quantized is not None:
+            self.quantized.reserve(capacity)
+            self.capacity = capacity
+            self._bind_layers()
+            return
         length = self.layers[0].length
         for name in ("all_keys", "all_values", "shadow_keys"):
             old = getattr(self, name)
@@ -255,7 +483,7 @@ class StreamingCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == 0:
             self.compact_pending()
-            if self.all_keys is not None:
+            if self.capacity:
                 self._reserve(self.layers[0].length + key_states.shape[-2])
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
@@ -265,6 +493,8 @@ class StreamingCache(Cache):
     def _end_step(self, new_tokens: int) -> None:
         self.tokens_seen += new_tokens
         self.last_span = self.layers[-1].length
+        if self.quantized is not None:
+            self.quantized.flush(self.last_span)
         self.last_plan = self.pending = self.schedule.step(self.last_span)
 
     def compact_pending(self) -> None:
@@ -275,15 +505,26 @@ class StreamingCache(Cache):
         for move in moves_of(plan):
             # Sources lie right of targets and moves go left to right, so each source is read before it is written;
             # within one move the copy is out of place because the two ranges may overlap.
+            if self.quantized is not None:
+                self.quantized.move(move)
+                continue
             self.layer_class.move_keys(self, move)
             target, source = move.slices()
             self.all_values[..., target, :] = self.all_values[..., source, :].clone()
+        if self.quantized is not None:
+            self.quantized.compacted(plan.length_after)
         for layer in self.layers:
             layer.length = plan.length_after
 
-    def storage_factor(self) -> float:
-        """Bytes kept per entry relative to plain keys + values: 1.5 with a pre-RoPE shadow of the keys."""
-        return 1.5 if self.shadow_keys is not None else 1.0
+    def rotate_by_slot(self, keys: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys [..., length, head_dim] rotated at slots 0 .. length - 1."""
+        length = keys.shape[-2]
+        if self._slot_angles is None or len(self._slot_angles[0]) < length:
+            # Every layer of every step asks again: keep the table for the capacity (the same numbers, sliced).
+            slots = torch.arange(max(length, self.capacity), device=keys.device)
+            self._slot_angles = self.geometry.cos_sin(slots, keys.device)
+        cos, sin = (table[:length] for table in self._slot_angles)
+        return rotate_keys(keys, cos, sin, scale=self.geometry.attention_scaling)
 
     def next_positions(self, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids [1, count] of the next `count` tokens: their slots, or their stream index in absolute mode."""

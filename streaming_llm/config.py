@@ -27,6 +27,8 @@ CACHE_KNOBS = (
 # Knobs that act only through the compaction schedule: a streaming run's identity holds its schedule fingerprint instead
 # of them, so settings that keep the same tokens at every step share one run. Every other knob stays in the identity.
 SCHEDULE_KNOBS = tuple(k for k in CACHE_KNOBS if k != "rope_mode")
+# Quantization: the kv_quant_* details matter only when kv_quant quantizes (kv_quant_sinks only when there are sinks).
+KV_QUANT_KNOBS = ("kv_quant_group", "kv_quant_residual", "kv_quant_sinks")
 KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
     "dense": (),
     "streaming": CACHE_KNOBS,
@@ -113,6 +115,12 @@ class RunConfig(BaseModel):
     draft_model: str | None = None
     draft_layers: int = 0
     draft_cap: int = 64
+    # Quantization (README "Quantization"): the streaming cache's storage, and the model's linear layers (torchao).
+    kv_quant: Literal["none", "int8", "int4"] = "none"
+    kv_quant_group: int = 32
+    kv_quant_residual: int = 0
+    kv_quant_sinks: Literal["quantized", "full"] = "full"
+    weight_quant: Literal["none", "int8", "int8_dynamic", "int4"] = "none"
 
     @model_validator(mode="wrap")
     @classmethod
@@ -160,7 +168,29 @@ class RunConfig(BaseModel):
                 raise ConfigError(f"prefill = {self.prefill} > cap = {self.cap}: recompute never attends past cap")
         if self.method == "streaming":
             self._check_streaming()
+        self._check_kv_quant()
         return self
+
+    def _check_kv_quant(self) -> None:
+        """What can be checked without the model; kv_quant_group | head_dim is checked when the cache is built."""
+        if self.kv_quant == "none":
+            return
+        if self.method != "streaming":
+            raise ConfigError(f"kv_quant = {self.kv_quant} quantizes the streaming cache; method {self.method} uses "
+                              "none: use method streaming (a window holding everything compares with dense)")
+        if self.protocol == "parallel":
+            raise ConfigError(f"kv_quant = {self.kv_quant} is implemented in the stepwise protocol's cache; protocol "
+                              "parallel holds none: use protocol stepwise")
+        if self.kv_quant_group < 1:
+            raise ConfigError(f"kv_quant_group = {self.kv_quant_group} < 1: a group holds 1 or more elements")
+        if self.kv_quant == "int4" and self.kv_quant_group % 2:
+            raise ConfigError(f"kv_quant int4 packs two codes per byte: kv_quant_group = {self.kv_quant_group} must be "
+                              "even; use 16, 32 or 64")
+        if self.kv_quant_residual > self.policy.window:
+            raise ConfigError(
+                f"kv_quant_residual = {self.kv_quant_residual} > window = {self.policy.window}: the float entries must "
+                "be among the recent ones every compaction keeps; lower kv_quant_residual or raise window/cap"
+            )
 
     def _check_streaming(self) -> None:
         if self.compress_every < 1:
@@ -295,9 +325,12 @@ class RunConfig(BaseModel):
 
 
 def _ignored_knobs(config: RunConfig) -> list[str]:
-    """Knobs this run never reads: cache knobs of other methods, cap_mode without a cap, the other protocol's knob."""
+    """Knobs this run never reads: cache knobs of other methods, cap_mode without a cap, the other protocol's knob,
+    the kv_quant details without kv_quant (and kv_quant_sinks without sinks)."""
     used = KNOBS_USED_BY[config.method]
     ignored = [k for k in CACHE_KNOBS if k not in used or (k == "cap_mode" and config.cap is None)]
+    ignored += [k for k in KV_QUANT_KNOBS if config.kv_quant == "none" or (
+        k == "kv_quant_sinks" and (config.sink == 0 or "sink" in ignored))]
     # Parallel runs measure no latency (so no warmup); stepwise runs feed one token per forward (so no chunk).
     ignored.append("warmup" if config.protocol == "parallel" else "chunk")
     # Only parallel recompute can skip steps: every other path computes each step to reach the next.
@@ -336,7 +369,7 @@ def _ignored_generation_knobs(config: RunConfig) -> list[str]:
 
 def _check_signs(config: RunConfig) -> None:
     for knob in ("sink", "overlap", "refresh", "slack", "max_drop", "prefill", "warmup", "sample", "repeat", "chunk",
-                 "score_stride", "seed"):
+                 "score_stride", "seed", "kv_quant_residual"):
         if getattr(config, knob) < 0:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "pyarrow")
+PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "pyarrow", "torchao")
 
 
 @functools.cache

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .cache import StreamingCache
+from .cache import KVQuantSpec, StreamingCache
 from .compat import cache_kwargs, check_transformers
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .environment import fingerprint
 from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
-from .models import is_random, load_model, load_tokenizer
+from .models import apply_weight_quant, is_random, load_model, load_tokenizer
 from .parallel import BlockStepper, recompute_blocks
+from .quant import kv_quantizer
 from .rope import RotaryGeometry
 from .text import TokenStream, load_stream
 
@@ -65,7 +66,9 @@ class RunResult:
 
 @dataclass
 class LoadedModel:
-    """A model and its tokenizer, reusable by every run that asks for the same model, dtype, device and attention."""
+    """A model and its tokenizer, reusable by every run that asks for the same model, dtype, device, attention and
+    weight quantization. `quantization`: what quantized the weights (torchao config, tensor class, layout) and their
+    bytes before and after, as strings for the run's environment."""
 
     name: str
     dtype: str
@@ -73,17 +76,21 @@ class LoadedModel:
     attn_implementation: str
     model: Any = field(repr=False)
     tokenizer: Any = field(repr=False)
+    weight_quant: str = "none"
+    quantization: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, config: RunConfig) -> LoadedModel:
         check_transformers()
         device = resolve_device(config.device)
         model = load_model(config.model, DTYPES[config.dtype], device, config.attn_implementation)
-        return cls(config.model, config.dtype, device, config.attn_implementation, model, load_tokenizer(config.model))
+        quantization = apply_weight_quant(model, config.weight_quant)
+        return cls(config.model, config.dtype, device, config.attn_implementation, model, load_tokenizer(config.model),
+                   config.weight_quant, quantization)
 
     def serves(self, config: RunConfig) -> bool:
-        return (self.name, self.dtype, self.device, self.attn_implementation) == (
-            config.model, config.dtype, resolve_device(config.device), config.attn_implementation
+        return (self.name, self.dtype, self.device, self.attn_implementation, self.weight_quant) == (
+            config.model, config.dtype, resolve_device(config.device), config.attn_implementation, config.weight_quant
         )
 
     def kv_bytes_per_token(self) -> int:
@@ -122,9 +129,11 @@ class DenseStepper:
     def compact(self):
         return None
 
-    def storage_factor(self) -> float:
-        """KV bytes per entry relative to one key and one value in the model's dtype."""
-        return 1.0
+    def kv_storage(self) -> tuple[int, int] | None:
+        """(bytes of every tensor the cache holds, entries it has room for) at their peak; None without a cache.
+        A DynamicCache only grows, so its final size is its peak."""
+        layers = self.cache.layers
+        return sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if t is not None), self.span()
 
 
 class StreamingStepper(DenseStepper):
@@ -133,7 +142,8 @@ class StreamingStepper(DenseStepper):
     def __init__(self, loaded: LoadedModel, config: RunConfig):
         self.model = loaded.model
         self.cache = StreamingCache(
-            config.policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers, config.rope_mode
+            config.policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers, config.rope_mode,
+            kv_quant_spec(config, loaded.model.config),
         )
         self._last_position = -1
 
@@ -157,8 +167,20 @@ class StreamingStepper(DenseStepper):
         self.cache.compact_pending()
         return self.cache.last_plan
 
-    def storage_factor(self) -> float:
-        return self.cache.storage_factor()
+    def kv_storage(self) -> tuple[int, int] | None:
+        return self.cache.peak_nbytes, self.cache.capacity
+
+
+def kv_quant_spec(config: RunConfig, model_config) -> KVQuantSpec | None:
+    """The cache's quantization for `config`, after the check that needs the model: kv_quant_group | head_dim."""
+    if config.kv_quant == "none":
+        return None
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    if head_dim % config.kv_quant_group:
+        raise ConfigError(f"kv_quant_group = {config.kv_quant_group} does not divide head_dim = {head_dim} of model "
+                          f"{config.model}: use a divisor of {head_dim}")
+    return KVQuantSpec(kv_quantizer(config.kv_quant, config.kv_quant_group), config.kv_quant_residual,
+                       full_sinks=config.kv_quant_sinks == "full")
 
 
 class RecomputeStepper(DenseStepper):
@@ -179,6 +201,9 @@ class RecomputeStepper(DenseStepper):
 
     def last_position(self) -> int:
         return self.context.shape[-1] - 1
+
+    def kv_storage(self) -> None:
+        return None  # every step recomputes its window without a cache
 
 
 STEPPERS = {"dense": DenseStepper, "streaming": StreamingStepper, "recompute": RecomputeStepper}
@@ -207,7 +232,7 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     reset_peak_memory(device)
     scoring_start = time.perf_counter()
     with torch.inference_mode():
-        prefill_ms, storage_factor = PROTOCOLS[config.protocol](config, loaded, ids, record)
+        prefill_ms, kv_storage = PROTOCOLS[config.protocol](config, loaded, ids, record)
     scoring_s = time.perf_counter() - scoring_start
 
     peak_bytes, peak_kind = peak_memory_bytes(device)
@@ -219,19 +244,21 @@ def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
         compactions.schema.get_field_index("compaction_ms"), "compaction_ms",
         _nan_to_null(compactions.column("compaction_ms")),
     )
-    summary = _summarise(config, loaded, stream, tokens, compactions, prefill_ms, storage_factor)
+    _check_finite(tokens)
+    summary = _summarise(config, loaded, stream, tokens, compactions, prefill_ms, kv_storage)
     summary["eval_tokens_per_s"] = tokens.num_rows / scoring_s
     _check_budget(config, summary)
     summary.update(
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
         ended_at=datetime.now(UTC).isoformat(), wall_s=time.perf_counter() - wall_start,
-        environment=fingerprint(device),
+        environment={**fingerprint(device), **loaded.quantization},
     )
     return RunResult(config=config, summary=summary, tokens=tokens, compactions=compactions)
 
 
 def _score_stepwise(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, record: _Recorder):
-    """Prefill in one forward, then one token per forward, each timed. Returns (prefill_ms, storage factor)."""
+    """Prefill in one forward, then one token per forward, each timed. Returns (prefill_ms, the cache's measured
+    (peak bytes, entries))."""
     stepper = STEPPERS[config.method](loaded, config)
     clock = Stopwatch(loaded.device)
     prefill_ms = 0.0
@@ -259,7 +286,7 @@ def _score_stepwise(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, r
                    latency=forward_ms + compaction_ms, compaction=compaction_ms, span=span,
                    evicted=plan.evicted if plan else 0, prefill=False)
         record.compaction(step, plan, compaction_ms)
-    return prefill_ms, stepper.storage_factor()
+    return prefill_ms, stepper.kv_storage()
 
 
 def _score_parallel(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, record: _Recorder):
@@ -274,7 +301,7 @@ def _score_parallel(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, r
                 record.row(step=step, position=span - 1, token=ids[0, step], target=ids[0, step + 1], nll=value,
                            latency=math.nan, compaction=math.nan, span=span, evicted=0,
                            prefill=step < config.prefill)
-        return None, 1.0
+        return None, None  # KV bytes are measured on the stepwise protocol's cache; this one holds none
     stepper = BlockStepper(loaded.model, config.policy if config.method == "streaming" else None, config.rope_mode)
     if config.prefill:
         logits = stepper.forward_block(ids[:, : config.prefill], one_step=True)
@@ -291,7 +318,7 @@ def _score_parallel(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, r
                        nll=nll[offset], latency=math.nan, compaction=math.nan, span=trace.kv_len,
                        evicted=trace.evicted, prefill=False)
             record.compaction_event(step, trace.kv_len, trace.evicted, math.nan)
-    return None, 1.0
+    return None, None
 
 
 PROTOCOLS = {"stepwise": _score_stepwise, "parallel": _score_parallel}
@@ -346,13 +373,23 @@ class _Recorder:
         return table
 
 
+def _check_finite(tokens: pa.Table) -> None:
+    """A NaN or infinite NLL fails the run, naming its first step: it is never stored (or averaged) as a number."""
+    nll = tokens.column("nll").to_numpy()
+    bad = np.flatnonzero(~np.isfinite(nll))
+    if bad.size:
+        step = int(tokens.column("step")[int(bad[0])].as_py())
+        raise FloatingPointError(f"NLL is {nll[bad[0]]} at step {step} ({bad.size} non-finite of {nll.size} NLLs): "
+                                 "the run's numbers are meaningless; check dtype / weight_quant / kv_quant")
+
+
 def _nan_to_null(column: pa.ChunkedArray) -> pa.Array:
     column = column.combine_chunks()
     return pc.if_else(pc.is_nan(column), pa.scalar(None, pa.float64()), column)
 
 
 def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, prefill_ms: float,
-               stepper_storage_factor: float) -> dict:
+               kv_storage: tuple[int, int] | None) -> dict:
     nll = tokens.column("nll").to_numpy()
     decode = ~tokens.column("prefill").to_numpy(zero_copy_only=False)
     timed = config.protocol == "stepwise"
@@ -383,7 +420,11 @@ def _summarise(config, loaded, stream, tokens: pa.Table, compactions: pa.Table, 
         "evicted_total": int(pc.sum(compactions.column("evicted")).as_py() or 0),
         "kv_len_max": int(spans.max()),
         "kv_len_mean": float(spans.mean()),
-        "kv_cache_peak_bytes": int(int(spans.max()) * loaded.kv_bytes_per_token() * stepper_storage_factor),
+        # Measured: the most bytes the cache's tensors held, and that over the entries they had room for.
+        "kv_cache_peak_bytes": kv_storage[0] if kv_storage else None,
+        "kv_bytes_per_token": kv_storage[0] / kv_storage[1] if kv_storage else None,
+        "weights_bytes": int(loaded.quantization["weights_bytes"]) if loaded.quantization else None,
+        "weights_bytes_float": int(loaded.quantization["weights_bytes_float"]) if loaded.quantization else None,
         "window": policy.window if policy else None,
         "soft_capacity": policy.soft_capacity if policy else None,
         "hard_capacity": policy.hard_capacity if policy else None,

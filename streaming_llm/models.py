@@ -111,6 +111,32 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, attn_impleme
     return model.eval()
 
 
+def apply_weight_quant(model: torch.nn.Module, weight_quant: str) -> dict[str, str]:
+    """Quantize the model's decoder linear layers with torchao (see quant.quantize_weights); returns what ran, with
+    the weights' bytes before and after. A combination torchao cannot run here is refused, naming what is missing."""
+    from importlib import metadata
+
+    from .quant import model_nbytes, quantize_weights
+
+    before = model_nbytes(model)
+    if weight_quant == "none":
+        return {"weight_quant_backend": "none", "weights_bytes_float": str(before), "weights_bytes": str(before)}
+    try:
+        ran = quantize_weights(model, weight_quant)
+    except (ImportError, NotImplementedError, RuntimeError, ValueError, AssertionError) as exc:
+        try:
+            version = metadata.version("torchao")
+        except metadata.PackageNotFoundError:
+            version = "absent (pip install torchao, see pyproject.toml)"
+        device = next(model.parameters()).device
+        raise ModelLoadError(
+            f"weight_quant = {weight_quant} cannot run on {device} with torchao {version} and torch "
+            f"{torch.__version__}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return {**ran, "weight_quant_backend": "torchao", "weights_bytes_float": str(before),
+            "weights_bytes": str(model_nbytes(model))}
+
+
 def load_tokenizer(name: str):
     """The tokenizer that goes with model `name`."""
     if name in RANDOM_MODELS:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import yaml
 
 from store.schema import APPLICATION_ID, KNOB_COLUMNS, SCHEMA_VERSION, metadata
+from streaming_llm import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_GRID = ROOT / "grids" / "smoke.yaml"
@@ -29,6 +30,11 @@ PAPER_EXTRA_EXPERIMENTS = {
     "max_drop_sweep": {"base": {"method": "streaming", "compress_every": 16, "slack": 16},
                        "grid": {"max_drop": [0, 8]}},
     "sink_sweep": {"base": {"method": "streaming", "compress_every": 16}, "grid": {"sink": [0, 4]}},
+    "quantization": {"base": {"method": "streaming", "kv_quant_group": 8},
+                     "grid": {"kv_quant": ["none", "int8"], "weight_quant": ["none", "int8"]},
+                     "runs": [{"compress_every": 1}, {"compress_every": 16}]},
+    "quantization_sinks": {"base": {"method": "streaming", "kv_quant": "int4", "kv_quant_group": 8,
+                                    "compress_every": 16}, "grid": {"kv_quant_sinks": ["full", "quantized"]}},
     "long_stream": {"base": {"protocol": "parallel", "max_tokens": 1200, "prefill": 0},
                     "runs": [{"method": "dense"}, {"method": "streaming", "sink": 0, "compress_every": 16},
                              {"method": "streaming", "compress_every": 1}, {"method": "streaming",
@@ -87,12 +93,12 @@ def smoke_store(tmp_path_factory) -> Path:
 
 
 def _paper_grid(folder: Path) -> Path:
-    from paper.export import REQUIRED
+    from paper.export import QUANT_EXPERIMENTS, REQUIRED
 
     spec = yaml.safe_load(SMOKE_GRID.read_text())
     spec["name"] = PAPER_GRID
     for name, experiment in PAPER_EXTRA_EXPERIMENTS.items():
-        if name in REQUIRED and name not in spec["experiments"]:
+        if (name in REQUIRED or name in QUANT_EXPERIMENTS) and name not in spec["experiments"]:
             spec["experiments"][name] = experiment
     path = folder / f"{PAPER_GRID}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -138,7 +144,7 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
             slack, repeat = [0, 8, 16, 32][(index // 6) % 4], index // 24
             tokens, compactions = _synthetic_tokens(rng, steps, cap=256, sink=4, compress_every=compress_every)
             run_hash = f"synthetic{index:07d}"
-            knobs = {column.name: None for column in KNOB_COLUMNS} | {
+            knobs = {column.name: RunConfig.model_fields[column.name].default for column in KNOB_COLUMNS} | {
                 "model": "synthetic", "dataset": "shakespeare", "sample": 0, "max_tokens": steps + 1, "prefill": 0,
                 "warmup": 8, "protocol": "stepwise", "chunk": 256, "score_stride": 1, "method": method, "sink": 4,
                 "cap": 256, "cap_mode": "peak", "overlap": 0, "refresh": 0,

@@ -15,10 +15,11 @@ import duckdb
 import pytest
 from fixtures_store import PAPER_GRID, ROOT, smoke_store
 
-from paper.export import ExportError, export
+from paper.export import ExportError, export, quantization_table
 
-TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex")
-FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream")
+TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex",
+             "quantization.tex")
+FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream", "quantization")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -283,3 +284,49 @@ def test_cli_exports_and_builds_the_pdf(store, tmp_path):
                            text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     assert (out / "main.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_quantization_table_numbers_equal_the_store(exported, store):
+    """PPL, ΔPPL and TPOT ratio vs the same policy with kv_quant and weight_quant none, measured KV bytes per token."""
+    with duckdb.connect(str(store), read_only=True) as con:
+        frame = con.execute("""
+            SELECT group_hash, any_value(compress_every) AS r, any_value(kv_quant) AS kv,
+                any_value(weight_quant) AS w, avg(ppl) AS ppl, avg(tpot_ms_mean) AS tpot,
+                avg(kv_bytes_per_token) AS kv_bytes, avg(weights_bytes) AS weights
+            FROM runs WHERE status = 'done' AND run_hash IN (SELECT run_hash FROM experiments WHERE grid = $grid)
+                AND group_hash IN (SELECT group_hash FROM runs JOIN experiments USING (run_hash) WHERE grid = $grid
+                                   AND experiment IN ('quantization', 'quantization_sinks'))
+            GROUP BY group_hash
+        """, {"grid": PAPER_GRID}).df()
+    floats = {row.r: row for row in frame.itertuples() if row.kv == "none" and row.w == "none"}
+    found = {}  # quantization.tex rows are per configuration (group hash): its float reference is one too
+    for line in (exported / "quantization.tex").read_text().splitlines():
+        if " % group " in line:
+            body, group = line.split(r" \\ % group ")
+            found[group.strip()] = body.split(" & ")
+    assert set(found) == set(frame.group_hash) and len(found) == 10
+    for row in frame.itertuples():
+        label, ppl, delta, tpot, ratio, kv_bytes, weights, n = found[row.group_hash]
+        reference = floats[row.r]
+        # Mean first (a configuration shared with `main` has repeats: mean +- std).
+        assert close(ppl.split(r"\pm")[0], [row.ppl], 3) and close(tpot.split(r"\pm")[0], [row.tpot], 2), label
+        assert close(delta, [100 * (row.ppl / reference.ppl - 1)], 2), (label, delta)
+        assert close(ratio, [row.tpot / reference.tpot], 2) and close(kv_bytes, [row.kv_bytes], 0)
+        assert close(weights, [row.weights / 2**20], 1)
+    assert frame[frame.kv == "int8"].kv_bytes.max() < 0.5 * frame[frame.kv == "none"].kv_bytes.min()
+    assert frame[frame.w == "int8"].weights.max() < frame[frame.w == "none"].weights.min()
+
+
+def test_failed_quantization_configurations_are_rows_with_their_reason(store):
+    from store import queries
+
+    with queries.connect(store) as con:
+        groups = queries.group_table(con, PAPER_GRID, ["quantization"])
+        failed = queries.run_table(con, PAPER_GRID).head(1).assign(
+            status="failed", kv_quant="int4", kv_quant_sinks="full", weight_quant="int4", compress_every=16,
+            error="ModelLoadError: weight_quant = int4 cannot run on cpu with torchao 0.18.0\nTraceback ...")
+    groups = groups.assign(delta_float_pct=1.0, tpot_ratio=1.0)
+    text = quantization_table(groups, failed)
+    line = next(line for line in text.splitlines() if "failed" in line and "% run" in line)
+    assert "weight\\_quant = int4 cannot run on cpu" in line and "Traceback" not in line
+    assert line.count("---") == 6  # a row, not a number

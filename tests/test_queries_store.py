@@ -207,7 +207,8 @@ def test_spike_metrics_of_a_known_spike(tmp_path):
            "warmup": 4, "protocol": "stepwise", "chunk": 256, "score_stride": 1,
            "method": "streaming", "sink": 4, "cap_mode": "peak", "overlap": 0, "refresh": 0, "refresh_policy": "none",
            "slack": 0, "compress_every": 20, "max_drop": 0, "rope_mode": "realign", "dtype": "float32",
-           "device": "cpu", "attn_implementation": "sdpa", "repeat": 0, "code_version": "x"}
+           "device": "cpu", "attn_implementation": "sdpa", "repeat": 0, "code_version": "x", "kv_quant": "none",
+           "kv_quant_group": 32, "kv_quant_residual": 0, "kv_quant_sinks": "full", "weight_quant": "none"}
     with duckdb.connect(str(path)) as con:
         insert_run(con, row, tokens, compactions)
     with queries.connect(path) as con:

@@ -19,7 +19,8 @@ def render(source: data.Source) -> None:
         return
     options = ["method", *[k for k in varying_knobs(groups) if k != "method"]]
     colour = st.selectbox("colour by", options)
-    st.altair_chart(charts.tradeoff(groups, colour), width="stretch")
+    x_metric = st.selectbox("x axis", charts.TRADEOFF_X, format_func=charts.METRIC_TITLES.get)
+    st.altair_chart(charts.tradeoff(groups, colour, x_metric), width="stretch")
     st.caption("Mean over repeats; bars: ± one standard deviation where n > 1; cross: the recompute baseline; "
                "dashed step line: the Pareto frontier (no configuration is both faster and lower in PPL).")
     frontier = groups[groups.pareto][["label", "n", "tpot_ms", "tpot_ms_std", "ppl", "ppl_std", "speedup",

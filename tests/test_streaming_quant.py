@@ -1,0 +1,233 @@
+"""Quantization: KV codes within the format's bound, a quantized cache equal to a float cache slot for slot after many
+compactions of every policy kind, no drift with the number of compactions, measured bytes, refused knobs, and torchao
+weight quantization composed with streaming and kv_quant."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streaming_llm import ConfigError, LoadedModel, RunConfig, StreamingCache, StreamingPolicy, evaluate
+from streaming_llm.cache import KVQuantSpec
+from streaming_llm.quant import KVQuantizer
+from streaming_llm.rope import RotaryGeometry, rotate_keys
+
+
+def run(loaded, **knobs):
+    return evaluate(RunConfig(model=loaded.name, attn_implementation="eager", device="cpu", **knobs), loaded=loaded)
+
+
+def nlls(result) -> np.ndarray:
+    return result.tokens.column("nll").to_numpy()
+
+
+# --- primitives -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, group", [(8, 16), (8, 64), (4, 8), (4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_dequantize_within_half_a_step(bits, group, dtype):
+    x = (torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(bits + group)) * 3).to(dtype)
+    quantizer = KVQuantizer(bits, group)
+    payload, scale, zero = quantizer.quantize(x)
+    assert payload.dtype == torch.uint8 and payload.shape[-1] == 64 * bits // 8  # int4: two codes per byte
+    assert scale.shape[-1] == zero.shape[-1] == 64 // group and zero.dtype == torch.uint8
+    restored = quantizer.dequantize(payload, scale, zero, torch.float32)
+    error = (restored - x.float()).abs().reshape(*x.shape[:-1], -1, group)
+    assert scale.dtype == torch.float32  # in bf16, a rounded scale would push int8's extreme codes a step out
+    assert (error <= scale[..., None] / 2 * (1 + 1e-4) + 1e-6).all()
+    assert error.max() > 0.2 * scale.float().min()  # the codes really are coarse: not a float copy
+
+
+# --- the cache, fed directly (no model): quantized contents == float contents within the bound ------------------------
+POLICIES = {
+    "strict": dict(sink=4, window=24, compress_every=1),
+    "lazy": dict(sink=4, window=24, compress_every=8),
+    "window_only": dict(sink=0, window=20, compress_every=5),
+    "refresh_overlap": dict(sink=2, window=16, compress_every=4, refresh=3, overlap=2),
+    "staged": dict(sink=4, window=16, compress_every=6, slack=10, max_drop=3),
+}
+
+
+def _feed(cache: StreamingCache, geometry: RotaryGeometry, steps: int, layers: int, seed: int, prefill: int):
+    """Random pre-RoPE keys rotated at their slot (what the model hands realign/exact caches), values as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = [prefill] + [1] * steps if prefill else [1] * steps
+    for count in counts:
+        start = cache.get_seq_length()
+        keys = torch.randn(layers, 1, 2, count, 16, generator=generator)
+        values = torch.randn(layers, 1, 2, count, 16, generator=generator)
+        slots = torch.arange(start, start + count)
+        cos, sin = geometry.cos_sin(slots, torch.device("cpu"))
+        if cache.rope_mode != "absolute":
+            keys = rotate_keys(keys, cos, sin)
+        for layer in range(layers):
+            cache.update(keys[layer], values[layer], layer)
+        cache.compact_pending()
+        yield
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+@pytest.mark.parametrize("kv_quant, residual, full_sinks", [(8, 0, True), (4, 5, False)])
+def test_quantized_cache_equals_float_cache_slot_for_slot(tiny_models, policy_name, rope_mode, kv_quant, residual,
+                                                          full_sinks):
+    geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
+    policy = StreamingPolicy(**POLICIES[policy_name])
+    layers = 2
+    spec = KVQuantSpec(KVQuantizer(kv_quant, 8), residual=residual, full_sinks=full_sinks)
+    reference = StreamingCache(policy, geometry, layers, rope_mode)
+    quantized = StreamingCache(policy, geometry, layers, rope_mode, kv_quant=spec)
+    checked = compactions = 0
+    for _ in zip(_feed(reference, geometry, 200, layers, 7, 29), _feed(quantized, geometry, 200, layers, 7, 29),
+                 strict=True):
+        assert quantized.layers[0].length == reference.layers[0].length
+        compactions += reference.last_plan is not None
+        for layer in range(layers):
+            length = reference.layers[layer].length
+            key_step = quantized.quantized.step_sizes(layer, length)[..., None]
+            value_step = quantized.quantized.step_sizes(layer, length, values=True)[..., None]
+            # A key rotated after dequantization mixes two coordinates' errors: at most sqrt(2) half steps.
+            key_bound = (math.sqrt(2) if rope_mode != "absolute" else 1.0) * key_step / 2 * (1 + 1e-4) + 1e-5
+            key_error = (quantized.layers[layer].keys_to_attend() - reference.layers[layer].keys_to_attend()).abs()
+            value_error = (quantized.layers[layer].values_to_attend() - reference.layers[layer].values_to_attend())
+            assert (key_error <= key_bound).all()
+            assert (value_error.abs() <= value_step / 2 * (1 + 1e-4) + 1e-6).all()
+            checked += 1
+    assert checked == 2 * 201 and compactions >= 20
+    # The float part holds exactly the sinks (when full) and the residual: the rest are codes.
+    sinks = policy.sink if full_sinks else 0
+    steps = quantized.quantized.step_sizes(0, quantized.layers[0].length)[0, 0]
+    assert int((steps == 0).sum()) == sinks + residual
+
+
+def test_realign_and_exact_are_one_path_under_kv_quant(tiny_models):
+    loaded = tiny_models["tiny-neox"]
+    knobs = dict(method="streaming", sink=4, window=24, compress_every=8, max_tokens=300, kv_quant="int8",
+                 kv_quant_group=8)
+    realign, exact = run(loaded, rope_mode="realign", **knobs), run(loaded, rope_mode="exact", **knobs)
+    np.testing.assert_allclose(nlls(realign), nlls(exact), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_quantization_gap_does_not_grow_with_compactions(tiny_models, kv_quant):
+    """Strict streaming (R = 1) compacts at every step: were kept entries requantized (or re-rotated as codes), the gap
+    to the float cache would grow along the stream. Mean |gap| of the last quarter stays within 1.5x the first's."""
+    loaded = tiny_models["tiny-llama"]
+    knobs = dict(method="streaming", sink=4, window=32, compress_every=1, max_tokens=1000)
+    gap = np.abs(nlls(run(loaded, kv_quant=kv_quant, kv_quant_group=8, **knobs)) - nlls(run(loaded, **knobs)))
+    quarter = len(gap) // 4
+    first, last = gap[quarter // 2 : quarter].mean(), gap[-quarter:].mean()  # the first quarter once the cache is full
+    assert gap.max() > 0  # the codes change the numbers
+    assert last <= 1.5 * first + 0.002, (first, last)
+
+
+def test_measured_bytes_shrink_by_the_format_factor(tiny_models):
+    """kv_cache_peak_bytes is the nbytes of what the cache holds: codes (head_dim * bits / 8 bytes per head), one
+    scale (model dtype) + one uint8 zero point per group, sinks and residual in float, over the storage's capacity."""
+    loaded = tiny_models["tiny-llama"]
+    knobs = dict(method="streaming", sink=4, window=40, compress_every=8, max_tokens=200)
+    float_run = run(loaded, **knobs)
+    layers, kv_heads, head_dim = 2, 2, 16
+    capacity = 4 + 40 + 8 + 1  # hard capacity + R + 1: what the storage preallocates
+    float_entry = 2 * layers * kv_heads * head_dim * 4
+    assert float_run.summary["kv_cache_peak_bytes"] == capacity * float_entry
+    assert float_run.summary["kv_bytes_per_token"] == float_entry
+    for kv_quant, bits, group, residual, sinks in [("int8", 8, 16, 0, "quantized"), ("int4", 4, 8, 6, "full")]:
+        result = run(loaded, kv_quant=kv_quant, kv_quant_group=group, kv_quant_residual=residual,
+                     kv_quant_sinks=sinks, **knobs)
+        full = 4 if sinks == "full" else 0
+        coded_entry = 2 * layers * kv_heads * (head_dim * bits // 8 + head_dim // group * (4 + 1))
+        float_slots = full + residual + 1  # + 1: the entry a step appends before it is coded
+        expected = (capacity - full - residual) * coded_entry + float_slots * float_entry
+        assert result.summary["kv_cache_peak_bytes"] == expected
+        assert result.summary["kv_bytes_per_token"] == expected / capacity
+        assert result.summary["kv_bytes_per_token"] < float_entry / 2
+
+
+def test_dense_and_recompute_bytes(tiny_models):
+    loaded = tiny_models["tiny-neox"]
+    dense = run(loaded, method="dense", max_tokens=60)
+    assert dense.summary["kv_cache_peak_bytes"] == 59 * loaded.kv_bytes_per_token()
+    recompute = run(loaded, method="recompute", cap=16, max_tokens=60)
+    assert recompute.summary["kv_cache_peak_bytes"] is None and recompute.summary["kv_bytes_per_token"] is None
+
+
+# --- knobs ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("knobs, message", [
+    (dict(kv_quant="int4", kv_quant_group=7), "kv_quant_group = 7 must be even"),
+    (dict(kv_quant="int8", kv_quant_residual=30), "kv_quant_residual = 30 > window = 24"),
+    (dict(kv_quant="int8", kv_quant_residual=-1), "kv_quant_residual = -1 < 0"),
+    (dict(kv_quant="int8", kv_quant_group=0), "kv_quant_group = 0 < 1"),
+    (dict(kv_quant="int8", method="dense", window=None), "method dense uses none"),
+    (dict(kv_quant="int2"), "kv_quant"),
+    (dict(weight_quant="fp8"), "weight_quant"),
+    (dict(kv_quant="int8", protocol="parallel"), "protocol parallel holds none"),
+])
+def test_invalid_quantization_knobs_are_refused_before_any_model(knobs, message):
+    base = dict(model="tiny-llama", method="streaming", sink=4, window=24)
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({**base, **knobs})
+
+
+def test_group_not_dividing_head_dim_is_refused_before_any_step(tiny_models):
+    with pytest.raises(ConfigError, match="kv_quant_group = 12 does not divide head_dim = 16 .* use a divisor of 16"):
+        run(tiny_models["tiny-llama"], method="streaming", sink=4, window=24, kv_quant="int8", kv_quant_group=12)
+
+
+def test_kv_quant_details_are_normalised_away_when_they_cannot_matter():
+    base = dict(method="streaming", sink=4, window=24)
+    assert RunConfig(**base).run_hash == RunConfig(**base, kv_quant_group=8, kv_quant_residual=4,
+                                                   kv_quant_sinks="quantized").run_hash
+    no_sinks = dict(method="streaming", sink=0, window=24, kv_quant="int8")
+    assert RunConfig(**no_sinks).run_hash == RunConfig(**no_sinks, kv_quant_sinks="quantized").run_hash
+    assert RunConfig(**base, kv_quant="int8").run_hash != RunConfig(**base, kv_quant="int8",
+                                                                    kv_quant_sinks="quantized").run_hash
+    assert RunConfig(**base).run_hash != RunConfig(**base, weight_quant="int8").run_hash
+
+
+# --- weights ----------------------------------------------------------------------------------------------------------
+WEIGHT_TOLERANCE = {"int8": 0.05, "int8_dynamic": 0.05, "int4": 0.4}  # mean |NLL - float NLL| on the tiny models
+
+
+@pytest.fixture(scope="module")
+def quantized_models() -> dict[tuple[str, str], LoadedModel]:
+    return {
+        (model, weight_quant): LoadedModel.load(RunConfig(model=model, method="dense", attn_implementation="eager",
+                                                          device="cpu", weight_quant=weight_quant))
+        for model in ("tiny-llama", "tiny-neox") for weight_quant in WEIGHT_TOLERANCE
+    }
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-neox"])
+@pytest.mark.parametrize("weight_quant", list(WEIGHT_TOLERANCE))
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_weight_quant_runs_close_to_float_and_composes(tiny_models, quantized_models, model, weight_quant, rope_mode):
+    loaded = quantized_models[model, weight_quant]
+    wanted = RunConfig(model=model, method="dense", attn_implementation="eager", device="cpu",
+                       weight_quant=weight_quant)
+    assert loaded.serves(wanted) and not tiny_models[model].serves(wanted)  # the model key includes weight_quant
+    knobs = dict(method="streaming", sink=4, window=24, compress_every=4, max_tokens=120, rope_mode=rope_mode,
+                 weight_quant=weight_quant)
+    reference = run(tiny_models[model], **{**knobs, "weight_quant": "none"})
+    result = run(loaded, **knobs)
+    assert np.abs(nlls(result) - nlls(reference)).mean() < WEIGHT_TOLERANCE[weight_quant]
+    assert result.summary["weights_bytes"] < 0.6 * result.summary["weights_bytes_float"]
+    assert result.summary["environment"]["weight_quant_backend"] == "torchao"
+    assert result.summary["environment"]["weight_quant_tensor"]  # the tensor class that actually ran
+    both = run(loaded, kv_quant="int8", kv_quant_group=8, **knobs)
+    assert np.abs(nlls(both) - nlls(result)).mean() < 0.05
+
+
+def test_non_finite_nll_fails_the_run_naming_the_step():
+    loaded = LoadedModel.load(RunConfig(model="tiny-llama", method="dense", attn_implementation="eager", device="cpu"))
+    config = RunConfig(model="tiny-llama", method="streaming", sink=4, window=24, attn_implementation="eager",
+                       device="cpu", max_tokens=120)
+    ids = evaluate(config, loaded=loaded).tokens.column("token_id").to_numpy()
+    poisoned = int(ids[50])
+    first = int(np.flatnonzero(ids == poisoned)[0])
+    with torch.no_grad():
+        loaded.model.get_input_embeddings().weight[poisoned] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"NLL is nan at step {first} "):
+        evaluate(config, loaded=loaded)
