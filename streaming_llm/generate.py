@@ -91,8 +91,8 @@ class StepwiseTarget:
         if count:
             raise ValueError(f"the stepwise target cannot rewind {count} tokens: drafts need a block target")
 
-    def storage_factor(self) -> float:
-        return self.stepper.storage_factor()
+    def kv_storage(self) -> tuple[int, int] | None:
+        return self.stepper.kv_storage()
 
 
 class DenseBlockTarget:
@@ -114,8 +114,10 @@ class DenseBlockTarget:
             self.cache.crop(-count)  # transformers 5.24: a negative value removes that many entries
             del self.trace[-count:]
 
-    def storage_factor(self) -> float:
-        return 1.0
+    def kv_storage(self) -> tuple[int, int] | None:
+        """(bytes of the DynamicCache's tensors, entries): it only grows, so its final size is its peak."""
+        tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None]
+        return sum(t.nbytes for t in tensors), self.cache.get_seq_length()
 
 
 class StreamingBlockTarget(BlockStepper):
@@ -125,8 +127,11 @@ class StreamingBlockTarget(BlockStepper):
     def __init__(self, loaded: LoadedModel, config: RunConfig):
         super().__init__(loaded.model, config.policy, config.rope_mode)
 
-    def storage_factor(self) -> float:
-        return 1.0  # one key (pre-RoPE) and one value per entry
+    def kv_storage(self) -> tuple[int, int] | None:
+        """(bytes of the block storage: one pre-RoPE key and one value per entry, kept ones plus a block, entries)."""
+        if self.keys is None:
+            return None
+        return self.keys.nbytes + self.values.nbytes, self.keys.shape[3]
 
 
 def make_target(loaded: LoadedModel, config: RunConfig):
@@ -202,7 +207,7 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     tokens, forwards = record.tables()
     compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
     summary = _summarise(config, loaded, stream, tokens.drop_columns(["forward"]), compactions, prompt_ms,
-                         target.storage_factor())
+                         target.kv_storage())
     summary.update(_generation_summary(tokens, forwards, history[len(prompt) :]))
     _check_budget(config, summary)
     summary.update(
