@@ -136,25 +136,33 @@ PAPER_EXPERIMENTS = {"main", "r_sweep", "slack_sweep", "max_drop_sweep", "sink_s
                      "cap_mode"}
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "paper-full.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "paper-full.yaml", "paper-scale.yaml"])
 def test_paper_grids_hold_every_sweep_of_the_study(name):
     grid = load_grid(ROOT / "grids" / name)
     assert set(grid.experiments) >= PAPER_EXPERIMENTS
     main = [run.config for run in grid.runs if "main" in run.experiments]
     assert {config.method for config in main} == {"recompute", "streaming"}
     assert {config.compress_every for config in main if config.method == "streaming"} >= {1}
-    assert max(config.repeat for config in main) >= 2  # mean +- std over at least 3 repeats
     ladder = [config for experiment, config in grid.configurations() if experiment == "ladder"]
-    assert len(ladder) == 4
+    assert len({config.setting_hash for config in ladder}) == 4
     assert {run.config.cap_mode for run in grid.runs if "cap_mode" in run.experiments} == {"soft", "peak"}
-    # Each sweep shows something: three or more distinct computations, and equivalent settings at most once.
+    # Each sweep shows something: three or more distinct computations, and equivalent settings at most once (one set
+    # of settings sharing runs, whichever measurement: a text sample or a timing repeat).
     for experiment in PAPER_EXPERIMENTS - {"main"}:
         configs = [config for name, config in grid.configurations() if name == experiment]
-        runs: dict[str, int] = {}
+        settings: dict[str, set[str]] = {}
         for config in configs:
-            runs[config.run_hash] = runs.get(config.run_hash, 0) + 1
-        assert len(runs) >= 3, (experiment, len(runs))
-        assert sum(1 for count in runs.values() if count > 1) <= 1, (experiment, sorted(runs.values()))
+            settings.setdefault(config.run_hash, set()).add(config.setting_hash)
+        assert len({frozenset(s) for s in settings.values()}) >= 3, experiment
+        shared = {frozenset(s) for s in settings.values() if len(s) > 1}
+        assert len(shared) <= 1, (experiment, shared)
+    # Quality over at least 5 texts (parallel, streams at least 8x the cap), timing over 3 stepwise repeats.
+    for config in main:
+        if config.protocol == "parallel":
+            assert config.max_tokens >= 8 * config.cap
+    for method in ("recompute", "streaming"):
+        assert len({c.sample for c in main if c.method == method and c.protocol == "parallel"}) >= 5
+        assert len({c.repeat for c in main if c.method == method and c.protocol == "stepwise"}) >= 3
 
 
 def test_paper_full_is_at_the_study_size():
