@@ -204,12 +204,13 @@ def test_speculative_numbers_equal_the_store(exported, store):
     """tokens/s, speedup vs spec none under the same policy, acceptance and identical output, from the runs table."""
     with duckdb.connect(str(store), read_only=True) as con:
         frame = con.execute("""
-            SELECT r.group_hash, any_value(spec) AS spec, any_value(compress_every) AS r, count(*) AS n,
-                avg(tokens_per_s) AS tps, avg(acceptance_rate) AS acceptance, avg(mean_accepted_length) AS length,
-                any_value(generated_hash) AS output
-            FROM runs r WHERE status = 'done' AND mode = 'generate' AND run_hash IN
-                (SELECT run_hash FROM experiments WHERE grid = ? AND experiment = 'speculative')
-            GROUP BY r.group_hash""", [PAPER_GRID]).df()
+            SELECT c.config_group_hash AS group_hash, any_value(spec) AS spec, any_value(compress_every) AS r,
+                count(*) AS n, avg(tokens_per_s) AS tps, avg(acceptance_rate) AS acceptance,
+                avg(mean_accepted_length) AS length, any_value(generated_hash) AS output
+            FROM (SELECT DISTINCT config_group_hash, run_hash FROM configurations
+                  WHERE grid = ? AND experiment = 'speculative') c JOIN runs r USING (run_hash)
+            WHERE status = 'done' AND mode = 'generate'
+            GROUP BY c.config_group_hash""", [PAPER_GRID]).df()
     found = {}  # generation rows are configurations (repeats aggregated): their comment names the group hash
     for line in (exported / "speculative.tex").read_text().splitlines():
         if " % group " in line:
@@ -290,13 +291,15 @@ def test_quantization_table_numbers_equal_the_store(exported, store):
     """PPL, ΔPPL and TPOT ratio vs the same policy with kv_quant and weight_quant none, measured KV bytes per token."""
     with duckdb.connect(str(store), read_only=True) as con:
         frame = con.execute("""
-            SELECT group_hash, any_value(compress_every) AS r, any_value(kv_quant) AS kv,
+            SELECT c.config_group_hash AS group_hash, any_value(compress_every) AS r, any_value(kv_quant) AS kv,
                 any_value(weight_quant) AS w, avg(ppl) AS ppl, avg(tpot_ms_mean) AS tpot,
                 avg(kv_bytes_per_token) AS kv_bytes, avg(weights_bytes) AS weights
-            FROM runs WHERE status = 'done' AND run_hash IN (SELECT run_hash FROM experiments WHERE grid = $grid)
-                AND group_hash IN (SELECT group_hash FROM runs JOIN experiments USING (run_hash) WHERE grid = $grid
-                                   AND experiment IN ('quantization', 'quantization_sinks'))
-            GROUP BY group_hash
+            FROM (SELECT DISTINCT config_group_hash, run_hash FROM configurations WHERE grid = $grid) c
+            JOIN runs USING (run_hash)
+            WHERE status = 'done' AND c.config_group_hash IN (
+                SELECT config_group_hash FROM configurations WHERE grid = $grid
+                AND experiment IN ('quantization', 'quantization_sinks'))
+            GROUP BY c.config_group_hash
         """, {"grid": PAPER_GRID}).df()
     floats = {row.r: row for row in frame.itertuples() if row.kv == "none" and row.w == "none"}
     found = {}  # quantization.tex rows are per configuration (group hash): its float reference is one too
