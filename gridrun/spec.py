@@ -364,7 +364,15 @@ def _expand(spec: GridSpec, name: str, experiment: ExperimentSpec, forced: dict[
                 f"{path}: experiment '{name}': runs[{index}] sets {', '.join(sorted(clash))}, which grid also sweeps: "
                 "set it in one place only"
             )
-        for point, measure in itertools.product(points, _measure_points(spec, experiment)):
+        measures = _measure_points(spec, experiment)
+        overlaid = set().union(*measures) & (set(experiment.base) | set(run) | set(keys))
+        if overlaid:
+            raise GridError(
+                f"{path}: experiment '{name}'" + (f" runs[{index}]" if experiment.runs else "") + f" sets "
+                f"{', '.join(sorted(overlaid))}, which its measurements also set: set it in one place (or give the "
+                "experiment `measurements: []` and measure it its own way)"
+            )
+        for point, measure in itertools.product(points, measures):
             knobs = {**spec.base, **experiment.base, **run, **point, **measure, **forced}
             where = _where(path, name, index if experiment.runs else None, {**point, **measure})
             repeats = knobs.pop("repeats", 1)

@@ -243,7 +243,9 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     spikes = queries.spike_profile(con, pooled_runs, series=series, radius=figures.SPIKE_RADIUS)
     all_groups = queries.setting_table(con, grid, None, include_stale)
     # The trade-off figure compares like with like: the model, text and device of the main table, timed settings.
-    context = ["model", "dataset", "device_name"]
+    # Only settings measured as the main table's are (same quality protocol, tokens and prefill): a PPL of another
+    # measurement (a shorter stepwise stream, other texts) is not comparable.
+    context = ["model", "dataset", "device_name", "quality_protocol", "quality_tokens", "quality_prefill"]
     all_groups = all_groups[all_groups.tpot_ms.notna()].merge(main[context].drop_duplicates(), on=context)
     # Settings measured by the same runs (equivalent configurations) are one point, not several independent results.
     all_groups = all_groups.drop_duplicates(["run_groups", "code_version"])
@@ -366,6 +368,10 @@ def _caption(text: str, groups: pd.DataFrame, merged: bool = False) -> str:
     devices = ", ".join(sorted({escape(d) for d in groups.device_name}))
     protocols = ", ".join(sorted({escape(p) for p in groups.quality_protocol}))
     stale = f" {STALE_MARK}: made by other evaluation code than the current one." if groups.stale.any() else ""
+    strides = sorted({int(k) for k in groups.quality_stride.dropna() if k > 1}) if "quality_stride" in groups else []
+    if strides:  # the baseline scored a subset of steps: its PPL is over those, everyone else's over every step
+        stale += (f" The recompute baseline's PPL is over every {'/'.join(map(str, strides))}-th step only (a "
+                  "cap-token forward each); every $\\Delta$PPL pairs a setting with it on those steps.")
     return (f"{text} TPOT: mean $\\pm$ std over the $n_r$ stepwise timing repeats of each setting; PPL: mean $\\pm$ "
             f"std over its $n_t$ text samples ({protocols} protocol); $\\Delta$PPL paired per sample with the "
             f"recompute baseline of the same tokens (in brackets: samples agreeing in sign); speedup relative to the "

@@ -419,7 +419,7 @@ SETTING_CONTEXT: tuple[str, ...] = ("model", "dataset", "dtype", "attn_implement
 _BASELINE_MATCH = " AND ".join(
     f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}"
     for k in ("grid", "model", "dtype", "attn_implementation", "device_name", "code_version", "cap", "token_hash",
-              "prefill")
+              "prefill", "weight_quant")
 )
 
 
@@ -442,7 +442,7 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     setting_knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_KNOBS if k not in SETTING_CONTEXT)
     context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_CONTEXT if k != "code_version")
     run_context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in (
-        "cap", "model", "dtype", "attn_implementation", "device_name"))
+        "cap", "model", "dtype", "attn_implementation", "device_name", "weight_quant"))
     key = "grid, setting_hash, code_version"
     sql = f"""
         WITH members AS ({_members_sql("grid = $grid")}),
@@ -452,27 +452,32 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 AND ($include_stale OR NOT stale)
         ),
         per_sample AS (
-            SELECT {key}, protocol, max_tokens, prefill, sample, token_hash, any_value(method) AS method, {run_context},
-                avg(ppl) AS ppl, any_value(run_hash) AS run_hash, bool_or(selected) AS selected
-            FROM done GROUP BY {key}, protocol, max_tokens, prefill, sample, token_hash
+            SELECT {key}, protocol, max_tokens, prefill, sample, token_hash, score_stride, any_value(method) AS method,
+                {run_context}, avg(ppl) AS ppl, min(run_hash) AS run_hash,
+                bool_or(selected) AS selected
+            FROM done GROUP BY {key}, protocol, max_tokens, prefill, sample, token_hash, score_stride
         ),
         measures AS (  -- a setting's own numbers come from the selected experiments' runs; baselines from the grid's
-            SELECT {key}, protocol, max_tokens, prefill, row_number() OVER (
-                PARTITION BY {key} ORDER BY protocol = 'parallel' DESC, count(*) DESC, max_tokens DESC, prefill
+            SELECT {key}, protocol, max_tokens, prefill, score_stride, row_number() OVER (
+                PARTITION BY {key}
+                ORDER BY protocol = 'parallel' DESC, count(*) DESC, max_tokens DESC, score_stride, prefill
             ) AS preference
-            FROM per_sample WHERE selected GROUP BY {key}, protocol, max_tokens, prefill
+            FROM per_sample WHERE selected GROUP BY {key}, protocol, max_tokens, prefill, score_stride
         ),
         quality_samples AS (
-            SELECT p.* FROM per_sample p JOIN measures m USING ({key}, protocol, max_tokens, prefill)
+            SELECT p.* FROM per_sample p JOIN measures m USING ({key}, protocol, max_tokens, prefill, score_stride)
             WHERE m.preference = 1
         ),
         quality AS (
             SELECT {key}, avg(ppl) AS ppl, stddev_samp(ppl) AS ppl_std, count(*) AS n_samples,
-                any_value(protocol) AS quality_protocol, any_value(max_tokens) AS quality_tokens
+                any_value(protocol) AS quality_protocol, any_value(max_tokens) AS quality_tokens,
+                any_value(prefill) AS quality_prefill, any_value(score_stride) AS quality_stride
             FROM quality_samples GROUP BY ALL
         ),
         pair_runs AS (
-            SELECT x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash, any_value(b.run_hash) AS base_run
+            -- one baseline run per pair, chosen reproducibly: the densest scoring, then the smallest hash
+            SELECT x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash,
+                list(b.run_hash ORDER BY b.score_stride, b.run_hash)[1] AS base_run
             FROM quality_samples x JOIN per_sample b ON b.method = '{BASELINE_METHOD}' AND {_BASELINE_MATCH}
             GROUP BY x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash
         ),
@@ -519,7 +524,8 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         ),
         chosen AS (
             SELECT s.*, s.method = '{BASELINE_METHOD}' AS is_baseline,
-                qu.ppl, qu.ppl_std, qu.n_samples, qu.quality_protocol, qu.quality_tokens,
+                qu.ppl, qu.ppl_std, qu.n_samples, qu.quality_protocol, qu.quality_tokens, qu.quality_prefill,
+                qu.quality_stride,
                 pa.delta_ppl_pct, pa.delta_ppl_pct_std, coalesce(pa.n_pairs, 0) AS n_pairs, pa.agree,
                 coalesce(t.n_repeats, 0) AS n_repeats, t.tpot_ms, t.tpot_ms_std, t.speedup, t.peak_memory_mib,
                 t.peak_memory_mib_std, t.compactions, t.kv_len_max, t.group_hash AS timing_group_hash,
@@ -527,8 +533,10 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
             FROM settings s JOIN quality qu USING ({key})
             LEFT JOIN paired pa USING ({key}) LEFT JOIN timing t USING ({key})
         )
-        SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL THEN ppl < coalesce(min(ppl) OVER (
-                PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL
+        -- The frontier compares PPLs of one measurement only (same protocol, tokens, prefill), each over every step.
+        SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL AND quality_stride = 1 THEN ppl < coalesce(
+                min(ppl) OVER (PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL,
+                quality_protocol, quality_tokens, quality_prefill, quality_stride
                 ORDER BY tpot_ms, ppl RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 'inf') END
             AS pareto  -- equivalent settings (one set of runs, equal numbers) are on the frontier together or not
         FROM chosen ORDER BY method, {", ".join(q(k) for k in SETTING_KNOBS if k != "method")}

@@ -220,3 +220,6 @@ def test_an_unknown_measurement_or_key_is_named():
         parse(MEASURED.replace("measurements: [timing]", "measurements: [speed]"))
     with pytest.raises(GridError, match="measurement 'quality': unknown key 'samples'"):
         parse(MEASURED.replace("sample: [0, 1, 2]", "samples: [0, 1, 2]"))
+    # An experiment's own knob is never silently replaced by a measurement's.
+    with pytest.raises(GridError, match="experiment 'timed_only' runs.0. sets max_tokens, which its measurements"):
+        parse(MEASURED.replace("{method: streaming, compress_every: 1}", "{method: streaming, max_tokens: 64}"))
