@@ -32,3 +32,4 @@ test: setup system-deps
 bench: setup
 	.venv/bin/python bench/decode_overhead.py
 	.venv/bin/python bench/gridrun_overhead.py
+	.venv/bin/python bench/parallel_eval.py
