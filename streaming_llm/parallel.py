@@ -75,7 +75,6 @@ class BlockStepper:
         self.tokens_seen = 0
         self.trace: list[StepTrace] = []
         self._last_block: BlockPlan | None = None
-        self._last_block_start = 0  # stream index of the last block's first token
 
     # --- the contract -----------------------------------------------------------------------------------------------
     def forward_block(self, input_ids: torch.Tensor, one_step: bool = False) -> torch.Tensor:
@@ -101,7 +100,7 @@ class BlockStepper:
         self.stored += count
         self.tokens_seen += count
         self.trace.extend(plan.trace)
-        self._last_block, self._last_block_start = plan, first
+        self._last_block = plan
         self.kept = plan.kept_after[-1]
         if plan.schedules_after[-1] is not None:
             self.schedule = copy.copy(plan.schedules_after[-1])
