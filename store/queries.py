@@ -21,7 +21,14 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from store.schema import CONFIGURATION_OWN, KNOB_COLUMNS, MIGRATES_FROM, SCHEMA_VERSION
+from store.schema import (
+    CONFIGURATION_OWN,
+    KNOB_COLUMNS,
+    MIGRATES_FROM,
+    SCHEMA_VERSION,
+    segment_views,
+    segments_folder,
+)
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 
@@ -81,8 +88,10 @@ def signature(path: Path | str) -> tuple[int, int, int]:
 def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
     """A read-only connection, retried while a writer holds the file or a snapshot is being swapped in.
 
-    `sandbox` also turns off every file-system access (COPY TO, ATTACH, read_csv, extensions) and locks the
-    configuration, for SQL typed by a user.
+    `sandbox` also turns off every file-system access (COPY TO, ATTACH, read_csv, extensions) but reading the
+    store's own segment folder, and locks the configuration, for SQL typed by a user. A store moved or copied since
+    its last writer (its catalog's views name the old segment folder) is read where it lies: temporary views over the
+    folder beside it shadow the catalog's for this connection.
     """
     path = Path(path)
     if not path.is_file():
@@ -90,15 +99,20 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
             f"no store at {path}: run a grid first (python -m gridrun grids/smoke.yaml --store {path}) or pass --store"
         )
     _check_header(path)
-    config = dict(NO_EXTENSIONS)
-    if sandbox:
-        config |= {"enable_external_access": False, "memory_limit": SQL_BOX_MEMORY, "temp_directory": "",
-                   "lock_configuration": True}
-    con, size = _open_snapshot(path, attempts, config)
+    con, size = _open_snapshot(path, attempts, dict(NO_EXTENSIONS))
     try:
         try:
             check_length(con, path, size)
             _check_is_store(con, path)
+            folder = _point_segments(con, path)
+            if sandbox:
+                # allowed_directories can only be set once the database runs; temp_directory and it only while
+                # external access is on.
+                con.execute("SET memory_limit = $value", {"value": SQL_BOX_MEMORY})
+                con.execute("SET temp_directory = ''")
+                con.execute("SET allowed_directories = $folders", {"folders": [f"{folder}/"]})
+                con.execute("SET enable_external_access = false")
+                con.execute("SET lock_configuration = true")
             yield con
         except duckdb.Error as exc:
             if _is_damage(exc):
@@ -107,6 +121,21 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
             raise
     finally:
         con.close()
+
+
+def _point_segments(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
+    """The segment folder beside the store; when the catalog's views name another (the store was moved or copied
+    since its last writer), temporary views over this one shadow them. Returns the folder."""
+    folder = segments_folder(path.resolve())
+    named = dict(con.execute("SELECT key, value FROM meta WHERE key = 'segments'").fetchall()).get("segments")
+    if named == str(folder):
+        return folder
+    if not folder.is_dir():
+        raise StoreError(f"{path} has no segment folder {folder} beside it (its per-step rows): move the store file "
+                         "and its .segments folder together")
+    for name, sql in segment_views(str(folder)).items():
+        con.execute(f"CREATE OR REPLACE TEMPORARY VIEW {name} AS {sql}")
+    return folder
 
 
 def _is_damage(exc: duckdb.Error) -> bool:

@@ -4,13 +4,16 @@ Tables: grids, experiments (grid <-> run membership), configurations (every conf
 the run that computes it: equivalent configurations share one), runs (one row per run hash, i.e. per computation:
 knobs of the configuration that was run as typed columns, config JSON, status, summary, environment), tokens (one row
 per step), compactions (one row per event), forwards (generation runs: one row per verification forward), meta, and
-superseded_* (earlier results of a hash, kept when it is rerun). Views for shell users: run_summaries, current_runs,
-experiment_runs, configuration_runs, group_summaries. The per-token, per-compaction and per-forward columns mirror
-streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA and streaming_llm.generate's GENERATION_TOKEN_SCHEMA /
-FORWARD_SCHEMA. This module only declares; store/writer.py writes.
+superseded_* (earlier results of a hash, kept when it is rerun). Since schema 4 the per-step tables and their
+superseded_* live in per-run Parquet segments read through views (see "Segments" at the end). Views for shell users:
+run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The per-token, per-compaction and
+per-forward columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA and streaming_llm.generate's
+GENERATION_TOKEN_SCHEMA / FORWARD_SCHEMA. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from sqlalchemy import (
     BigInteger,
@@ -28,8 +31,10 @@ from sqlalchemy import (
 # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
 # 3: run_hash is the computation's identity (schedule fingerprint); table configurations; generation runs (mode and
 #    spec knobs, generation summary, tokens.forward, the forwards table)
-SCHEMA_VERSION = 3
-MIGRATES_FROM = (2,)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
+# 4: per-step rows (tokens, compactions, forwards and their superseded_*) in immutable per-run Parquet segments beside
+#    the catalog file, read through views; runs.segment names a run's segment (see "Segments" below)
+SCHEMA_VERSION = 4
+MIGRATES_FROM = (2, 3)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -175,6 +180,9 @@ runs = Table(
     Column("environment_json", Text),
     Column("worker", String),  # host:pid of the actor that ran it
     Column("recorded_at", DateTime(timezone=True)),  # when the driver committed the row
+    Column("segment", String),  # the run's Parquet segment id (null: no per-step rows, a failed run)
+    Column("segment_bytes", BigInteger),  # the size of its segment files, checked when a writer opens the store
+    Column("segment_digest", String),  # BLAKE2b of its segment files (store/writer.py segment_digest), checked too
 )
 
 # Every configuration a grid's experiment lists, with the run that computes it: equivalent configurations (same kept
@@ -278,3 +286,43 @@ VIEWS = {
             avg(peak_memory_bytes) AS peak_memory_bytes_mean, avg(compaction_count) AS compaction_count_mean
         FROM current_runs GROUP BY group_hash""",
 }
+
+
+# --- Segments (schema 4) ----------------------------------------------------------------------------------------------
+# The per-step tables are not tables of the catalog file: each run's rows are one immutable Parquet file per table,
+# <store>.segments/<table>/run_hash=<hash>/segment=<id>/data.parquet (written under a temporary name, renamed, then
+# referenced by runs.segment in the catalog). The catalog's views read the files its runs rows reference, and only
+# those: a segment whose catalog was never published (a killed writer) or a superseded one is never read as current.
+SEGMENT_TABLES = (tokens, compactions, forwards)
+SUPERSEDED_SEGMENT_TABLES = (superseded_tokens, superseded_compactions, superseded_forwards)
+CATALOG_TABLES = tuple(t for t in metadata.sorted_tables if t not in (*SEGMENT_TABLES, *SUPERSEDED_SEGMENT_TABLES))
+SEGMENTS_SUFFIX = ".segments"  # the segment folder of store X is X.segments, beside it
+SEGMENT_FILE = "data.parquet"
+SCHEMA_SEGMENT = "_"  # run_hash=_/segment=_/schema.parquet: 0 rows, the declared columns (an empty store reads)
+
+
+def segments_folder(store: Path) -> Path:
+    """The segment folder of the store whose catalog is `store` (a resolved path)."""
+    return store.with_name(store.name + SEGMENTS_SUFFIX)
+
+
+def segment_glob(folder: str, table: str) -> str:
+    return f"{folder}/{table}/*/*/*.parquet"
+
+
+def segment_views(folder: str) -> dict[str, str]:
+    """The catalog's views over the segments in `folder` (an absolute path: it resolves from any cwd): the current
+    rows (segments the runs rows reference) and the superseded ones (those superseded_runs references)."""
+    views = {}
+    for table in SEGMENT_TABLES:
+        source = (f"read_parquet('{_sql_string(segment_glob(folder, table.name))}', hive_partitioning = true, "
+                  "hive_types = {'run_hash': VARCHAR, 'segment': VARCHAR})")
+        columns = ", ".join(f's."{column.name}"' for column in table.columns)
+        views[table.name] = f"SELECT {columns} FROM {source} s SEMI JOIN runs r USING (run_hash, segment)"
+        views[f"superseded_{table.name}"] = (f"SELECT {columns}, r.superseded_at FROM {source} s "
+                                             "JOIN superseded_runs r USING (run_hash, segment)")
+    return views
+
+
+def _sql_string(text: str) -> str:
+    return text.replace("'", "''")

@@ -1,19 +1,30 @@
-"""The store's only writer: one transaction per finished run, per-step rows through DuckDB's Arrow path, and a
-published snapshot that readers open while a grid runs.
+"""The store's only writer: one catalog commit per finished run, per-step rows in immutable per-run Parquet segments,
+and a published catalog that readers open while a grid runs.
 
-DuckDB lets one process hold a file read-write and then nobody else may even read it. So the writer never opens the
-published file: it commits to a private working copy beside it, checkpoints, and atomically replaces the published
-file with a copy (readers that already have the old file open keep reading it). It never overwrites a file that is
-not a gridrun store.
+A store is two things side by side: the catalog X.duckdb (meta, grids, experiments, configurations, runs,
+superseded_runs: KB per run) and the folder X.duckdb.segments (one Parquet file per run and per-step table,
+store/schema.py "Segments"). Recording a run writes its segment files (temporary name, fsync, rename), commits its runs
+row, which names the segment, to a private working copy of the catalog, and publishes that copy by atomic replace: the
+cost is the run's rows plus the catalog, never the token rows already stored. The catalog's views read only the
+segments its runs rows reference, so a segment written by a writer killed before it published is never seen (the next
+writer removes it) and readers never see a lock (DuckDB forbids readers while a process holds a file read-write: the
+writer never opens the published catalog for writing). The views name the segment folder by its absolute path, so
+`duckdb -readonly X.duckdb` reads the store from any cwd; a store moved or copied elsewhere is re-pointed by the next
+writer (python -m gridrun migrate --store NEW), and store/queries.py reads it where it lies meanwhile. It never
+overwrites a file that is not a gridrun store, and never deletes a segment its published catalog references.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +33,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 from sqlalchemy.schema import CreateTable
 
 from streaming_llm import RunConfig
@@ -30,18 +42,24 @@ from .queries import DUCKDB_MAGIC, NO_EXTENSIONS, check_length
 from .queries import StoreError as ReadError
 from .schema import (
     APPLICATION_ID,
+    CATALOG_TABLES,
     CONFIGURATION_OWN,
     KNOB_COLUMNS,
     MIGRATES_FROM,
-    RESULT_TABLES,
+    SCHEMA_SEGMENT,
     SCHEMA_VERSION,
+    SEGMENT_FILE,
+    SEGMENT_TABLES,
     SUMMARY_COLUMNS,
+    SUPERSEDED_SEGMENT_TABLES,
     VIEWS,
     compactions,
     configurations,
     forwards,
-    metadata,
     runs,
+    segment_views,
+    segments_folder,
+    superseded_runs,
     tokens,
 )
 
@@ -199,8 +217,10 @@ class StoreWriter:
         self.code_version = code_version
         self.working = self.target.with_name(f".{self.target.name}.writing")
         self.lock_path = self.target.with_name(f".{self.target.name}.lock")
+        self.segments = segments_folder(self.target)
         self.publish_seconds = 0.0  # time spent checkpointing and copying snapshots
         self.publishes = 0
+        self.segment_bytes = 0  # bytes of segment files written
         self._lock_file = None
         self.con: duckdb.DuckDBPyConnection | None = None
 
@@ -233,6 +253,7 @@ class StoreWriter:
             try:
                 self.con = duckdb.connect(str(self.working), config=NO_EXTENSIONS)
                 verify_readable(self.con, self.path)
+                self._check_segments()
                 self._create_schema()
             except duckdb.Error as exc:
                 raise _damaged(self.path, exc) from exc
@@ -284,18 +305,45 @@ class StoreWriter:
         handle.flush()
         self._lock_file = handle
 
+    def _check_segments(self) -> None:
+        """Every segment the catalog references is there and whole: its files' total size and digest as recorded
+        (Parquet has no checksum DuckDB verifies: a flipped bit would read as another number). Segments it does not
+        reference (written by a writer killed before it published, or by a migration that did not finish) and
+        temporary files are removed. Reads every segment once per writer, never per run."""
+        con = self._con()
+        referenced: dict[tuple[str, str], tuple[int, str]] = {}
+        for table in (runs, superseded_runs):
+            columns = {row[0] for row in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]).fetchall()}
+            if "segment_digest" in columns:
+                referenced |= {(run_hash, segment): (size, digest) for run_hash, segment, size, digest in con.execute(
+                    f"SELECT run_hash, segment, segment_bytes, segment_digest FROM {table.name} "
+                    "WHERE segment IS NOT NULL").fetchall()}
+        present = _scan_segments(self.segments, keep=set(referenced))
+        for key, expected in sorted(referenced.items()):
+            if present.get(key) != expected:
+                found = ("missing" if key not in present else
+                         f"{present[key][0]:,} bytes, recorded {expected[0]:,}" if present[key][0] != expected[0] else
+                         "of another content than recorded (bit-flipped)")
+                raise StoreError(
+                    f"--store {self.path} is damaged (a segment corrupt, truncated or missing): run {key[0]}'s segment {key[1]} "
+                    f"in {self.segments} is {found}; it was left untouched: restore the store file and its .segments "
+                    "folder together, or rerun into a new --store")
+
     def _create_schema(self) -> None:
         """Create what is missing. Migration 2 -> 3 adds the table configurations and the columns declared since
         (generation runs), null in older rows: a version 2 run keeps its rows under its hash (then the configuration's
-        own), and readers treat each as its own configuration."""
+        own), and readers treat each as its own configuration. Migration to 4 moves the per-step tables into segments
+        (_move_to_segments). The segment views are (re)pointed at the folder beside the catalog on every open."""
         con = self._con()
-        existing = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        existing = {row[0] for row in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()}
         previous = _read_meta(con).get("schema_version")
         con.begin()
         if previous is not None and previous != str(SCHEMA_VERSION):
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         [f"migrated_from_{previous}", datetime.now(UTC).isoformat()])
-        for table in metadata.sorted_tables:
+        for table in CATALOG_TABLES:
             if table.name not in existing:
                 con.execute(str(CreateTable(table).compile(dialect=_dialect())))
                 continue
@@ -306,15 +354,57 @@ class StoreWriter:
                 if column.name not in present:
                     kind = column.type.compile(dialect=_dialect())
                     con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-        for name, sql in VIEWS.items():
+        self._move_to_segments(existing)
+        for table in SEGMENT_TABLES:
+            _write_schema_segment(self.segments, table)
+        for name, sql in (segment_views(str(self.segments)) | VIEWS).items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         meta = {
             "application_id": APPLICATION_ID, "schema_version": str(SCHEMA_VERSION), "code_version": self.code_version,
+            "segments": str(self.segments),
         }
         for key, value in meta.items():
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
         con.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", [datetime.now(UTC).isoformat()])
         con.commit()
+
+    def _move_to_segments(self, existing: set[str]) -> None:
+        """Schema 2 and 3 kept per-step rows in tables of the catalog: each run's rows become its segment 'migrated',
+        each superseded result's 'migrated-<superseded_at>', every row kept; then the tables are dropped."""
+        con = self._con()
+        moved = False
+        for table, superseded in zip(SEGMENT_TABLES, SUPERSEDED_SEGMENT_TABLES, strict=True):
+            for source, owner, segment in ((table, runs, "'migrated'"),
+                                           (superseded, superseded_runs,
+                                            "'migrated-' || coalesce(epoch_us(superseded_at), 0)")):
+                if source.name not in existing:
+                    continue
+                present = {row[0] for row in con.execute("SELECT column_name FROM information_schema.columns "
+                                                         "WHERE table_name = ?", [source.name]).fetchall()}
+                columns = ", ".join(
+                    f'CAST({_quote(c.name) if c.name in present else "NULL"} AS {c.type.compile(dialect=_dialect())}) '
+                    f"AS {_quote(c.name)}" for c in table.columns if c.name != "run_hash")
+                folder = _sql_string(str(self.segments / table.name))
+                con.execute(f"""
+                    COPY (SELECT {columns}, run_hash, {segment} AS segment FROM {source.name}) TO '{folder}'
+                    (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (run_hash, segment), OVERWRITE_OR_IGNORE,
+                     FILENAME_PATTERN 'data{{i}}')""")
+                same = " AND o.superseded_at IS NOT DISTINCT FROM s.superseded_at" if owner is superseded_runs else ""
+                con.execute(f"""
+                    UPDATE {owner.name} o SET segment = {segment.replace("superseded_at", "o.superseded_at")}
+                    WHERE EXISTS (SELECT 1 FROM {source.name} s WHERE s.run_hash = o.run_hash{same})""")
+                con.execute(f"DROP TABLE {source.name}")
+                moved = True
+        if moved:
+            found = _scan_segments(self.segments, keep=None)
+            rows = pa.table({"run_hash": [key[0] for key in found], "segment": [key[1] for key in found],
+                             "size": pa.array([size for size, _ in found.values()], pa.int64()),
+                             "digest": [digest for _, digest in found.values()]})
+            con.register("segment_sizes", rows)
+            for owner in (runs, superseded_runs):
+                con.execute(f"UPDATE {owner.name} o SET segment_bytes = z.size, segment_digest = z.digest "
+                            "FROM segment_sizes z WHERE z.run_hash = o.run_hash AND z.segment = o.segment")
+            con.unregister("segment_sizes")
 
     def _con(self) -> duckdb.DuckDBPyConnection:
         if self.con is None:
@@ -386,30 +476,41 @@ class StoreWriter:
 
     def _commit_run(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
                     compaction_rows: pa.Table | None, forward_rows: pa.Table | None) -> None:
+        """The run's segment files first (invisible until the catalog that names them is published), then its runs
+        row in one catalog transaction; an earlier done result's row moves to superseded_runs with its segment."""
+        if not _SAFE_NAME.fullmatch(run_hash):
+            raise StoreError(f"run hash {run_hash!r} is not a file-name-safe hash: the store names segments by it")
+        parts = [(table, rows) for table, rows in ((tokens, token_rows), (compactions, compaction_rows),
+                                                   (forwards, forward_rows)) if rows is not None and rows.num_rows]
+        segment = uuid.uuid4().hex[:16] if parts else None
+        written, digest = 0, hashlib.blake2b(digest_size=16)
+        try:
+            for table, rows in parts:
+                size, file_digest = _write_segment(self.segments, table, run_hash, segment, rows)
+                written += size
+                digest.update(file_digest)
+        except OSError as exc:
+            raise StoreError(f"--store {self.path}: writing run {run_hash}'s segment failed ({exc.strerror or exc}; a "
+                             "full disk?): the runs recorded before it are kept; free space, then rerun") from None
         con = self._con()
         con.begin()
         try:
             # fetchall, not fetchone: DuckDB 2 refuses the next statement while a result is unfinished.
             previous = con.execute("SELECT status FROM runs WHERE run_hash = ?", [run_hash]).fetchall()
             if previous and previous[0][0] == "done":
-                now = datetime.now(UTC)
-                for table in RESULT_TABLES:
-                    con.execute(
-                        f"INSERT INTO superseded_{table.name} SELECT *, ? FROM {table.name} WHERE run_hash = ?",
-                        [now, run_hash],
-                    )
-            for table in RESULT_TABLES:
-                con.execute(f"DELETE FROM {table.name} WHERE run_hash = ?", [run_hash])
+                names = ", ".join(_quote(column.name) for column in runs.columns)
+                con.execute(f"INSERT INTO superseded_runs ({names}, superseded_at) SELECT {names}, ? FROM runs "
+                            "WHERE run_hash = ?", [datetime.now(UTC), run_hash])
+            con.execute("DELETE FROM runs WHERE run_hash = ?", [run_hash])
             row["recorded_at"] = datetime.now(UTC)
+            if parts:
+                row |= {"segment": segment, "segment_bytes": written, "segment_digest": digest.hexdigest()}
             _insert_arrow(con, runs.name, pa.Table.from_pylist([row], schema=_runs_arrow_schema()))
-            for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows)):
-                if rows is not None and rows.num_rows:
-                    with_hash = rows.add_column(0, "run_hash", pa.array([run_hash] * rows.num_rows, pa.string()))
-                    _insert_arrow(con, table.name, with_hash)
             con.commit()
         except BaseException:
             con.rollback()
             raise
+        self.segment_bytes += written
 
     def _publish(self) -> None:
         """Make the committed state what readers see: checkpoint, copy, atomic rename over the published path."""
@@ -427,6 +528,101 @@ class StoreWriter:
             staging.unlink(missing_ok=True)
         self.publish_seconds += time.perf_counter() - started
         self.publishes += 1
+
+
+_SAFE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]*")
+
+
+def _scan_segments(folder: Path, keep: set[tuple[str, str]] | None) -> dict[tuple[str, str], tuple[int, str]]:
+    """Each segment's total bytes and digest (BLAKE2b over its files' BLAKE2b, per-step tables in declared order, file
+    names sorted). With `keep`, segments not in it are deleted, and so are temporary files."""
+    sizes: dict[tuple[str, str], int] = {}
+    digests: dict[tuple[str, str], hashlib.blake2b] = {}
+    for table in SEGMENT_TABLES:
+        for directory in (folder / table.name).glob("run_hash=*/segment=*"):
+            key = (directory.parent.name.removeprefix("run_hash="), directory.name.removeprefix("segment="))
+            if key == (SCHEMA_SEGMENT, SCHEMA_SEGMENT):
+                continue
+            if keep is not None and key not in keep:
+                shutil.rmtree(directory, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    directory.parent.rmdir()  # only when empty
+                continue
+            for file in sorted(directory.iterdir()):
+                if keep is not None and file.name.endswith(".tmp"):
+                    file.unlink(missing_ok=True)
+                elif file.name.endswith(".parquet"):
+                    size, digest = _file_digest(file)
+                    sizes[key] = sizes.get(key, 0) + size
+                    digests.setdefault(key, hashlib.blake2b(digest_size=16)).update(digest)
+    return {key: (sizes[key], digests[key].hexdigest()) for key in sizes}
+
+
+def _file_digest(path: Path) -> tuple[int, bytes]:
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16))
+    return path.stat().st_size, digest.digest()
+
+
+def _write_segment(folder: Path, table, run_hash: str, segment: str, rows: pa.Table) -> int:
+    """One immutable Parquet file of a run's rows of `table` (its declared columns and types, run_hash from the path),
+    written under a temporary name, made durable, then renamed into place. Returns its size and digest."""
+    directory = folder / table.name / f"run_hash={run_hash}" / f"segment={segment}"
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / SEGMENT_FILE
+    temporary = directory / f".{SEGMENT_FILE}.{os.getpid()}.tmp"
+    try:
+        sink = pa.BufferOutputStream()
+        pq.write_table(_segment_rows(table, rows), sink, compression="zstd")
+        data = sink.getvalue()
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return data.size, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _write_schema_segment(folder: Path, table) -> None:
+    """The 0-row file that gives a table's view its columns while no run has rows in it."""
+    directory = folder / table.name / f"run_hash={SCHEMA_SEGMENT}" / f"segment={SCHEMA_SEGMENT}"
+    if (directory / "schema.parquet").is_file():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f".schema.parquet.{os.getpid()}.tmp"
+    pq.write_table(_segment_rows(table, None), temporary)
+    os.replace(temporary, directory / "schema.parquet")
+
+
+def _segment_rows(table, rows: pa.Table | None) -> pa.Table:
+    """`rows` in the declared columns of `table` (run_hash aside), declared types, nulls for columns it lacks."""
+    schema = segment_arrow_schema(table)
+    count = 0 if rows is None else rows.num_rows
+    columns = []
+    for field in schema:
+        if rows is not None and field.name in rows.column_names:
+            columns.append(rows.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(count, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def segment_arrow_schema(table) -> pa.Schema:
+    """A per-step table's segment columns as Arrow types equal to the DuckDB types of its declaration."""
+    kinds = {"Integer": pa.int32(), "BigInteger": pa.int64(), "Double": pa.float64(), "Boolean": pa.bool_(),
+             "String": pa.string(), "Text": pa.string()}
+    return pa.schema([pa.field(c.name, kinds[type(c.type).__name__], nullable=c.nullable)
+                      for c in table.columns if c.name != "run_hash"])
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_string(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:

@@ -35,7 +35,13 @@ def result():
 
 
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The store's bytes: its catalog file and, since schema 4, every file of its segment folder."""
+    digest = hashlib.sha256(path.read_bytes())
+    segments = path.with_name(path.name + ".segments")
+    for file in sorted(segments.rglob("*")) if segments.is_dir() else []:
+        digest.update(str(file.relative_to(segments)).encode())
+        digest.update(file.read_bytes() if file.is_file() else b"/")
+    return digest.hexdigest()
 
 
 def make_store(path: Path, result, copies: int = 1000) -> None:
@@ -47,7 +53,17 @@ def make_store(path: Path, result, copies: int = 1000) -> None:
 
 
 def damage(path: Path, table: str) -> None:
-    """Flip one byte inside a block that holds `table`'s data: the header and catalog stay intact."""
+    """Flip one byte inside a block that holds `table`'s data: the header and catalog stay intact. `tokens` (a
+    segment since schema 4): one byte in the middle of the run's token segment file."""
+    if table == "tokens":
+        segment = next(path.with_name(path.name + ".segments").glob("tokens/run_hash=[0-9a-f]*/*/*.parquet"))
+        offset = segment.stat().st_size // 2
+        with segment.open("r+b") as handle:
+            handle.seek(offset)
+            byte = handle.read(1)
+            handle.seek(offset)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        return
     with duckdb.connect(str(path), read_only=True) as con:
         blocks = [row[0] for row in con.execute(
             f"SELECT DISTINCT block_id FROM pragma_storage_info('{table}') WHERE block_id >= 0 ORDER BY 1").fetchall()]
@@ -60,7 +76,8 @@ def damage(path: Path, table: str) -> None:
 
 
 def others(folder: Path, keep: str = "store.duckdb") -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name != keep and not p.name.endswith((".lock", ".yaml")))
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in (keep, f"{keep}.segments") and not p.name.endswith((".lock", ".yaml")))
 
 
 # --- one store, however it is spelled ---------------------------------------------------------------------------------
@@ -201,13 +218,20 @@ def test_a_full_disk_while_publishing_keeps_the_last_snapshot_and_leaves_nothing
                                                                                            monkeypatch):
     store = tmp_path / "store.duckdb"
     with StoreWriter(store, "v1") as writer:
-        before = digest(store)
+        before = store.read_bytes()
         monkeypatch.setattr(writer_module, "_copy_file", full_disk_after(100_000))
         with pytest.raises(StoreError, match="full disk"):
             writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
                                attempts=1)
-        assert digest(store) == before and not list(tmp_path.glob(".store.duckdb.publish-*"))
+        # The published catalog is the last one; the run's segment, never referenced by it, is never read.
+        assert store.read_bytes() == before and not list(tmp_path.glob(".store.duckdb.publish-*"))
     assert read_runs(store) == {} and others(tmp_path) == []
+    with queries.connect(store) as con:
+        assert con.execute("SELECT count(*) FROM tokens").fetchall() == [(0,)]
+    monkeypatch.undo()
+    with StoreWriter(store, "v1"):  # the next writer removes it
+        pass
+    assert not list((tmp_path / "store.duckdb.segments").glob(f"*/run_hash={result.config.run_hash}"))
 
 
 def test_snapshots_left_by_a_writer_killed_mid_publish_are_removed_by_the_next(tmp_path, result):
