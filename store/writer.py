@@ -384,6 +384,7 @@ class StoreWriter:
                 columns = ", ".join(
                     f'CAST({_quote(c.name) if c.name in present else "NULL"} AS {c.type.compile(dialect=_dialect())}) '
                     f"AS {_quote(c.name)}" for c in table.columns if c.name != "run_hash")
+                (self.segments / table.name).mkdir(parents=True, exist_ok=True)
                 folder = _sql_string(str(self.segments / table.name))
                 con.execute(f"""
                     COPY (SELECT {columns}, run_hash, {segment} AS segment FROM {source.name}) TO '{folder}'

@@ -5,6 +5,7 @@ synthetic one (50 runs x 20,000 tokens) for timing. Test-only: the project's wri
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 import yaml
 
-from store.schema import APPLICATION_ID, KNOB_COLUMNS, SCHEMA_VERSION, metadata
+from store.schema import APPLICATION_ID, KNOB_COLUMNS, metadata
 from streaming_llm import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +44,37 @@ PAPER_EXTRA_EXPERIMENTS = {
 _BUILT: dict[str, Path] = {}
 READS_DURING_GRID: list[int | str] = []  # done counts (or errors) read while grids/smoke.yaml was running
 
+LEGACY_VERSION = 3  # the layout create_store makes: every table, per-step rows included, in the one DuckDB file
+
+
 def create_store(path: Path) -> None:
-    """An empty store with the schema of store/schema.py."""
+    """An empty store in the layout of schema 3 (the tables of store/schema.py, per-step rows in tables of the file), as
+    gridrun wrote it before segments: fill it with insert_run, then `upgrade` it (the writer's migration) to read it."""
     engine = sa.create_engine(f"duckdb:///{path}")
     metadata.create_all(engine)
     engine.dispose()
     with duckdb.connect(str(path)) as con:
         con.executemany("INSERT INTO meta VALUES (?, ?)",
-                        [["application_id", APPLICATION_ID], ["schema_version", str(SCHEMA_VERSION)]])
+                        [["application_id", APPLICATION_ID], ["schema_version", str(LEGACY_VERSION)]])
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    """A copy of a store under another name: its catalog file and its segment folder (they move together)."""
+    shutil.copyfile(source, target)
+    folder = source.with_name(source.name + ".segments")
+    if folder.is_dir():
+        shutil.copytree(folder, target.with_name(target.name + ".segments"), dirs_exist_ok=True)
+    return target
+
+
+def upgrade(path: Path) -> Path:
+    """Migrate a store made by create_store to the current schema through the writer (as gridrun migrate does)."""
+    from store.writer import StoreWriter
+    from streaming_llm.environment import code_version
+
+    with StoreWriter(path, code_version()):
+        pass
+    return path
 
 
 def insert_run(con: duckdb.DuckDBPyConnection, row: dict, tokens: pa.Table | None,
@@ -177,7 +201,7 @@ def build_synthetic_store(path: Path, runs: int = 50, steps: int = 20_000,
             membership.append(("sweep", run_hash))
         for grid in grids:
             add_membership(con, grid, membership)
-    return path
+    return upgrade(path)
 
 
 def _synthetic_tokens(rng, steps: int, cap: int, sink: int, compress_every: int) -> tuple[pa.Table, pa.Table]:

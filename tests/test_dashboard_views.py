@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import duckdb
 import pytest
-from fixtures_store import smoke_store
+from fixtures_store import copy_store, smoke_store
 from streamlit.testing.v1 import AppTest
 
 from dashboard.__main__ import parse, streamlit_command
@@ -149,11 +148,11 @@ def test_sql_box_runs_a_select(store, monkeypatch):
 def test_new_runs_appear_when_a_new_snapshot_is_published(store, monkeypatch, tmp_path):
     """gridrun replaces the published file atomically as runs finish; a rerun of the page reads the new one."""
     published, partial, full = tmp_path / "gridrun.duckdb", tmp_path / "partial.duckdb", tmp_path / "full.duckdb"
-    shutil.copyfile(store, full)
-    shutil.copyfile(store, partial)
+    copy_store(store, full)
+    copy_store(store, partial)
     with duckdb.connect(str(partial)) as con:
         con.execute("DELETE FROM runs WHERE method = 'streaming' AND compress_every = 4")  # not finished yet
-    shutil.copyfile(partial, published)
+    copy_store(partial, published)
     app = open_app(published, monkeypatch, "Runs")
     before = {m.label: m.value for m in app.metric}
     os.replace(full, published)
@@ -169,7 +168,7 @@ def test_a_store_that_appears_later_is_shown(store, monkeypatch, tmp_path):
     monkeypatch.setenv("GRIDRUN_STORE", str(published))
     app = AppTest.from_file(APP, default_timeout=60).run()
     assert not app.exception and "no store at" in app.info[0].value and not app.main.title
-    shutil.copyfile(store, published)
+    copy_store(store, published)
     app.run()
     assert not app.exception and app.main.title[0].value == "Runs" and len(app.metric) == 5
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from fixtures_store import PAPER_GRID, ROOT, smoke_store
+from fixtures_store import PAPER_GRID, ROOT, copy_store, smoke_store
 
 from paper.export import ExportError, export, quantization_table
 
@@ -231,7 +231,7 @@ def test_speculative_numbers_equal_the_store(exported, store):
 
 def damaged_copy(store: Path, tmp_path: Path, *statements: str) -> Path:
     copy = tmp_path / "damaged.duckdb"
-    shutil.copyfile(store, copy)
+    copy_store(store, copy)
     with duckdb.connect(str(copy)) as con:
         for statement in statements:
             con.execute(statement)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from fixtures_store import READS_DURING_GRID, create_store, insert_run, smoke_store
+from fixtures_store import READS_DURING_GRID, copy_store, create_store, insert_run, smoke_store, upgrade
 
 from store import queries
 
@@ -26,7 +25,7 @@ def store(tmp_path_factory):
 @pytest.fixture
 def store_copy(store, tmp_path):
     copy = tmp_path / "copy.duckdb"
-    shutil.copyfile(store, copy)
+    copy_store(store, copy)
     return copy
 
 
@@ -211,6 +210,7 @@ def test_spike_metrics_of_a_known_spike(tmp_path):
            "kv_quant_group": 32, "kv_quant_residual": 0, "kv_quant_sinks": "full", "weight_quant": "none"}
     with duckdb.connect(str(path)) as con:
         insert_run(con, row, tokens, compactions)
+    upgrade(path)
     with queries.connect(path) as con:
         metrics = queries.spike_metrics(con, ["spiky"], radius=5).iloc[0]
         profile = queries.spike_profile(con, ["spiky"], radius=5)

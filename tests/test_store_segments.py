@@ -1,0 +1,224 @@
+"""The store of schema 4: per-run Parquet segments beside a small catalog. Recording a run writes bytes proportional
+to the run, not to the store; the disk holds little more than the data; a writer killed -9 at any point of recording
+leaves no partial run and no visible orphan (the next writer removes the leftovers); a schema 3 store migrates with
+every row; the store reads from any cwd, and where it lies after a move."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fixtures_store import _synthetic_tokens, create_store, insert_run
+
+from store import queries
+from store.schema import SCHEMA_VERSION
+from store.writer import StoreWriter, read_runs
+from streaming_llm import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY = {"ppl": 10.0, "tpot_ms_mean": 2.0, "environment": {"code_version": "v1", "device": "cpu"}}
+
+
+def run(index: int, steps: int, seed: int = 0) -> tuple[RunConfig, pa.Table, pa.Table]:
+    config = RunConfig(model="tiny-llama", max_tokens=steps + 1, method="streaming", sink=4, window=200,
+                       compress_every=8, repeat=index)
+    tokens, compactions = _synthetic_tokens(np.random.default_rng(seed + index), steps, cap=256, sink=4,
+                                            compress_every=8)
+    return config, tokens, compactions
+
+
+def record(writer: StoreWriter, index: int, steps: int) -> RunConfig:
+    config, tokens, compactions = run(index, steps)
+    writer.record_done(config, SUMMARY, tokens, compactions, worker="t:1", attempts=1)
+    return config
+
+
+def files(folder: Path) -> dict[Path, tuple[int, int, int]]:
+    return {path: (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_size)
+            for path in folder.rglob("*") if path.is_file()}
+
+
+def disk(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_recording_a_run_writes_bytes_of_that_run_not_of_the_store(tmp_path):
+    written = {}
+    for label, steps in (("small", 2_000), ("large", 200_000)):
+        folder = tmp_path / label
+        with StoreWriter(folder / "store.duckdb", "v1") as writer:
+            for index in range(3):
+                record(writer, index, steps)
+            before = files(folder)
+            record(writer, 99, 20_000)  # the same run in both stores
+            after = files(folder)
+        written[label] = sum(after[path][2] for path in after if before.get(path) != after[path])
+        assert disk(folder) > (3 * steps + 20_000) * 2 if label == "large" else True
+    # The large store holds 100x the token rows; recording one more run costs the same bytes (the run's segments and
+    # the catalog, KB per run), where a whole-store snapshot would cost the large store's size.
+    assert written["large"] <= 1.1 * written["small"] + 64 * 1024, written
+
+
+def test_the_disk_holds_at_most_1_3x_the_rows_as_one_zstd_parquet_file(tmp_path):
+    """The data: the same token and compaction rows (with their run_hash) as one zstd Parquet file per table. The
+    segments hold at most 1.3x that; the catalog a constant (DuckDB's blocks) plus a few KB per run."""
+    store = tmp_path / "store.duckdb"
+    with StoreWriter(store, "v1") as writer:
+        configs = [record(writer, index, 20_000) for index in range(8)]
+    data = 0
+    for name in ("tokens", "compactions"):
+        rows = []
+        for index, config in enumerate(configs):
+            table = dict(zip(("tokens", "compactions"), run(index, 20_000)[1:], strict=True))[name]
+            rows.append(table.add_column(0, "run_hash", pa.array([config.run_hash] * table.num_rows)))
+        pq.write_table(pa.concat_tables(rows), tmp_path / f"{name}.parquet", compression="zstd")
+        data += (tmp_path / f"{name}.parquet").stat().st_size
+    segments = disk(tmp_path / "store.duckdb.segments")
+    assert segments <= 1.3 * data, (segments, data)
+    assert store.stat().st_size <= 2_500_000 + 8 * 8192, store.stat().st_size
+
+
+# --- kill -9 at every point of recording ------------------------------------------------------------------------------
+KILL_AT = {
+    # the segment's temporary file written, not renamed
+    "segment write": "writer_module.os.fsync = die",
+    # segment renamed into place, its runs row not committed
+    "catalog commit": "writer_module._insert_arrow = lambda *a, **k: die()",
+    # committed to the working copy, the publish copy not begun
+    "publish copy": "writer_module._copy_file = lambda *a, **k: die()",
+    # the publish copy whole, not renamed over the published catalog
+    "publish rename": "copy = writer_module._copy_file\n"
+                      "writer_module._copy_file = lambda *a, **k: (copy(*a, **k), die())",
+}
+SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}]
+import store.writer as writer_module
+from test_store_segments import record
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+writer = writer_module.StoreWriter(Path({store!r}), "v1")
+writer.open()
+{kill}
+record(writer, 1, 5000)
+"""
+
+
+@pytest.mark.parametrize("point", list(KILL_AT))
+def test_a_writer_killed_while_recording_leaves_no_partial_run_and_the_next_cleans_up(tmp_path, point):
+    store = tmp_path / "store.duckdb"
+    with StoreWriter(store, "v1") as writer:
+        first = record(writer, 0, 5000)
+    script = SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), store=str(store), kill=KILL_AT[point])
+    process = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    second = run(1, 5000)[0]
+    # Readers see the last published store: the first run whole, nothing of the second.
+    with queries.connect(store) as con:
+        assert con.execute("SELECT run_hash, count(*) FROM tokens GROUP BY ALL").fetchall() == [(first.run_hash, 5000)]
+        assert con.execute("SELECT count(*) FROM compactions WHERE run_hash = ?", [second.run_hash]).fetchall() == [
+            (0,)]
+    assert set(read_runs(store)) == {first.run_hash}
+    with StoreWriter(store, "v1") as writer:  # the next writer removes every leftover, then records the run whole
+        leftovers = [path.name for path in tmp_path.rglob("*")
+                     if second.run_hash in str(path) or path.name.endswith(".tmp") or ".publish-" in path.name]
+        assert leftovers == []
+        record(writer, 1, 5000)
+    with queries.connect(store) as con:
+        assert sorted(con.execute("SELECT run_hash, count(*) FROM tokens GROUP BY ALL").fetchall()) == sorted(
+            [(first.run_hash, 5000), (second.run_hash, 5000)])
+
+
+def test_a_rerun_replaces_the_current_rows_and_keeps_the_earlier_as_superseded(tmp_path):
+    store = tmp_path / "store.duckdb"
+    with StoreWriter(store, "v1") as writer:
+        config = record(writer, 0, 3000)
+        _, tokens, compactions = run(0, 3000, seed=7)
+        writer.record_done(config, SUMMARY, tokens, compactions, worker="t:2", attempts=2)
+    with queries.connect(store) as con:
+        assert con.execute("SELECT count(*), sum(nll) FROM tokens").fetchall() == [
+            (3000, pytest.approx(float(np.sum(tokens.column("nll").to_numpy()))))]
+        assert con.execute("SELECT count(*), count(DISTINCT superseded_at) FROM superseded_tokens").fetchall() == [
+            (3000, 1)]
+        assert con.execute("SELECT worker FROM runs").fetchall() == [("t:2",)]
+
+
+# --- migration --------------------------------------------------------------------------------------------------------
+def test_a_schema_3_store_migrates_into_segments_with_every_row(tmp_path):
+    store = tmp_path / "old.duckdb"
+    create_store(store)  # the layout of schema 3: per-step rows in tables of the file
+    rows = {}
+    with duckdb.connect(str(store)) as con:
+        for index in range(3):
+            config, tokens, compactions = run(index, 4000)
+            row = {"run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
+                   "status": "done", "attempts": 1, "config_json": "{}", **config.normalised(), "ppl": 1.0 + index,
+                   "code_version": "old"}
+            insert_run(con, row, tokens, compactions)
+        # an earlier result of run 0, superseded
+        con.execute("INSERT INTO superseded_runs (run_hash, group_hash, setting_hash, status, attempts, config_json, "
+                    "model, code_version, superseded_at) SELECT run_hash, group_hash, setting_hash, status, attempts, "
+                    "config_json, model, code_version, TIMESTAMPTZ '2026-01-01 00:00:00+00' FROM runs "
+                    "WHERE ppl = 1.0")
+        con.execute("INSERT INTO superseded_tokens SELECT *, TIMESTAMPTZ '2026-01-01 00:00:00+00' FROM tokens "
+                    "WHERE run_hash = (SELECT run_hash FROM runs WHERE ppl = 1.0)")
+        for table in ("tokens", "compactions", "superseded_tokens", "runs"):
+            rows[table] = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+    with pytest.raises(queries.StoreError, match="migrate"), queries.connect(store):
+        pass
+    with StoreWriter(store, "v1"):
+        pass
+    with queries.connect(store) as con:
+        kinds = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables").fetchall())
+        assert kinds["tokens"] == kinds["superseded_tokens"] == "VIEW" and kinds["runs"] == "BASE TABLE"
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
+            (str(SCHEMA_VERSION),)]
+        for table in ("tokens", "compactions", "superseded_tokens"):
+            assert con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall() == rows[table], table
+        names = [c for c in con.execute("SELECT * FROM runs LIMIT 0").description]
+        migrated = con.execute("SELECT * EXCLUDE (segment, segment_bytes, segment_digest) FROM runs "
+                               "ORDER BY ALL").fetchall()
+        assert len(names) == len(rows["runs"][0]) and len(migrated) == 3
+    # The catalog keeps no per-step rows: it is small beside its segments.
+    assert store.stat().st_size < disk(tmp_path / "old.duckdb.segments")
+
+
+# --- one thing to open ------------------------------------------------------------------------------------------------
+def test_the_store_reads_from_any_cwd_and_where_it_lies_after_a_move(tmp_path):
+    store = tmp_path / "a" / "store.duckdb"
+    with StoreWriter(store, "v1") as writer:
+        first = record(writer, 0, 1000)
+    count = ("import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+             "print(con.execute('SELECT count(*) FROM tokens').fetchone()[0])")
+    for cwd in ("/", str(tmp_path)):  # plain duckdb, no settings
+        shown = subprocess.run([sys.executable, "-c", count, str(store)], cwd=cwd, capture_output=True, text=True)
+        assert shown.stdout.strip() == "1000", shown.stderr
+    moved = tmp_path / "b" / "moved.duckdb"
+    moved.parent.mkdir()
+    shutil.copy(store, moved)
+    shutil.copytree(tmp_path / "a" / "store.duckdb.segments", tmp_path / "b" / "moved.duckdb.segments")
+    shutil.rmtree(tmp_path / "a")
+    with queries.connect(moved) as con:  # the query layer reads the segments beside the file
+        assert con.execute("SELECT count(*) FROM tokens").fetchall() == [(1000,)]
+    assert queries.run_user_sql(moved, "SELECT count(*) AS n FROM tokens")[0].n.tolist() == [1000]
+    with StoreWriter(moved, "v1"):  # a writer re-points the catalog's own views
+        pass
+    shown = subprocess.run([sys.executable, "-c", count, str(moved)], cwd="/", capture_output=True, text=True)
+    assert shown.stdout.strip() == "1000", shown.stderr
+    assert set(read_runs(moved)) == {first.run_hash}
+    alone = tmp_path / "alone.duckdb"  # the catalog without its folder: a clear error, not a wrong read
+    shutil.copy(moved, alone)
+    shutil.rmtree(tmp_path / "b")
+    with pytest.raises(queries.StoreError, match="move the store file and its .segments folder together"), \
+            queries.connect(alone):
+        pass
