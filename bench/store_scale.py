@@ -1,18 +1,21 @@
-"""Benchmark (not a test): what the store costs as it grows, at 1M, 10M (and, with --sizes 1e8, 100M) token rows.
+"""Benchmark (not a test): what the store costs as it grows, at 1M, 10M and 100M token rows (--sizes).
 
-For each size it builds a synthetic store (runs of 20,000 token rows with the study's sawtooth shapes; rows generated
-in SQL, the runs rows through store.writer.run_row so every declared column is filled), then measures with the real
-writer and query layer: opening the writer (once per gridrun invocation), recording + publishing one more
-20,000-token run (median of --records), disk bytes per token row against the rows' own Arrow bytes, and each dashboard
-view's query-layer calls on a fresh connection (as on a cache miss). Sizes are printed side by side. Writes only under
-a temporary folder (--dir to choose it: the 100M store needs ~10 GB while a snapshot is published).
+For each size it builds a synthetic store fast (runs of 20,000 token rows with the study's sawtooth shapes, generated
+in SQL and written as the store's own per-run segments by one partitioned COPY; the runs rows through
+store.writer.run_row so every declared column is filled), then measures with the real writer and query layer: opening
+the writer (once per gridrun invocation: it checks every segment's digest), recording + publishing one more
+20,000-token run through StoreWriter.record_done (median of --records), disk bytes per token row against the data (the
+same token and compaction rows as one zstd Parquet file, and as uncompressed Arrow), and each dashboard view's
+query-layer calls on a fresh connection (as on a cache miss). Sizes are printed side by side. Writes only under a
+temporary folder (--dir to choose it: the 100M store needs ~3 GB).
 
-    .venv/bin/python bench/store_scale.py [--sizes 1e6,1e7] [--records 3] [--dir /tmp]
+    .venv/bin/python bench/store_scale.py [--sizes 1e6,1e7,1e8] [--records 3] [--dir /tmp]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,7 +30,8 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import queries  # noqa: E402
-from store.writer import StoreWriter, _runs_arrow_schema, run_row  # noqa: E402
+from store.schema import segments_folder, tokens  # noqa: E402
+from store.writer import StoreWriter, _runs_arrow_schema, _scan_segments, run_row, segment_arrow_schema  # noqa: E402
 from streaming_llm import RunConfig  # noqa: E402
 from streaming_llm.environment import code_version  # noqa: E402
 
@@ -65,31 +69,62 @@ def build(path: Path, token_rows: int, cv: str) -> int:
     rows = [run_row(config(i), summary(cv), status="done", error=None, attempts=1, worker="bench:0")
             for i in range(runs)]
     for row in rows:
-        row["recorded_at"] = datetime.now(UTC)
+        row |= {"recorded_at": datetime.now(UTC), "segment": "bench"}
     index = pa.table({"idx": np.arange(runs), "run_hash": [row["run_hash"] for row in rows],
                       "period": [PERIODS[i % len(PERIODS)] for i in range(runs)]})
-    with duckdb.connect(str(path)) as con:
-        con.register("incoming", pa.Table.from_pylist(rows, schema=_runs_arrow_schema()))
-        names = ", ".join(f'"{name}"' for name in rows[0])
-        con.execute(f"INSERT INTO runs ({names}) SELECT {names} FROM incoming")
+    folder = segments_folder(path.resolve())
+    types = {field.name: {"int32": "INTEGER", "int64": "BIGINT", "double": "DOUBLE", "bool": "BOOLEAN"}[str(field.type)]
+             for field in segment_arrow_schema(tokens)}
+    with duckdb.connect() as con:
         con.register("run_index", index)
         con.execute(f"""
-            INSERT INTO tokens
+            CREATE TEMPORARY VIEW generated AS
             WITH t AS (SELECT r.run_hash, r.period, (i % {STEPS})::INTEGER AS step, i
                        FROM range({runs * STEPS}) g(i) JOIN run_index r ON r.idx = i // {STEPS}),
                  s AS (SELECT *, step >= {CAP - 1} AND (step - {CAP - 1}) % period = 0 AS compacted,
                               CASE WHEN step < {CAP} THEN step + 1
                                    ELSE {CAP} - period + (step - {CAP}) % period + 1 END AS kv_len FROM t)
-            SELECT run_hash, step, step, hash(i) % 50000, hash(i + 1) % 50000,
-                   5 + (hash(i) % 1000) / 1000 + CASE WHEN compacted THEN 0.3 ELSE 0 END,
-                   20 + (hash(i * 7) % 1000) / 500 + CASE WHEN compacted THEN 3 ELSE 0 END,
-                   CASE WHEN compacted THEN 0.7 ELSE 0 END, kv_len, compacted,
-                   CASE WHEN compacted THEN period ELSE 0 END, false
+            SELECT step::{types["step"]} AS step, step::{types["position"]} AS position,
+                   (hash(i) % 50000)::{types["token_id"]} AS token_id,
+                   (hash(i + 1) % 50000)::{types["target_id"]} AS target_id,
+                   5 + (hash(i) % 1000) / 1000 + CASE WHEN compacted THEN 0.3 ELSE 0 END AS nll,
+                   20 + (hash(i * 7) % 1000) / 500 + CASE WHEN compacted THEN 3 ELSE 0 END AS latency_ms,
+                   CASE WHEN compacted THEN 0.7 ELSE 0 END::DOUBLE AS compaction_ms, kv_len::INTEGER AS kv_len,
+                   compacted, (CASE WHEN compacted THEN period ELSE 0 END)::INTEGER AS evicted, false AS prefill,
+                   NULL::INTEGER AS forward, run_hash, 'bench' AS segment
             FROM s""")
-        con.execute("INSERT INTO compactions SELECT run_hash, step, kv_len, kv_len - evicted, evicted, compaction_ms "
-                    "FROM tokens WHERE compacted")
+        compaction_rows = ("SELECT step, kv_len AS kv_len_before, kv_len - evicted AS kv_len_after, evicted, "
+                           "compaction_ms, run_hash, segment FROM generated WHERE compacted")
+        for table, select in (("tokens", "SELECT * FROM generated"), ("compactions", compaction_rows)):
+            (folder / table).mkdir(parents=True, exist_ok=True)
+            con.execute(f"COPY ({select}) TO '{folder / table}' (FORMAT parquet, COMPRESSION zstd, "
+                        "PARTITION_BY (run_hash, segment), OVERWRITE_OR_IGNORE, FILENAME_PATTERN 'data{i}')")
+    found = _scan_segments(folder, keep=None)
+    for row in rows:
+        row["segment_bytes"], row["segment_digest"] = found[(row["run_hash"], "bench")]
+    with duckdb.connect(str(path)) as con:
+        con.register("incoming", pa.Table.from_pylist(rows, schema=_runs_arrow_schema()))
+        names = ", ".join(f'"{name}"' for name in rows[0])
+        con.execute(f"INSERT INTO runs ({names}) SELECT {names} FROM incoming")
         con.execute("CHECKPOINT")
     return runs
+
+
+def data_bytes(path: Path, folder: Path) -> int:
+    """The data: the store's token and compaction rows (with run_hash) as one zstd Parquet file per table."""
+    total = 0
+    with queries.connect(path) as con:
+        for table in ("tokens", "compactions"):
+            target = folder / f"data-{table}.parquet"
+            con.execute(f"COPY {table} TO '{target}' (FORMAT parquet, COMPRESSION zstd)")
+            total += target.stat().st_size
+            target.unlink()
+    return total
+
+
+def disk_bytes(path: Path) -> int:
+    folder = segments_folder(path.resolve())
+    return path.stat().st_size + sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
 
 
 def new_run(index: int) -> tuple[RunConfig, pa.Table, pa.Table]:
@@ -119,19 +154,21 @@ def measure_writes(path: Path, cv: str, records: int) -> dict[str, float]:
     writer = StoreWriter(path, cv)
     writer.open()
     opened = time.perf_counter() - started
-    totals, publishes = [], []
+    totals, publishes, written = [], [], []
     try:
         for index in range(records):
-            run, tokens, compactions = new_run(index)
-            before, started = writer.publish_seconds, time.perf_counter()
-            writer.record_done(run, summary(cv), tokens, compactions, worker="bench:1", attempts=1)
+            run, rows, compactions = new_run(index)
+            before, segment_bytes, started = writer.publish_seconds, writer.segment_bytes, time.perf_counter()
+            writer.record_done(run, summary(cv), rows, compactions, worker="bench:1", attempts=1)
             totals.append(time.perf_counter() - started)
             publishes.append(writer.publish_seconds - before)
+            written.append(writer.segment_bytes - segment_bytes + path.stat().st_size)  # segments + catalog copy
     finally:
         writer.close()
     arrow_bytes = new_run(0)[1].append_column("run_hash", pa.array(["0" * 16] * STEPS)).nbytes / STEPS
     return {"open_s": opened, "record_publish_s": statistics.median(totals),
-            "publish_s": statistics.median(publishes), "arrow_bytes_per_row": arrow_bytes}
+            "publish_s": statistics.median(publishes), "written_bytes": statistics.median(written),
+            "arrow_bytes_per_row": arrow_bytes}
 
 
 def measure_views(path: Path) -> dict[str, float]:
@@ -158,12 +195,24 @@ def measure_views(path: Path) -> dict[str, float]:
         queries.compaction_marks(con, hashes[:3], steps, points=MARKS)
 
     def spikes(con):
+        queries.run_table(con, GRID)
         queries.spike_profile(con, hashes, radius=RADIUS)
         queries.spike_metrics(con, hashes, radius=RADIUS)
 
+    def settings(con):
+        queries.setting_table(con, GRID, tuple(queries.experiment_names(con, GRID)))
+
+    def longstream(con):
+        queries.run_table(con, GRID)
+        queries.block_ppl(con, hashes, 256)
+
+    def speculation(con):
+        queries.speculation_table(con, GRID, None)
+
     timings = {}
     for name, view in (("Runs", runs), ("Trade-off", tradeoff), ("Sweeps", sweeps), ("Run detail (3 runs)", detail),
-                       ("Compaction spikes (4 runs)", spikes)):
+                       ("Compaction spikes (4 runs)", spikes), ("Settings", settings),
+                       ("Long stream (4 runs)", longstream), ("Speculation", speculation)):
         started = time.perf_counter()
         with queries.connect(path) as con:
             view(con)
@@ -191,20 +240,25 @@ def main(argv: list[str] | None = None) -> None:
             built = time.perf_counter() - started
             writes = measure_writes(path, cv, args.records)
             rows = runs * STEPS + args.records * STEPS
-            disk = path.stat().st_size
+            disk, data = disk_bytes(path), data_bytes(path, Path(folder))
             columns[size] = {
                 "runs": f"{runs:,}", "token rows": f"{rows:,}", "build (s)": f"{built:.1f}",
                 "open writer (s, once per gridrun)": f"{writes['open_s']:.2f}",
-                "record + publish one 20k-token run (s)": f"{writes['record_publish_s']:.2f}",
-                "  of which publish (s)": f"{writes['publish_s']:.2f}",
-                "store file (MB)": f"{disk / 1e6:,.0f}",
+                "record + publish one 20k-token run (s)": f"{writes['record_publish_s']:.3f}",
+                "  of which catalog publish (s)": f"{writes['publish_s']:.3f}",
+                "  bytes written per run (MB)": f"{writes['written_bytes'] / 1e6:.2f}",
+                "catalog file (MB)": f"{path.stat().st_size / 1e6:,.1f}",
+                "store on disk (MB)": f"{disk / 1e6:,.0f}",
                 "disk bytes per token row": f"{disk / rows:.1f}",
+                "  vs the data as one zstd Parquet": f"{disk / data:.2f}x",
                 "  vs the rows' Arrow bytes": f"{disk / rows / writes['arrow_bytes_per_row']:.2f}x",
-                "peak disk while publishing": "3x the store",
                 **{f"view {name} (s)": f"{seconds:.2f}" for name, seconds in measure_views(path).items()},
             }
             for leftover in Path(folder).glob(f"*store-{size}*"):
-                leftover.unlink()
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
     labels = list(next(iter(columns.values())))
     width = max(len(label) for label in labels)
     print(f"{'store built with':{width}}  " + "  ".join(f"{size:>12,}" for size in sizes))

@@ -671,12 +671,16 @@ _SPIKE_CTE = """
     medians AS (
         SELECT run_hash, median(nll) AS nll_median, median(latency_ms) AS latency_ms_median FROM timed GROUP BY ALL
     ),
-    windows AS (
-        SELECT $series[list_position($runs, e.run_hash)] AS series, e.run_hash, o.range AS "offset", t.nll,
-            t.latency_ms, t.nll - m.nll_median AS nll_excess, t.latency_ms - m.latency_ms_median AS latency_ms_excess
+    probes AS (  -- each event's steps as a column: the join below is then a hash join on (run_hash, step)
+        SELECT e.run_hash, o.range AS "offset", (e.step + o.range)::INTEGER AS step
         FROM events e CROSS JOIN range(-$radius, $radius + 1) o
-        JOIN timed t ON t.run_hash = e.run_hash AND t.step = e.step + o.range
-        JOIN medians m ON m.run_hash = e.run_hash
+    ),
+    windows AS (
+        SELECT $series[list_position($runs, p.run_hash)] AS series, p.run_hash, p."offset", t.nll,
+            t.latency_ms, t.nll - m.nll_median AS nll_excess, t.latency_ms - m.latency_ms_median AS latency_ms_excess
+        FROM probes p
+        JOIN timed t ON t.run_hash = p.run_hash AND t.step = p.step
+        JOIN medians m ON m.run_hash = p.run_hash
     ),
     profile AS (
         SELECT series, "offset", count(*) AS events, count(DISTINCT run_hash) AS runs,
