@@ -254,7 +254,8 @@ class StoreWriter:
                 self.con = duckdb.connect(str(self.working), config=NO_EXTENSIONS)
                 verify_readable(self.con, self.path)
                 self._check_segments()
-                self._create_schema()
+                if self._create_schema():
+                    self._compact()
             except duckdb.Error as exc:
                 raise _damaged(self.path, exc) from exc
             self._publish()
@@ -277,7 +278,8 @@ class StoreWriter:
 
     def _remove_leftovers(self, staging: bool) -> None:
         """The working copy and its WAL; with `staging`, also the snapshots being copied when a writer died."""
-        leftovers = [self.working, self.working.with_name(self.working.name + ".wal")]
+        leftovers = [self.working, self.working.with_name(self.working.name + ".wal"),
+                     self.working.with_name(self.working.name + ".compact")]
         if staging:
             leftovers += self.target.parent.glob(f".{self.target.name}.publish-*")
         for leftover in leftovers:
@@ -326,15 +328,16 @@ class StoreWriter:
                          f"{present[key][0]:,} bytes, recorded {expected[0]:,}" if present[key][0] != expected[0] else
                          "of another content than recorded (bit-flipped)")
                 raise StoreError(
-                    f"--store {self.path} is damaged (a segment corrupt, truncated or missing): run {key[0]}'s segment {key[1]} "
-                    f"in {self.segments} is {found}; it was left untouched: restore the store file and its .segments "
-                    "folder together, or rerun into a new --store")
+                    f"--store {self.path} is damaged (a segment corrupt, truncated or missing): run {key[0]}'s "
+                    f"segment {key[1]} in {self.segments} is {found}; it was left untouched: restore the store file "
+                    "and its .segments folder together, or rerun into a new --store")
 
-    def _create_schema(self) -> None:
+    def _create_schema(self) -> bool:
         """Create what is missing. Migration 2 -> 3 adds the table configurations and the columns declared since
         (generation runs), null in older rows: a version 2 run keeps its rows under its hash (then the configuration's
         own), and readers treat each as its own configuration. Migration to 4 moves the per-step tables into segments
-        (_move_to_segments). The segment views are (re)pointed at the folder beside the catalog on every open."""
+        (_move_to_segments). The segment views are (re)pointed at the folder beside the catalog on every open.
+        Returns whether per-step tables were moved."""
         con = self._con()
         existing = {row[0] for row in con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()}
@@ -354,7 +357,7 @@ class StoreWriter:
                 if column.name not in present:
                     kind = column.type.compile(dialect=_dialect())
                     con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-        self._move_to_segments(existing)
+        moved = self._move_to_segments(existing)
         for table in SEGMENT_TABLES:
             _write_schema_segment(self.segments, table)
         for name, sql in (segment_views(str(self.segments)) | VIEWS).items():
@@ -367,8 +370,27 @@ class StoreWriter:
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
         con.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", [datetime.now(UTC).isoformat()])
         con.commit()
+        return moved
 
-    def _move_to_segments(self, existing: set[str]) -> None:
+    def _compact(self) -> None:
+        """Rewrite the working copy without the blocks the migrated per-step tables held (DuckDB reuses freed blocks
+        but never gives them back): the catalog becomes the few KB per run it is meant to be."""
+        self._con().execute("CHECKPOINT")
+        self.con.close()
+        self.con = None
+        compact = self.working.with_name(self.working.name + ".compact")
+        compact.unlink(missing_ok=True)
+        with duckdb.connect(str(compact), config=NO_EXTENSIONS) as con:
+            name = con.execute("SELECT current_database()").fetchall()[0][0]
+            con.execute(f"ATTACH '{_sql_string(str(self.working))}' AS migrated (READ_ONLY)")
+            con.execute(f'COPY FROM DATABASE migrated TO "{name}"')
+            con.execute("DETACH migrated")
+            con.execute("CHECKPOINT")
+        os.replace(compact, self.working)
+        self.working.with_name(self.working.name + ".wal").unlink(missing_ok=True)
+        self.con = duckdb.connect(str(self.working), config=NO_EXTENSIONS)
+
+    def _move_to_segments(self, existing: set[str]) -> bool:
         """Schema 2 and 3 kept per-step rows in tables of the catalog: each run's rows become its segment 'migrated',
         each superseded result's 'migrated-<superseded_at>', every row kept; then the tables are dropped."""
         con = self._con()
@@ -406,6 +428,7 @@ class StoreWriter:
                 con.execute(f"UPDATE {owner.name} o SET segment_bytes = z.size, segment_digest = z.digest "
                             "FROM segment_sizes z WHERE z.run_hash = o.run_hash AND z.segment = o.segment")
             con.unregister("segment_sizes")
+        return moved
 
     def _con(self) -> duckdb.DuckDBPyConnection:
         if self.con is None:

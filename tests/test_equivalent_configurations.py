@@ -18,6 +18,7 @@ from fixtures_store import add_membership, create_store, insert_run
 
 from gridrun.__main__ import main as gridrun_main
 from store import queries
+from store.schema import SCHEMA_VERSION
 from streaming_llm import CompactionSchedule, RunConfig, StreamingPolicy, evaluate, schedule_fingerprint
 from streaming_llm.config import _content_hash
 
@@ -198,7 +199,7 @@ def test_a_schema_2_store_is_refused_by_readers_then_migrated_with_every_row(tmp
         table = queries.run_table(con, "old", include_stale=True)
         version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
         migrated = con.execute("SELECT count(*) FROM meta WHERE key = 'migrated_from_2'").fetchone()[0]
-    assert version == "3" and migrated == 1
+    assert version == str(SCHEMA_VERSION) and migrated == 1
     assert list(table.run_hash) == list(table.config_hash) == [old_hash]  # its own configuration, as it was
     assert table.ppl.iloc[0] == 12.5 and table.equivalent_to.iloc[0] == ""
 
