@@ -140,7 +140,8 @@ def _point_segments(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
 
 def _is_damage(exc: duckdb.Error) -> bool:
     text = str(exc)
-    return isinstance(exc, duckdb.IOException) or "Corrupt database" in text or "checksum" in text
+    segment = "Failed to read file" in text and ".segments/" in text  # a segment's Parquet that does not decode
+    return isinstance(exc, duckdb.IOException) or "Corrupt database" in text or "checksum" in text or segment
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ every row; the store reads from any cwd, and where it lies after a move."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -230,3 +231,17 @@ def test_the_store_reads_from_any_cwd_and_where_it_lies_after_a_move(tmp_path):
     with pytest.raises(queries.StoreError, match="move the store file and its .segments folder together"), \
             queries.connect(alone):
         pass
+
+
+def test_the_store_scale_benchmark_runs_at_a_tiny_size(tmp_path):
+    """bench/store_scale.py end to end at 40,000 token rows: every line of its table printed (timings not checked)."""
+    shown = subprocess.run([sys.executable, str(ROOT / "bench" / "store_scale.py"), "--sizes", "40000", "--records",
+                            "1", "--dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    lines = dict(re.split(r"\s{2,}", line.strip()) for line in shown.stdout.splitlines() if line.strip())
+    assert lines["runs"] == "2" and lines["token rows"] == "60,000"
+    assert float(lines["vs the data as one zstd Parquet"].rstrip("x")) > 0
+    for view in ("Runs", "Trade-off", "Sweeps", "Run detail (3 runs)", "Compaction spikes (4 runs)", "Settings",
+                 "Long stream (4 runs)", "Speculation", "SQL"):
+        assert float(lines[f"view {view} (s)"]) >= 0
+    assert list(tmp_path.iterdir()) == []  # the benchmark's stores are removed
