@@ -250,6 +250,10 @@ class StoreWriter:
             self._remove_leftovers(staging=True)
             if self.target.exists():
                 _copy_file(self.target, self.working)
+            elif any(self.segments.glob("*/run_hash=*/segment=*/*.parquet")):
+                raise StoreError(f"--store {self.path}: there is no store file but its segment folder {self.segments} "
+                                 "holds runs (the file was moved or deleted); it was left untouched: restore the file, "
+                                 "move the folder away, or pass another --store")
             try:
                 self.con = duckdb.connect(str(self.working), config=NO_EXTENSIONS)
                 verify_readable(self.con, self.path)

@@ -22,7 +22,7 @@ from fixtures_store import _synthetic_tokens, create_store, insert_run
 
 from store import queries
 from store.schema import SCHEMA_VERSION
-from store.writer import StoreWriter, read_runs
+from store.writer import StoreError, StoreWriter, read_runs
 from streaming_llm import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +231,17 @@ def test_the_store_reads_from_any_cwd_and_where_it_lies_after_a_move(tmp_path):
     with pytest.raises(queries.StoreError, match="move the store file and its .segments folder together"), \
             queries.connect(alone):
         pass
+
+
+def test_a_segment_folder_without_its_store_file_is_refused_and_left_untouched(tmp_path):
+    store = tmp_path / "store.duckdb"
+    with StoreWriter(store, "v1") as writer:
+        record(writer, 0, 100)
+    store.unlink()
+    before = sorted(path for path in tmp_path.rglob("*") if path.is_file())
+    with pytest.raises(StoreError, match="no store file but its segment folder"):
+        StoreWriter(store, "v1").open()
+    assert sorted(path for path in tmp_path.rglob("*") if path.is_file()) == before
 
 
 def test_the_store_scale_benchmark_runs_at_a_tiny_size(tmp_path):
