@@ -205,3 +205,32 @@ def test_embedded_model_parallel_equals_stepwise_for_strict_and_lazy():
         parallel = evaluate(RunConfig(protocol="parallel", chunk=48, **common), loaded=loaded)
         assert stepwise.summary["compaction_count"] >= 8
         assert_same_rows(parallel, stepwise, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope_mode", ["realign", "absolute"])
+def test_a_failed_block_leaves_the_state_as_before_it(tiny_models, rope_mode):
+    """A forward that dies half-way through the layers (out of memory, an interrupt) changes nothing: a longer block
+    from the same token on gives what a stepper that never failed gives, and so does everything after it."""
+    loaded = tiny_models["tiny-llama"]
+    config = RunConfig(model="tiny-llama", method="streaming", sink=2, window=16, compress_every=4, refresh=2,
+                       refresh_policy="middle", rope_mode=rope_mode)
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(3)).to(loaded.device)
+    failing, straight = block_stepper(loaded, config), block_stepper(loaded, config)
+
+    def die(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    with torch.inference_mode():
+        for stepper in (failing, straight):
+            stepper.forward_block(ids[:, :30])
+        hook = loaded.model.model.layers[1].register_forward_hook(die)  # layer 0 has written its entries by then
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                failing.forward_block(ids[:, 30:40])
+        finally:
+            hook.remove()
+        for first, last in ((30, 57), (57, 90)):
+            torch.testing.assert_close(failing.forward_block(ids[:, first:last]),
+                                       straight.forward_block(ids[:, first:last]), rtol=0, atol=1e-6)
+            assert failing.kept_tokens() == straight.kept_tokens()
+            assert failing.trace == straight.trace
