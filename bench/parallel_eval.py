@@ -12,6 +12,7 @@ For each cap and method (dense, strict R=1, lazy R=64, recompute) on the embedde
 Recompute is compute-bound either way (every step re-reads cap tokens): its parallel throughput is that of
 `--recompute-steps` full windows (`recompute_blocks` past the first cap steps), and its ratio is reported, not targeted.
 Usage: python bench/parallel_eval.py [--caps 256 2048] [--tokens 4096] [--steps 160] [--chunk 256]
+                                     [--model random-pythia-2.8b --device cuda --dtype float16]
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ VARIANTS = {
 }
 
 
+def synchronise(loaded: LoadedModel) -> None:
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
+
+
 def prefill_ceiling(loaded: LoadedModel, ids: torch.Tensor, context: int, chunk: int, rounds: int = 3) -> float:
     """Tokens/s of a plain forward of `chunk` tokens over a DynamicCache already holding `context` entries."""
     model = loaded.model
@@ -48,8 +54,10 @@ def prefill_ceiling(loaded: LoadedModel, ids: torch.Tensor, context: int, chunk:
         for _ in range(rounds):
             cache = DynamicCache(config=model.config)
             model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+            synchronise(loaded)
             start = time.perf_counter()
             model(input_ids=ids[:, context : context + chunk], cache=cache, use_cache=True, logits_to_keep=0)
+            synchronise(loaded)
             best = min(best, time.perf_counter() - start)
     return chunk / best
 
@@ -57,9 +65,11 @@ def prefill_ceiling(loaded: LoadedModel, ids: torch.Tensor, context: int, chunk:
 def full_windows_rate(loaded: LoadedModel, ids: torch.Tensor, cap: int, steps: int, chunk: int) -> float:
     """Steps/s of parallel recompute over `steps` full windows (the steady state; the first cap steps are cheaper)."""
     with torch.inference_mode():
+        synchronise(loaded)
         start = time.perf_counter()
         for _ in recompute_blocks(loaded.model, ids, cap, chunk, range(cap, cap + steps)):
             pass
+        synchronise(loaded)
         return steps / (time.perf_counter() - start)
 
 
@@ -72,12 +82,17 @@ def main() -> None:
     parser.add_argument("--recompute-steps", type=int, default=24)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
 
-    loaded = LoadedModel.load(RunConfig(model=args.model, method="dense", device="cpu"))
+    common = dict(model=args.model, device=args.device, dtype=args.dtype)
+    loaded = LoadedModel.load(RunConfig(method="dense", **common))
     stream = load_stream(loaded.tokenizer, "shakespeare", args.tokens + max(args.caps), 0)
-    ids = torch.as_tensor(stream.ids).unsqueeze(0)
-    print(f"model {args.model}, torch threads {torch.get_num_threads()}, parallel stream {args.tokens} tokens, "
+    ids = torch.as_tensor(stream.ids, device=loaded.device).unsqueeze(0)
+    where = f"{args.device} ({torch.cuda.get_device_name(loaded.device)})" if args.device == "cuda" else (
+        f"cpu, torch threads {torch.get_num_threads()}")
+    print(f"model {args.model} {args.dtype} on {where}, parallel stream {args.tokens} tokens, "
           f"chunk {args.chunk}, stepwise {args.steps} decode steps (recompute: {args.recompute_steps})")
     header = (f"{'cap':>5} {'variant':<11} {'stepwise tok/s':>14} {'parallel tok/s':>14} {'ratio':>7} "
               f"{'target':>7} {'max|dNLL|':>10} {'steps cmp':>9} {'% of prefill':>12}")
@@ -86,7 +101,7 @@ def main() -> None:
     for cap in args.caps:
         ceiling = prefill_ceiling(loaded, ids, cap, args.chunk)
         for name in args.variants:
-            knobs = dict(VARIANTS[name], model=args.model, device="cpu", prefill=cap - 8)
+            knobs = dict(VARIANTS[name], **common, prefill=cap - 8)
             if name != "dense":
                 knobs["cap"] = cap
             steps = args.recompute_steps if name == "recompute" else args.steps

@@ -49,6 +49,12 @@ def _problems(config: RunConfig, local: bool, checked: set[tuple[str, str | None
         problem = _model_problem(config.model)
         if problem:
             yield "model", problem
+    knobs = ("kv_quant_group", f"{config.model}|{config.kv_quant}|{config.kv_quant_group}")
+    if config.kv_quant != "none" and knobs not in checked:
+        checked.add(knobs)
+        problem = _architecture_problem(config)
+        if problem:
+            yield "kv_quant_group", problem
     if config.dataset in ("pg19", "wikitext") and ("dataset", config.dataset_source) not in checked:
         checked.add(("dataset", config.dataset_source))
         problem = _dataset_problem(config.dataset, config.dataset_source)
@@ -103,6 +109,32 @@ def _model_problem(name: str) -> str | None:
         return (f"{name!r} is neither a built-in model, a local folder, nor in the local hub cache "
                 f"({constants.HF_HUB_CACHE}), and the hub ({constants.ENDPOINT}) is unreachable: download it "
                 "where the hub is reachable, or pass a local folder or a built-in model")
+    return None
+
+
+@functools.cache
+def _architecture(name: str):
+    from streaming_llm.models import model_config
+
+    return model_config(name)
+
+
+def _architecture_problem(config: RunConfig) -> str | None:
+    """What the model's architecture (its config, not its weights) refuses of `config`; a model that cannot be found
+    is _model_problem's to report."""
+    from streaming_llm import ConfigError
+    from streaming_llm.evaluate import check_model_knobs
+
+    if _model_problem(config.model):
+        return None
+    try:
+        architecture = _architecture(config.model)
+    except Exception:  # a config the hub library cannot read here: the worker reports it with the run
+        return None
+    try:
+        check_model_knobs(config, architecture)
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 

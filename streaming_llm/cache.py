@@ -82,10 +82,18 @@ class StreamingLayer(CacheLayerMixin):
         """Append the new entries and return the keys and values this step attends."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start, count = self.length, key_states.shape[-2]
+        start = self.length
+        self.append(key_states, value_states, start)
+        self.length = start + key_states.shape[-2]
+        return self.attended()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> None:
+        """Store the new entries at slots [start, start + count)."""
+        count = key_states.shape[-2]
         self.keys[:, :, start : start + count] = self.key_to_store(key_states, start)
         self.values[:, :, start : start + count] = value_states
-        self.length = start + count
+
+    def attended(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys_to_attend(), self.values_to_attend()
 
     def get_seq_length(self) -> int:
@@ -351,17 +359,13 @@ class QuantizedLayer(StreamingLayer):
         super().__init__(cache)
         self.index = index
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, count = self.length, key_states.shape[-2]
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> None:
         if self.cache.rotates_quantized_keys:
             key_states = _unrotate(key_states, start, self.cache.geometry)
         self.cache.quantized.append(self.index, start, key_states, value_states)
-        self.length = start + count
-        keys, values = self.cache.quantized.read(self.index, self.length)
+
+    def attended(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.quantized.read(self.index, self.length)  # one dequantization for both
         if self.cache.rotates_quantized_keys:
             keys = self.cache.rotate_by_slot(keys)
         return keys, values

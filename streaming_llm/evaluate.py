@@ -24,7 +24,7 @@ from .compat import cache_kwargs, check_transformers
 from .config import ConfigError, RunConfig
 from .environment import fingerprint
 from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
-from .models import apply_weight_quant, is_random, load_model, load_tokenizer
+from .models import apply_weight_quant, head_dim, is_random, load_model, load_tokenizer, model_config
 from .parallel import BlockStepper, recompute_blocks
 from .quant import kv_quantizer
 from .rope import RotaryGeometry
@@ -82,6 +82,8 @@ class LoadedModel:
     @classmethod
     def load(cls, config: RunConfig) -> LoadedModel:
         check_transformers()
+        if config.kv_quant != "none":
+            check_model_knobs(config, model_config(config.model))  # before the weights load, not after
         device = resolve_device(config.device)
         model = load_model(config.model, DTYPES[config.dtype], device, config.attn_implementation)
         quantization = apply_weight_quant(model, config.weight_quant)
@@ -96,8 +98,7 @@ class LoadedModel:
     def kv_bytes_per_token(self) -> int:
         config = self.model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 2 * config.num_hidden_layers * heads * head_dim * DTYPES[self.dtype].itemsize
+        return 2 * config.num_hidden_layers * heads * head_dim(config) * DTYPES[self.dtype].itemsize
 
 
 def resolve_device(device: str) -> torch.device:
@@ -171,14 +172,25 @@ class StreamingStepper(DenseStepper):
         return self.cache.peak_nbytes, self.cache.capacity
 
 
-def kv_quant_spec(config: RunConfig, model_config) -> KVQuantSpec | None:
+def check_model_knobs(config: RunConfig, architecture) -> None:
+    """The checks of `config` that need the model's architecture (its config, not its weights): kv_quant_group must
+    divide head_dim. Raises ConfigError naming the knob, the constraint and the fix."""
+    if config.kv_quant == "none":
+        return
+    dim = head_dim(architecture)
+    if dim % config.kv_quant_group:
+        divisors = [d for d in range(2 if config.kv_quant == "int4" else 1, dim + 1) if dim % d == 0]
+        if config.kv_quant == "int4":
+            divisors = [d for d in divisors if d % 2 == 0]
+        raise ConfigError(f"kv_quant_group = {config.kv_quant_group} does not divide head_dim = {dim} of model "
+                          f"{config.model}: use a divisor of {dim} ({', '.join(map(str, divisors))})")
+
+
+def kv_quant_spec(config: RunConfig, architecture) -> KVQuantSpec | None:
     """The cache's quantization for `config`, after the check that needs the model: kv_quant_group | head_dim."""
     if config.kv_quant == "none":
         return None
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    if head_dim % config.kv_quant_group:
-        raise ConfigError(f"kv_quant_group = {config.kv_quant_group} does not divide head_dim = {head_dim} of model "
-                          f"{config.model}: use a divisor of {head_dim}")
+    check_model_knobs(config, architecture)
     return KVQuantSpec(kv_quantizer(config.kv_quant, config.kv_quant_group), config.kv_quant_residual,
                        full_sinks=config.kv_quant_sinks == "full")
 

@@ -153,10 +153,33 @@ def _local_path(name: str) -> str:
     return name
 
 
+def model_config(name: str) -> PretrainedConfig:
+    """The configuration of model `name`, read without its weights (no conversion; for a hub id, config.json only)."""
+    if name in RANDOM_MODELS:
+        return RANDOM_MODELS[name].config()
+    from transformers import AutoConfig
+
+    if name == EMBEDDED_MODEL:
+        gguf = _packaged_gguf()
+        converted = _converted_folder(gguf)
+        if (converted / "config.json").exists():
+            return AutoConfig.from_pretrained(converted)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # the GGUF header only
+    return AutoConfig.from_pretrained(name, trust_remote_code=False)
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _converted_folder(gguf: Path) -> Path:
+    return cache_dir() / "models" / f"{EMBEDDED_MODEL}-{gguf.stat().st_size}"
+
+
 def embedded_model_folder() -> Path:
     """The safetensors folder of SmolLM2-135M, converted from the packaged GGUF file the first time it is asked for."""
     gguf = _packaged_gguf()
-    target = cache_dir() / "models" / f"{EMBEDDED_MODEL}-{gguf.stat().st_size}"
+    target = _converted_folder(gguf)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

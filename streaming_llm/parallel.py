@@ -87,16 +87,23 @@ class BlockStepper:
         count = input_ids.shape[-1]
         first = self.tokens_seen
         base = first if self.relative else 0
-        self.stored_tokens = np.concatenate((self.stored_tokens, np.arange(first, first + count, dtype=np.int64)))
-        plan = self._plan(count, base, one_step)
-        mask = torch.zeros(plan.visible.shape, dtype=self.model.dtype, device=input_ids.device)
-        mask.masked_fill_(torch.from_numpy(~plan.visible).to(input_ids.device), torch.finfo(self.model.dtype).min)
-        positions = torch.arange(first - base, first - base + count, device=input_ids.device).unsqueeze(0)
-        block_cache = _BlockCache(self, plan, base, count)
-        out = self.model(
-            input_ids=input_ids, position_ids=positions, attention_mask=mask[None, None], logits_to_keep=0,
-            **cache_kwargs(block_cache),
-        )
+        settled_tokens = self.stored_tokens
+        self.stored_tokens = np.concatenate((settled_tokens, np.arange(first, first + count, dtype=np.int64)))
+        try:
+            plan = self._plan(count, base, one_step)
+            mask = torch.zeros(plan.visible.shape, dtype=self.model.dtype, device=input_ids.device)
+            mask.masked_fill_(torch.from_numpy(~plan.visible).to(input_ids.device), torch.finfo(self.model.dtype).min)
+            positions = torch.arange(first - base, first - base + count, device=input_ids.device).unsqueeze(0)
+            block_cache = _BlockCache(self, plan, base, count)
+            out = self.model(
+                input_ids=input_ids, position_ids=positions, attention_mask=mask[None, None], logits_to_keep=0,
+                **cache_kwargs(block_cache),
+            )
+        except BaseException:
+            # A failed forward (out of memory, an interrupt) leaves the state as it was before the block: entries it
+            # wrote lie beyond `stored`, unreferenced, and the same block can be fed again.
+            self.stored_tokens = settled_tokens
+            raise
         self.stored += count
         self.tokens_seen += count
         self.trace.extend(plan.trace)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from streaming_llm import LoadedModel, RunConfig
 
 TINY_MODELS = ("tiny-llama", "tiny-neox")
+
+# The engine's exactness tests (tiny models, float32, eager attention) run on this device: cpu by default, cuda to check
+# the GPU paths (GRIDRUN_TEST_DEVICE=cuda pytest tests/test_streaming_parallel.py ...).
+TEST_DEVICE = os.environ.get("GRIDRUN_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,6 +25,6 @@ def _threads():
 def tiny_models() -> dict[str, LoadedModel]:
     """LoadedModel per tiny model name, eager attention so that every comparison uses one attention kernel."""
     return {
-        name: LoadedModel.load(RunConfig(model=name, method="dense", attn_implementation="eager", device="cpu"))
+        name: LoadedModel.load(RunConfig(model=name, method="dense", attn_implementation="eager", device=TEST_DEVICE))
         for name in TINY_MODELS
     }

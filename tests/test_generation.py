@@ -11,9 +11,10 @@ from streaming_llm import ConfigError, RunConfig, StreamingCache, evaluate
 from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, StreamingBlockTarget, hf_generate, make_target
 from streaming_llm.rope import RotaryGeometry
 from streaming_llm.speculative import Draft, PromptLookup, first_layers, verify
-from tests.conftest import TINY_MODELS
+from tests.conftest import TEST_DEVICE, TINY_MODELS
 
-GENERATE = dict(attn_implementation="eager", device="cpu", mode="generate", prompt_tokens=48, new_tokens=40, warmup=2)
+GENERATE = dict(attn_implementation="eager", device=TEST_DEVICE, mode="generate", prompt_tokens=48, new_tokens=40,
+                warmup=2)
 SPECS = [
     ("prompt_lookup", dict(ngram_max=3)),
     ("draft", dict(draft_layers=1)),
@@ -129,11 +130,11 @@ def test_first_layers_share_the_weights_and_equal_a_shallower_model(tiny_models)
     assert len(loaded.model.base_model.layers) == 2  # the target is untouched
     assert truncated.base_model.layers[0] is loaded.model.base_model.layers[0]
     shallow_config = loaded.model.config.__class__(**{**loaded.model.config.to_dict(), "num_hidden_layers": 1})
-    shallow = type(loaded.model)(shallow_config).eval()
+    shallow = type(loaded.model)(shallow_config).eval().to(loaded.device)
     shallow.load_state_dict(loaded.model.state_dict(), strict=False)
-    ids = torch.arange(3, 40)[None, :]
+    ids = torch.arange(3, 40, device=loaded.device)[None, :]
     with torch.inference_mode():
-        np.testing.assert_allclose(truncated(ids).logits.numpy(), shallow(ids).logits.numpy(), atol=1e-5)
+        np.testing.assert_allclose(truncated(ids).logits.cpu().numpy(), shallow(ids).logits.cpu().numpy(), atol=1e-5)
         assert not torch.allclose(truncated(ids).logits, loaded.model(ids).logits, atol=1e-2)
 
 
@@ -143,7 +144,7 @@ def test_dense_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models):
     config = RunConfig(model=loaded.name, **GENERATE, method="dense", spec="prompt_lookup")
     block, stepwise = make_target(loaded, config), StepwiseTarget(loaded, config.model_copy(update={"spec": "none"}))
     assert isinstance(block, DenseBlockTarget)
-    tokens = torch.tensor([list(range(10, 40))])
+    tokens = torch.tensor([list(range(10, 40))], device=loaded.device)
     with torch.inference_mode():
         block.forward_block(tokens[:, :20])
         block.forward_block(tokens[:, 20:27])  # a block of 7, of which the last 4 are rejected
@@ -151,8 +152,8 @@ def test_dense_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models):
         stepwise.forward_block(tokens[:, :23])
     assert block.trace == stepwise.trace
     for ours, theirs in zip(block.cache.layers, stepwise.stepper.cache.layers, strict=True):
-        np.testing.assert_allclose(ours.keys.numpy(), theirs.keys.numpy(), atol=1e-5)
-        np.testing.assert_allclose(ours.values.numpy(), theirs.values.numpy(), atol=1e-5)
+        np.testing.assert_allclose(ours.keys.cpu().numpy(), theirs.keys.cpu().numpy(), atol=1e-5)
+        np.testing.assert_allclose(ours.values.cpu().numpy(), theirs.values.cpu().numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("model", TINY_MODELS)
@@ -167,7 +168,7 @@ def test_streaming_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models, m
     block = make_target(loaded, config)
     stepwise = StepwiseTarget(loaded, config.model_copy(update={"spec": "none"}))
     assert isinstance(block, StreamingBlockTarget)
-    tokens = torch.tensor([[(7 * i) % 200 + 20 for i in range(60)]])
+    tokens = torch.tensor([[(7 * i) % 200 + 20 for i in range(60)]], device=loaded.device)
     with torch.inference_mode():
         block.forward_block(tokens[:, :41])
         block.forward_block(tokens[:, 41:48])
@@ -181,8 +182,8 @@ def test_streaming_rollback_leaves_the_cache_of_stepwise_decoding(tiny_models, m
     for layer, (keys, values) in zip(cache.layers, contents, strict=True):
         with torch.inference_mode():
             expected_keys = layer.keys_to_attend()
-        np.testing.assert_allclose(keys.numpy(), expected_keys.numpy(), atol=1e-4)
-        np.testing.assert_allclose(values.numpy(), layer.values[:, :, : layer.length].numpy(), atol=1e-5)
+        np.testing.assert_allclose(keys.cpu().numpy(), expected_keys.cpu().numpy(), atol=1e-4)
+        np.testing.assert_allclose(values.cpu().numpy(), layer.values[:, :, : layer.length].cpu().numpy(), atol=1e-5)
 
 
 def _stepwise_kept_tokens(stepwise: StepwiseTarget, fed: int) -> list[int]:

@@ -223,3 +223,12 @@ def test_an_unknown_measurement_or_key_is_named():
     # An experiment's own knob is never silently replaced by a measurement's.
     with pytest.raises(GridError, match="experiment 'timed_only' runs.0. sets max_tokens, which its measurements"):
         parse(MEASURED.replace("{method: streaming, compress_every: 1}", "{method: streaming, max_tokens: 64}"))
+
+
+def test_gpu_smoke_is_the_main_comparison_at_the_study_size_on_cuda():
+    grid = load_grid(ROOT / "grids" / "gpu-smoke.yaml")
+    main = [run.config for run in grid.runs if "main" in run.experiments]
+    assert {config.method for config in main} == {"recompute", "streaming"}
+    assert {config.compress_every for config in main if config.method == "streaming"} == {1, 64}
+    assert {(config.cap, config.device, config.dtype) for config in main} == {(2048, "cuda", "float16")}
+    assert {config.protocol for config in main} == {"parallel", "stepwise"}

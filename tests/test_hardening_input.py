@@ -177,3 +177,14 @@ def test_a_hub_model_in_the_local_cache_is_accepted(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert _model_problem("some-org/some-model") is None
     assert "not in the local hub cache" in (_model_problem("some-org/other-model") or "")
+
+
+def test_a_kv_quant_group_the_model_cannot_take_is_refused_before_ray_and_the_store(tmp_path, capsys):
+    grid, store = tmp_path / "g.yaml", tmp_path / "s" / "store.duckdb"
+    grid.write_text(experiment("{runs: [{method: streaming, cap: 64, kv_quant: int8, kv_quant_group: 32}]}"))
+    assert main([str(grid), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kv_quant_group: kv_quant_group = 32 does not divide head_dim = 16" in err, err
+    assert "use a divisor of 16 (1, 2, 4, 8, 16)" in err, err
+    assert not store.parent.exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

@@ -14,11 +14,11 @@ from transformers.models.llama import modeling_llama
 
 from streaming_llm import RunConfig, StreamingCache, StreamingPolicy, evaluate
 from streaming_llm.rope import RotaryGeometry
-from tests.conftest import TINY_MODELS
+from tests.conftest import TEST_DEVICE, TINY_MODELS
 
 
 def run(loaded, **knobs):
-    config = RunConfig(model=loaded.name, attn_implementation="eager", device="cpu", **knobs)
+    config = RunConfig(model=loaded.name, attn_implementation="eager", device=TEST_DEVICE, **knobs)
     return evaluate(config, loaded=loaded)
 
 
@@ -86,7 +86,7 @@ def test_realigned_keys_equal_fresh_rotation_at_new_slot(tiny_models, monkeypatc
     recorder = PreRopeKeys(module, monkeypatch)
     policy = StreamingPolicy(sink=3, window=12, compress_every=5, refresh=refresh)
     cache = StreamingCache(policy, RotaryGeometry.of(hf), layers, "realign")
-    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(1)).to(loaded.device)
     rotary = hf.base_model.rotary_emb
     pre_rope: dict[tuple[int, int], torch.Tensor] = {}  # (layer, token) -> key before RoPE
     slots: list[int] = []  # token index held by each slot
@@ -105,7 +105,7 @@ def test_realigned_keys_equal_fresh_rotation_at_new_slot(tiny_models, monkeypatc
                 stored = cache.layers[layer].keys[0, :, : len(slots)]
                 for slot, held in enumerate(slots):
                     key = pre_rope[layer, held][None, :, None, :]
-                    cos, sin = rotary(key, position_ids=torch.tensor([[slot]]))
+                    cos, sin = rotary(key, position_ids=torch.tensor([[slot]], device=key.device))
                     expected = recorder.original(key, key, cos, sin)[1][0, :, 0]
                     torch.testing.assert_close(stored[:, slot], expected, rtol=0, atol=1e-5)
                     checked += 1
@@ -120,7 +120,7 @@ def reference_strict_nlls(model, ids: torch.Tensor, sink: int, window: int) -> n
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = config.hidden_size // heads
     theta = config.rope_parameters["rope_theta"]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=ids.device) / head_dim))
 
     def rotate(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:  # x [..., n, head_dim]
         angles = slots[:, None].float() * inv_freq[None, :]
@@ -138,7 +138,7 @@ def reference_strict_nlls(model, ids: torch.Tensor, sink: int, window: int) -> n
             x = layer.input_layernorm(hidden)
             q = attention.q_proj(x).view(heads, head_dim)
             cached.append((attention.k_proj(x).view(kv_heads, head_dim), attention.v_proj(x).view(kv_heads, head_dim)))
-            slots = torch.arange(len(cached))
+            slots = torch.arange(len(cached), device=ids.device)
             keys = rotate(torch.stack([k for k, _ in cached], 1), slots)  # [kv_heads, n, head_dim]
             values = torch.stack([v for _, v in cached], 1)
             query = rotate(q[:, None, :], slots[-1:])  # [heads, 1, head_dim]
@@ -160,6 +160,7 @@ def test_strict_streaming_equals_slow_reference(tiny_models, sink, window):
     result = run(loaded, method="streaming", sink=sink, window=window, compress_every=1, max_tokens=160)
     ids = torch.tensor(result.tokens.column("token_id").to_numpy()[None, :])
     ids = torch.cat((ids, torch.tensor(result.tokens.column("target_id").to_numpy()[-1:])[None, :]), dim=1)
+    ids = ids.to(loaded.device)
     with torch.inference_mode():
         reference = reference_strict_nlls(loaded.model, ids, sink, window)
     np.testing.assert_allclose(nlls(result), reference, rtol=0, atol=1e-5)

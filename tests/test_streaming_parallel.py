@@ -11,7 +11,7 @@ import torch
 from streaming_llm import CompactionSchedule, LoadedModel, RunConfig, StreamingCache, evaluate
 from streaming_llm.parallel import BlockStepper
 from streaming_llm.rope import RotaryGeometry
-from tests.conftest import TINY_MODELS
+from tests.conftest import TEST_DEVICE, TINY_MODELS
 
 EXACT_COLUMNS = ("step", "position", "token_id", "target_id", "kv_len", "compacted", "evicted", "prefill")
 
@@ -28,7 +28,7 @@ POLICIES = {
 
 
 def run(loaded, **knobs):
-    config = RunConfig(model=loaded.name, attn_implementation="eager", device="cpu", **knobs)
+    config = RunConfig(model=loaded.name, attn_implementation="eager", device=TEST_DEVICE, **knobs)
     return evaluate(config, loaded=loaded)
 
 
@@ -126,7 +126,8 @@ def stepwise_cache(loaded: LoadedModel, config: RunConfig, ids: torch.Tensor) ->
     cache = StreamingCache(config.policy, RotaryGeometry.of(model), model.config.num_hidden_layers, config.rope_mode)
     with torch.inference_mode():
         for step in range(ids.shape[-1]):
-            model(input_ids=ids[:, step : step + 1], position_ids=cache.next_positions(1), cache=cache, use_cache=True)
+            model(input_ids=ids[:, step : step + 1], position_ids=cache.next_positions(1, ids.device), cache=cache,
+                  use_cache=True)
             cache.compact_pending()
     return cache
 
@@ -141,7 +142,7 @@ def test_block_cache_contents_equal_streaming_cache_slot_for_slot(tiny_models, m
     loaded = tiny_models[model]
     config = RunConfig(model=model, method="streaming", sink=3, window=20, compress_every=6, refresh=2,
                        refresh_policy="middle", rope_mode=rope_mode)
-    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(0)).to(loaded.device)
     cache = stepwise_cache(loaded, config, ids)
     stepper = block_stepper(loaded, config)
     with torch.inference_mode():
@@ -161,7 +162,7 @@ def test_rewind_equals_never_having_fed_the_rejected_tokens(tiny_models, policy)
     loaded = tiny_models["tiny-llama"]
     knobs, _ = POLICIES[policy]
     config = RunConfig(model="tiny-llama", method="streaming", **knobs)
-    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(1)).to(loaded.device)
     with torch.inference_mode():
         for start in range(40, 100, 9):
             rewound, straight = block_stepper(loaded, config), block_stepper(loaded, config)
@@ -185,7 +186,7 @@ def test_storage_stays_bounded_however_long_the_stream(tiny_models):
     loaded = tiny_models["tiny-neox"]
     config = RunConfig(model="tiny-neox", method="streaming", sink=4, window=32, compress_every=8)
     stepper = block_stepper(loaded, config)
-    ids = torch.randint(0, 256, (1, 3000), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 256, (1, 3000), generator=torch.Generator().manual_seed(2)).to(loaded.device)
     capacities = []
     with torch.inference_mode():
         for first in range(0, 3000, 50):
@@ -204,3 +205,32 @@ def test_embedded_model_parallel_equals_stepwise_for_strict_and_lazy():
         parallel = evaluate(RunConfig(protocol="parallel", chunk=48, **common), loaded=loaded)
         assert stepwise.summary["compaction_count"] >= 8
         assert_same_rows(parallel, stepwise, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope_mode", ["realign", "absolute"])
+def test_a_failed_block_leaves_the_state_as_before_it(tiny_models, rope_mode):
+    """A forward that dies half-way through the layers (out of memory, an interrupt) changes nothing: a longer block
+    from the same token on gives what a stepper that never failed gives, and so does everything after it."""
+    loaded = tiny_models["tiny-llama"]
+    config = RunConfig(model="tiny-llama", method="streaming", sink=2, window=16, compress_every=4, refresh=2,
+                       refresh_policy="middle", rope_mode=rope_mode)
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(3)).to(loaded.device)
+    failing, straight = block_stepper(loaded, config), block_stepper(loaded, config)
+
+    def die(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    with torch.inference_mode():
+        for stepper in (failing, straight):
+            stepper.forward_block(ids[:, :30])
+        hook = loaded.model.model.layers[1].register_forward_hook(die)  # layer 0 has written its entries by then
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                failing.forward_block(ids[:, 30:40])
+        finally:
+            hook.remove()
+        for first, last in ((30, 57), (57, 90)):
+            torch.testing.assert_close(failing.forward_block(ids[:, first:last]),
+                                       straight.forward_block(ids[:, first:last]), rtol=0, atol=1e-6)
+            assert failing.kept_tokens() == straight.kept_tokens()
+            assert failing.trace == straight.trace

@@ -4,6 +4,7 @@ weight quantization composed with streaming and kv_quant."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -14,10 +15,12 @@ from streaming_llm import ConfigError, LoadedModel, RunConfig, StreamingCache, S
 from streaming_llm.cache import KVQuantSpec
 from streaming_llm.quant import KVQuantizer
 from streaming_llm.rope import RotaryGeometry, rotate_keys
+from tests.conftest import TEST_DEVICE
 
 
 def run(loaded, **knobs):
-    return evaluate(RunConfig(model=loaded.name, attn_implementation="eager", device="cpu", **knobs), loaded=loaded)
+    config = RunConfig(model=loaded.name, attn_implementation="eager", device=TEST_DEVICE, **knobs)
+    return evaluate(config, loaded=loaded)
 
 
 def nlls(result) -> np.ndarray:
@@ -231,3 +234,16 @@ def test_non_finite_nll_fails_the_run_naming_the_step():
         loaded.model.get_input_embeddings().weight[poisoned] = float("nan")
     with pytest.raises(FloatingPointError, match=f"NLL is nan at step {first} "):
         evaluate(config, loaded=loaded)
+
+
+def test_group_not_dividing_head_dim_is_refused_before_the_weights_load(monkeypatch):
+    evaluate_module = importlib.import_module("streaming_llm.evaluate")  # the package's `evaluate` is the function
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the check")
+
+    monkeypatch.setattr(evaluate_module, "load_model", no_weights)
+    config = RunConfig(model="tiny-neox", method="streaming", sink=4, window=24, kv_quant="int4", kv_quant_group=32,
+                       device="cpu")
+    with pytest.raises(ConfigError, match=r"does not divide head_dim = 16 .* \(2, 4, 8, 16\)"):
+        LoadedModel.load(config)
