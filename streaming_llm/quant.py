@@ -1,7 +1,8 @@
 """Quantization primitives: group-wise affine int8 / int4 for cached keys and values, and torchao weight quantization.
 
-Every quantize / dequantize / pack call goes to torchao (pinned in pyproject.toml); this module only chooses the
-layout (groups along head_dim, uint8 zero points, int4 packed two per byte) and measures bytes. It never holds state.
+Quantize and pack calls go to torchao (pinned in pyproject.toml); this module chooses the layout (groups along head_dim,
+uint8 zero points, int4 packed two per byte), dequantizes into a caller's buffer (`dequantize_into`, held equal to
+torchao's `dequantize_affine` by the tests) and measures bytes. It never holds state.
 """
 
 from __future__ import annotations
