@@ -118,15 +118,23 @@ def ray_session(address: str | None):
     if ray.is_initialized():
         yield
         return
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        # Ray starts workers at nice 15; here the workers are the job, so they compete at the driver's priority.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(  # Ray counts the CPUs itself, cgroup limits included
-            address="local", include_dashboard=False, log_to_driver=False,
-            object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING,
-        )
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            # Ray starts workers at nice 15; here the workers are the job, so they compete at the driver's priority.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(  # Ray counts the CPUs itself, cgroup limits included
+                address="local", include_dashboard=False, log_to_driver=False,
+                object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING,
+            )
+    except Exception as exc:  # Ray raises bare Exceptions (a node that timed out starting, a cluster not found)
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ScheduleError(
+            f"{where} could not be started or joined ({first}): nothing ran and the store holds every earlier result; "
+            "run the same command again once the machine is less loaded (or the cluster is up)"
+        ) from exc
     try:
         yield
     finally:

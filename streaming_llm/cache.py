@@ -222,9 +222,11 @@ class _Codes:
         for stored, part in zip(self.tensors(), self.quantizer.quantize(entries), strict=True):
             stored[layer][..., target, :] = part
 
-    def read(self, layer: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    def read_into(self, layer: int, out: torch.Tensor) -> None:
+        """Slots [0, n) of `layer`, dequantized into `out` [..., n, head_dim]."""
+        count = out.shape[-2]
         payload, scale, zero = (t[layer][..., :count, :] for t in self.tensors())
-        return self.quantizer.dequantize(payload, scale, zero, dtype)
+        self.quantizer.dequantize_into(payload, scale, zero, out)
 
     def move(self, target: slice, source: slice) -> None:
         """Copy codes and scales as they are: a kept entry is never requantized (out of place: ranges may overlap)."""
@@ -307,10 +309,11 @@ class QuantizedStorage:
         parts = []
         for sinks, codes, floats in ((self.sink_keys, self.keys, self.recent_keys),
                                      (self.sink_values, self.values, self.recent_values)):
-            parts.append(torch.cat((
-                sinks[layer][..., :sunk, :], codes.read(layer, quantized, floats.dtype),
-                floats[layer][..., :recent, :],
-            ), dim=-2))
+            entries = floats.new_empty((*floats.shape[1:-2], length, floats.shape[-1]))
+            entries[..., :sunk, :] = sinks[layer][..., :sunk, :]
+            codes.read_into(layer, entries[..., sunk : sunk + quantized, :])
+            entries[..., sunk + quantized :, :] = floats[layer][..., :recent, :]
+            parts.append(entries)
         return parts[0], parts[1]
 
     def flush(self, length: int) -> None:

@@ -1,7 +1,8 @@
 """Quantization primitives: group-wise affine int8 / int4 for cached keys and values, and torchao weight quantization.
 
-Every quantize / dequantize / pack call goes to torchao (pinned in pyproject.toml); this module only chooses the
-layout (groups along head_dim, uint8 zero points, int4 packed two per byte) and measures bytes. It never holds state.
+Quantize and pack calls go to torchao (pinned in pyproject.toml); this module chooses the layout (groups along head_dim,
+uint8 zero points, int4 packed two per byte), dequantizes into a caller's buffer (`dequantize_into`, held equal to
+torchao's `dequantize_affine` by the tests) and measures bytes. It never holds state.
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ class KVQuantizer:
         return primitives.dequantize_affine(
             codes, block, scale, zero.to(torch.int32), torch.uint8, 0, self.quant_max, output_dtype=dtype
         )
+
+
+    def dequantize_into(self, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        out: torch.Tensor) -> None:
+        """`dequantize` written into `out` [..., n, head_dim] (a slice of the buffer attention reads), the same numbers:
+        (code - zero) * scale, rounded once to out's dtype. Hand-written on purpose: torchao's `dequantize_affine`
+        returns a new tensor through four temporaries, and the cache dequantizes every entry of every layer at every
+        step (bench/quant_overhead.py); tests hold it equal to torchao's."""
+        _, _, _, unpack_uint4 = _torchao()
+        codes = unpack_uint4(payload.contiguous()) if self.bits == 4 else payload
+        grouped = out.unflatten(-1, (-1, self.group))
+        # uint8 codes minus float zero points: computed in float32 (exact integers), converted in the same pass
+        torch.sub(codes.unflatten(-1, (-1, self.group)), zero.unsqueeze(-1).float(), out=grouped)
+        grouped.mul_(scale.unsqueeze(-1))
 
 
 def kv_quantizer(kv_quant: str, group: int) -> KVQuantizer:

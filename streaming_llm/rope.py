@@ -98,9 +98,15 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale:
     half = rotary_dim // 2
     x = keys[..., :rotary_dim].float()
     x1, x2 = x[..., :half], x[..., half:]
-    rotated = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    cos, sin = cos[..., :half], sin[..., :half]  # both halves hold the same angles (HF's cat((freqs, freqs)))
+    # x * cos + rotate_half(x) * sin, written half by half into one buffer: every step of an exact-mode or quantized
+    # cache rotates all its keys, so the temporaries of the plain formula cost more than the arithmetic.
+    rotated = torch.empty_like(x)
+    first, second = rotated[..., :half], rotated[..., half:]
+    torch.mul(x1, cos, out=first).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=second).addcmul_(x1, sin)
     if scale != 1.0:
-        rotated = rotated * scale
+        rotated.mul_(scale)
     if rotary_dim == keys.shape[-1]:
         return rotated.to(keys.dtype)
     return torch.cat((rotated.to(keys.dtype), keys[..., rotary_dim:]), dim=-1)

@@ -188,3 +188,20 @@ def test_a_kv_quant_group_the_model_cannot_take_is_refused_before_ray_and_the_st
     assert "use a divisor of 16 (1, 2, 4, 8, 16)" in err, err
     assert not store.parent.exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_ray_failing_to_start_is_one_line_and_no_traceback(tmp_path, capsys, monkeypatch):
+    import ray
+
+    def timed_out(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    grid, store = tmp_path / "g.yaml", tmp_path / "store.duckdb"
+    grid.write_text(experiment("{runs: [{method: streaming, cap: 32}]}"))
+    assert main([str(grid), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a local Ray could not be started or joined (The current node timed out" in err
+    assert "run the same command again" in err

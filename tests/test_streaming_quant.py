@@ -43,6 +43,19 @@ def test_quantize_dequantize_within_half_a_step(bits, group, dtype):
     assert error.max() > 0.2 * scale.float().min()  # the codes really are coarse: not a float copy
 
 
+@pytest.mark.parametrize("bits, group", [(8, 16), (8, 64), (4, 8), (4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_into_a_buffer_equals_torchao(bits, group, dtype):
+    """The cache's own dequantization (straight into the attention buffer) gives torchao's numbers, bit for bit."""
+    x = (torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(7 * bits + group)) * 3).to(dtype)
+    quantizer = KVQuantizer(bits, group)
+    payload, scale, zero = quantizer.quantize(x)
+    buffer = torch.full((2, 3, 45, 64), float("nan"), dtype=dtype)
+    quantizer.dequantize_into(payload, scale, zero, buffer[..., 2:42, :])
+    torch.testing.assert_close(buffer[..., 2:42, :], quantizer.dequantize(payload, scale, zero, dtype), rtol=0, atol=0)
+    assert buffer[..., :2, :].isnan().all() and buffer[..., 42:, :].isnan().all()  # nothing outside the slice
+
+
 # --- the cache, fed directly (no model): quantized contents == float contents within the bound ------------------------
 POLICIES = {
     "strict": dict(sink=4, window=24, compress_every=1),
