@@ -46,6 +46,10 @@ SQL_BOX_SECONDS = 20.0  # a statement still running then is interrupted
 SQL_BOX_MEMORY = "1GB"  # DuckDB's memory_limit for the box's connection; nothing spills to disk
 # PIVOT without an IN list is DuckDB's one MULTI statement a reader needs (it looks up the pivot values first).
 _PIVOT = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:UN)?PIVOT\b", re.IGNORECASE | re.DOTALL)
+# EXPLAIN ANALYZE runs the statement it explains, and the box may write into the segment folder it reads (DuckDB's
+# allowed_directories grants both): what follows EXPLAIN is checked like a statement of its own.
+_EXPLAIN = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^)]*\)\s*)?",
+                      re.IGNORECASE | re.DOTALL)
 # No connection of ours fetches or loads an extension (a foreign file, a SQLite one, would make DuckDB download one).
 NO_EXTENSIONS = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
 DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
@@ -812,6 +816,12 @@ def check_read_only(sql: str) -> None:
     if len(statements) != 1:
         raise WriteRefused(f"{len(statements)} statements given: the SQL box runs one SELECT at a time")
     kind = statements[0].type
+    if kind == duckdb.StatementType.EXPLAIN:
+        explained = _EXPLAIN.match(sql)
+        if explained is None:
+            raise WriteRefused("refused: an EXPLAIN this box cannot read; write EXPLAIN [ANALYZE] SELECT ...")
+        check_read_only(sql[explained.end():])
+        return
     if kind == duckdb.StatementType.MULTI and _PIVOT.match(sql):
         return  # the read-only, locked, sandboxed connection refuses anything a PIVOT could try to write
     if kind not in SQL_BOX_STATEMENTS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -240,6 +241,24 @@ def test_sql_box_runs_selects_in_a_sandbox(store, tmp_path):
     secret.write_text("a\n1\n")
     with pytest.raises(duckdb.Error, match="disabled by configuration"):
         queries.run_user_sql(store, f"SELECT * FROM read_csv('{secret}')")
+
+
+def test_sql_box_cannot_write_into_the_segments_it_may_read(store):
+    """The box reads the store's segment folder (DuckDB's allowed_directories grants writing there too), and EXPLAIN
+    ANALYZE runs what it explains: a COPY behind it must be refused, and the segments stay as they were."""
+    with queries.connect(store) as con:
+        run_hash, nll = con.execute("SELECT run_hash, sum(nll) FROM tokens GROUP BY ALL ORDER BY 1 LIMIT 1").fetchone()
+        target = con.execute("SELECT DISTINCT filename FROM read_parquet($glob, filename = true) LIMIT 1",
+                             {"glob": str(Path(store).resolve()) + ".segments/tokens/**/*.parquet"}).fetchone()[0]
+    for sql in (f"EXPLAIN ANALYZE COPY (SELECT * FROM tokens WHERE run_hash = '{run_hash}') TO '{target}'",
+                f"explain (format json) COPY (SELECT 1) TO '{target}'",
+                f"/* profile */ EXPLAIN ANALYSE COPY (SELECT 1) TO '{target}'"):
+        with pytest.raises(queries.WriteRefused, match="COPY statements are not run here"):
+            queries.run_user_sql(store, sql)
+    assert queries.run_user_sql(store, "EXPLAIN ANALYZE SELECT count(*) FROM tokens")[0].explain_key.tolist() == [
+        "analyzed_plan"]
+    with queries.connect(store) as con:
+        assert con.execute("SELECT sum(nll) FROM tokens WHERE run_hash = $h", {"h": run_hash}).fetchone()[0] == nll
 
 
 def test_speculation_table_compares_each_draft_kind_with_spec_none_under_its_policy(store):
