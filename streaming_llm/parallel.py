@@ -100,8 +100,9 @@ class BlockStepper:
                 **cache_kwargs(block_cache),
             )
         except BaseException:
-            # A failed forward (out of memory, an interrupt) leaves the state as it was before the block: entries it
-            # wrote lie beyond `stored`, unreferenced, and the same block can be fed again.
+            # A failed forward (out of memory, an interrupt) leaves the state as it was before the block (settled:
+            # the block before it can no longer be rewound): entries it wrote lie beyond `stored`, unreferenced, the
+            # schedule is untouched (_plan steps a copy), and the block can be fed again.
             self.stored_tokens = settled_tokens
             raise
         self.stored += count
@@ -153,7 +154,7 @@ class BlockStepper:
         first_new = self.stored
         stored = first_new + count
         kept = self.kept
-        schedule = self.schedule
+        schedule = copy.copy(self.schedule) if self.schedule is not None else None  # forward_block adopts it on success
         rows: list[np.ndarray] = []
         copies: dict[tuple[int, int], int] = {}
         copy_rows: list[tuple[int, int]] = []  # (query, copy column)
