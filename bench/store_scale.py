@@ -1,8 +1,9 @@
 """Benchmark (not a test): what the store costs as it grows, at 1M, 10M and 100M token rows (--sizes).
 
-For each size it builds a synthetic store fast (runs of 20,000 token rows with the study's sawtooth shapes, generated
-in SQL and written as the store's own per-run segments by one partitioned COPY; the runs rows through
-store.writer.run_row so every declared column is filled), then measures with the real writer and query layer: opening
+For each size it builds a synthetic store fast (runs of 20,000 token rows with the study's sawtooth shapes, every 7th
+run a recompute baseline so that the Settings view pairs ΔPPL token by token as on a real grid; rows generated in SQL
+and written as the store's own per-run segments by one partitioned COPY; the runs rows through store.writer.run_row so
+every declared column is filled), then measures with the real writer and query layer: opening
 the writer (once per gridrun invocation: it checks every segment's digest), recording + publishing one more
 20,000-token run through StoreWriter.record_done (median of --records), disk bytes per token row against the data (the
 same token and compaction rows as one zstd Parquet file, and as uncompressed Arrow), and each dashboard view's
@@ -44,11 +45,15 @@ SQL_EXAMPLE = ("SELECT method, compress_every, count(*) AS runs, avg(tpot_ms_mea
                "FROM runs JOIN experiments USING (run_hash) WHERE status = 'done' GROUP BY ALL ORDER BY tpot_ms")
 
 
+KINDS = (*PERIODS, "recompute")  # every 7th run is the baseline that the Settings view pairs ΔPPL with
+
+
 def config(index: int) -> RunConfig:
-    period = PERIODS[index % len(PERIODS)]
-    return RunConfig(model="tiny-llama", max_tokens=STEPS + 1, method="streaming", sink=SINK,
-                     window=CAP - SINK - period,
-                     compress_every=period, repeat=index // len(PERIODS), warmup=8)
+    kind = KINDS[index % len(KINDS)]
+    common = dict(model="tiny-llama", max_tokens=STEPS + 1, repeat=index // len(KINDS), warmup=8)
+    if kind == "recompute":
+        return RunConfig(method="recompute", cap=CAP, **common)
+    return RunConfig(method="streaming", sink=SINK, cap=CAP, compress_every=kind, **common)
 
 
 def summary(cv: str) -> dict:
@@ -71,7 +76,9 @@ def build(path: Path, token_rows: int, cv: str) -> int:
     for row in rows:
         row |= {"recorded_at": datetime.now(UTC), "segment": "bench"}
     index = pa.table({"idx": np.arange(runs), "run_hash": [row["run_hash"] for row in rows],
-                      "period": [PERIODS[i % len(PERIODS)] for i in range(runs)]})
+                      "period": [1 if KINDS[i % len(KINDS)] == "recompute" else KINDS[i % len(KINDS)]
+                                 for i in range(runs)],
+                      "recompute": [KINDS[i % len(KINDS)] == "recompute" for i in range(runs)]})
     folder = segments_folder(path.resolve())
     types = {field.name: {"int32": "INTEGER", "int64": "BIGINT", "double": "DOUBLE", "bool": "BOOLEAN"}[str(field.type)]
              for field in segment_arrow_schema(tokens)}
@@ -79,10 +86,10 @@ def build(path: Path, token_rows: int, cv: str) -> int:
         con.register("run_index", index)
         con.execute(f"""
             CREATE TEMPORARY VIEW generated AS
-            WITH t AS (SELECT r.run_hash, r.period, (i % {STEPS})::INTEGER AS step, i
+            WITH t AS (SELECT r.run_hash, r.period, r.recompute, (i % {STEPS})::INTEGER AS step, i
                        FROM range({runs * STEPS}) g(i) JOIN run_index r ON r.idx = i // {STEPS}),
-                 s AS (SELECT *, step >= {CAP - 1} AND (step - {CAP - 1}) % period = 0 AS compacted,
-                              CASE WHEN step < {CAP} THEN step + 1
+                 s AS (SELECT *, NOT recompute AND step >= {CAP - 1} AND (step - {CAP - 1}) % period = 0 AS compacted,
+                              CASE WHEN step < {CAP} THEN step + 1 WHEN recompute THEN {CAP}
                                    ELSE {CAP} - period + (step - {CAP}) % period + 1 END AS kv_len FROM t)
             SELECT step::{types["step"]} AS step, step::{types["position"]} AS position,
                    (hash(i) % 50000)::{types["token_id"]} AS token_id,

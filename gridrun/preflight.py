@@ -116,25 +116,23 @@ def _model_problem(name: str) -> str | None:
 def _architecture(name: str):
     from streaming_llm.models import model_config
 
-    return model_config(name)
+    return model_config(name, local_files_only=True)  # never a download from here: the worker checks it again
 
 
 def _architecture_problem(config: RunConfig) -> str | None:
-    """What the model's architecture (its config, not its weights) refuses of `config`; a model that cannot be found
-    is _model_problem's to report."""
+    """What the model's architecture (its config, not its weights) refuses of `config`. A model that cannot be found
+    is _model_problem's to report; a config that is not local or cannot be read here, the worker's."""
     from streaming_llm import ConfigError
     from streaming_llm.evaluate import check_model_knobs
 
     if _model_problem(config.model):
         return None
     try:
-        architecture = _architecture(config.model)
-    except Exception:  # a config the hub library cannot read here: the worker reports it with the run
-        return None
-    try:
-        check_model_knobs(config, architecture)
+        check_model_knobs(config, _architecture(config.model))
     except ConfigError as exc:
         return str(exc)
+    except Exception:  # not in the local cache, or a config this check cannot read
+        return None
     return None
 
 

@@ -129,6 +129,7 @@ def ray_session(address: str | None):
                 object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING,
             )
     except Exception as exc:  # Ray raises bare Exceptions (a node that timed out starting, a cluster not found)
+        ray.shutdown()  # whatever part of a local node did start
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ScheduleError(

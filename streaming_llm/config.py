@@ -172,7 +172,8 @@ class RunConfig(BaseModel):
         return self
 
     def _check_kv_quant(self) -> None:
-        """What can be checked without the model; kv_quant_group | head_dim is checked when the cache is built."""
+        """What can be checked without the model; kv_quant_group | head_dim is checked against the model's config
+        (evaluate.check_model_knobs) before its weights load."""
         if self.kv_quant == "none":
             return
         if self.method != "streaming":
@@ -181,8 +182,9 @@ class RunConfig(BaseModel):
         if self.protocol == "parallel":
             raise ConfigError(f"kv_quant = {self.kv_quant} is implemented in the stepwise protocol's cache; protocol "
                               "parallel holds none: use protocol stepwise")
-        if self.kv_quant_group < 1:
-            raise ConfigError(f"kv_quant_group = {self.kv_quant_group} < 1: a group holds 1 or more elements")
+        if self.kv_quant_group < 2:
+            raise ConfigError(f"kv_quant_group = {self.kv_quant_group} < 2: a group holds 2 or more elements (one "
+                              "scale and zero point per element would take more bytes than the float entry)")
         if self.kv_quant == "int4" and self.kv_quant_group % 2:
             raise ConfigError(f"kv_quant int4 packs two codes per byte: kv_quant_group = {self.kv_quant_group} must be "
                               "even; use 16, 32 or 64")

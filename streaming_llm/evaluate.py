@@ -83,7 +83,12 @@ class LoadedModel:
     def load(cls, config: RunConfig) -> LoadedModel:
         check_transformers()
         if config.kv_quant != "none":
-            check_model_knobs(config, model_config(config.model))  # before the weights load, not after
+            try:
+                architecture = model_config(config.model)
+            except Exception:  # a config it cannot read: load_model below says why, in its own words
+                architecture = None
+            if architecture is not None:
+                check_model_knobs(config, architecture)  # before the weights load, not after
         device = resolve_device(config.device)
         model = load_model(config.model, DTYPES[config.dtype], device, config.attn_implementation)
         quantization = apply_weight_quant(model, config.weight_quant)
@@ -178,10 +183,8 @@ def check_model_knobs(config: RunConfig, architecture) -> None:
     if config.kv_quant == "none":
         return
     dim = head_dim(architecture)
-    if dim % config.kv_quant_group:
-        divisors = [d for d in range(2 if config.kv_quant == "int4" else 1, dim + 1) if dim % d == 0]
-        if config.kv_quant == "int4":
-            divisors = [d for d in divisors if d % 2 == 0]
+    if dim is not None and dim % config.kv_quant_group:
+        divisors = [d for d in range(2, dim + 1) if dim % d == 0 and (config.kv_quant != "int4" or d % 2 == 0)]
         raise ConfigError(f"kv_quant_group = {config.kv_quant_group} does not divide head_dim = {dim} of model "
                           f"{config.model}: use a divisor of {dim} ({', '.join(map(str, divisors))})")
 

@@ -153,8 +153,9 @@ def _local_path(name: str) -> str:
     return name
 
 
-def model_config(name: str) -> PretrainedConfig:
-    """The configuration of model `name`, read without its weights (no conversion; for a hub id, config.json only)."""
+def model_config(name: str, local_files_only: bool = False) -> PretrainedConfig:
+    """The configuration of model `name`, read without its weights (no conversion; for a hub id, config.json only,
+    and with `local_files_only` only from the local hub cache: nothing is downloaded)."""
     if name in RANDOM_MODELS:
         return RANDOM_MODELS[name].config()
     from transformers import AutoConfig
@@ -165,11 +166,18 @@ def model_config(name: str) -> PretrainedConfig:
         if (converted / "config.json").exists():
             return AutoConfig.from_pretrained(converted)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # the GGUF header only
-    return AutoConfig.from_pretrained(name, trust_remote_code=False)
+    return AutoConfig.from_pretrained(name, trust_remote_code=False, local_files_only=local_files_only)
 
 
-def head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def head_dim(config: PretrainedConfig) -> int | None:
+    """Elements per attention head of the decoder (the text model's, for a composite config); None where the config
+    does not say (a model without attention heads)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    explicit = getattr(text, "head_dim", None)
+    if explicit:
+        return explicit
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    return hidden // heads if hidden and heads else None
 
 
 def _converted_folder(gguf: Path) -> Path:

@@ -185,7 +185,7 @@ def test_a_kv_quant_group_the_model_cannot_take_is_refused_before_ray_and_the_st
     assert main([str(grid), "--store", str(store)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "kv_quant_group: kv_quant_group = 32 does not divide head_dim = 16" in err, err
-    assert "use a divisor of 16 (1, 2, 4, 8, 16)" in err, err
+    assert "use a divisor of 16 (2, 4, 8, 16)" in err, err
     assert not store.parent.exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
@@ -205,3 +205,18 @@ def test_ray_failing_to_start_is_one_line_and_no_traceback(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a local Ray could not be started or joined (The current node timed out" in err
     assert "run the same command again" in err
+
+
+def test_the_pre_load_check_leaves_a_model_it_cannot_read_to_the_worker(tmp_path):
+    """A config without attention heads (Mamba) or a hub id that is not cached: gridrun's check says nothing, downloads
+    nothing, and never crashes; the worker reports the model's own error with the run."""
+    from gridrun.preflight import _architecture_problem
+    from streaming_llm import RunConfig
+
+    mamba = tmp_path / "mamba"
+    mamba.mkdir()
+    (mamba / "config.json").write_text('{"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, '
+                                       '"vocab_size": 256}')
+    knobs = dict(method="streaming", cap=64, kv_quant="int8", kv_quant_group=32)
+    assert _architecture_problem(RunConfig(model=str(mamba), **knobs)) is None
+    assert "does not divide head_dim = 16" in _architecture_problem(RunConfig(model="tiny-llama", **knobs))

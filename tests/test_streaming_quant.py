@@ -49,8 +49,8 @@ def test_dequantize_into_a_buffer_equals_torchao(bits, group, dtype):
     """The cache's own dequantization (straight into the attention buffer) gives torchao's numbers, bit for bit."""
     x = (torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(7 * bits + group)) * 3).to(dtype)
     quantizer = KVQuantizer(bits, group)
-    payload, scale, zero = quantizer.quantize(x)
-    buffer = torch.full((2, 3, 45, 64), float("nan"), dtype=dtype)
+    payload, scale, zero = quantizer.quantize(x.to(TEST_DEVICE))
+    buffer = torch.full((2, 3, 45, 64), float("nan"), dtype=dtype, device=TEST_DEVICE)
     quantizer.dequantize_into(payload, scale, zero, buffer[..., 2:42, :])
     torch.testing.assert_close(buffer[..., 2:42, :], quantizer.dequantize(payload, scale, zero, dtype), rtol=0, atol=0)
     assert buffer[..., :2, :].isnan().all() and buffer[..., 42:, :].isnan().all()  # nothing outside the slice
@@ -175,7 +175,8 @@ def test_dense_and_recompute_bytes(tiny_models):
     (dict(kv_quant="int4", kv_quant_group=7), "kv_quant_group = 7 must be even"),
     (dict(kv_quant="int8", kv_quant_residual=30), "kv_quant_residual = 30 > window = 24"),
     (dict(kv_quant="int8", kv_quant_residual=-1), "kv_quant_residual = -1 < 0"),
-    (dict(kv_quant="int8", kv_quant_group=0), "kv_quant_group = 0 < 1"),
+    (dict(kv_quant="int8", kv_quant_group=0), "kv_quant_group = 0 < 2"),
+    (dict(kv_quant="int8", kv_quant_group=1), "kv_quant_group = 1 < 2"),
     (dict(kv_quant="int8", method="dense", window=None), "method dense uses none"),
     (dict(kv_quant="int2"), "kv_quant"),
     (dict(weight_quant="fp8"), "weight_quant"),
