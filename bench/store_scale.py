@@ -32,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import queries  # noqa: E402
 from store.schema import segments_folder, tokens  # noqa: E402
-from store.writer import StoreWriter, _runs_arrow_schema, _scan_segments, run_row, segment_arrow_schema  # noqa: E402
+from store.writer import (  # noqa: E402
+    StoreWriter,
+    _runs_arrow_schema,
+    _scan_segments,
+    _write_segment,
+    run_row,
+    segment_arrow_schema,
+)
 from streaming_llm import RunConfig  # noqa: E402
 from streaming_llm.environment import code_version  # noqa: E402
 
@@ -127,6 +134,21 @@ def data_bytes(path: Path, folder: Path) -> int:
             total += target.stat().st_size
             target.unlink()
     return total
+
+
+def writer_vs_copy(folder: Path) -> float:
+    """Bytes of one run's token segment as gridrun's writer writes it, over the same rows written by DuckDB's COPY (as
+    this bench builds its stores): the factor from the disk figures below to a store gridrun wrote."""
+    rows = new_run(0)[1]
+    written, _ = _write_segment(folder, tokens, "0" * 16, "compare", rows)
+    target = folder / "copy.parquet"
+    with duckdb.connect() as con:
+        con.register("rows", rows)
+        con.execute(f"COPY rows TO '{target}' (FORMAT parquet, COMPRESSION zstd)")
+    ratio = written / target.stat().st_size
+    target.unlink()
+    shutil.rmtree(folder / tokens.name)
+    return ratio
 
 
 def disk_bytes(path: Path) -> int:
@@ -259,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                 "disk bytes per token row": f"{disk / rows:.1f}",
                 "  vs the data as one zstd Parquet": f"{disk / data:.2f}x",
                 "  vs the rows' Arrow bytes": f"{disk / rows / writes['arrow_bytes_per_row']:.2f}x",
+                "  gridrun's segment vs this COPY's (same rows)": f"{writer_vs_copy(Path(folder)):.2f}x",
                 **{f"view {name} (s)": f"{seconds:.2f}" for name, seconds in measure_views(path).items()},
             }
             for leftover in Path(folder).glob(f"*store-{size}*"):

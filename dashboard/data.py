@@ -31,73 +31,62 @@ class Source:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def grid_names(path: Path, signature: Signature) -> list[str]:
-    with queries.connect(path) as con:
-        return queries.grid_names(con)
+    return queries.read(path, queries.grid_names)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def experiment_names(path: Path, signature: Signature, grid: str) -> list[str]:
-    with queries.connect(path) as con:
-        return queries.experiment_names(con, grid)
+    return queries.read(path, lambda con: queries.experiment_names(con, grid))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def status_counts(path: Path, signature: Signature, grid: str | None) -> pd.DataFrame:
-    with queries.connect(path) as con:
-        return queries.status_counts(con, grid)
+    return queries.read(path, lambda con: queries.status_counts(con, grid))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def grid_overview(path: Path, signature: Signature) -> pd.DataFrame:
-    with queries.connect(path) as con:
-        return queries.grid_overview(con)
+    return queries.read(path, queries.grid_overview)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def grid_totals(path: Path, signature: Signature, grid: str) -> dict[str, int]:
-    with queries.connect(path) as con:
-        return queries.grid_totals(con, grid)
+    return queries.read(path, lambda con: queries.grid_totals(con, grid))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def run_table(path: Path, signature: Signature, grid: str, include_stale: bool) -> pd.DataFrame:
-    with queries.connect(path) as con:
-        return with_labels(queries.run_table(con, grid, include_stale))
+    return queries.read(path, lambda con: with_labels(queries.run_table(con, grid, include_stale)))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def group_table(path: Path, signature: Signature, grid: str, experiments: tuple[str, ...] | None,
                 include_stale: bool) -> pd.DataFrame:
-    with queries.connect(path) as con:
-        return with_labels(queries.group_table(con, grid, experiments, include_stale))
+    return queries.read(path, lambda con: with_labels(queries.group_table(con, grid, experiments, include_stale)))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def step_range(path: Path, signature: Signature, run_hashes: tuple[str, ...]) -> queries.StepRange:
-    with queries.connect(path) as con:
-        return queries.step_range(con, run_hashes)
+    return queries.read(path, lambda con: queries.step_range(con, run_hashes))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def token_series(path: Path, signature: Signature, run_hashes: tuple[str, ...], steps: queries.StepRange,
                  rolling: int, points: int, marks: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    with queries.connect(path) as con:
-        return (queries.token_series(con, run_hashes, steps, points=points, rolling=rolling),
-                queries.compaction_marks(con, run_hashes, steps, points=marks))
+    return queries.read(path, lambda con: (queries.token_series(con, run_hashes, steps, points=points, rolling=rolling),
+            queries.compaction_marks(con, run_hashes, steps, points=marks)))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def spikes(path: Path, signature: Signature, run_hashes: tuple[str, ...],
            radius: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    with queries.connect(path) as con:
-        return (queries.spike_profile(con, run_hashes, radius=radius),
-                queries.spike_metrics(con, run_hashes, radius=radius))
+    return queries.read(path, lambda con: (queries.spike_profile(con, run_hashes, radius=radius),
+            queries.spike_metrics(con, run_hashes, radius=radius)))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def speculation_table(path: Path, signature: Signature, grid: str, include_stale: bool) -> pd.DataFrame:
-    with queries.connect(path) as con:
-        return queries.speculation_table(con, grid, None, include_stale)
+    return queries.read(path, lambda con: queries.speculation_table(con, grid, None, include_stale))
 
 
 def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
@@ -132,12 +121,10 @@ def _label(row: pd.Series, knobs: list[str], usual: pd.Series) -> str:
 @st.cache_data(max_entries=64, show_spinner=False)
 def setting_table(path: Path, signature: Signature, grid: str, experiments: tuple[str, ...] | None,
                   include_stale: bool) -> pd.DataFrame:
-    with queries.connect(path) as con:
-        frame = queries.setting_table(con, grid, experiments, include_stale)
+    frame = queries.read(path, lambda con: queries.setting_table(con, grid, experiments, include_stale))
     return with_labels(frame.assign(group_hash=frame.setting_hash))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def block_ppl(path: Path, signature: Signature, run_hashes: tuple[str, ...], block: int) -> pd.DataFrame:
-    with queries.connect(path) as con:
-        return queries.block_ppl(con, run_hashes, block)
+    return queries.read(path, lambda con: queries.block_ppl(con, run_hashes, block))

@@ -13,10 +13,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import pandas as pd
@@ -28,9 +29,11 @@ from store.schema import (
     SCHEMA_VERSION,
     segment_views,
     segments_folder,
+    unsafe_segment_path,
 )
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
+T = TypeVar("T")
 
 # Knobs a sweep or a chart can vary (RunConfig fields, `repeat` aside: repeats are aggregated, never a knob).
 KNOBS: tuple[str, ...] = tuple(column.name for column in KNOB_COLUMNS if column.name != "repeat")
@@ -58,6 +61,10 @@ FILE_HEADER_BYTES = 3 * 4096  # DuckDB's main header and its two database header
 
 class StoreError(RuntimeError):
     """The store cannot be read: missing, locked past the retries, or not a gridrun store. The message says the fix."""
+
+
+class SegmentsChanged(StoreError):
+    """A query listed a leftover segment that a writer then removed; running it again reads the store as it is."""
 
 
 class WriteRefused(ValueError):
@@ -102,6 +109,9 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
         raise StoreError(
             f"no store at {path}: run a grid first (python -m gridrun grids/smoke.yaml --store {path}) or pass --store"
         )
+    unsafe = unsafe_segment_path(path)
+    if unsafe:
+        raise StoreError(f"{path}: {unsafe}")
     _check_header(path)
     con, size = _open_snapshot(path, attempts, dict(NO_EXTENSIONS))
     try:
@@ -119,12 +129,42 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
                 con.execute("SET lock_configuration = true")
             yield con
         except duckdb.Error as exc:
+            if _vanished_leftover(con, exc):
+                raise SegmentsChanged(f"{path}: a writer removed the segments a killed run had left while this query "
+                                      "listed them (nothing of a result changed): run it again") from exc
             if _is_damage(exc):
                 raise StoreError(f"{path} is damaged (corrupt or truncated: {_first_line(exc)}); it was left "
                                  "untouched: restore it, or rerun the grid into a new --store") from exc
             raise
     finally:
         con.close()
+
+
+def read(path: Path | str, query: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """`query(con)` on a fresh connection to the store, run a second time if a writer removed a killed run's leftover
+    segments while the first listed them (the views list the segment folder before they filter by the runs table)."""
+    try:
+        with connect(path) as con:
+            return query(con)
+    except SegmentsChanged:
+        with connect(path) as con:
+            return query(con)
+
+
+_MISSING_SEGMENT = re.compile(r"/(\w+)/run_hash=([0-9a-z_]+)/segment=([^/]+)/[^/\s\"']+\.parquet\"?: No such file")
+
+
+def _vanished_leftover(con: duckdb.DuckDBPyConnection, exc: duckdb.Error) -> bool:
+    """Whether `exc` is a segment file that disappeared and that no run names (a leftover of a killed writer, which
+    the next writer removes): not damage, only a listing that went stale."""
+    found = _MISSING_SEGMENT.search(str(exc))
+    if not isinstance(exc, duckdb.IOException) or found is None:
+        return False
+    _, run_hash, segment = found.groups()
+    named = con.execute("SELECT count(*) FROM (SELECT run_hash, segment FROM runs UNION ALL "
+                        "SELECT run_hash, segment FROM superseded_runs) WHERE run_hash = $h AND segment = $s",
+                        {"h": run_hash, "s": segment}).fetchone()[0]
+    return named == 0
 
 
 def _point_segments(con: duckdb.DuckDBPyConnection, path: Path) -> Path:

@@ -306,6 +306,23 @@ def segments_folder(store: Path) -> Path:
     return store.with_name(store.name + SEGMENTS_SUFFIX)
 
 
+_GLOB_CHARACTERS = set("*?[]{}")
+
+
+def unsafe_segment_path(store: Path) -> str | None:
+    """Why the segment folder of `store` cannot be read back faithfully, or None. DuckDB reads every `name=value`
+    folder of a Parquet path as a column (hive partitioning: a parent folder `step=7` would make every step read 7),
+    and a glob character would match other folders' files."""
+    for part in segments_folder(store.resolve()).parts:
+        if "=" in part:
+            return (f"the folder {part!r} in its path holds '=', which DuckDB would read as a column of every per-step "
+                    "row; put the store in a path without '='")
+        if _GLOB_CHARACTERS & set(part):
+            return (f"the folder {part!r} in its path holds a glob character (* ? [ ] {{ }}), which would match other "
+                    "folders' files; put the store in a path without them")
+    return None
+
+
 def segment_glob(folder: str, table: str) -> str:
     return f"{folder}/{table}/*/*/*.parquet"
 

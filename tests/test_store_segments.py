@@ -21,7 +21,7 @@ import pytest
 from fixtures_store import _synthetic_tokens, create_store, insert_run
 
 from store import queries
-from store.schema import SCHEMA_VERSION
+from store.schema import SCHEMA_VERSION, segments_folder
 from store.writer import StoreError, StoreWriter, read_runs
 from streaming_llm import RunConfig
 
@@ -256,3 +256,53 @@ def test_the_store_scale_benchmark_runs_at_a_tiny_size(tmp_path):
                  "Long stream (4 runs)", "Speculation", "SQL"):
         assert float(lines[f"view {view} (s)"]) >= 0
     assert list(tmp_path.iterdir()) == []  # the benchmark's stores are removed
+
+
+@pytest.mark.parametrize("folder", ["step=7", "a*", "exp[1]", "x{y}"])
+def test_a_path_duckdb_would_misread_is_refused_before_anything(tmp_path, folder):
+    """A parent folder `name=value` is read by DuckDB as a column of every segment row (hive partitioning); a glob
+    character matches other folders' files. Such a store path is refused, writing nothing, and so is reading one."""
+    from gridrun.__main__ import main
+
+    store = tmp_path / folder / "store.duckdb"
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: g\nbase: {model: tiny-llama, max_tokens: 40, warmup: 2}\n"
+                    "experiments: {a: {runs: [{method: dense}]}}\n")
+    assert main([str(grid), "--store", str(store)]) == 2
+    assert not (tmp_path / folder).exists()
+    (tmp_path / folder).mkdir()
+    store.write_bytes(b"")
+    with pytest.raises(queries.StoreError, match="put the store in a path without"), queries.connect(store):
+        pass
+
+
+def test_a_leftover_segment_that_vanishes_under_a_reader_is_read_again_not_damage(tmp_path):
+    """A killed writer leaves a segment no run names; the next writer removes it. A reader whose listing of the folder
+    still held it fails to open it (DuckDB: Cannot open file "...": No such file or directory): that is
+    SegmentsChanged, not damage, and queries.read runs the query again. A segment a run names that is missing stays
+    damage. (The race itself cannot be timed in a test: the first attempt raises DuckDB's error as the race does.)"""
+    store = tmp_path / "store.duckdb"
+    with StoreWriter(store, "cv") as writer:
+        config = record(writer, 0, 300)
+    folder = segments_folder(store.resolve()) / "tokens" / f"run_hash={config.run_hash}"
+    with queries.connect(store) as con:
+        named = con.execute("SELECT segment FROM runs").fetchone()[0]
+
+    def vanished(segment: str) -> duckdb.IOException:
+        return duckdb.IOException(f'IO Error: Cannot open file "{folder}/segment={segment}/data.parquet": No such file '
+                                  "or directory")
+
+    attempts = []
+
+    def query(con):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise vanished("killed")
+        return con.execute("SELECT count(*) FROM tokens").fetchone()[0]
+
+    assert queries.read(store, query) == 300 and len(attempts) == 2
+    with pytest.raises(queries.SegmentsChanged, match="run it again"), queries.connect(store):
+        raise vanished("killed")
+    with pytest.raises(queries.StoreError, match="is damaged") as caught, queries.connect(store):
+        raise vanished(named)
+    assert not isinstance(caught.value, queries.SegmentsChanged)
