@@ -73,7 +73,6 @@ class KVQuantizer:
             codes, block, scale, zero.to(torch.int32), torch.uint8, 0, self.quant_max, output_dtype=dtype
         )
 
-
     def dequantize_into(self, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                         out: torch.Tensor) -> None:
         """`dequantize` written into `out` [..., n, head_dim] (a slice of the buffer attention reads), the same numbers:

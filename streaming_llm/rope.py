@@ -92,7 +92,8 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale:
     """Rotate keys [..., T, head_dim] by per-slot angles (cos/sin [T, rotary_dim]) and multiply them by `scale`.
 
     Returns a new tensor in the keys' dtype; dims past rotary_dim pass through (multiplied by `scale` as well only
-    where the model scales them, which it does not, so they are copied unchanged).
+    where the model scales them, which it does not, so they are copied unchanged). cos/sin must be laid out as
+    `RotaryGeometry.cos_sin` gives them (HF's cat((freqs, freqs))): only their first half is read.
     """
     rotary_dim = cos.shape[-1]
     half = rotary_dim // 2
