@@ -332,7 +332,7 @@ def segment_views(folder: str) -> dict[str, str]:
     rows (segments the runs rows reference) and the superseded ones (those superseded_runs references)."""
     views = {}
     for table in SEGMENT_TABLES:
-        source = (f"read_parquet('{_sql_string(segment_glob(folder, table.name))}', hive_partitioning = true, "
+        source = (f"read_parquet('{sql_string(segment_glob(folder, table.name))}', hive_partitioning = true, "
                   "hive_types = {'run_hash': VARCHAR, 'segment': VARCHAR})")
         columns = ", ".join(f's."{column.name}"' for column in table.columns)
         views[table.name] = f"SELECT {columns} FROM {source} s SEMI JOIN runs r USING (run_hash, segment)"
@@ -341,5 +341,6 @@ def segment_views(folder: str) -> dict[str, str]:
     return views
 
 
-def _sql_string(text: str) -> str:
+def sql_string(text: str) -> str:
+    """`text` as the inside of a SQL string literal."""
     return text.replace("'", "''")

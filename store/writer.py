@@ -38,7 +38,7 @@ from sqlalchemy.schema import CreateTable
 
 from streaming_llm import RunConfig
 
-from .queries import DUCKDB_MAGIC, NO_EXTENSIONS, check_length
+from .queries import DUCKDB_MAGIC, NO_EXTENSIONS, check_length, q
 from .queries import StoreError as ReadError
 from .schema import (
     APPLICATION_ID,
@@ -59,6 +59,7 @@ from .schema import (
     runs,
     segment_views,
     segments_folder,
+    sql_string,
     superseded_runs,
     tokens,
     unsafe_segment_path,
@@ -390,7 +391,7 @@ class StoreWriter:
         compact.unlink(missing_ok=True)
         with duckdb.connect(str(compact), config=NO_EXTENSIONS) as con:
             name = con.execute("SELECT current_database()").fetchall()[0][0]
-            con.execute(f"ATTACH '{_sql_string(str(self.working))}' AS migrated (READ_ONLY)")
+            con.execute(f"ATTACH '{sql_string(str(self.working))}' AS migrated (READ_ONLY)")
             con.execute(f'COPY FROM DATABASE migrated TO "{name}"')
             con.execute("DETACH migrated")
             con.execute("CHECKPOINT")
@@ -412,10 +413,10 @@ class StoreWriter:
                 present = {row[0] for row in con.execute("SELECT column_name FROM information_schema.columns "
                                                          "WHERE table_name = ?", [source.name]).fetchall()}
                 columns = ", ".join(
-                    f'CAST({_quote(c.name) if c.name in present else "NULL"} AS {c.type.compile(dialect=_dialect())}) '
-                    f"AS {_quote(c.name)}" for c in table.columns if c.name != "run_hash")
+                    f'CAST({q(c.name) if c.name in present else "NULL"} AS {c.type.compile(dialect=_dialect())}) '
+                    f"AS {q(c.name)}" for c in table.columns if c.name != "run_hash")
                 (self.segments / table.name).mkdir(parents=True, exist_ok=True)
-                folder = _sql_string(str(self.segments / table.name))
+                folder = sql_string(str(self.segments / table.name))
                 con.execute(f"""
                     COPY (SELECT {columns}, run_hash, {segment} AS segment FROM {source.name}) TO '{folder}'
                     (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (run_hash, segment), OVERWRITE_OR_IGNORE,
@@ -530,7 +531,7 @@ class StoreWriter:
             # fetchall, not fetchone: DuckDB 2 refuses the next statement while a result is unfinished.
             previous = con.execute("SELECT status FROM runs WHERE run_hash = ?", [run_hash]).fetchall()
             if previous and previous[0][0] == "done":
-                names = ", ".join(_quote(column.name) for column in runs.columns)
+                names = ", ".join(q(column.name) for column in runs.columns)
                 con.execute(f"INSERT INTO superseded_runs ({names}, superseded_at) SELECT {names}, ? FROM runs "
                             "WHERE run_hash = ?", [datetime.now(UTC), run_hash])
             con.execute("DELETE FROM runs WHERE run_hash = ?", [run_hash])
@@ -649,14 +650,6 @@ def segment_arrow_schema(table) -> pa.Schema:
              "String": pa.string(), "Text": pa.string()}
     return pa.schema([pa.field(c.name, kinds[type(c.type).__name__], nullable=c.nullable)
                       for c in table.columns if c.name != "run_hash"])
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_string(text: str) -> str:
-    return text.replace("'", "''")
 
 
 def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
