@@ -8,7 +8,14 @@ with the acceptance rate, the mean accepted length (tokens per target forward) a
 spec none's. On a CPU a 135M model is weight-bound: a forward over k + 1 tokens costs little more than over one, which
 is what prompt lookup exploits; a model draft (first layers, or the target over a small cache) costs a forward per
 drafted token of its own, so it pays only when its acceptance is high.
+
+Two more rows calibrate the workload: HF's own `generate()` over a DynamicCache, greedy, without and with its prompt
+lookup (`prompt_lookup_num_tokens` = k, `max_matching_ngram_size` = ngram_max), timed the same way in the same rounds.
+How much prompt lookup can gain depends on how often the continuation repeats the history; HF's ratio on the same
+prompt says what the workload allows, independently of this package's implementation. Its output is checked against
+this package's dense spec-none output (the same greedy ids, or it says NO).
 Usage: python bench/speculative.py [--rounds 3] [--prompt-tokens 96] [--new-tokens 128] [--cap 128] [--threads 1]
+                                   [--model random-pythia-2.8b --device cuda --dtype float16]
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm import LoadedModel, RunConfig, evaluate  # noqa: E402
+from streaming_llm.generate import generated_hash  # noqa: E402
+from streaming_llm.text import load_stream  # noqa: E402
 
 POLICIES = {
     "dense": dict(method="dense"),
@@ -40,6 +50,33 @@ def kinds(num_draft: int, draft_layers: int, draft_cap: int) -> dict[str, dict]:
     }
 
 
+class HFReference:
+    """HF `generate()` on the same prompt, greedy, over its DynamicCache: plain, or with its prompt lookup."""
+
+    def __init__(self, loaded: LoadedModel, prompt: list[int], new_tokens: int, num_draft: int, ngram_max: int):
+        self.model = loaded.model
+        self.prompt = torch.tensor([prompt], device=loaded.device)
+        self.new_tokens = new_tokens
+        self.lookup = dict(prompt_lookup_num_tokens=num_draft, max_matching_ngram_size=ngram_max)
+
+    def run(self, lookup: bool) -> tuple[float, str]:
+        """(generated tokens/s, hash of the generated ids)."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                self.prompt, attention_mask=torch.ones_like(self.prompt), do_sample=False,
+                max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,  # never stopped early by EOS
+                pad_token_id=0, **(self.lookup if lookup else {}),
+            )
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        generated = out[0, self.prompt.shape[1] :].tolist()
+        if len(generated) != self.new_tokens:
+            raise RuntimeError(f"HF generate() returned {len(generated)} tokens, not {self.new_tokens}")
+        return self.new_tokens / elapsed, generated_hash(generated)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -50,33 +87,47 @@ def main() -> None:
     parser.add_argument("--num-draft", type=int, default=6, help="k of prompt lookup")
     parser.add_argument("--draft-layers", type=int, default=8)
     parser.add_argument("--draft-cap", type=int, default=32)
+    parser.add_argument("--ngram-max", type=int, default=3, help="n-gram length of prompt lookup (ours and HF's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = dict(model=args.model, device=args.device, mode="generate", prompt_tokens=args.prompt_tokens,
-                new_tokens=args.new_tokens, warmup=2, cap=args.cap)
+    base = dict(model=args.model, device=args.device, dtype=args.dtype, mode="generate",
+                prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup=2, cap=args.cap)
     loaded = LoadedModel.load(RunConfig(**{**base, "method": "dense", "cap": None}))
     variants = {}
     for policy, knobs in POLICIES.items():
         for kind, spec in kinds(args.num_draft, args.draft_layers, args.draft_cap).items():
             config = {**base, **knobs, **spec}
+            if spec["spec"] == "prompt_lookup":
+                config["ngram_max"] = args.ngram_max
             if knobs["method"] == "dense":
                 config.pop("cap")
             variants[(policy, kind)] = RunConfig(**config)
+    prompt = [int(t) for t in load_stream(loaded.tokenizer, "shakespeare", args.prompt_tokens).ids]
+    reference = HFReference(loaded, prompt, args.new_tokens, args.num_draft, args.ngram_max)
+    hf_kinds = {"HF none": False, f"HF prompt_lookup k={args.num_draft}": True}
+    hf_speeds: dict[str, list[float]] = {kind: [] for kind in hf_kinds}
+    hf_hashes: dict[str, str] = {}
     speeds: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
     last = {}
-    keys = list(variants)
+    keys = [*variants, *hf_kinds]
     for index in range(args.rounds):
         shift = index % len(keys)
         for key in keys[shift:] + keys[:shift]:
+            if key in hf_kinds:
+                speed, hf_hashes[key] = reference.run(hf_kinds[key])
+                hf_speeds[key].append(speed)
+                continue
             result = evaluate(variants[key], loaded=loaded)
             speeds[key].append(result.summary["tokens_per_s"])
             last[key] = result.summary
         print(f"round {index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
-    print(f"{args.model}, {args.threads} thread(s), prompt {args.prompt_tokens} + {args.new_tokens} generated tokens, "
+    where = "cuda" if loaded.device.type == "cuda" else f"cpu, {args.threads} thread(s)"
+    print(f"{args.model} {args.dtype} on {where}, prompt {args.prompt_tokens} + {args.new_tokens} generated tokens, "
           f"streaming cap {args.cap}; median of {args.rounds} rounds")
     print(f"{'policy':<12} {'spec':<26} {'tokens/s':>9} {'vs none':>8} {'accept':>7} {'tok/fwd':>8} "
           f"{'compactions':>11} identical")
@@ -90,6 +141,12 @@ def main() -> None:
             print(f"{policy:<12} {kind:<26} {speed:9.2f} {speed / reference:7.2f}x "
                   f"{'-' if acceptance is None else f'{acceptance:.2f}':>7} {summary['mean_accepted_length']:8.2f} "
                   f"{summary['compaction_count']:11d} {'yes' if same else 'NO'}")
+    ours = last[("dense", "none")]["generated_hash"]
+    hf_reference = statistics.median(hf_speeds["HF none"])
+    for kind in hf_kinds:
+        speed = statistics.median(hf_speeds[kind])
+        print(f"{'HF dense':<12} {kind:<26} {speed:9.2f} {speed / hf_reference:7.2f}x {'':>7} {'':>8} {'':>11} "
+              f"{'yes' if hf_hashes[kind] == ours else 'NO'}")
 
 
 if __name__ == "__main__":

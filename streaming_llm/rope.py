@@ -100,12 +100,15 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale:
     x = keys[..., :rotary_dim].float()
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[..., :half], sin[..., :half]  # both halves hold the same angles (HF's cat((freqs, freqs)))
-    # x * cos + rotate_half(x) * sin, written half by half into one buffer: every step of an exact-mode or quantized
-    # cache rotates all its keys, so the temporaries of the plain formula cost more than the arithmetic.
-    rotated = torch.empty_like(x)
-    first, second = rotated[..., :half], rotated[..., half:]
-    torch.mul(x1, cos, out=first).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=second).addcmul_(x1, sin)
+    if torch.is_grad_enabled() and x.requires_grad:  # out= refuses autograd: the plain formula (a model in training)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        # x * cos + rotate_half(x) * sin, written half by half into one buffer: every step of an exact-mode or
+        # quantized cache rotates all its keys, so the temporaries of the plain formula cost more than the arithmetic.
+        rotated = torch.empty_like(x)
+        first, second = rotated[..., :half], rotated[..., half:]
+        torch.mul(x1, cos, out=first).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=second).addcmul_(x1, sin)
     if scale != 1.0:
         rotated.mul_(scale)
     if rotary_dim == keys.shape[-1]:

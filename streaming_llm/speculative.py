@@ -82,13 +82,21 @@ def verify(logits: torch.Tensor, draft: Draft, temperature: float, rng: torch.Ge
 # --- prompt lookup -------------------------------------------------------------------------------------------------
 @dataclass
 class PromptLookup:
-    """N-gram lookup over the token history (text, not cache: evicted tokens still count), as HF's prompt lookup.
+    """N-gram lookup over the token history (text, not cache: evicted tokens still count), as HF's prompt lookup, with
+    the match chosen by its context.
 
-    The last n tokens (n = ngram_max down to 1) are searched earlier in the history; the tokens that followed the most
-    recent match with `count` followers (else the earliest match) are the draft, as a point mass.
+    The last n tokens (n = ngram_max down to 1) are searched earlier in the history. Of their occurrences, the one whose
+    preceding tokens agree longest with the tokens before the n-gram wins (the most recent among equals, agreement
+    compared up to `context_max` tokens back): in a text that repeats with a period, that is the occurrence one period
+    back, not a shorter repetition inside the period (HF takes the earliest occurrence, this class took the latest
+    one; both draft the wrong phase of a line that repeats a word). Its followers are the draft, a point mass, copied
+    forward as an induction head would: a match close to the end continues into the draft itself. A draft is no longer
+    than the matched context (n plus the agreeing tokens before it): a bare one-token match drafts one token, not k
+    that a verification pays for and rejects.
     """
 
     ngram_max: int = 3
+    context_max: int = 64
 
     def propose(self, history: list[int], count: int) -> Draft:
         if count < 1:
@@ -99,10 +107,25 @@ class PromptLookup:
             starts = np.flatnonzero((windows == ids[-n:]).all(axis=1))
             if not len(starts):
                 continue
-            full = starts[starts + n + count <= len(ids)]
-            start = int(full[-1] if len(full) else starts[0])
-            return Draft(ids[start + n : start + n + count].tolist())
+            agreement = self._agreement(ids, starts, n)
+            best = int(agreement.max())
+            start = int(starts[agreement == best][-1])
+            draft: list[int] = []
+            for i in range(min(count, n + best)):
+                source = start + n + i  # < len(ids) + i: inside the history, or a token this draft already copied
+                draft.append(int(ids[source]) if source < len(ids) else draft[source - len(ids)])
+            return Draft(draft)
         return Draft([])
+
+    def _agreement(self, ids: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
+        """For each occurrence at `starts` of the last n-gram: how many tokens before it equal, in order going back,
+        the tokens before the last n-gram (at most context_max)."""
+        back = np.arange(1, self.context_max + 1)
+        before_match = starts[:, None] - back[None, :]
+        before_suffix = len(ids) - n - back
+        same = (before_match >= 0) & (before_suffix >= 0)[None, :]
+        same &= ids[before_match.clip(0)] == ids[before_suffix.clip(0)][None, :]
+        return np.cumprod(same, axis=1).sum(axis=1)
 
     def accepted(self, history: list[int]) -> None:
         return None

@@ -116,12 +116,27 @@ def test_prompt_lookup_pays_off_on_a_repetitive_text(tiny_models):
 
 
 # --- the pieces -------------------------------------------------------------------------------------------------------
-def test_prompt_lookup_continues_the_latest_match_of_the_longest_ngram():
+def test_prompt_lookup_continues_the_match_whose_context_agrees_longest():
     lookup = PromptLookup(ngram_max=3)
-    history = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
-    assert lookup.propose(history, 2).tokens == [7, 8]  # "2 3" (no "5 2 3" earlier): its latest full match
+    period = [7, 2, 3, 2, 3, 2, 3, 9]  # a line that repeats a word: "3 2 3" occurs twice in it
+    history = period * 3 + [7, 2, 3, 2, 3]
+    # The latest "3 2 3" is followed by 9 (its later phase in the line); the one preceded by "7 2" continues the line.
+    assert lookup.propose(history, 6).tokens == [2, 3, 9, 7, 2, 3]
     assert lookup.propose([4, 5, 6], 3).tokens == []
-    assert lookup.propose([1, 2, 1], 3).tokens == [2, 1]  # only match too close to the end: what follows it
+
+
+def test_prompt_lookup_drafts_no_longer_than_the_matched_context():
+    lookup = PromptLookup(ngram_max=3)
+    assert lookup.propose([1, 2, 3, 4, 5, 3], 6).tokens == [4]  # a bare one-token match: one token
+    assert lookup.propose([8, 1, 2, 1, 2], 5).tokens == [1, 2]  # "1 2", nothing agreeing before it: two tokens
+    history = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup.propose(history, 2).tokens == [7, 8]  # "2 3": neither earlier one agrees before it; the latest
+
+
+def test_prompt_lookup_copies_a_match_near_the_end_forward_into_the_draft():
+    lookup = PromptLookup(ngram_max=3)
+    assert lookup.propose([8, *[1, 2] * 5], 5).tokens == [1, 2, 1, 2, 1]
+    assert lookup.propose([5, 6, 5, 6, 5], 4).tokens == [6, 5, 6]  # n + agreement = 3 tokens of matched context
 
 
 def test_first_layers_share_the_weights_and_equal_a_shallower_model(tiny_models):

@@ -3,6 +3,7 @@ streaming against an independent slow reference written here (explicit cache con
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -110,6 +111,29 @@ def test_realigned_keys_equal_fresh_rotation_at_new_slot(tiny_models, monkeypatc
                     torch.testing.assert_close(stored[:, slot], expected, rtol=0, atol=1e-5)
                     checked += 1
     assert checked > 500  # ~20 compactions x 2 layers x 15 slots
+
+
+@pytest.mark.parametrize("rope_mode", ["realign", "exact"])
+def test_a_half_precision_cache_runs_with_autograd_on(tiny_models, rope_mode):
+    """Outside inference_mode (a model probed or trained with gradients) the keys carry autograd, which the cache's
+    allocation-free rotations (out= kernels) refuse: they fall back to the plain formula, same numbers. Found on a GPU
+    in float16, where realign keeps a pre-RoPE shadow of the keys; bfloat16 takes the same path here."""
+    model = copy.deepcopy(tiny_models["tiny-llama"].model).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3)).to(model.device)
+    policy = StreamingPolicy(sink=2, window=8, compress_every=3)
+
+    def logits(grad: bool) -> torch.Tensor:
+        cache = StreamingCache(policy, RotaryGeometry.of(model), model.config.num_hidden_layers, rope_mode)
+        rows = []
+        with torch.inference_mode(not grad):
+            for token in range(ids.shape[1]):
+                position = cache.next_positions(1, model.device)
+                out = model(input_ids=ids[:, token : token + 1], position_ids=position, cache=cache, use_cache=True)
+                rows.append(out.logits[0, -1].detach().float())
+        assert cache.get_seq_length() < ids.shape[1]  # it compacted: moved keys were rotated too
+        return torch.stack(rows)
+
+    torch.testing.assert_close(logits(grad=True), logits(grad=False), rtol=0, atol=2e-2)  # bf16 rounding
 
 
 def reference_strict_nlls(model, ids: torch.Tensor, sink: int, window: int) -> np.ndarray:
