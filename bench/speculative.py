@@ -9,12 +9,14 @@ spec none's. On a CPU a 135M model is weight-bound: a forward over k + 1 tokens 
 is what prompt lookup exploits; a model draft (first layers, or the target over a small cache) costs a forward per
 drafted token of its own, so it pays only when its acceptance is high.
 
-Two more rows calibrate the workload: HF's own `generate()` over a DynamicCache, greedy, without and with its prompt
-lookup (`prompt_lookup_num_tokens` = k, `max_matching_ngram_size` = ngram_max), timed the same way in the same rounds.
-How much prompt lookup can gain depends on how often the continuation repeats the history; HF's ratio on the same
-prompt says what the workload allows, independently of this package's implementation. Its output is checked against
-this package's dense spec-none output (the same greedy ids, or it says NO).
+Two more rows compare with HF's own `generate()` over a DynamicCache, greedy, without and with its prompt lookup
+(`prompt_lookup_num_tokens` = k, `max_matching_ngram_size` = ngram_max), in the same rounds and timed like this
+package's runs (decoding only, the prompt's forward left out). How much prompt lookup can gain depends on how often the
+continuation repeats the history; tokens per forward measures that for each drafting rule, tokens/s adds each
+implementation's own per-step cost. HF's output is checked against this package's dense spec-none output (the same
+greedy ids, or it says NO).
 Usage: python bench/speculative.py [--rounds 3] [--prompt-tokens 96] [--new-tokens 128] [--cap 128] [--threads 1]
+                                   [--kinds prompt_lookup draft self_stream] [--num-draft 10] [--no-hf]
                                    [--model random-pythia-2.8b --device cuda --dtype float16]
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm import LoadedModel, RunConfig, evaluate  # noqa: E402
 from streaming_llm.generate import generated_hash  # noqa: E402
+from streaming_llm.measure import Stopwatch  # noqa: E402
 from streaming_llm.text import load_stream  # noqa: E402
 
 POLICIES = {
@@ -41,40 +43,57 @@ POLICIES = {
 }
 
 
-def kinds(num_draft: int, draft_layers: int, draft_cap: int) -> dict[str, dict]:
-    return {
+def kinds(args: argparse.Namespace) -> dict[str, dict]:
+    every = {
         "none": dict(spec="none"),
-        f"prompt_lookup k={num_draft}": dict(spec="prompt_lookup", num_draft=num_draft),
-        f"draft layers={draft_layers} k=3": dict(spec="draft", draft_layers=draft_layers, num_draft=3),
-        f"self_stream cap={draft_cap} k=3": dict(spec="self_stream", draft_cap=draft_cap, num_draft=3),
+        f"prompt_lookup k={args.num_draft}": dict(spec="prompt_lookup", num_draft=args.num_draft),
+        f"draft layers={args.draft_layers} k=3": dict(spec="draft", draft_layers=args.draft_layers, num_draft=3),
+        f"self_stream cap={args.draft_cap} k=3": dict(spec="self_stream", draft_cap=args.draft_cap, num_draft=3),
     }
+    return {label: spec for label, spec in every.items() if spec["spec"] in ("none", *args.kinds)}
 
 
 class HFReference:
-    """HF `generate()` on the same prompt, greedy, over its DynamicCache: plain, or with its prompt lookup."""
+    """HF `generate()` on the same prompt, greedy, over its DynamicCache: plain, or with its prompt lookup.
+
+    Timed like this package's runs, which sum their decoding forwards and leave the prompt out: the whole call minus
+    its first forward (the prompt's, which also yields the first new token), over the other new_tokens - 1 tokens.
+    HF's own per-step work (logits processors, candidate search, cache cropping) stays in, as ours does.
+    """
 
     def __init__(self, loaded: LoadedModel, prompt: list[int], new_tokens: int, num_draft: int, ngram_max: int):
         self.model = loaded.model
         self.prompt = torch.tensor([prompt], device=loaded.device)
         self.new_tokens = new_tokens
         self.lookup = dict(prompt_lookup_num_tokens=num_draft, max_matching_ngram_size=ngram_max)
+        self.clock = Stopwatch(loaded.device)
 
-    def run(self, lookup: bool) -> tuple[float, str]:
-        """(generated tokens/s, hash of the generated ids)."""
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(
-                self.prompt, attention_mask=torch.ones_like(self.prompt), do_sample=False,
-                max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,  # never stopped early by EOS
-                pad_token_id=0, **(self.lookup if lookup else {}),
-            )
-        if out.is_cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
+    def run(self, lookup: bool) -> tuple[float, float, str]:
+        """(generated tokens/s, generated tokens per forward, hash of the generated ids)."""
+        forwards: list[float] = []
+        prompt_clock = Stopwatch(self.prompt.device)
+        hooks = [
+            self.model.register_forward_pre_hook(lambda *_: prompt_clock.start() if not forwards else None),
+            self.model.register_forward_hook(lambda *_: forwards.append(prompt_clock.stop() if not forwards else 0.0)),
+        ]
+        try:
+            self.clock.start()
+            with torch.inference_mode():
+                out = self.model.generate(
+                    self.prompt, attention_mask=torch.ones_like(self.prompt), do_sample=False,
+                    max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,  # never stopped early by EOS
+                    **(self.lookup if lookup else {}),
+                )
+            total_ms = self.clock.stop()
+        finally:
+            for hook in hooks:
+                hook.remove()
         generated = out[0, self.prompt.shape[1] :].tolist()
         if len(generated) != self.new_tokens:
             raise RuntimeError(f"HF generate() returned {len(generated)} tokens, not {self.new_tokens}")
-        return self.new_tokens / elapsed, generated_hash(generated)
+        decoding_ms = total_ms - forwards[0]
+        return ((self.new_tokens - 1) / (decoding_ms / 1000.0), (self.new_tokens - 1) / (len(forwards) - 1),
+                generated_hash(generated))
 
 
 def main() -> None:
@@ -84,10 +103,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--cap", type=int, default=128, help="streaming budget; generation crosses it")
-    parser.add_argument("--num-draft", type=int, default=6, help="k of prompt lookup")
+    parser.add_argument("--num-draft", type=int, default=10, help="k of prompt lookup (HF's usual 10)")
     parser.add_argument("--draft-layers", type=int, default=8)
     parser.add_argument("--draft-cap", type=int, default=32)
     parser.add_argument("--ngram-max", type=int, default=3, help="n-gram length of prompt lookup (ours and HF's)")
+    parser.add_argument("--kinds", nargs="+", default=["prompt_lookup", "draft", "self_stream"],
+                        choices=["prompt_lookup", "draft", "self_stream"], help="draft kinds to compare with none")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF's generate() reference rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -99,7 +121,7 @@ def main() -> None:
     loaded = LoadedModel.load(RunConfig(**{**base, "method": "dense", "cap": None}))
     variants = {}
     for policy, knobs in POLICIES.items():
-        for kind, spec in kinds(args.num_draft, args.draft_layers, args.draft_cap).items():
+        for kind, spec in kinds(args).items():
             config = {**base, **knobs, **spec}
             if spec["spec"] == "prompt_lookup":
                 config["ngram_max"] = args.ngram_max
@@ -107,10 +129,14 @@ def main() -> None:
                 config.pop("cap")
             variants[(policy, kind)] = RunConfig(**config)
     prompt = [int(t) for t in load_stream(loaded.tokenizer, "shakespeare", args.prompt_tokens).ids]
-    reference = HFReference(loaded, prompt, args.new_tokens, args.num_draft, args.ngram_max)
-    hf_kinds = {"HF none": False, f"HF prompt_lookup k={args.num_draft}": True}
+    hf = HFReference(loaded, prompt, args.new_tokens, args.num_draft, args.ngram_max)
+    hf_kinds = {} if args.no_hf else {"HF none": False, f"HF prompt_lookup k={args.num_draft}": True}
+    evaluate(variants[("dense", "none")], loaded=loaded)  # untimed, as are the first HF calls: one-off setup costs
+    for lookup in hf_kinds.values():
+        hf.run(lookup)
     hf_speeds: dict[str, list[float]] = {kind: [] for kind in hf_kinds}
     hf_hashes: dict[str, str] = {}
+    hf_per_forward: dict[str, float] = {}
     speeds: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
     last = {}
     keys = [*variants, *hf_kinds]
@@ -118,7 +144,7 @@ def main() -> None:
         shift = index % len(keys)
         for key in keys[shift:] + keys[:shift]:
             if key in hf_kinds:
-                speed, hf_hashes[key] = reference.run(hf_kinds[key])
+                speed, hf_per_forward[key], hf_hashes[key] = hf.run(hf_kinds[key])
                 hf_speeds[key].append(speed)
                 continue
             result = evaluate(variants[key], loaded=loaded)
@@ -133,7 +159,7 @@ def main() -> None:
           f"{'compactions':>11} identical")
     for policy in POLICIES:
         reference = statistics.median(speeds[(policy, "none")])
-        for kind in kinds(args.num_draft, args.draft_layers, args.draft_cap):
+        for kind in kinds(args):
             summary = last[(policy, kind)]
             speed = statistics.median(speeds[(policy, kind)])
             acceptance = summary["acceptance_rate"]
@@ -142,10 +168,11 @@ def main() -> None:
                   f"{'-' if acceptance is None else f'{acceptance:.2f}':>7} {summary['mean_accepted_length']:8.2f} "
                   f"{summary['compaction_count']:11d} {'yes' if same else 'NO'}")
     ours = last[("dense", "none")]["generated_hash"]
-    hf_reference = statistics.median(hf_speeds["HF none"])
     for kind in hf_kinds:
+        hf_reference = statistics.median(hf_speeds["HF none"])
         speed = statistics.median(hf_speeds[kind])
-        print(f"{'HF dense':<12} {kind:<26} {speed:9.2f} {speed / hf_reference:7.2f}x {'':>7} {'':>8} {'':>11} "
+        print(f"{'HF dense':<12} {kind:<26} {speed:9.2f} {speed / hf_reference:7.2f}x {'-':>7} "
+              f"{hf_per_forward[kind]:8.2f} {0:11d} "
               f"{'yes' if hf_hashes[kind] == ours else 'NO'}")
 
 

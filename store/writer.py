@@ -554,6 +554,7 @@ class StoreWriter:
             con.execute("CHECKPOINT")
             _copy_file(self.working, staging)
             os.replace(staging, self.target)
+            _sync_directory(self.target.parent)
         except (OSError, duckdb.Error) as exc:
             raise StoreError(f"--store {self.path}: publishing a snapshot failed ({_first_line(exc)}; a full disk?): "
                              "the published store is the last whole snapshot; free space, then rerun") from exc
@@ -617,7 +618,22 @@ def _write_segment(folder: Path, table, run_hash: str, segment: str, rows: pa.Ta
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
+    # The rename and the new folders are entries of their parents: durable only once those are synced too.
+    for level in (directory, directory.parent, directory.parent.parent):
+        _sync_directory(level)
     return data.size, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a folder, which makes renames into it and entries created in it survive a crash (POSIX; elsewhere a
+    folder cannot be opened, and the rename is as durable as the platform makes it)."""
+    if os.name != "posix":
+        return
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _write_schema_segment(folder: Path, table) -> None:

@@ -225,10 +225,6 @@ class BlockStepper:
         cos, sin = self.geometry.cos_sin(positions, pre_rope.device)
         return rotate_keys(pre_rope, cos, sin, scale=self.geometry.attention_scaling)
 
-    def _unrotate(self, rotated: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.geometry.cos_sin(positions, rotated.device)
-        return rotate_keys(rotated, cos, -sin, scale=1.0 / self.geometry.attention_scaling)
-
     def _block_len(self) -> int:
         return 0 if self._last_block is None else len(self._last_block.trace)
 
@@ -240,7 +236,10 @@ class _BlockCache(Cache):
         super().__init__(layers=[])
         self.stepper, self.plan, self.base, self.count = stepper, plan, base, count
         self.first = stepper.stored  # storage index of the block's first entry
-        self._positions: torch.Tensor | None = None  # rotary position of every stored entry, for realign / exact
+        # cos / sin of every stored entry's rotary position (realign / exact) and of the anchored copies': the same
+        # for every layer of the block, computed at the first
+        self._stored_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._copy_angles: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.first
@@ -255,26 +254,31 @@ class _BlockCache(Cache):
             keys[:, :, block], values[:, :, block] = key_states, value_states
             natural_keys = keys[:, :, :end]
         else:
-            positions = self._stored_positions(key_states.device)
-            keys[:, :, block] = stepper._unrotate(key_states, positions[block])
+            cos, sin = self._angles(key_states.device)
+            scaling = stepper.geometry.attention_scaling
+            keys[:, :, block] = rotate_keys(key_states, cos[block], -sin[block], scale=1.0 / scaling)
             values[:, :, block] = value_states
             # The block's own keys are used as the model rotated them; the stored ones are rotated at stream index -
             # base, so every natural distance is t - j as in the stepwise cache.
-            stored_keys = stepper._rotate(keys[:, :, : self.first], positions[: self.first])
+            stored_keys = rotate_keys(keys[:, :, : self.first], cos[: self.first], sin[: self.first], scale=scaling)
             natural_keys = torch.cat((stored_keys, key_states), 2)
         copies = len(self.plan.copy_sources)
         if copies == 0:
             return natural_keys, values[:, :, :end]
         sources = torch.from_numpy(self.plan.copy_sources).to(keys.device)
-        copy_positions = torch.from_numpy(self.plan.copy_positions).to(keys.device)
-        copy_keys = stepper._rotate(keys.index_select(2, sources), copy_positions)
+        if self._copy_angles is None:
+            copy_positions = torch.from_numpy(self.plan.copy_positions).to(keys.device)
+            self._copy_angles = stepper.geometry.cos_sin(copy_positions, keys.device)
+        cos, sin = self._copy_angles
+        copy_keys = rotate_keys(keys.index_select(2, sources), cos, sin, scale=stepper.geometry.attention_scaling)
         copy_values = values.index_select(2, sources)
         return torch.cat((natural_keys, copy_keys), 2), torch.cat((values[:, :, :end], copy_values), 2)
 
-    def _stored_positions(self, device: torch.device) -> torch.Tensor:
-        if self._positions is None:
-            self._positions = torch.from_numpy(self.stepper.stored_tokens - self.base).to(device)
-        return self._positions
+    def _angles(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stored_angles is None:
+            positions = torch.from_numpy(self.stepper.stored_tokens - self.base).to(device)
+            self._stored_angles = self.stepper.geometry.cos_sin(positions, device)
+        return self._stored_angles
 
 
 def recompute_blocks(model: Any, ids: torch.Tensor, cap: int, chunk: int,

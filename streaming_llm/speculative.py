@@ -107,15 +107,28 @@ class PromptLookup:
             starts = np.flatnonzero((windows == ids[-n:]).all(axis=1))
             if not len(starts):
                 continue
-            agreement = self._agreement(ids, starts, n)
-            best = int(agreement.max())
-            start = int(starts[agreement == best][-1])
+            start, best = self._best_match(ids, starts, n)
             draft: list[int] = []
             for i in range(min(count, n + best)):
                 source = start + n + i  # < len(ids) + i: inside the history, or a token this draft already copied
                 draft.append(int(ids[source]) if source < len(ids) else draft[source - len(ids)])
             return Draft(draft)
         return Draft([])
+
+    def _best_match(self, ids: np.ndarray, starts: np.ndarray, n: int, chunk: int = 256) -> tuple[int, int]:
+        """(start, agreement) of the occurrence with the longest agreement, the latest among equals. Scanned from the
+        latest back, a chunk at a time, up to the first that agrees for context_max tokens: nothing older can win, so
+        a history that loops on one token (thousands of occurrences) costs one chunk, not all of them."""
+        start, best = -1, -1
+        for end in range(len(starts), 0, -chunk):
+            candidates = starts[max(0, end - chunk) : end]
+            agreement = self._agreement(ids, candidates, n)
+            top = int(agreement.max())
+            if top > best:  # strictly longer: an equal one in this older chunk is not the latest
+                start, best = int(candidates[np.flatnonzero(agreement == top)[-1]]), top
+            if best == self.context_max:
+                break
+        return start, best
 
     def _agreement(self, ids: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
         """For each occurrence at `starts` of the last n-gram: how many tokens before it equal, in order going back,

@@ -133,6 +133,33 @@ def test_prompt_lookup_drafts_no_longer_than_the_matched_context():
     assert lookup.propose(history, 2).tokens == [7, 8]  # "2 3": neither earlier one agrees before it; the latest
 
 
+def test_prompt_lookup_agreement_stops_at_the_first_difference_and_at_context_max():
+    # Before the earlier "4 5": 1 2 agree, then 9 differs (8 before the suffix), then 7 agrees again: agreement 2, so
+    # n + 2 = 4 tokens are drafted, not 5 (which counting every equal token would give).
+    history = [7, 9, 1, 2, 4, 5, 6, 6, 6, 6, 0, 7, 8, 1, 2, 4, 5]
+    assert PromptLookup(ngram_max=2).propose(history, 8).tokens == [6, 6, 6, 6]
+    assert PromptLookup(ngram_max=2, context_max=1).propose(history, 8).tokens == [6, 6, 6]
+
+
+def test_prompt_lookup_on_a_long_loop_scans_back_only_until_a_full_agreement():
+    lookup = PromptLookup(ngram_max=3)
+    history = [5, *[1, 2, 3] * 4000]  # 12,000 occurrences of the last trigram, the latest ones agree fully
+    assert lookup.propose(history, 4).tokens == [1, 2, 3, 1]
+    scanned = []
+    original = PromptLookup._agreement
+    PromptLookup._agreement = lambda self, ids, starts, n: scanned.append(len(starts)) or original(self, ids, starts, n)
+    try:
+        lookup.propose(history, 4)
+    finally:
+        PromptLookup._agreement = original
+    assert scanned == [256]
+    # Scanned one occurrence per chunk: a longer agreement further back still wins; an equal one does not.
+    longer_back = np.asarray([1, 2, 7, 8, 5, 0, 2, 7, 8, 6, 1, 2, 7, 8])
+    assert lookup._best_match(longer_back, np.array([2, 7]), 2, chunk=1) == (2, 2)
+    equal_back = np.asarray([1, 2, 7, 8, 5, 1, 2, 7, 8, 6, 1, 2, 7, 8])
+    assert lookup._best_match(equal_back, np.array([2, 7]), 2, chunk=1) == (7, 2)
+
+
 def test_prompt_lookup_copies_a_match_near_the_end_forward_into_the_draft():
     lookup = PromptLookup(ngram_max=3)
     assert lookup.propose([8, *[1, 2] * 5], 5).tokens == [1, 2, 1, 2, 1]

@@ -5,6 +5,7 @@ every row; the store reads from any cwd, and where it lies after a move."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -67,6 +68,25 @@ def test_recording_a_run_writes_bytes_of_that_run_not_of_the_store(tmp_path):
     # The large store holds 100x the token rows; recording one more run costs the same bytes (the run's segments and
     # the catalog, KB per run), where a whole-store snapshot would cost the large store's size.
     assert written["large"] <= 1.1 * written["small"] + 64 * 1024, written
+
+
+def test_each_rename_is_followed_by_a_sync_of_the_folder_that_holds_it(tmp_path, monkeypatch):
+    import store.writer as writer_module
+
+    events: list[tuple[str, Path]] = []
+    rename, sync = os.replace, writer_module._sync_directory
+    monkeypatch.setattr(writer_module.os, "replace", lambda a, b: (rename(a, b), events.append(("rename", Path(b)))))
+    monkeypatch.setattr(writer_module, "_sync_directory", lambda d: (sync(d), events.append(("sync", Path(d)))))
+    with StoreWriter(tmp_path / "store.duckdb", "v1") as writer:
+        events.clear()
+        record(writer, 0, 100)
+    renamed = [path for kind, path in events if kind == "rename"]
+    assert any(path.name == "data.parquet" for path in renamed) and tmp_path / "store.duckdb" in renamed
+    for path in renamed:
+        later = events[events.index(("rename", path)) + 1 :]
+        assert ("sync", path.parent) in later, f"{path.name} renamed but its folder never synced"
+    new_folders = {path.parent.parent for path in renamed if path.name == "data.parquet"}  # run_hash=...
+    assert all(("sync", folder) in events and ("sync", folder.parent) in events for folder in new_folders)
 
 
 def test_the_disk_holds_at_most_1_3x_the_rows_as_one_zstd_parquet_file(tmp_path):
