@@ -3,14 +3,14 @@ and a published catalog that readers open while a grid runs.
 
 A store is two things side by side: the catalog X.duckdb (meta, grids, experiments, configurations, runs,
 superseded_runs: KB per run) and the folder X.duckdb.segments (one Parquet file per run and per-step table,
-store/schema.py "Segments"). Recording a run writes its segment files (temporary name, fsync, rename), commits its runs
-row, which names the segment, to a private working copy of the catalog, and publishes that copy by atomic replace: the
-cost is the run's rows plus the catalog, never the token rows already stored. The catalog's views read only the
-segments its runs rows reference, so a segment written by a writer killed before it published is never seen (the next
-writer removes it) and readers never see a lock (DuckDB forbids readers while a process holds a file read-write: the
-writer never opens the published catalog for writing). The views name the segment folder by its absolute path, so
-`duckdb -readonly X.duckdb` reads the store from any cwd; a store moved or copied elsewhere is re-pointed by the next
-writer (python -m gridrun migrate --store NEW), and store/queries.py reads it where it lies meanwhile. It never
+store/schema.py "Segments"). Recording a run writes its segment files (temporary name, fsync, rename, folder fsync),
+commits its runs row, which names the segment, to a private working copy of the catalog, and publishes that copy by
+atomic replace: the cost is the run's rows plus the catalog, never the token rows already stored. The catalog's views
+read only the segments its runs rows reference, so a segment written by a writer killed before it published is never
+seen (the next writer removes it) and readers never see a lock (DuckDB forbids readers while a process holds a file
+read-write: the writer never opens the published catalog for writing). The views name the segment folder by its absolute
+path, so `duckdb -readonly X.duckdb` reads the store from any cwd; a store moved or copied elsewhere is re-pointed by
+the next writer (python -m gridrun migrate --store NEW), and store/queries.py reads it where it lies meanwhile. It never
 overwrites a file that is not a gridrun store, and never deletes a segment its published catalog references.
 """
 
