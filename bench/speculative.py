@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm import LoadedModel, RunConfig, evaluate  # noqa: E402
+from streaming_llm.compat import CACHE_KWARG  # noqa: E402
 from streaming_llm.generate import generated_hash  # noqa: E402
 from streaming_llm.measure import Stopwatch  # noqa: E402
 from streaming_llm.text import load_stream  # noqa: E402
@@ -57,7 +58,8 @@ class HFReference:
     """HF `generate()` on the same prompt, greedy, over its DynamicCache: plain, or with its prompt lookup.
 
     Timed like this package's runs, which sum their decoding forwards and leave the prompt out: the whole call minus
-    its first forward (the prompt's, which also yields the first new token), over the other new_tokens - 1 tokens.
+    its first forward (the prompt's) over the tokens that came after those the first forward yielded (one, or more
+    when HF's prompt lookup verified drafts in it: the cache length at the second forward tells).
     HF's own per-step work (logits processors, candidate search, cache cropping) stays in, as ours does.
     """
 
@@ -70,18 +72,28 @@ class HFReference:
 
     def run(self, lookup: bool) -> tuple[float, float, str]:
         """(generated tokens/s, generated tokens per forward, hash of the generated ids)."""
-        forwards: list[float] = []
+        forwards: list[float] = []  # the first forward's ms, then 0 for each later one (counted, not timed apart)
+        first_yield: list[int] = []  # tokens the first forward produced
         prompt_clock = Stopwatch(self.prompt.device)
-        hooks = [
-            self.model.register_forward_pre_hook(lambda *_: prompt_clock.start() if not forwards else None),
-            self.model.register_forward_hook(lambda *_: forwards.append(prompt_clock.stop() if not forwards else 0.0)),
-        ]
+
+        def before(module, args, kwargs):
+            if not forwards:
+                prompt_clock.start()
+            elif len(forwards) == 1:
+                first_yield.append(kwargs[CACHE_KWARG].get_seq_length() - self.prompt.shape[1] + 1)
+
+        def after(module, args, output):
+            forwards.append(prompt_clock.stop() if not forwards else 0.0)
+
+        hooks = [self.model.register_forward_pre_hook(before, with_kwargs=True),
+                 self.model.register_forward_hook(after)]
         try:
             self.clock.start()
             with torch.inference_mode():
                 out = self.model.generate(
                     self.prompt, attention_mask=torch.ones_like(self.prompt), do_sample=False,
                     max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,  # never stopped early by EOS
+                    pad_token_id=0,  # unused (one sequence, never finished early); set, HF warns at every call
                     **(self.lookup if lookup else {}),
                 )
             total_ms = self.clock.stop()
@@ -91,8 +103,10 @@ class HFReference:
         generated = out[0, self.prompt.shape[1] :].tolist()
         if len(generated) != self.new_tokens:
             raise RuntimeError(f"HF generate() returned {len(generated)} tokens, not {self.new_tokens}")
-        decoding_ms = total_ms - forwards[0]
-        return ((self.new_tokens - 1) / (decoding_ms / 1000.0), (self.new_tokens - 1) / (len(forwards) - 1),
+        if not first_yield:
+            raise RuntimeError(f"HF generate() made all {self.new_tokens} tokens in one forward: nothing to time")
+        decoded = self.new_tokens - first_yield[0]
+        return (decoded / ((total_ms - forwards[0]) / 1000.0), decoded / (len(forwards) - 1),
                 generated_hash(generated))
 
 
@@ -114,6 +128,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens {args.new_tokens}: give 2 or more (the first comes with the prompt's forward)")
     torch.set_num_threads(args.threads)
 
     base = dict(model=args.model, device=args.device, dtype=args.dtype, mode="generate",
@@ -172,7 +188,7 @@ def main() -> None:
         hf_reference = statistics.median(hf_speeds["HF none"])
         speed = statistics.median(hf_speeds[kind])
         print(f"{'HF dense':<12} {kind:<26} {speed:9.2f} {speed / hf_reference:7.2f}x {'-':>7} "
-              f"{hf_per_forward[kind]:8.2f} {0:11d} "
+              f"{hf_per_forward[kind]:8.2f} {'-':>11} "
               f"{'yes' if hf_hashes[kind] == ours else 'NO'}")
 
 

@@ -17,6 +17,7 @@ overwrites a file that is not a gridrun store, and never deletes a segment its p
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -554,12 +555,17 @@ class StoreWriter:
             con.execute("CHECKPOINT")
             _copy_file(self.working, staging)
             os.replace(staging, self.target)
-            _sync_directory(self.target.parent)
         except (OSError, duckdb.Error) as exc:
             raise StoreError(f"--store {self.path}: publishing a snapshot failed ({_first_line(exc)}; a full disk?): "
                              "the published store is the last whole snapshot; free space, then rerun") from exc
         finally:
             staging.unlink(missing_ok=True)
+        try:
+            _sync_directory(self.target.parent)
+        except OSError as exc:
+            raise StoreError(f"--store {self.path}: the snapshot was published, but syncing its folder failed "
+                             f"({_first_line(exc)}): it may not survive a crash of the machine; check the disk, then "
+                             "rerun (nothing is lost: the runs recorded so far are in the store)") from exc
         self.publish_seconds += time.perf_counter() - started
         self.publishes += 1
 
@@ -632,6 +638,9 @@ def _sync_directory(directory: Path) -> None:
     handle = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(handle)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot sync a folder (some FUSE, NFS)
+            raise
     finally:
         os.close(handle)
 

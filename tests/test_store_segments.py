@@ -70,13 +70,22 @@ def test_recording_a_run_writes_bytes_of_that_run_not_of_the_store(tmp_path):
     assert written["large"] <= 1.1 * written["small"] + 64 * 1024, written
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a synced descriptor through /proc (Linux)")
 def test_each_rename_is_followed_by_a_sync_of_the_folder_that_holds_it(tmp_path, monkeypatch):
+    import stat
+
     import store.writer as writer_module
 
     events: list[tuple[str, Path]] = []
-    rename, sync = os.replace, writer_module._sync_directory
+    rename, fsync = os.replace, os.fsync
+
+    def synced(handle: int) -> None:
+        fsync(handle)
+        if stat.S_ISDIR(os.fstat(handle).st_mode):
+            events.append(("sync", Path(os.readlink(f"/proc/self/fd/{handle}"))))
+
     monkeypatch.setattr(writer_module.os, "replace", lambda a, b: (rename(a, b), events.append(("rename", Path(b)))))
-    monkeypatch.setattr(writer_module, "_sync_directory", lambda d: (sync(d), events.append(("sync", Path(d)))))
+    monkeypatch.setattr(writer_module.os, "fsync", synced)
     with StoreWriter(tmp_path / "store.duckdb", "v1") as writer:
         events.clear()
         record(writer, 0, 100)
