@@ -6,18 +6,19 @@ layer at once. One layer class per RoPE mode:
 - `RealignedLayer` (`realign`): stores post-RoPE keys; a compaction rotates each moved key by its shift;
 - `PreRopeLayer` (`exact`): stores pre-RoPE keys and rotates all of them by slot index at every step;
 - `AbsoluteLayer` (`absolute`): never re-aligns; queries keep their absolute positions.
-With `kv_quant`, `QuantizedLayer` replaces them: the cache holds int8 / int4 codes (`QuantizedStorage`), keys before
-RoPE (rotated by slot after dequantization, except in absolute mode); a compaction moves codes and scales as they are.
-A plain `model(input_ids, cache=cache)` works: positions default to `get_seq_length()`, the slot index that realign
-and exact expect (absolute mode needs `position_ids=cache.next_positions(n)`). HF `generate()` counts positions itself
-(absolute): `streaming_llm.generate.hf_generate` runs it with the cache's positions, in every mode. Tested with
-transformers 5.24.
+With `kv_quant`, `QuantizedLayer` replaces them: the cache holds int8 / int4 codes (`QuantizedStorage`) of keys as the
+model rotated them at their stream position, and a compaction moves codes and scales as they are (see QuantizedLayer).
+A plain `model(input_ids, cache=cache)` works for a float cache in realign / exact mode: positions default to
+`get_seq_length()`, the slot index they expect. Absolute mode and every `kv_quant` cache need
+`position_ids=cache.next_positions(n)` (stream indices). HF `generate()` counts positions itself (absolute):
+`streaming_llm.generate.hf_generate` runs it with the cache's positions, in every mode. Tested with transformers 5.24.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -202,16 +203,16 @@ class KVQuantSpec:
 
 
 class _Codes:
-    """Quantized entries (keys or values) of every layer: payload, scale and zero point along one slot dimension."""
+    """Quantized entries of every layer: payload, scale and zero point along one slot dimension (the second last)."""
 
     def __init__(self, quantizer: KVQuantizer, like: torch.Tensor, layers: int, capacity: int):
-        batch, heads, _, head_dim = like.shape
+        *lead, _, head_dim = like.shape
         groups = head_dim // quantizer.group
         self.quantizer = quantizer
-        self.payload = torch.empty((layers, batch, heads, capacity, quantizer.payload_dim(head_dim)),
-                                   dtype=torch.uint8, device=like.device)
-        self.scale = torch.empty((layers, batch, heads, capacity, groups), dtype=torch.float32, device=like.device)
-        self.zero = torch.empty((layers, batch, heads, capacity, groups), dtype=torch.uint8, device=like.device)
+        self.payload = torch.empty((layers, *lead, capacity, quantizer.payload_dim(head_dim)), dtype=torch.uint8,
+                                   device=like.device)
+        self.scale = torch.empty((layers, *lead, capacity, groups), dtype=torch.float32, device=like.device)
+        self.zero = torch.empty((layers, *lead, capacity, groups), dtype=torch.uint8, device=like.device)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.payload, self.scale, self.zero]
@@ -222,10 +223,11 @@ class _Codes:
         for stored, part in zip(self.tensors(), self.quantizer.quantize(entries), strict=True):
             stored[layer][..., target, :] = part
 
-    def read_into(self, layer: int, out: torch.Tensor) -> None:
-        """Slots [0, n) of `layer`, dequantized into `out` [..., n, head_dim]."""
+    def read_into(self, layer: int | slice, out: torch.Tensor, part: int | slice = slice(None)) -> None:
+        """Slots [0, n) of `layer` (and `part` of the next axis: keys, values or both), dequantized into `out`
+        [..., n, head_dim]."""
         count = out.shape[-2]
-        payload, scale, zero = (t[layer][..., :count, :] for t in self.tensors())
+        payload, scale, zero = (t[layer][part][..., :count, :] for t in self.tensors())
         self.quantizer.dequantize_into(payload, scale, zero, out)
 
     def move(self, target: slice, source: slice) -> None:
@@ -241,10 +243,15 @@ class _Codes:
             setattr(self, name, new)
 
 
+KEYS, VALUES = 0, 1  # the K / V axis of QuantizedStorage's tensors
+
+
 class QuantizedStorage:
     """Every layer's entries in three runs of slots: [0, sunk) sinks in the model's dtype (`full_sinks`), then
     `quantized` entries as codes, then the newest ones in the model's dtype (`recent`: the residual, plus what the
-    current step appended). Keys are stored before RoPE when the cache rotates them by slot.
+    current step appended). Keys are stored as the model rotated them, at their stream index (`QuantizedLayer`).
+    Keys and values share every tensor ([layers, 2, batch, heads, slots, ...], KEYS then VALUES), so that a step
+    dequantizes both with one set of operations.
 
     `flush()` ends a step: it quantizes, for all layers at once, what the step pushed past the residual. A step that
     appends more than one entry (a prefill) quantizes its own overflow in its layer's update, so that the float part
@@ -253,68 +260,76 @@ class QuantizedStorage:
 
     def __init__(self, spec: KVQuantSpec, sink: int, layers: int, keys: torch.Tensor, values: torch.Tensor,
                  capacity: int):
+        if keys.shape != values.shape:
+            raise ValueError(f"kv_quant stores keys and values alike: shapes {tuple(keys.shape)} and "
+                             f"{tuple(values.shape)} differ")
         self.spec = spec
         self.sink_slots = sink if spec.full_sinks else 0
         self.recent_capacity = spec.residual + 1
-        self.keys = _Codes(spec.quantizer, keys, layers, max(1, capacity - self.sink_slots - spec.residual))
-        self.values = _Codes(spec.quantizer, values, layers, self.keys.payload.shape[-2])
-        float_shape = (layers, *keys.shape[:2])
-        self.sink_keys = keys.new_empty((*float_shape, self.sink_slots, keys.shape[-1]))
-        self.sink_values = values.new_empty((*float_shape, self.sink_slots, values.shape[-1]))
-        self.recent_keys = keys.new_empty((*float_shape, self.recent_capacity, keys.shape[-1]))
-        self.recent_values = values.new_empty((*float_shape, self.recent_capacity, values.shape[-1]))
+        entries = torch.stack((keys, values))
+        self.codes = _Codes(spec.quantizer, entries, layers, max(1, capacity - self.sink_slots - spec.residual))
+        float_shape = (layers, *entries.shape[:-2])
+        self.sinks = keys.new_empty((*float_shape, self.sink_slots, keys.shape[-1]))
+        self.recent = keys.new_empty((*float_shape, self.recent_capacity, keys.shape[-1]))
         self.quantized = [0] * layers  # entries held as codes, per layer (equal between steps)
+        self.positions = np.zeros(capacity, dtype=np.int64)  # stream index of the entry in each slot
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.keys.tensors(), *self.values.tensors(), self.sink_keys, self.sink_values, self.recent_keys,
-                self.recent_values]
+        return [*self.codes.tensors(), self.sinks, self.recent]
 
     def reserve(self, entries: int) -> None:
         """Room for `entries` slots in all (grows the codes by doubling, like the float storage)."""
+        if entries > len(self.positions):
+            self.positions = np.concatenate((self.positions, np.zeros(entries - len(self.positions), np.int64)))
         needed = entries - self.sink_slots - self.spec.residual
-        capacity = self.keys.payload.shape[-2]
+        capacity = self.codes.payload.shape[-2]
         if needed <= capacity:
             return
         while capacity < needed:
             capacity *= 2
-        for codes in (self.keys, self.values):
-            codes.grow(capacity, max(self.quantized))
+        self.codes.grow(capacity, max(self.quantized))
 
     def append(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store entries for slots [start, start + n) of `layer`: sinks first, then the newest as floats, and what
         does not fit in the residual + 1 float slots quantized right away."""
+        entries = torch.stack((keys, values))
         sunk = min(start, self.sink_slots)
-        into_sinks = max(0, min(keys.shape[-2], self.sink_slots - start))
+        into_sinks = max(0, min(entries.shape[-2], self.sink_slots - start))
         if into_sinks:
-            self.sink_keys[layer][..., start : start + into_sinks, :] = keys[..., :into_sinks, :]
-            self.sink_values[layer][..., start : start + into_sinks, :] = values[..., :into_sinks, :]
-            keys, values = keys[..., into_sinks:, :], values[..., into_sinks:, :]
+            self.sinks[layer][..., start : start + into_sinks, :] = entries[..., :into_sinks, :]
+            entries = entries[..., into_sinks:, :]
         recent = start - sunk - self.quantized[layer]
-        overflow = recent + keys.shape[-2] - self.recent_capacity
+        overflow = recent + entries.shape[-2] - self.recent_capacity
         if overflow > 0:
             # Oldest first: the floats held, then the new entries, until the rest fits.
-            keys = torch.cat((self.recent_keys[layer][..., :recent, :], keys), dim=-2)
-            values = torch.cat((self.recent_values[layer][..., :recent, :], values), dim=-2)
-            self.keys.write(layer, self.quantized[layer], keys[..., :overflow, :])
-            self.values.write(layer, self.quantized[layer], values[..., :overflow, :])
+            entries = torch.cat((self.recent[layer][..., :recent, :], entries), dim=-2)
+            self.codes.write(layer, self.quantized[layer], entries[..., :overflow, :])
             self.quantized[layer] += overflow
-            keys, values, recent = keys[..., overflow:, :], values[..., overflow:, :], 0
-        self.recent_keys[layer][..., recent : recent + keys.shape[-2], :] = keys
-        self.recent_values[layer][..., recent : recent + values.shape[-2], :] = values
+            entries, recent = entries[..., overflow:, :], 0
+        self.recent[layer][..., recent : recent + entries.shape[-2], :] = entries
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots [0, length) of `layer` in the model's dtype (keys as stored: before RoPE)."""
+        """Keys and values of slots [0, length) of `layer` in the model's dtype (keys as stored: at their stream
+        index), two views of one new buffer."""
         sunk, quantized = min(length, self.sink_slots), self.quantized[layer]
         recent = length - sunk - quantized
-        parts = []
-        for sinks, codes, floats in ((self.sink_keys, self.keys, self.recent_keys),
-                                     (self.sink_values, self.values, self.recent_values)):
-            entries = floats.new_empty((*floats.shape[1:-2], length, floats.shape[-1]))
-            entries[..., :sunk, :] = sinks[layer][..., :sunk, :]
-            codes.read_into(layer, entries[..., sunk : sunk + quantized, :])
-            entries[..., sunk + quantized :, :] = floats[layer][..., :recent, :]
-            parts.append(entries)
-        return parts[0], parts[1]
+        entries = self.recent.new_empty((*self.recent.shape[1:-2], length, self.recent.shape[-1]))
+        if sunk:
+            entries[..., :sunk, :] = self.sinks[layer][..., :sunk, :]
+        self.codes.read_into(layer, entries[..., sunk : sunk + quantized, :])
+        entries[..., sunk + quantized :, :] = self.recent[layer][..., :recent, :]
+        return entries[KEYS], entries[VALUES]
+
+    def read_front(self, count: int) -> torch.Tensor:
+        """Keys of slots [0, count) of every layer in the model's dtype, [layers, batch, heads, count, head_dim]: sinks
+        and codes only (the float entries are the newest, never among the first slots once a compaction has run)."""
+        sunk = min(count, self.sink_slots)
+        sinks = self.sinks[:, KEYS]
+        keys = sinks.new_empty((*sinks.shape[:-2], count, sinks.shape[-1]))
+        keys[..., :sunk, :] = sinks[..., :sunk, :]
+        if count > sunk:
+            self.codes.read_into(slice(None), keys[..., sunk:, :], part=(slice(None), KEYS))
+        return keys
 
     def flush(self, length: int) -> None:
         """End of a step (all layers at `length`): quantize the oldest float entries past the residual, in one call."""
@@ -323,20 +338,24 @@ class QuantizedStorage:
         overflow = recent - self.spec.residual
         if overflow <= 0:
             return
-        for codes, floats in ((self.keys, self.recent_keys), (self.values, self.recent_values)):
-            codes.write(slice(None), quantized, floats[..., :overflow, :])
-            floats[..., : self.spec.residual, :] = floats[..., overflow:recent, :].clone()
+        self.codes.write(slice(None), quantized, self.recent[..., :overflow, :])
+        self.recent[..., : self.spec.residual, :] = self.recent[..., overflow:recent, :].clone()
         self.quantized = [quantized + overflow] * len(self.quantized)
+
+    def place(self, start: int, first_token: int, count: int) -> None:
+        """Slots [start, start + count) now hold stream indices first_token, first_token + 1, ..."""
+        self.positions[start : start + count] = np.arange(first_token, first_token + count)
 
     def move(self, move: Move) -> None:
         """Apply one move of a compaction to the codes. Sinks never move and the float entries are the newest, which
         every compaction keeps in order at the end (residual <= window), so only the codes' part of a move moves."""
+        target, source = move.slices()
+        self.positions[target] = self.positions[source].copy()
         count = min(move.count, self.sink_slots + self.quantized[0] - move.source)
         if count <= 0:
             return
         target, source = move.target - self.sink_slots, move.source - self.sink_slots
-        for codes in (self.keys, self.values):
-            codes.move(slice(target, target + count), slice(source, source + count))
+        self.codes.move(slice(target, target + count), slice(source, source + count))
 
     def compacted(self, length_after: int) -> None:
         """After every move: the codes hold what is neither a sink nor among the float entries."""
@@ -348,34 +367,60 @@ class QuantizedStorage:
         it is held in the model's dtype: a dequantized entry is within half of it of what was stored.
         [batch, heads, length]."""
         sunk, quantized = min(length, self.sink_slots), self.quantized[layer]
-        scales = (self.values if values else self.keys).scale[layer][..., :quantized, :].amax(-1).float()
+        scales = self.codes.scale[layer][VALUES if values else KEYS][..., :quantized, :].amax(-1).float()
         zeros = scales.new_zeros
         return torch.cat((zeros((*scales.shape[:-1], sunk)), scales,
                           zeros((*scales.shape[:-1], length - sunk - quantized))), dim=-1)
 
 
 class QuantizedLayer(StreamingLayer):
-    """A layer of a `kv_quant` cache: entries go to the cache's `QuantizedStorage`; attention reads them dequantized,
-    keys rotated by slot after dequantization (realign and exact alike), or as stored in absolute mode."""
+    """A layer of a `kv_quant` cache. Every mode feeds it queries and keys at their stream position (`next_positions`)
+    and it stores each key as the model rotated it, quantized once; attention reads the entries dequantized.
+
+    That frame makes every recent entry's distance to the query the true one, t - j, which is what all three modes
+    attend, with no rotation at any step: a realign / exact cache would otherwise rotate every key by its slot at every
+    step, as much work as the attention itself. Only the anchored entries (sinks, refresh tokens: slots below
+    sink + refresh) sit elsewhere in realign / exact, at slot distance query slot - their slot; they are few, and each
+    step rotates them, after dequantization, by (their slot + offset - their stream position), where offset =
+    query's stream index - query's slot. Codes are never re-rotated or requantized: the error stays that of one
+    rounding however many compactions pass (realign and exact are one path). Angles are float64 (`precise_rotary` in
+    the steppers, `cos_sin(precise=True)` here), so positions of any size are rotated as accurately as small ones.
+    """
 
     def __init__(self, cache: StreamingCache, index: int):
         super().__init__(cache)
         self.index = index
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> None:
-        if self.cache.rotates_quantized_keys:
-            key_states = _unrotate(key_states, start, self.cache.geometry)
-        self.cache.quantized.append(self.index, start, key_states, value_states)
+        cache, count = self.cache, key_states.shape[-2]
+        if self.index == 0:
+            if cache.last_position != cache.tokens_seen + count - 1:
+                raise ValueError(
+                    "a kv_quant StreamingCache takes every token at its stream index: pass "
+                    "position_ids=cache.next_positions(n) to each forward (streaming_llm.generate.hf_generate does "
+                    "for HF generate()); the default positions are slots, which would misplace every key"
+                )
+            cache.quantized.place(start, cache.tokens_seen, count)
+            cache.step_offset = cache.tokens_seen - start
+            cache.step_anchored = None
+        cache.quantized.append(self.index, start, key_states, value_states)
 
     def attended(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.quantized.read(self.index, self.length)  # one dequantization for both
-        if self.cache.rotates_quantized_keys:
-            keys = self.cache.rotate_by_slot(keys)
+        if self.cache.step_anchored is None:  # the first layer of the step: every layer's, in one rotation
+            self.cache.step_anchored = self.cache.anchored_keys(self.length, self.cache.step_offset, keys.device)
+        anchored = self.cache.step_anchored
+        if anchored is not False:
+            keys[..., : anchored.shape[-2], :] = anchored[self.index]
         return keys, values
 
     def keys_to_attend(self) -> torch.Tensor:
+        """Between steps (after `compact_pending`): the keys as the next query will attend them."""
         keys = self.cache.quantized.read(self.index, self.length)[0]
-        return self.cache.rotate_by_slot(keys) if self.cache.rotates_quantized_keys else keys
+        anchored = self.cache.anchored_keys(self.length, self.cache.tokens_seen - self.length, keys.device)
+        if anchored is not False:
+            keys[..., : anchored.shape[-2], :] = anchored[self.index]
+        return keys
 
     def values_to_attend(self) -> torch.Tensor:
         return self.cache.quantized.read(self.index, self.length)[1]
@@ -410,7 +455,7 @@ class StreamingCache(Cache):
         self.schedule = CompactionSchedule(policy)
         self.initial_capacity = policy.hard_capacity + policy.compress_every + 1
         self.kv_quant = kv_quant
-        self.rotates_quantized_keys = rope_mode != "absolute"
+        self.anchors_by_slot = rope_mode != "absolute"  # anchored entries sit at slot distance (QuantizedLayer)
         layers = [QuantizedLayer(self, i) if kv_quant else self.layer_class(self) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.all_keys: torch.Tensor | None = None
@@ -425,6 +470,8 @@ class StreamingCache(Cache):
         self.last_span = 0
         self.last_plan: CompactionPlan | None = None
         self.last_position = -1  # of the last token next_positions() placed
+        self.step_offset = 0  # kv_quant: the current step's stream index - slot
+        self.step_anchored: torch.Tensor | bool | None = None  # its anchored keys, all layers (False: none moved)
 
     # --- storage ------------------------------------------------------------------------------------------------
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -499,6 +546,7 @@ class StreamingCache(Cache):
 
     def _end_step(self, new_tokens: int) -> None:
         self.tokens_seen += new_tokens
+        self.step_anchored = None
         self.last_span = self.layers[-1].length
         if self.quantized is not None:
             self.quantized.flush(self.last_span)
@@ -533,8 +581,23 @@ class StreamingCache(Cache):
         cos, sin = (table[:length] for table in self._slot_angles)
         return rotate_keys(keys, cos, sin, scale=self.geometry.attention_scaling)
 
+    def anchored_keys(self, length: int, offset: int, device: torch.device) -> torch.Tensor | bool:
+        """kv_quant: the keys of the anchored entries among slots [0, length), every layer's, rotated from their
+        stream position to the one a query at `offset` past its slot attends them at (realign / exact):
+        [layers, batch, heads, n, head_dim]; False when none is elsewhere (absolute mode, or before any eviction)."""
+        count = min(length, self.policy.sink + self.policy.refresh)
+        if not self.anchors_by_slot or count == 0:
+            return False
+        shifts = np.arange(count) + offset - self.quantized.positions[:count]
+        if not shifts.any():
+            return False
+        cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
+        return rotate_keys(self.quantized.read_front(count), cos, sin)
+
     def next_positions(self, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Position ids [1, count] of the next `count` tokens: their slots, or their stream index in absolute mode."""
-        first = self.tokens_seen if self.rope_mode == "absolute" else self.get_seq_length()
+        """Position ids [1, count] of the next `count` tokens: their slots in a float realign / exact cache, their
+        stream index in absolute mode and in every kv_quant cache."""
+        by_stream = self.rope_mode == "absolute" or self.kv_quant is not None
+        first = self.tokens_seen if by_stream else self.get_seq_length()
         self.last_position = first + count - 1
         return torch.arange(first, first + count, device=device).unsqueeze(0)

@@ -182,6 +182,9 @@ class RunConfig(BaseModel):
         if self.protocol == "parallel":
             raise ConfigError(f"kv_quant = {self.kv_quant} is implemented in the stepwise protocol's cache; protocol "
                               "parallel holds none: use protocol stepwise")
+        if self.mode == "generate" and self.spec != "none":
+            raise ConfigError(f"kv_quant = {self.kv_quant} is implemented in the stepwise cache; spec = {self.spec} "
+                              "verifies drafts over a block cache that holds floats: use spec none with kv_quant")
         if self.kv_quant_group < 2:
             raise ConfigError(f"kv_quant_group = {self.kv_quant_group} < 2: a group holds 2 or more elements (one "
                               "scale and zero point per element would take more bytes than the float entry)")

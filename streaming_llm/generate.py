@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
 import numpy as np
@@ -30,6 +30,7 @@ from .environment import fingerprint
 from .evaluate import COMPACTION_SCHEMA, STEPPERS, TOKEN_SCHEMA, LoadedModel, RunResult, _check_budget, _summarise
 from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
 from .parallel import BlockStepper, StepTrace
+from .rope import precise_rotary
 from .speculative import Draft, make_drafter, verify
 from .text import TokenStream, load_stream
 
@@ -128,10 +129,12 @@ class StreamingBlockTarget(BlockStepper):
         super().__init__(loaded.model, config.policy, config.rope_mode)
 
     def kv_storage(self) -> tuple[int, int] | None:
-        """(bytes of the block storage: one pre-RoPE key and one value per entry, kept ones plus a block, entries)."""
+        """(bytes of the block storage: per entry a pre-RoPE key, a rotated one (realign / exact) and a value, for the
+        kept ones plus a block and its anchored copies; entries)."""
         if self.keys is None:
             return None
-        return self.keys.nbytes + self.values.nbytes, self.keys.shape[3]
+        storages = [t for t in (self.keys, self.rotated, self.values) if t is not None]
+        return sum(t.nbytes for t in storages), self.keys.shape[3]
 
 
 def make_target(loaded: LoadedModel, config: RunConfig):
@@ -292,8 +295,9 @@ def streaming_positions(model):
     """While active, every forward of `model` over a StreamingCache takes its position ids from the cache.
 
     HF `generate()` counts positions itself, from the attention mask (absolute stream indices): right for `absolute`
-    mode only. Realign and exact mode need each query at its slot; the cache knows both (`next_positions`), so a
-    pre-forward hook on the base model replaces the counted ids with the cache's. Other caches are left alone.
+    mode and kv_quant caches only. A float realign / exact cache needs each query at its slot; the cache knows which
+    (`next_positions`), so a pre-forward hook on the base model replaces the counted ids with the cache's. Other
+    caches are left alone.
     """
 
     def use_cache_positions(module, args, kwargs):
@@ -324,6 +328,7 @@ def hf_generate(model, input_ids: torch.Tensor, cache=None, **kwargs) -> torch.T
         )
     if isinstance(cache, StreamingCache) and input_ids.shape[0] != 1:
         raise ValueError(f"a StreamingCache follows one stream: input_ids has batch {input_ids.shape[0]}, use 1")
-    with streaming_positions(model):
+    precise = isinstance(cache, StreamingCache) and cache.kv_quant is not None and cache.anchors_by_slot
+    with streaming_positions(model), precise_rotary(model, cache.geometry) if precise else nullcontext():
         return model.generate(input_ids, **{CACHE_KWARG: cache}, **kwargs) if cache is not None else model.generate(
             input_ids, **kwargs)

@@ -52,13 +52,21 @@ class BlockPlan:
     trace: list[StepTrace]
 
 
+STALE_LIMIT = 64  # evicted entries a BlockStepper's storage may hold before it drops them
+
+
 class BlockStepper:
     """Feeds blocks of tokens through the model exactly as if they were fed one at a time under the run's policy.
 
     `policy` None is dense attention (DynamicCache's positions 0, 1, 2, ...). Stored entries live in one preallocated
-    storage per stepper ([layers, batch, kv_heads, capacity, head_dim]): in `realign` / `exact` the keys before RoPE
-    (they are rotated per block, relative to the block's first token, so angles stay as small as the stepwise path's);
-    in `absolute` and dense, the keys as the model rotated them at their stream index (positions never change there).
+    storage per stepper ([layers, batch, kv_heads, capacity, head_dim]). In `absolute` and dense, `keys` holds them as
+    the model rotated them at their stream index (positions never change there). In `realign` / `exact`, `keys` holds
+    them before RoPE and `rotated` as the model rotated them at stream index - `base`: every recent entry's distance
+    to a query is then t - j without rotating anything per block, and each anchored copy is rotated from its pre-RoPE
+    key. The base moves to the block's first token once it lags by more than the policy's largest span, and `rotated`
+    is re-derived from the pre-RoPE keys (one rotation every span's worth of tokens), so that angles stay as small as
+    the stepwise path's. The anchored copies a block needs are written after its entries in `rotated` / `values`, so
+    that attention reads one view of each, never a concatenation.
     """
 
     def __init__(self, model: Any, policy: StreamingPolicy | None, rope_mode: str = "realign"):
@@ -69,7 +77,15 @@ class BlockStepper:
         self.schedule = CompactionSchedule(policy) if policy is not None else None
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.stored = 0  # entries in use in the storage: the kept ones [0, kept) after `_settle`, plus a pending block
+        self.rotated: torch.Tensor | None = None  # realign / exact: the keys rotated at stream index - base
+        self.base = 0  # realign / exact: the rotary base of `rotated`
+        # realign / exact: how far the base may lag the block's first token (every query then sits within twice the
+        # policy's largest span of it, as the stepwise cache's slots do)
+        self.rebase_lag = policy.hard_capacity + policy.compress_every if self.relative else 0
+        # Evicted entries may stay in the storage, unattended, until this many have gathered: a settle copies every
+        # storage, which per small block (speculative verification) costs more than attending a few stale columns.
+        self.stale_limit = STALE_LIMIT
+        self.stored = 0  # entries in the storage: the kept ones, evicted ones not dropped yet, and the last block
         self.stored_tokens = np.empty(0, dtype=np.int64)  # stream index of each stored entry
         self.kept = np.empty(0, dtype=np.int64)  # stored indices of the cached entries, in slot order
         self.tokens_seen = 0
@@ -83,10 +99,13 @@ class BlockStepper:
         `one_step` makes the block a single step of the schedule (a prefill: causal inside, one compaction decision at
         its end), as the stepwise protocol's prefill forward is. Afterwards the state holds all n tokens.
         """
-        self._settle()
+        if self.stored - len(self.kept) > self.stale_limit:
+            self._settle()
         count = input_ids.shape[-1]
         first = self.tokens_seen
-        base = first if self.relative else 0
+        if self.relative and first - self.base > self.rebase_lag:
+            self._rebase(first)
+        base = self.base
         settled_tokens = self.stored_tokens
         self.stored_tokens = np.concatenate((settled_tokens, np.arange(first, first + count, dtype=np.int64)))
         try:
@@ -95,14 +114,16 @@ class BlockStepper:
             mask.masked_fill_(torch.from_numpy(~plan.visible).to(input_ids.device), torch.finfo(self.model.dtype).min)
             positions = torch.arange(first - base, first - base + count, device=input_ids.device).unsqueeze(0)
             block_cache = _BlockCache(self, plan, base, count)
+            block_cache.copy_anchored()
             out = self.model(
                 input_ids=input_ids, position_ids=positions, attention_mask=mask[None, None], logits_to_keep=0,
                 **cache_kwargs(block_cache),
             )
+            block_cache.store_pre_rope()
         except BaseException:
-            # A failed forward (out of memory, an interrupt) leaves the state as it was before the block (settled:
-            # the block before it can no longer be rewound): entries it wrote lie beyond `stored`, unreferenced, the
-            # schedule is untouched (_plan steps a copy), and the block can be fed again.
+            # A failed forward (out of memory, an interrupt) leaves the state as it was before the block: entries it
+            # wrote lie beyond `stored`, unreferenced, the schedule is untouched (_plan steps a copy), and the block
+            # can be fed again.
             self.stored_tokens = settled_tokens
             raise
         self.stored += count
@@ -202,24 +223,41 @@ class BlockStepper:
         if self.keys is None or (len(self.kept) == self.stored and np.array_equal(self.kept, np.arange(self.stored))):
             return
         index = torch.from_numpy(self.kept).to(self.keys.device)
-        self.keys[:, :, :, : len(self.kept)] = self.keys.index_select(3, index)
-        self.values[:, :, :, : len(self.kept)] = self.values.index_select(3, index)
+        storages = [storage for storage in (self.keys, self.rotated, self.values) if storage is not None]
+        kept = [storage.index_select(3, index) for storage in storages]  # all gathered before any is written
+        for storage, entries in zip(storages, kept, strict=True):
+            storage[:, :, :, : len(self.kept)] = entries
         self.stored_tokens = self.stored_tokens[self.kept]
         self.stored = len(self.kept)
         self.kept = np.arange(self.stored, dtype=np.int64)
         self._last_block = None  # a rewind must not reach behind a settled state
 
-    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        if self.keys is not None and self.keys.shape[3] >= needed:
-            return
-        capacity = max(needed, 2 * self.keys.shape[3] if self.keys is not None else needed)
-        layers = self.model.config.num_hidden_layers
-        new_keys = key_states.new_empty((layers, *key_states.shape[:2], capacity, key_states.shape[-1]))
-        new_values = value_states.new_empty((layers, *value_states.shape[:2], capacity, value_states.shape[-1]))
-        if self.keys is not None:
-            new_keys[:, :, :, : self.stored] = self.keys[:, :, :, : self.stored]
-            new_values[:, :, :, : self.stored] = self.values[:, :, :, : self.stored]
-        self.keys, self.values = new_keys, new_values
+    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, entries: int, columns: int) -> None:
+        """Room for `entries` stored entries in every storage, and for `columns` (the entries, then the anchored
+        copies) in the ones attention reads: `rotated` and `values` in realign / exact, `keys` and `values` else.
+        `key_states` / `value_states` [batch, kv_heads, n, head_dim] give the shapes and dtype of a first storage."""
+        read = ("rotated", "values") if self.relative else ("keys", "values")
+        for name in ("keys", "rotated", "values"):
+            if name == "rotated" and not self.relative:
+                continue
+            old = getattr(self, name)
+            needed = columns if name in read else entries
+            if old is not None and old.shape[3] >= needed:
+                continue
+            like = value_states if name == "values" else key_states
+            capacity = max(needed, 2 * old.shape[3] if old is not None else needed)
+            new = like.new_empty((self.model.config.num_hidden_layers, *like.shape[:2], capacity, like.shape[-1]))
+            if old is not None:
+                new[:, :, :, : self.stored] = old[:, :, :, : self.stored]
+            setattr(self, name, new)
+
+    def _rebase(self, base: int) -> None:
+        """Move the rotary base to `base`: `rotated` re-derived from the pre-RoPE keys at stream index - base."""
+        if self.keys is not None and self.stored:
+            positions = torch.from_numpy(self.stored_tokens[: self.stored] - base).to(self.keys.device)
+            rotated = self._rotate(self.keys[:, :, :, : self.stored], positions)
+            self.rotated[:, :, :, : self.stored] = rotated
+        self.base = base
 
     def _rotate(self, pre_rope: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.geometry.cos_sin(positions, pre_rope.device)
@@ -230,55 +268,88 @@ class BlockStepper:
 
 
 class _BlockCache(Cache):
-    """The Cache a block's forward sees: stores the block's entries, returns the key axis its mask was built for."""
+    """The Cache a block's forward sees: stores the block's entries, returns the key axis its mask was built for.
+
+    In realign / exact the anchored copies and the block's pre-RoPE keys are written for every layer at once, before
+    and after the forward (`copy_anchored`, `store_pre_rope`), except when a copy's source lies in the block itself
+    (a refresh token chosen by a compaction inside the block): then each layer writes both in its update.
+    """
 
     def __init__(self, stepper: BlockStepper, plan: BlockPlan, base: int, count: int):
         super().__init__(layers=[])
         self.stepper, self.plan, self.base, self.count = stepper, plan, base, count
         self.first = stepper.stored  # storage index of the block's first entry
-        # cos / sin of every stored entry's rotary position (realign / exact) and of the anchored copies': the same
-        # for every layer of the block, computed at the first
-        self._stored_angles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.end = self.first + count
+        self.columns = self.end + len(plan.copy_sources)
+        self.per_layer = bool(len(plan.copy_sources)) and (
+            stepper.keys is None or int(plan.copy_sources.max()) >= self.first
+        )
+        # cos / sin of the block's positions (its keys before RoPE) and of the anchored copies', for every layer
+        self._block_angles: tuple[torch.Tensor, torch.Tensor] | None = None
         self._copy_angles: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.first
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        stepper, end = self.stepper, self.first + self.count
+        stepper, end = self.stepper, self.end
         if layer_idx == 0:
-            stepper._reserve(key_states, value_states, end)
+            stepper._reserve(key_states, value_states, end, self.columns)
         keys, values = stepper.keys[layer_idx], stepper.values[layer_idx]
         block = slice(self.first, end)
+        values[:, :, block] = value_states
         if not stepper.relative:
-            keys[:, :, block], values[:, :, block] = key_states, value_states
-            natural_keys = keys[:, :, :end]
-        else:
-            cos, sin = self._angles(key_states.device)
-            scaling = stepper.geometry.attention_scaling
-            keys[:, :, block] = rotate_keys(key_states, cos[block], -sin[block], scale=1.0 / scaling)
-            values[:, :, block] = value_states
-            # The block's own keys are used as the model rotated them; the stored ones are rotated at stream index -
-            # base, so every natural distance is t - j as in the stepwise cache.
-            stored_keys = rotate_keys(keys[:, :, : self.first], cos[: self.first], sin[: self.first], scale=scaling)
-            natural_keys = torch.cat((stored_keys, key_states), 2)
-        copies = len(self.plan.copy_sources)
-        if copies == 0:
-            return natural_keys, values[:, :, :end]
-        sources = torch.from_numpy(self.plan.copy_sources).to(keys.device)
-        if self._copy_angles is None:
-            copy_positions = torch.from_numpy(self.plan.copy_positions).to(keys.device)
-            self._copy_angles = stepper.geometry.cos_sin(copy_positions, keys.device)
-        cos, sin = self._copy_angles
-        copy_keys = rotate_keys(keys.index_select(2, sources), cos, sin, scale=stepper.geometry.attention_scaling)
-        copy_values = values.index_select(2, sources)
-        return torch.cat((natural_keys, copy_keys), 2), torch.cat((values[:, :, :end], copy_values), 2)
+            keys[:, :, block] = key_states
+            return keys[:, :, :end], values[:, :, :end]  # no copies: every distance is the true one
+        # The block's keys as the model rotated them, at stream index - base like every stored entry of `rotated`:
+        # every natural distance is t - j, as in the stepwise cache.
+        rotated = stepper.rotated[layer_idx]
+        rotated[:, :, block] = key_states
+        if self.per_layer:
+            keys[:, :, block] = self._unrotate(key_states)
+            self._write_copies(keys, rotated, values)
+        return rotated[:, :, : self.columns], values[:, :, : self.columns]
 
-    def _angles(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._stored_angles is None:
-            positions = torch.from_numpy(self.stepper.stored_tokens - self.base).to(device)
-            self._stored_angles = self.stepper.geometry.cos_sin(positions, device)
-        return self._stored_angles
+    def copy_anchored(self) -> None:
+        """Before the forward: every layer's anchored copies, when all their sources are stored entries."""
+        stepper = self.stepper
+        if not stepper.relative or self.per_layer or self.columns == self.end:
+            return
+        stepper._reserve(stepper.keys[0], stepper.values[0], self.end, self.columns)
+        with torch.inference_mode():
+            self._write_copies(stepper.keys, stepper.rotated, stepper.values, dim=3)
+
+    def store_pre_rope(self) -> None:
+        """After the forward: the block's keys before RoPE, for every layer at once (unless each layer wrote its)."""
+        stepper = self.stepper
+        if not stepper.relative or self.per_layer:
+            return
+        block = slice(self.first, self.end)
+        with torch.inference_mode():
+            stepper.keys[:, :, :, block] = self._unrotate(stepper.rotated[:, :, :, block])
+
+    def _unrotate(self, model_keys: torch.Tensor) -> torch.Tensor:
+        """Keys the model rotated at the block's positions (stream index - base), before RoPE."""
+        geometry, device = self.stepper.geometry, model_keys.device
+        if self._block_angles is None:
+            positions = torch.arange(self.count, device=device) + (self.stepper.tokens_seen - self.base)
+            self._block_angles = geometry.cos_sin(positions, device)
+        cos, sin = self._block_angles
+        return rotate_keys(model_keys, cos, -sin, scale=1.0 / geometry.attention_scaling)
+
+    def _write_copies(self, keys: torch.Tensor, rotated: torch.Tensor, values: torch.Tensor, dim: int = 2) -> None:
+        """Columns [end, columns) of `rotated` / `values`: each copy's pre-RoPE key rotated at its position, and its
+        value (one layer's storages, entries along `dim` 2, or all layers', along 3)."""
+        geometry, device = self.stepper.geometry, keys.device
+        sources = torch.from_numpy(self.plan.copy_sources).to(device)
+        if self._copy_angles is None:
+            copy_positions = torch.from_numpy(self.plan.copy_positions).to(device)
+            self._copy_angles = geometry.cos_sin(copy_positions, device)
+        cos, sin = self._copy_angles
+        copies = slice(self.end, self.columns)
+        rotated.narrow(dim, copies.start, copies.stop - copies.start).copy_(
+            rotate_keys(keys.index_select(dim, sources), cos, sin, scale=geometry.attention_scaling))
+        values.narrow(dim, copies.start, copies.stop - copies.start).copy_(values.index_select(dim, sources))
 
 
 def recompute_blocks(model: Any, ids: torch.Tensor, cap: int, chunk: int,

@@ -7,6 +7,8 @@ are positioned differently is refused by `RotaryGeometry.of`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +67,18 @@ class RotaryGeometry:
         inv_freq = rotary.inv_freq.detach().to(device="cpu", dtype=torch.float32).clone()
         return cls(inv_freq=inv_freq, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)))
 
-    def cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape [len(positions), rotary_dim], float32, laid out as HF's `cat((freqs, freqs))`."""
-        freqs = positions.to(device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+    def cos_sin(self, positions: torch.Tensor, device: torch.device,
+                precise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape [len(positions), rotary_dim], float32, laid out as HF's `cat((freqs, freqs))`.
+
+        By default the angles are computed as HF computes them (float32 products), so that rotating by the model's own
+        table undoes its rotation exactly. `precise` computes them in float64: at position p a float32 angle is off by
+        up to p * inv_freq * 6e-8 rad (1e-3 rad at p = 20,000), an error that grows with the stream.
+        """
+        dtype = torch.float64 if precise else torch.float32
+        freqs = positions.to(device=device, dtype=dtype)[:, None] * self.inv_freq.to(device=device, dtype=dtype)[None]
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
+        return angles.cos().float(), angles.sin().float()
 
     def rotation_matrix(self, shift: int, head_dim: int, device: torch.device) -> torch.Tensor:
         """[head_dim, head_dim] float32 matrix M with `keys @ M` = keys rotated by `shift` positions.
@@ -114,3 +123,26 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale:
     if rotary_dim == keys.shape[-1]:
         return rotated.to(keys.dtype)
     return torch.cat((rotated.to(keys.dtype), keys[..., rotary_dim:]), dim=-1)
+
+
+@contextmanager
+def precise_rotary(model: torch.nn.Module, geometry: RotaryGeometry) -> Iterator[None]:
+    """While active, the model's rotary table (cos, sin of every position id of a forward) is computed from float64
+    angles (`RotaryGeometry.cos_sin(precise=True)`) instead of float32 ones, so that queries and keys at stream
+    positions of any size are rotated as accurately as at small ones. Equal to HF's table within float32 rounding
+    where HF's is accurate (tests/test_streaming_quant.py)."""
+    rotary = model.base_model.rotary_emb
+
+    def precise_table(module, args, kwargs, output):
+        x = args[0] if args else kwargs["x"]
+        position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
+        cos, sin = geometry.cos_sin(position_ids.reshape(-1), x.device, precise=True)
+        shape = (*position_ids.shape, cos.shape[-1])
+        scale = geometry.attention_scaling
+        return (cos * scale).to(x.dtype).reshape(shape), (sin * scale).to(x.dtype).reshape(shape)
+
+    handle = rotary.register_forward_hook(precise_table, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

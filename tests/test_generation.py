@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from streaming_llm import ConfigError, RunConfig, StreamingCache, evaluate
+from streaming_llm.evaluate import kv_quant_spec
 from streaming_llm.generate import DenseBlockTarget, StepwiseTarget, StreamingBlockTarget, hf_generate, make_target
 from streaming_llm.rope import RotaryGeometry
 from streaming_llm.speculative import Draft, PromptLookup, first_layers, verify
@@ -295,23 +296,28 @@ def test_greedy_verification_accepts_the_argmax_prefix():
 
 
 # --- HF generate() over a StreamingCache ------------------------------------------------------------------------------
-def _streaming_cache(loaded, rope_mode: str, window: int):
-    policy = RunConfig(window=window, sink=4).policy
-    return StreamingCache(policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers, rope_mode)
+def _streaming_cache(loaded, rope_mode: str, window: int, kv_quant: str = "none"):
+    config = RunConfig(window=window, sink=4, kv_quant=kv_quant, kv_quant_group=8)
+    return StreamingCache(config.policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers,
+                          rope_mode, kv_quant_spec(config, loaded.model.config))
 
 
 @pytest.mark.parametrize("model", TINY_MODELS)
 @pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
-def test_hf_generate_over_a_streaming_cache_equals_the_generation_protocol(tiny_models, model, rope_mode):
-    """Greedy: HF's loop over our cache generates what our stepwise protocol does, across compactions."""
+@pytest.mark.parametrize("kv_quant", ["none", "int8"])
+def test_hf_generate_over_a_streaming_cache_equals_the_generation_protocol(tiny_models, model, rope_mode, kv_quant):
+    """Greedy: HF's loop over our cache generates what our stepwise protocol does, across compactions (a kv_quant
+    cache too: stream positions, float64 rotary angles, anchored entries rotated per step)."""
     loaded = tiny_models[model]
-    ours = generate_run(loaded, method="streaming", window=40, sink=4, rope_mode=rope_mode, prompt_tokens=32)
+    ours = generate_run(loaded, method="streaming", window=40, sink=4, rope_mode=rope_mode, prompt_tokens=32,
+                        kv_quant=kv_quant, kv_quant_group=8)
     assert ours.summary["compaction_count"] > 0
     prompt = ours.tokens.column("token_id").to_pylist()[:32]
-    out = hf_generate(loaded.model, torch.tensor([prompt]), cache=_streaming_cache(loaded, rope_mode, 40),
+    out = hf_generate(loaded.model, torch.tensor([prompt]), cache=_streaming_cache(loaded, rope_mode, 40, kv_quant),
                       max_new_tokens=GENERATE["new_tokens"], do_sample=False)
     assert out[0, 32:].tolist() == generated(ours)
-    if rope_mode != "absolute":  # without the cache's positions, HF's absolute count derails after a compaction
+    if rope_mode != "absolute" and kv_quant == "none":
+        # without the cache's positions, HF's absolute count derails after a compaction
         plain = loaded.model.generate(torch.tensor([prompt]), cache=_streaming_cache(loaded, rope_mode, 40),
                                       max_new_tokens=GENERATE["new_tokens"], do_sample=False)
         assert plain[0, 32:].tolist() != generated(ours)

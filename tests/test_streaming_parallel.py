@@ -182,7 +182,8 @@ def test_rewind_equals_never_having_fed_the_rejected_tokens(tiny_models, policy)
 
 
 def test_storage_stays_bounded_however_long_the_stream(tiny_models):
-    """Streams of any length keep the storage at the policy's span plus one block: memory does not grow."""
+    """Streams of any length keep the storage at the policy's span plus one block (and the evicted entries it may
+    hold before dropping them): memory does not grow."""
     loaded = tiny_models["tiny-neox"]
     config = RunConfig(model="tiny-neox", method="streaming", sink=4, window=32, compress_every=8)
     stepper = block_stepper(loaded, config)
@@ -191,8 +192,11 @@ def test_storage_stays_bounded_however_long_the_stream(tiny_models):
     with torch.inference_mode():
         for first in range(0, 3000, 50):
             stepper.forward_block(ids[:, first : first + 50])
-            capacities.append(stepper.keys.shape[3])
-    assert capacities[5] == capacities[-1] <= 2 * (config.policy.hard_capacity + config.compress_every + 50)
+            capacities.append((stepper.keys.shape[3], stepper.rotated.shape[3], stepper.values.shape[3]))
+    entries = config.policy.hard_capacity + config.compress_every + 50 + stepper.stale_limit
+    copies = (config.sink + config.refresh) * 50  # at most one copy of each anchored entry per query
+    assert capacities[5] == capacities[-1]
+    assert capacities[-1][0] <= 2 * entries and max(capacities[-1][1:]) <= 2 * (entries + copies)
 
 
 def test_embedded_model_parallel_equals_stepwise_for_strict_and_lazy():

@@ -14,7 +14,7 @@ import torch
 from streaming_llm import ConfigError, LoadedModel, RunConfig, StreamingCache, StreamingPolicy, evaluate
 from streaming_llm.cache import KVQuantSpec
 from streaming_llm.quant import KVQuantizer
-from streaming_llm.rope import RotaryGeometry, rotate_keys
+from streaming_llm.rope import RotaryGeometry, precise_rotary, rotate_keys
 from tests.conftest import TEST_DEVICE
 
 
@@ -67,21 +67,22 @@ POLICIES = {
 
 
 def _feed(cache: StreamingCache, geometry: RotaryGeometry, steps: int, layers: int, seed: int, prefill: int):
-    """Random pre-RoPE keys rotated at their slot (what the model hands realign/exact caches), values as they are."""
+    """Random pre-RoPE keys rotated at the cache's next positions (what the model hands it: slots for a float
+    realign / exact cache, stream indices otherwise; float64 angles for a kv_quant realign / exact one), values as
+    they are.
+    Yields, after each step's updates and before its compaction, what each layer's update returned (what its
+    attention read)."""
     generator = torch.Generator().manual_seed(seed)
     counts = [prefill] + [1] * steps if prefill else [1] * steps
+    precise = cache.kv_quant is not None and cache.anchors_by_slot
     for count in counts:
-        start = cache.get_seq_length()
+        cache.compact_pending()
         keys = torch.randn(layers, 1, 2, count, 16, generator=generator)
         values = torch.randn(layers, 1, 2, count, 16, generator=generator)
-        slots = torch.arange(start, start + count)
-        cos, sin = geometry.cos_sin(slots, torch.device("cpu"))
-        if cache.rope_mode != "absolute":
-            keys = rotate_keys(keys, cos, sin)
-        for layer in range(layers):
-            cache.update(keys[layer], values[layer], layer)
-        cache.compact_pending()
-        yield
+        cos, sin = geometry.cos_sin(cache.next_positions(count)[0], torch.device("cpu"), precise=precise)
+        keys = rotate_keys(keys, cos, sin)
+        yield [cache.update(keys[layer], values[layer], layer) for layer in range(layers)]
+    cache.compact_pending()
 
 
 @pytest.mark.parametrize("policy_name", list(POLICIES))
@@ -96,17 +97,37 @@ def test_quantized_cache_equals_float_cache_slot_for_slot(tiny_models, policy_na
     reference = StreamingCache(policy, geometry, layers, rope_mode)
     quantized = StreamingCache(policy, geometry, layers, rope_mode, kv_quant=spec)
     checked = compactions = 0
-    for _ in zip(_feed(reference, geometry, 200, layers, 7, 29), _feed(quantized, geometry, 200, layers, 7, 29),
-                 strict=True):
+    # The quantized cache holds keys at their stream index; the float one (realign / exact) at their slot: they are
+    # compared where the query attends them, offset = its stream index - its slot further on. An anchored key rotated
+    # after dequantization mixes two coordinates' errors: at most sqrt(2) half steps.
+    sqrt2 = math.sqrt(2) if rope_mode != "absolute" else 1.0
+    for attended, attended_quantized in zip(_feed(reference, geometry, 200, layers, 7, 29),
+                                            _feed(quantized, geometry, 200, layers, 7, 29), strict=True):
+        # What each layer's attention read in this step (the per-step path: offset, anchored rotation, new entries)
+        offset = quantized.step_offset if rope_mode != "absolute" else 0
+        for layer, ((keys, values), (quantized_keys, quantized_values)) in enumerate(
+                zip(attended, attended_quantized, strict=True)):
+            length = keys.shape[-2]
+            key_step = quantized.quantized.step_sizes(layer, length)[..., None]
+            value_step = quantized.quantized.step_sizes(layer, length, values=True)[..., None]
+            shifted = rotate_keys(keys, *geometry.cos_sin(torch.full((length,), offset), torch.device("cpu"),
+                                                          precise=True))
+            assert ((quantized_keys - shifted).abs() <= sqrt2 * key_step / 2 * (1 + 1e-4) + 1e-5).all()
+            assert ((quantized_values - values).abs() <= value_step / 2 * (1 + 1e-4) + 1e-6).all()
+        reference.compact_pending()
+        quantized.compact_pending()
         assert quantized.layers[0].length == reference.layers[0].length
         compactions += reference.last_plan is not None
         for layer in range(layers):
             length = reference.layers[layer].length
             key_step = quantized.quantized.step_sizes(layer, length)[..., None]
             value_step = quantized.quantized.step_sizes(layer, length, values=True)[..., None]
-            # A key rotated after dequantization mixes two coordinates' errors: at most sqrt(2) half steps.
-            key_bound = (math.sqrt(2) if rope_mode != "absolute" else 1.0) * key_step / 2 * (1 + 1e-4) + 1e-5
-            key_error = (quantized.layers[layer].keys_to_attend() - reference.layers[layer].keys_to_attend()).abs()
+            key_bound = sqrt2 * key_step / 2 * (1 + 1e-4) + 1e-5
+            expected = reference.layers[layer].keys_to_attend()
+            if rope_mode != "absolute":
+                offset = torch.full((length,), reference.tokens_seen - length)
+                expected = rotate_keys(expected, *geometry.cos_sin(offset, torch.device("cpu"), precise=True))
+            key_error = (quantized.layers[layer].keys_to_attend() - expected).abs()
             value_error = (quantized.layers[layer].values_to_attend() - reference.layers[layer].values_to_attend())
             assert (key_error <= key_bound).all()
             assert (value_error.abs() <= value_step / 2 * (1 + 1e-4) + 1e-6).all()
@@ -118,12 +139,61 @@ def test_quantized_cache_equals_float_cache_slot_for_slot(tiny_models, policy_na
     assert int((steps == 0).sum()) == sinks + residual
 
 
-def test_realign_and_exact_are_one_path_under_kv_quant(tiny_models):
-    loaded = tiny_models["tiny-neox"]
-    knobs = dict(method="streaming", sink=4, window=24, compress_every=8, max_tokens=300, kv_quant="int8",
-                 kv_quant_group=8)
-    realign, exact = run(loaded, rope_mode="realign", **knobs), run(loaded, rope_mode="exact", **knobs)
-    np.testing.assert_allclose(nlls(realign), nlls(exact), rtol=0, atol=1e-6)
+def test_a_kv_quant_cache_refuses_a_forward_without_its_positions(tiny_models):
+    """Without position_ids a model counts slots; a kv_quant cache places tokens by stream index, so such a forward
+    would misplace every key after the first eviction: refused at its first layer, before anything is stored."""
+    model = tiny_models["tiny-llama"].model
+    spec = KVQuantSpec(KVQuantizer(8, 8))
+    cache = StreamingCache(StreamingPolicy(sink=4, window=24), RotaryGeometry.of(model),
+                           model.config.num_hidden_layers, "realign", kv_quant=spec)
+    ids = torch.arange(10, 20).unsqueeze(0).to(model.device)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"position_ids=cache.next_positions\(n\)"):
+            model(input_ids=ids, cache=cache)
+        assert cache.tokens_seen == 0
+        model(input_ids=ids, position_ids=cache.next_positions(10, model.device), cache=cache)
+        with pytest.raises(ValueError, match="stream index"):  # positions are placed once per forward
+            model(input_ids=ids[:, :1], cache=cache)
+    assert cache.tokens_seen == 10 and cache.get_seq_length() == 10
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-neox"])
+def test_precise_rotary_table_is_hfs_where_hfs_is_accurate(tiny_models, model):
+    """The rotary table a kv_quant realign / exact stepper runs with: HF's at small positions, the float64 truth at
+    stream positions where HF's float32 angles are off (a kv_quant cache places queries at their stream index)."""
+    loaded = tiny_models[model].model
+    geometry, rotary = RotaryGeometry.of(loaded), loaded.base_model.rotary_emb
+    x = torch.zeros(1, 1, 8)
+    for first, hf_accurate in ((0, True), (200_000, False)):
+        positions = torch.arange(first, first + 40).unsqueeze(0)
+        hf_cos, hf_sin = rotary(x, position_ids=positions)
+        with precise_rotary(loaded, geometry):
+            cos, sin = rotary(x, position_ids=positions)
+        angles = positions[0, :, None].double() * geometry.inv_freq.double()
+        truth = torch.cat((angles, angles), -1)
+        assert cos.shape == hf_cos.shape and cos.dtype == hf_cos.dtype
+        torch.testing.assert_close(cos[0].double(), truth.cos() * geometry.attention_scaling, rtol=0, atol=2e-7)
+        torch.testing.assert_close(sin[0].double(), truth.sin() * geometry.attention_scaling, rtol=0, atol=2e-7)
+        hf_error = (hf_cos[0].double() - truth.cos() * geometry.attention_scaling).abs().max()
+        assert (hf_error < 1e-6) == hf_accurate, hf_error
+    cos, _ = rotary(x, position_ids=positions)
+    torch.testing.assert_close(cos, hf_cos, rtol=0, atol=0)  # the hook is gone once the block ends
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-neox"])
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_fine_int8_codes_give_the_float_caches_nlls(tiny_models, model, rope_mode):
+    """int8 in groups of 2 is nearly lossless, so a run's NLLs sit within 0.02 nats of the float cache's in the same
+    mode (float realign / exact re-align keys by slot; the quantized cache places everything by stream index): a query
+    that saw any entry one position off (a sink, a refresh token, the window) would move them by 0.2-0.5 nats."""
+    loaded = tiny_models[model]
+    for knobs in (dict(sink=4, window=24, compress_every=1), dict(sink=4, window=24, compress_every=8, prefill=37),
+                  dict(sink=4, window=16, compress_every=6, slack=10, max_drop=3),
+                  dict(sink=2, window=16, compress_every=4, refresh=3, overlap=2, refresh_policy="middle"),
+                  dict(sink=0, window=20, compress_every=5)):
+        common = dict(method="streaming", rope_mode=rope_mode, max_tokens=300, **knobs)
+        gap = np.abs(nlls(run(loaded, kv_quant="int8", kv_quant_group=2, **common)) - nlls(run(loaded, **common)))
+        assert 0 < gap.max() < 0.02, (knobs, gap.max())
 
 
 @pytest.mark.parametrize("kv_quant", ["int8", "int4"])
@@ -181,6 +251,8 @@ def test_dense_and_recompute_bytes(tiny_models):
     (dict(kv_quant="int2"), "kv_quant"),
     (dict(weight_quant="fp8"), "weight_quant"),
     (dict(kv_quant="int8", protocol="parallel"), "protocol parallel holds none"),
+    (dict(kv_quant="int8", mode="generate", spec="prompt_lookup", prompt_tokens=16, new_tokens=32),
+     "spec = prompt_lookup verifies drafts over a block cache that holds floats"),
 ])
 def test_invalid_quantization_knobs_are_refused_before_any_model(knobs, message):
     base = dict(model="tiny-llama", method="streaming", sink=4, window=24)
