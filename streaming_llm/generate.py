@@ -294,10 +294,10 @@ def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[in
 def streaming_positions(model):
     """While active, every forward of `model` over a StreamingCache takes its position ids from the cache.
 
-    HF `generate()` counts positions itself, from the attention mask (absolute stream indices): right for `absolute`
-    mode and kv_quant caches only. A float realign / exact cache needs each query at its slot; the cache knows which
-    (`next_positions`), so a pre-forward hook on the base model replaces the counted ids with the cache's. Other
-    caches are left alone.
+    HF `generate()` counts positions itself, from the attention mask (absolute stream indices). A float realign /
+    exact cache needs each query at its slot, and a kv_quant cache refuses a forward that its `next_positions` did
+    not place; so a pre-forward hook on the base model replaces the counted ids with the cache's (`next_positions`).
+    Other caches are left alone.
     """
 
     def use_cache_positions(module, args, kwargs):

@@ -63,7 +63,8 @@ class BlockStepper:
     the model rotated them at their stream index (positions never change there). In `realign` / `exact`, `keys` holds
     them before RoPE and `rotated` as the model rotated them at stream index - `base`: every recent entry's distance
     to a query is then t - j without rotating anything per block, and each anchored copy is rotated from its pre-RoPE
-    key. The base moves to the block's first token once it lags by more than the policy's largest span, and `rotated`
+    key. The base moves to the block's first token once it lags by more than H + R (at least the policy's largest
+    span), and `rotated`
     is re-derived from the pre-RoPE keys (one rotation every span's worth of tokens), so that angles stay as small as
     the stepwise path's. The anchored copies a block needs are written after its entries in `rotated` / `values`, so
     that attention reads one view of each, never a concatenation.

@@ -13,6 +13,8 @@ import torch
 
 from streaming_llm import ConfigError, LoadedModel, RunConfig, StreamingCache, StreamingPolicy, evaluate
 from streaming_llm.cache import KVQuantSpec
+from streaming_llm.evaluate import StreamingStepper, kv_quant_spec
+from streaming_llm.generate import hf_generate
 from streaming_llm.quant import KVQuantizer
 from streaming_llm.rope import RotaryGeometry, precise_rotary, rotate_keys
 from tests.conftest import TEST_DEVICE
@@ -66,7 +68,8 @@ POLICIES = {
 }
 
 
-def _feed(cache: StreamingCache, geometry: RotaryGeometry, steps: int, layers: int, seed: int, prefill: int):
+def _feed(cache: StreamingCache, geometry: RotaryGeometry, steps: int, layers: int, seed: int, prefill: int,
+          first_token: int = 0):
     """Random pre-RoPE keys rotated at the cache's next positions (what the model hands it: slots for a float
     realign / exact cache, stream indices otherwise; float64 angles for a kv_quant realign / exact one), values as
     they are.
@@ -75,6 +78,7 @@ def _feed(cache: StreamingCache, geometry: RotaryGeometry, steps: int, layers: i
     generator = torch.Generator().manual_seed(seed)
     counts = [prefill] + [1] * steps if prefill else [1] * steps
     precise = cache.kv_quant is not None and cache.anchors_by_slot
+    cache.tokens_seen = first_token  # a stream that started before: stream indices first_token, first_token + 1, ...
     for count in counts:
         cache.compact_pending()
         keys = torch.randn(layers, 1, 2, count, 16, generator=generator)
@@ -91,9 +95,44 @@ def _feed(cache: StreamingCache, geometry: RotaryGeometry, steps: int, layers: i
 def test_quantized_cache_equals_float_cache_slot_for_slot(tiny_models, policy_name, rope_mode, kv_quant, residual,
                                                           full_sinks):
     geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
-    policy = StreamingPolicy(**POLICIES[policy_name])
-    layers = 2
     spec = KVQuantSpec(KVQuantizer(kv_quant, 8), residual=residual, full_sinks=full_sinks)
+    _compare_with_the_float_cache(geometry, StreamingPolicy(**POLICIES[policy_name]), rope_mode, spec)
+
+
+@pytest.mark.parametrize("policy_name", ["strict", "refresh_overlap"])
+def test_a_quantized_cache_far_into_a_stream_equals_the_float_cache(tiny_models, policy_name):
+    """A stream whose first token is 200,000 (where a float32 angle is off by up to 0.012 rad): the quantized cache
+    (keys placed by stream index from float64 angles) still holds what the float cache (placed by slot) holds."""
+    geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
+    spec = KVQuantSpec(KVQuantizer(8, 2))
+    _compare_with_the_float_cache(geometry, StreamingPolicy(**POLICIES[policy_name]), "realign", spec, 200_000)
+
+
+def test_anchored_entries_are_rotated_from_float64_angles_however_far_the_query(tiny_models):
+    """200,000 tokens after its sinks a query attends them rotated by ~200,000 positions: within float32 rounding of
+    the float64 truth (a float32 angle would be off by up to 0.006 rad, ~1e-2 on these keys)."""
+    geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
+    policy = StreamingPolicy(**POLICIES["refresh_overlap"])
+    cache = StreamingCache(policy, geometry, 2, "realign", kv_quant=KVQuantSpec(KVQuantizer(8, 8)))
+    for _ in _feed(cache, geometry, 60, 2, 3, 0):
+        pass
+    count = policy.sink + policy.refresh
+    length = cache.layers[0].length
+    offset = 200_000 + cache.tokens_seen - length  # as for a query 200,000 tokens further on
+    anchored = cache.anchored_keys(length, offset, torch.device("cpu"))
+    stored = cache.quantized.read_front(count).double()
+    shifts = torch.arange(count) + offset - torch.from_numpy(cache.quantized.positions[:count])
+    assert shifts.min() > 199_000
+    angles = shifts.double()[:, None] * geometry.inv_freq.double()
+    cos, sin = angles.cos(), angles.sin()
+    first, second = stored[..., : angles.shape[1]], stored[..., angles.shape[1] :]
+    truth = torch.cat((first * cos - second * sin, second * cos + first * sin), -1)
+    assert (anchored.double() - truth).abs().max() < 1e-5
+
+
+def _compare_with_the_float_cache(geometry: RotaryGeometry, policy: StreamingPolicy, rope_mode: str,
+                                  spec: KVQuantSpec, first_token: int = 0) -> None:
+    layers, residual, full_sinks = 2, spec.residual, spec.full_sinks
     reference = StreamingCache(policy, geometry, layers, rope_mode)
     quantized = StreamingCache(policy, geometry, layers, rope_mode, kv_quant=spec)
     checked = compactions = 0
@@ -101,8 +140,8 @@ def test_quantized_cache_equals_float_cache_slot_for_slot(tiny_models, policy_na
     # compared where the query attends them, offset = its stream index - its slot further on. An anchored key rotated
     # after dequantization mixes two coordinates' errors: at most sqrt(2) half steps.
     sqrt2 = math.sqrt(2) if rope_mode != "absolute" else 1.0
-    for attended, attended_quantized in zip(_feed(reference, geometry, 200, layers, 7, 29),
-                                            _feed(quantized, geometry, 200, layers, 7, 29), strict=True):
+    for attended, attended_quantized in zip(_feed(reference, geometry, 200, layers, 7, 29, first_token),
+                                            _feed(quantized, geometry, 200, layers, 7, 29, first_token), strict=True):
         # What each layer's attention read in this step (the per-step path: offset, anchored rotation, new entries)
         offset = quantized.step_offset if rope_mode != "absolute" else 0
         for layer, ((keys, values), (quantized_keys, quantized_values)) in enumerate(
@@ -178,6 +217,41 @@ def test_precise_rotary_table_is_hfs_where_hfs_is_accurate(tiny_models, model):
         assert (hf_error < 1e-6) == hf_accurate, hf_error
     cos, _ = rotary(x, position_ids=positions)
     torch.testing.assert_close(cos, hf_cos, rtol=0, atol=0)  # the hook is gone once the block ends
+
+
+@pytest.mark.parametrize("via", ["stepper", "hf_generate"])
+def test_kv_quant_runs_take_far_positions_from_float64_angles(tiny_models, via):
+    """What the attention of a kv_quant realign run receives 200,000 tokens into a stream: the float64 table
+    (`precise_rotary`, installed by the stepper and by hf_generate), not HF's float32 one (off by up to 0.012 rad)."""
+    loaded = tiny_models["tiny-llama"]
+    model = loaded.model
+    config = RunConfig(model="tiny-llama", method="streaming", sink=4, window=24, kv_quant="int8", kv_quant_group=8,
+                       device=TEST_DEVICE)
+    ids = torch.arange(10, 15).unsqueeze(0).to(model.device)
+    tables = []
+
+    def capture(module, args, kwargs):
+        tables.append(kwargs["position_embeddings"][0][0].double().cpu())  # cos [tokens, head_dim]
+
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        if via == "stepper":
+            stepper = StreamingStepper(loaded, config)
+            stepper.cache.tokens_seen = 200_000
+            with torch.inference_mode():
+                stepper.forward(ids)
+        else:
+            cache = StreamingCache(config.policy, RotaryGeometry.of(model), model.config.num_hidden_layers, "realign",
+                                   kv_quant_spec(config, model.config))
+            cache.tokens_seen = 200_000
+            hf_generate(model, ids, cache=cache, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    geometry = RotaryGeometry.of(model)
+    angles = torch.arange(200_000, 200_005, dtype=torch.float64)[:, None] * geometry.inv_freq.double()
+    truth = torch.cat((angles, angles), -1).cos() * geometry.attention_scaling
+    assert (tables[0] - truth).abs().max() < 1e-6
+    assert tables[0].shape == truth.shape
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-neox"])
