@@ -16,6 +16,7 @@ A plain `model(input_ids, cache=cache)` works for a float cache in realign / exa
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .policy import CompactionPlan, CompactionSchedule, StreamingPolicy
 from .quant import KVQuantizer
-from .rope import RotaryGeometry, rotate_keys
+from .rope import RotaryGeometry, precise_rotary, rotate_keys
 
 
 @dataclass(frozen=True)
@@ -383,8 +384,9 @@ class QuantizedLayer(StreamingLayer):
     sink + refresh) sit elsewhere in realign / exact, at slot distance query slot - their slot; they are few, and each
     step rotates them, after dequantization, by (their slot + offset - their stream position), where offset =
     query's stream index - query's slot. Codes are never re-rotated or requantized: the error stays that of one
-    rounding however many compactions pass (realign and exact are one path). Angles are float64 (`precise_rotary` in
-    the steppers, `cos_sin(precise=True)` here), so positions of any size are rotated as accurately as small ones.
+    rounding however many compactions pass (realign and exact are one path). Angles are float64 (the model's through
+    `StreamingCache.rotary_table`, `cos_sin(precise=True)` here), so positions of any size are rotated as accurately
+    as small ones.
     """
 
     def __init__(self, cache: StreamingCache, index: int):
@@ -546,7 +548,6 @@ class StreamingCache(Cache):
 
     def _end_step(self, new_tokens: int) -> None:
         self.tokens_seen += new_tokens
-        self.step_anchored = None
         self.last_span = self.layers[-1].length
         if self.quantized is not None:
             self.quantized.flush(self.last_span)
@@ -593,6 +594,14 @@ class StreamingCache(Cache):
             return False
         cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
         return rotate_keys(self.quantized.read_front(count), cos, sin)
+
+    def rotary_table(self, model: torch.nn.Module) -> AbstractContextManager:
+        """The context a forward of `model` over this cache runs in: a kv_quant realign / exact cache takes queries at
+        their stream index, where the model's float32 angles would drift with the stream, so the model's rotary table
+        is computed from float64 ones (`precise_rotary`); other caches run the model as it is."""
+        if self.kv_quant is not None and self.anchors_by_slot:
+            return precise_rotary(model, self.geometry)
+        return nullcontext()
 
     def next_positions(self, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids [1, count] of the next `count` tokens: their slots in a float realign / exact cache, their

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,7 +27,7 @@ from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
 from .models import apply_weight_quant, head_dim, is_random, load_model, load_tokenizer, model_config
 from .parallel import BlockStepper, recompute_blocks
 from .quant import kv_quantizer
-from .rope import RotaryGeometry, precise_rotary
+from .rope import RotaryGeometry
 from .text import TokenStream, load_stream
 
 TOKEN_SCHEMA = pa.schema([
@@ -154,15 +152,11 @@ class StreamingStepper(DenseStepper):
             kv_quant_spec(config, loaded.model.config),
         )
         self._last_position = -1
-        # A kv_quant realign / exact cache takes queries at their stream index (cache.QuantizedLayer), where the
-        # model's float32 angles would drift with the stream: its rotary table is computed from float64 ones.
-        precise = config.kv_quant != "none" and config.rope_mode != "absolute"
-        self._rotary = partial(precise_rotary, self.model, self.cache.geometry) if precise else nullcontext
 
     def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         positions = self.cache.next_positions(input_ids.shape[-1], input_ids.device)
         self._last_position = self.cache.last_position  # from the host: no device sync inside the timed forward
-        with self._rotary():
+        with self.cache.rotary_table(self.model):
             out = self.model(
                 input_ids=input_ids, position_ids=positions, logits_to_keep=0 if all_logits else 1,
                 **cache_kwargs(self.cache),

@@ -30,7 +30,6 @@ from .environment import fingerprint
 from .evaluate import COMPACTION_SCHEMA, STEPPERS, TOKEN_SCHEMA, LoadedModel, RunResult, _check_budget, _summarise
 from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
 from .parallel import BlockStepper, StepTrace
-from .rope import precise_rotary
 from .speculative import Draft, make_drafter, verify
 from .text import TokenStream, load_stream
 
@@ -328,7 +327,7 @@ def hf_generate(model, input_ids: torch.Tensor, cache=None, **kwargs) -> torch.T
         )
     if isinstance(cache, StreamingCache) and input_ids.shape[0] != 1:
         raise ValueError(f"a StreamingCache follows one stream: input_ids has batch {input_ids.shape[0]}, use 1")
-    precise = isinstance(cache, StreamingCache) and cache.kv_quant is not None and cache.anchors_by_slot
-    with streaming_positions(model), precise_rotary(model, cache.geometry) if precise else nullcontext():
+    rotary = cache.rotary_table(model) if isinstance(cache, StreamingCache) else nullcontext()
+    with streaming_positions(model), rotary:
         return model.generate(input_ids, **{CACHE_KWARG: cache}, **kwargs) if cache is not None else model.generate(
             input_ids, **kwargs)
