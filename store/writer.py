@@ -69,8 +69,9 @@ from .schema import (
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 
 
-class StoreError(RuntimeError):
-    """The store cannot be used as asked; the message names the file, what is wrong and the fix."""
+class StoreError(ReadError):
+    """The store cannot be written as asked; the message names the file, what is wrong and the fix. A
+    store.queries.StoreError too, so that one `except` catches what reading and writing a store refuse."""
 
 
 @dataclass(frozen=True)
@@ -652,8 +653,16 @@ def _write_schema_segment(folder: Path, table) -> None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     temporary = directory / f".schema.parquet.{os.getpid()}.tmp"
-    pq.write_table(_segment_rows(table, None), temporary)
-    os.replace(temporary, directory / "schema.parquet")
+    try:
+        with temporary.open("wb") as handle:  # durable before the rename: a torn file would break the table's view
+            pq.write_table(_segment_rows(table, None), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, directory / "schema.parquet")
+    finally:
+        temporary.unlink(missing_ok=True)
+    for level in (directory, directory.parent, directory.parent.parent):
+        _sync_directory(level)
 
 
 def _segment_rows(table, rows: pa.Table | None) -> pa.Table:

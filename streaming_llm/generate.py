@@ -210,7 +210,7 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
     summary = _summarise(config, loaded, stream, tokens.drop_columns(["forward"]), compactions, prompt_ms,
                          target.kv_storage())
-    summary.update(_generation_summary(tokens, forwards, history[len(prompt) :]))
+    summary.update(_generation_summary(tokens, forwards, history[len(prompt) :], config.warmup))
     _check_budget(config, summary)
     summary.update(
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
@@ -264,12 +264,16 @@ class _GenerationRecorder:
                 pa.table(self.forward_rows, schema=FORWARD_SCHEMA))
 
 
-def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[int]) -> dict:
+def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[int], warmup: int) -> dict:
+    """Totals of the run; its speed over the generated tokens after the first `warmup`, each timed as its forward's
+    share (the `latency_ms` of `tokens`), so that ms_per_token is the run's tpot_ms_mean."""
     compacted = tokens.column("compacted").to_numpy(zero_copy_only=False)
     evicted = tokens.column("evicted").to_numpy()
     drafted = int(np.sum(forwards.column("drafted").to_numpy()))
     accepted = int(np.sum(forwards.column("accepted").to_numpy()))
-    total_ms = float(np.sum(forwards.column("latency_ms").to_numpy()))
+    shares = tokens.column("latency_ms").to_numpy(zero_copy_only=False)[~tokens.column("prefill").to_numpy(
+        zero_copy_only=False)][warmup:]
+    ms_per_token = float(shares.mean())
     return {
         "compaction_count": int(compacted.sum()),
         "evicted_total": int(evicted.sum()),
@@ -277,8 +281,8 @@ def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[in
         "generated_tokens": len(generated),
         "generated_hash": generated_hash(generated),
         "verify_forwards": forwards.num_rows,
-        "tokens_per_s": len(generated) / (total_ms / 1000.0),
-        "ms_per_token": total_ms / len(generated),
+        "tokens_per_s": 1000.0 / ms_per_token,
+        "ms_per_token": ms_per_token,
         "draft_ms_total": float(np.sum(forwards.column("draft_ms").to_numpy())),
         "verify_ms_total": float(np.sum(forwards.column("verify_ms").to_numpy())),
         "drafted_total": drafted,

@@ -117,6 +117,19 @@ def test_prompt_lookup_pays_off_on_a_repetitive_text(tiny_models):
 
 
 # --- the pieces -------------------------------------------------------------------------------------------------------
+def test_generation_speed_leaves_out_the_first_warmup_tokens(tiny_models):
+    run = generate_run(tiny_models["tiny-llama"], method="dense", spec="prompt_lookup", num_draft=4, warmup=7)
+    forwards = run.forwards.to_pydict()
+    assert max(forwards["generated"]) > 1  # blocks of several tokens: a forward's time is shared over its tokens
+    shares = [ms / n for ms, n in zip(forwards["latency_ms"], forwards["generated"], strict=True) for _ in range(n)]
+    tokens = run.tokens.to_pydict()
+    recorded = [ms for ms, prompt in zip(tokens["latency_ms"], tokens["prefill"], strict=True) if not prompt]
+    np.testing.assert_allclose(recorded, shares, rtol=1e-12)
+    assert run.summary["ms_per_token"] == pytest.approx(np.mean(shares[7:]), rel=1e-12)
+    assert run.summary["tokens_per_s"] == pytest.approx(1000.0 / np.mean(shares[7:]), rel=1e-12)
+    assert run.summary["ms_per_token"] == pytest.approx(run.summary["tpot_ms_mean"], rel=1e-12)
+
+
 def test_prompt_lookup_continues_the_match_whose_context_agrees_longest():
     lookup = PromptLookup(ngram_max=3)
     period = [7, 2, 3, 2, 3, 2, 3, 9]  # a line that repeats a word: "3 2 3" occurs twice in it

@@ -77,24 +77,35 @@ def test_each_rename_is_followed_by_a_sync_of_the_folder_that_holds_it(tmp_path,
     import store.writer as writer_module
 
     events: list[tuple[str, Path]] = []
+    synced_files: set[Path] = set()
+    sources: dict[Path, Path] = {}
     rename, fsync = os.replace, os.fsync
 
     def synced(handle: int) -> None:
         fsync(handle)
+        path = Path(os.readlink(f"/proc/self/fd/{handle}"))
         if stat.S_ISDIR(os.fstat(handle).st_mode):
-            events.append(("sync", Path(os.readlink(f"/proc/self/fd/{handle}"))))
+            events.append(("sync", path))
+        else:
+            synced_files.add(path)
 
-    monkeypatch.setattr(writer_module.os, "replace", lambda a, b: (rename(a, b), events.append(("rename", Path(b)))))
+    def renamed_to(source, target) -> None:
+        rename(source, target)
+        sources[Path(target)] = Path(source).resolve()
+        events.append(("rename", Path(target)))
+
+    monkeypatch.setattr(writer_module.os, "replace", renamed_to)
     monkeypatch.setattr(writer_module.os, "fsync", synced)
-    with StoreWriter(tmp_path / "store.duckdb", "v1") as writer:
-        events.clear()
+    with StoreWriter(tmp_path / "store.duckdb", "v1") as writer:  # its first open writes the 0-row schema segments
         record(writer, 0, 100)
     renamed = [path for kind, path in events if kind == "rename"]
-    assert any(path.name == "data.parquet" for path in renamed) and tmp_path / "store.duckdb" in renamed
+    assert {path.name for path in renamed} >= {"data.parquet", "schema.parquet", "store.duckdb"}
     for path in renamed:
         later = events[events.index(("rename", path)) + 1 :]
         assert ("sync", path.parent) in later, f"{path.name} renamed but its folder never synced"
-    new_folders = {path.parent.parent for path in renamed if path.name == "data.parquet"}  # run_hash=...
+        if path.suffix == ".parquet":
+            assert sources[path] in synced_files, f"{path} renamed into place before its data was synced"
+    new_folders = {path.parent.parent for path in renamed if path.suffix == ".parquet"}  # run_hash=...
     assert all(("sync", folder) in events and ("sync", folder.parent) in events for folder in new_folders)
 
 
