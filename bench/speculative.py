@@ -132,8 +132,9 @@ def main() -> None:
         parser.error(f"--new-tokens {args.new_tokens}: give 2 or more (the first comes with the prompt's forward)")
     torch.set_num_threads(args.threads)
 
+    # warmup 0: every generated token timed, as HFReference times HF's (the rounds are the warm-up).
     base = dict(model=args.model, device=args.device, dtype=args.dtype, mode="generate",
-                prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup=2, cap=args.cap)
+                prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, warmup=0, cap=args.cap)
     loaded = LoadedModel.load(RunConfig(**{**base, "method": "dense", "cap": None}))
     variants = {}
     for policy, knobs in POLICIES.items():

@@ -23,7 +23,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m paper", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     exporting = commands.add_parser("export", help="write tables.tex, ablations.tex, sweeps.tex, profile.tex, "
-                                    "speculative.tex, figures.tex and the figures (PDF + PNG)")
+                                    "figures.tex and the figures (PDF + PNG), and speculative.tex / quantization.tex "
+                                    "where the grid has those experiments")
     exporting.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
     exporting.add_argument("--grid", help="grid name (default: 'paper', or the store's only grid)")
     exporting.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default paper/generated)")

@@ -27,10 +27,10 @@ SWEEPS: dict[str, tuple[str, str]] = {
     "sink_sweep": ("sink", "attention sinks"),
     "cap_mode": ("cap_mode", "cap\\_mode (soft vs peak)"),
 }
-SPECULATIVE = "speculative"
 REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.tex",
-            **{name: "sweeps.tex" for name in SWEEPS}, LONG_STREAM: "long_stream.pdf/.png",
-            SPECULATIVE: "speculative.tex"}
+            **{name: "sweeps.tex" for name in SWEEPS}, LONG_STREAM: "long_stream.pdf/.png"}
+# Optional: when the grid has it, speculative.tex (a grid of score experiments only, like paper-scale, has none).
+SPECULATIVE = "speculative"
 METHOD_ORDER = {"recompute": 0, "dense": 1, "streaming": 2}
 LADDER_RUNGS = ("Strict", "Lazy", "+ slack", "+ slack + max\\_drop")
 STALE_MARK = r"$^\dagger$"
@@ -39,6 +39,9 @@ EQUIVALENT_NOTE = (r" $\equiv$: configurations that keep the same tokens at ever
                    "shown as one row.")
 # Optional: when the grid has them, quantization.tex and its figure (failed configurations are rows, with reasons).
 QUANT_EXPERIMENTS = ("quantization", "quantization_sinks")
+# What an export writes only for some grids: removed from the output folder when this grid has none, so that a folder
+# exported from another grid before never mixes its tables into this one's.
+OPTIONAL_OUTPUTS = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png")
 
 
 class ExportError(RuntimeError):
@@ -56,12 +59,13 @@ class Gathered:
     kv_series: pd.DataFrame
     spikes: pd.DataFrame
     long_stream: pd.DataFrame  # block PPL per run of the long-stream experiment, with its label and block size
-    speculation: pd.DataFrame  # generation configurations of the speculative experiment (queries.speculation_table)
+    # Generation configurations of the speculative experiment (queries.speculation_table); None without one.
+    speculation: pd.DataFrame | None
 
 
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
-    """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, speculative.tex, figures.tex and the figures (PDF +
-    PNG) to `out`."""
+    """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`, and
+    speculative.tex / quantization.tex (+ figure) where the grid has those experiments."""
     with queries.connect(store) as con:
         grid = resolve_grid(con, grid, store)
         check_complete(con, grid, include_stale)
@@ -73,13 +77,19 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
             "ablations.tex": ladder_table(gathered),
             "sweeps.tex": sweeps_table(gathered),
             "profile.tex": profile_table(gathered),
-            "speculative.tex": speculative_table(gathered),
         }
+        if gathered.speculation is not None:
+            texts["speculative.tex"] = speculative_table(gathered)
         if quant is not None:
             texts["quantization.tex"] = quantization_table(*quant)
     except MissingNumber as missing:
         raise ExportError(f"grid {grid}: {missing}; nothing was written") from None
     out.mkdir(parents=True, exist_ok=True)
+    # First, before anything is written: an export that fails halfway never leaves another grid's tables beside these.
+    planned = {*texts, *(("quantization.pdf", "quantization.png") if quant is not None else ())}
+    for name in OPTIONAL_OUTPUTS:
+        if name not in planned:
+            (out / name).unlink(missing_ok=True)
     written = []
     for name, text in texts.items():
         (out / name).write_text(text)
@@ -174,7 +184,7 @@ def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: boo
     present = set(queries.experiment_names(con, grid))
     problems = [f"experiment {name}: not in grid {grid} (needed for {need})"
                 for name, need in REQUIRED.items() if name not in present]
-    needed = [name for name in REQUIRED if name in present]
+    needed = [name for name in (*REQUIRED, SPECULATIVE) if name in present]
     for row in queries.missing_runs(con, grid, needed, include_stale).itertuples():
         why = "stale (made by other evaluation code; rerun the grid, or pass --include-stale)" if row.stale \
             else row.status + (f": {str(row.error).splitlines()[0]}" if isinstance(row.error, str) else "")
@@ -224,8 +234,7 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
 
 # --- reading --------------------------------------------------------------------------------------------------------
 def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Gathered:
-    experiments = {name: queries.setting_table(con, grid, [name], include_stale) for name in REQUIRED
-                   if name != SPECULATIVE}
+    experiments = {name: queries.setting_table(con, grid, [name], include_stale) for name in REQUIRED}
     main = experiments[MAIN]
     streaming = main[main.method == "streaming"].sort_values("compress_every")
     profile = queries.cost_profile(con, grid, list(streaming.timing_group_hash), include_stale)
@@ -254,7 +263,8 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     profile = profile.assign(setting_hash=profile.group_hash.map(by_timing))
     profile = profile.assign(label=profile.setting_hash.map(labels)).sort_values(
         "setting_hash", key=lambda column: column.map(order))
-    speculation = queries.speculation_table(con, grid, [SPECULATIVE], include_stale)
+    speculation = queries.speculation_table(con, grid, [SPECULATIVE], include_stale) \
+        if SPECULATIVE in queries.experiment_names(con, grid) else None
     return Gathered(grid, experiments, all_groups, profile, kv_series, spikes, long_stream_blocks(con, experiments),
                     speculation)
 

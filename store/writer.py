@@ -661,7 +661,7 @@ def _write_schema_segment(folder: Path, table) -> None:
         os.replace(temporary, directory / "schema.parquet")
     finally:
         temporary.unlink(missing_ok=True)
-    for level in (directory, directory.parent, directory.parent.parent):
+    for level in (directory, directory.parent, directory.parent.parent, folder):
         _sync_directory(level)
 
 

@@ -172,6 +172,8 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
         # The prompt but its last token, as if token by token: that token starts the first verified block.
         clock.start()
         logits = target.forward_block(_ids(prompt[:-1], device))
+        if drafter is not None:
+            drafter.prime(prompt[:-1])
         prompt_ms = clock.stop()
         nll = -_logprobs(logits, prompt[1:])
         for i, trace in enumerate(target.trace):

@@ -33,6 +33,11 @@ class Draft:
 
 
 class Drafter(Protocol):
+    def prime(self, prompt: list[int]) -> None:
+        """Read the prompt (but its last token) before the first proposal, with the target's prompt forward: its cost
+        is the drafter's prefill, not the first block's."""
+        ...
+
     def propose(self, history: list[int], count: int) -> Draft:
         """Up to `count` tokens to follow `history` (fewer, or none, when the drafter has no guess)."""
         ...
@@ -140,6 +145,9 @@ class PromptLookup:
         same &= ids[before_match.clip(0)] == ids[before_suffix.clip(0)][None, :]
         return np.cumprod(same, axis=1).sum(axis=1)
 
+    def prime(self, prompt: list[int]) -> None:
+        return None  # the history is searched at each proposal: nothing to read ahead
+
     def accepted(self, history: list[int]) -> None:
         return None
 
@@ -169,6 +177,10 @@ class ModelDrafter:
         out = self.model(input_ids=ids, logits_to_keep=1, **kwargs, **cache_kwargs(self.cache))
         self.fed.extend(tokens)
         return out.logits[0, -1]
+
+    def prime(self, prompt: list[int]) -> None:
+        if prompt and not self.fed:
+            self._forward(prompt)
 
     def propose(self, history: list[int], count: int) -> Draft:
         if count < 1:

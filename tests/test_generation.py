@@ -130,6 +130,25 @@ def test_generation_speed_leaves_out_the_first_warmup_tokens(tiny_models):
     assert run.summary["ms_per_token"] == pytest.approx(run.summary["tpot_ms_mean"], rel=1e-12)
 
 
+def test_a_model_draft_reads_the_prompt_with_the_prompt_not_in_the_first_block(tiny_models, monkeypatch):
+    import streaming_llm.generate as generate_module
+
+    fed: list[int] = []
+    make_drafter = generate_module.make_drafter
+
+    def spied(*args):
+        drafter = make_drafter(*args)
+        forward = drafter._forward
+        drafter._forward = lambda tokens: (fed.append(len(tokens)), forward(tokens))[1]
+        return drafter
+
+    monkeypatch.setattr(generate_module, "make_drafter", spied)
+    run = generate_run(tiny_models["tiny-llama"], method="dense", spec="draft", draft_layers=1, num_draft=3)
+    assert run.summary["drafted_total"] > 0
+    assert fed[0] == GENERATE["prompt_tokens"] - 1  # timed with the target's prompt forward (prefill_ms)
+    assert max(fed[1:]) <= 3 + 1  # a proposal feeds what the last verification added, never the prompt
+
+
 def test_prompt_lookup_continues_the_match_whose_context_agrees_longest():
     lookup = PromptLookup(ngram_max=3)
     period = [7, 2, 3, 2, 3, 2, 3, 9]  # a line that repeats a word: "3 2 3" occurs twice in it

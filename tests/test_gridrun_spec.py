@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gridrun.spec import GridError, load_grid, parse_grid
+from paper.export import REQUIRED
 from streaming_llm import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +141,11 @@ PAPER_EXPERIMENTS = {"main", "r_sweep", "slack_sweep", "max_drop_sweep", "sink_s
 def test_paper_grids_hold_every_sweep_of_the_study(name):
     grid = load_grid(ROOT / "grids" / name)
     assert set(grid.experiments) >= PAPER_EXPERIMENTS
+    assert set(grid.experiments) >= set(REQUIRED)  # what `python -m paper export` needs of any grid
+    long_stream = [run.config for run in grid.runs if "long_stream" in run.experiments]
+    assert {config.method for config in long_stream} == {"dense", "streaming"}
+    assert max(config.max_tokens for config in long_stream) >= 32_768
+    assert min(config.max_tokens for config in long_stream if config.method == "dense") >= 16_384
     main = [run.config for run in grid.runs if "main" in run.experiments]
     assert {config.method for config in main} == {"recompute", "streaming"}
     assert {config.compress_every for config in main if config.method == "streaming"} >= {1}
@@ -168,10 +174,10 @@ def test_paper_grids_hold_every_sweep_of_the_study(name):
 def test_paper_full_is_at_the_study_size():
     grid = load_grid(ROOT / "grids" / "paper-full.yaml")
     configs = [run.config for run in grid.runs]
-    assert {config.cap for config in configs if config.window is None} == {2048}
+    assert {config.cap for config in configs if config.window is None and config.method != "dense"} == {2048}
     # The overlap experiment's set-window runs: lazy's window at cap 2048, plus the overlap they test.
     assert {config.window for config in configs if config.window is not None} == {1980}
-    assert min(config.max_tokens for config in configs) >= 20_000
+    assert min(run.config.max_tokens for run in grid.runs if "long_stream" not in run.experiments) >= 20_000
 
 
 def test_smoke_grid_uses_only_tiny_models():

@@ -261,6 +261,47 @@ def test_a_missing_experiment_is_named(store, tmp_path):
         export(copy, PAPER_GRID, tmp_path / "generated")
 
 
+def test_a_grid_without_the_optional_experiments_exports_without_their_tables(store, exported, tmp_path):
+    """A grid of score experiments only (grids/paper-scale.yaml, grids/paper-full.yaml) exports its tables; the optional
+    files an earlier export of another grid left in the folder are removed, never mixed in, and the paper has no
+    section for them (where the full grid's has both)."""
+    copy = damaged_copy(store, tmp_path, f"DELETE FROM experiments WHERE grid = '{PAPER_GRID}' AND experiment IN "
+                                         "('speculative', 'quantization', 'quantization_sinks')")
+    out = tmp_path / "generated"
+    shutil.copytree(exported, out)  # the folder as the full grid's export left it
+    optional = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png")
+    assert all((out / name).is_file() for name in optional)
+    written = export(copy, PAPER_GRID, out)
+    assert not any((out / name).exists() for name in optional)
+    assert {path.name for path in written} >= {"tables.tex", "ablations.tex", "sweeps.tex", "figures.tex"}
+    assert (out / "tables.tex").read_text() == (exported / "tables.tex").read_text()
+    require("pdflatex")
+    optional_labels = ("tab:speculative", "tab:quantization", "fig:quantization")
+    full = paper_labels(exported, tmp_path / "full")
+    assert "tab:main" in full and all(label in full for label in optional_labels)
+    scores_only = paper_labels(out, tmp_path / "scores-only")
+    assert "tab:main" in scores_only and not any(label in scores_only for label in optional_labels)
+
+
+def paper_labels(generated: Path, build: Path) -> str:
+    """The labels paper/main.tex defines over the exported folder `generated` (its .aux after one pdflatex pass)."""
+    build.mkdir()
+    command = ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"-output-directory={build}",
+               rf"\def\gendir{{{generated.resolve()}}}\input{{{ROOT / 'paper' / 'main.tex'}}}"]
+    result = subprocess.run(command, cwd=ROOT / "paper", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    return (build / "main.aux").read_text()
+
+
+def test_a_pending_speculative_run_stops_the_export(store, tmp_path):
+    with duckdb.connect(str(store), read_only=True) as con:
+        lost = con.execute("SELECT min(run_hash) FROM experiments WHERE grid = ? AND experiment = 'speculative'",
+                           [PAPER_GRID]).fetchone()[0]
+    copy = damaged_copy(store, tmp_path, f"DELETE FROM runs WHERE run_hash = '{lost}'")
+    with pytest.raises(ExportError, match=f"experiment speculative: run {lost} \\(not run yet\\) pending"):
+        export(copy, PAPER_GRID, tmp_path / "generated")
+
+
 def test_stale_runs_are_excluded_unless_asked(store, tmp_path):
     copy = damaged_copy(store, tmp_path, "UPDATE runs SET code_version = 'older-code' WHERE method = 'recompute' "
                                          "AND \"repeat\" = 1")

@@ -91,8 +91,9 @@ def test_each_rename_is_followed_by_a_sync_of_the_folder_that_holds_it(tmp_path,
 
     def renamed_to(source, target) -> None:
         rename(source, target)
-        sources[Path(target)] = Path(source).resolve()
-        events.append(("rename", Path(target)))
+        target = Path(target).resolve()  # as the synced folders are named (readlink of their descriptors)
+        sources[target] = Path(source).resolve()
+        events.append(("rename", target))
 
     monkeypatch.setattr(writer_module.os, "replace", renamed_to)
     monkeypatch.setattr(writer_module.os, "fsync", synced)
