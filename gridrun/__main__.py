@@ -26,7 +26,7 @@ from .driver import (
 )
 from .preflight import check_runnable
 from .schedule import ScheduleError
-from .spec import GridError, load_grid
+from .spec import Grid, GridError, load_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +71,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="only the runs of this experiment (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a knob in every run, e.g. --set max_tokens=256 (repeatable)")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="only the runs with this knob value, e.g. --where protocol=stepwise (repeatable: all of "
+                        "them)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def _selected(whole: Grid, args: argparse.Namespace) -> Grid:
+    """The runs of --only's experiments, then of --where's knob values (the whole grid without either)."""
+    grid = whole.only(args.only) if args.only else whole
+    return grid.where(args.where) if args.where else grid
+
+
 def one_line(message: str, limit: int = 2000) -> str:
     """An error as one line of bounded length (YAML and DuckDB messages span lines; a hostile value can be long)."""
     text = " ".join(message.split())
@@ -94,7 +103,7 @@ def one_line(message: str, limit: int = 2000) -> str:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     whole = load_grid(args.grid, args.set)
-    grid = whole.only(args.only) if args.only else whole
+    grid = _selected(whole, args)
     from streaming_llm.environment import code_version  # imports torch: after the grid is known to be valid
 
     if args.dry_run:
@@ -134,7 +143,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def status(args: argparse.Namespace) -> int:
     whole = load_grid(args.grid, args.set)
-    grid = whole.only(args.only) if args.only else whole
+    grid = _selected(whole, args)
     from streaming_llm.environment import code_version
 
     stored = read_runs(args.store, [run.run_hash for run in grid.runs])

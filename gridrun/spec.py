@@ -128,6 +128,20 @@ class Grid:
         runs = tuple(run for run in self.runs if set(run.experiments) & set(experiments))
         return Grid(self.name, self.path, self.spec_yaml, self.experiments, runs)
 
+    def where(self, conditions: list[str]) -> Grid:
+        """The runs whose knobs hold every `key=value` of `conditions` (--where; values read as --set reads them), e.g.
+        protocol=stepwise: a grid's timing runs alone, to re-measure them on an idle machine with --force."""
+        wanted = parse_overrides(conditions, flag="--where")
+        grid_only = [key for key in wanted if key not in RunConfig.model_fields]
+        if grid_only:
+            raise GridError(f"--where {grid_only[0]}: a key of the grid file, not of a run: select by repeat instead")
+        runs = tuple(run for run in self.runs
+                     if all(getattr(run.config, key) == value for key, value in wanted.items()))
+        if not runs:
+            raise GridError(f"{self.path}: --where {' '.join(conditions)}: no run of the grid (of the --only "
+                            "experiments, when given) has those values")
+        return Grid(self.name, self.path, self.spec_yaml, self.experiments, runs)
+
 
 @dataclass(frozen=True)
 class Equivalence:
@@ -310,22 +324,23 @@ class _SafeUniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`key=value` strings (values read as YAML scalars: 64, true, null, soft) into knobs."""
+def parse_overrides(overrides: list[str], flag: str = "--set") -> dict[str, Any]:
+    """`key=value` strings (values read as YAML scalars: 64, true, null, soft) into knobs; `flag` names the option in
+    messages."""
     forced: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise GridError(f"--set {item!r}: expected key=value, e.g. --set max_tokens=256")
+            raise GridError(f"{flag} {item!r}: expected key=value, e.g. {flag} max_tokens=256")
         if key not in KNOWN_KEYS:
-            raise GridError(f"--set {key}: unknown key (allowed: {', '.join(KNOWN_KEYS)})")
+            raise GridError(f"{flag} {key}: unknown key (allowed: {', '.join(KNOWN_KEYS)})")
         try:
-            forced[key] = _load_yaml(value, f"--set {key}")
+            forced[key] = _load_yaml(value, f"{flag} {key}")
         except GridError:
-            raise GridError(f"--set {item!r}: the value is not a YAML scalar (e.g. 64, true, null, soft)") from None
+            raise GridError(f"{flag} {item!r}: the value is not a YAML scalar (e.g. 64, true, null, soft)") from None
         if isinstance(forced[key], (dict, list)):
-            raise GridError(f"--set {item!r}: the value is not a YAML scalar (e.g. 64, true, null, soft)")
+            raise GridError(f"{flag} {item!r}: the value is not a YAML scalar (e.g. 64, true, null, soft)")
     return forced
 
 

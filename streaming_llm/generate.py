@@ -172,7 +172,7 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
         # The prompt but its last token, as if token by token: that token starts the first verified block.
         clock.start()
         logits = target.forward_block(_ids(prompt[:-1], device))
-        if drafter is not None:
+        if drafter is not None and config.new_tokens > 1:  # one token is never drafted for
             drafter.prime(prompt[:-1])
         prompt_ms = clock.stop()
         nll = -_logprobs(logits, prompt[1:])

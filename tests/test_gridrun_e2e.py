@@ -341,6 +341,15 @@ def test_dry_run_lists_runs_and_writes_nothing_and_status_counts(ray_local, tmp_
     assert "5 to run" in capsys.readouterr().out
     assert main([str(grid_path), "--store", str(store), "--dry-run"]) == 0
     assert "0 to run, 5 to skip" in capsys.readouterr().out
+    # --where picks runs by knob values: streaming R=1's two repeats (main), one shared with r_sweep, forced again.
+    assert main([str(grid_path), "--store", str(store), "--dry-run", "--force", "--where", "method=streaming",
+                 "--where", "compress_every=1"]) == 0
+    assert "2 to run, 0 to skip" in capsys.readouterr().out
+    assert main(["status", str(grid_path), "--store", str(store), "--where", "repeat=1"]) == 0
+    table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert table["main"] == ["2", "2", "0", "0", "0"]
+    assert main([str(grid_path), "--store", str(store), "--dry-run", "--where", "compress_every=3"]) == 2
+    assert "--where compress_every=3: no run of the grid" in capsys.readouterr().err
     assert main(["status", str(grid_path), "--store", str(store)]) == 0
     table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
     assert table["main"] == ["4", "4", "0", "0", "0"]  # runs done pending failed stale

@@ -93,6 +93,26 @@ def test_only_selects_experiments_and_names_unknown_ones():
         grid.only(["nope"])
 
 
+def test_where_selects_runs_by_knob_values_and_names_mistakes():
+    grid = parse(GRID)
+    lazy = grid.where(["compress_every=8"])
+    assert {run.run_hash for run in lazy.runs} == {run.run_hash for run in grid.runs if run.config.compress_every == 8}
+    assert 0 < len(lazy.runs) < len(grid.runs)
+    # Every condition holds (and), after --only's experiments; the repeats of main are runs like any other.
+    chosen = grid.only(["main"]).where(["compress_every=8", "repeat=2"])
+    assert [(run.config.method, run.config.compress_every, run.config.repeat) for run in chosen.runs] == [
+        ("streaming", 8, 2)]
+    assert grid.where(["method=recompute"]).experiments == grid.experiments  # the grid stays the grid
+    with pytest.raises(GridError, match="--where bogus: unknown key"):
+        grid.where(["bogus=1"])
+    with pytest.raises(GridError, match="--where repeats: a key of the grid file, not of a run"):
+        grid.where(["repeats=2"])
+    with pytest.raises(GridError, match=r"--where compress_every=7: no run of the grid"):
+        grid.where(["compress_every=7"])
+    with pytest.raises(GridError, match="--where 'compress_every': expected key=value"):
+        grid.where(["compress_every"])
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -108,6 +108,8 @@ def test_each_rename_is_followed_by_a_sync_of_the_folder_that_holds_it(tmp_path,
             assert sources[path] in synced_files, f"{path} renamed into place before its data was synced"
     new_folders = {path.parent.parent for path in renamed if path.suffix == ".parquet"}  # run_hash=...
     assert all(("sync", folder) in events and ("sync", folder.parent) in events for folder in new_folders)
+    # The tables' folders are entries of the segment folder, made when the writer first opens the store.
+    assert ("sync", (tmp_path / "store.duckdb.segments").resolve()) in events
 
 
 def test_the_disk_holds_at_most_1_3x_the_rows_as_one_zstd_parquet_file(tmp_path):
