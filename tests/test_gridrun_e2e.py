@@ -239,7 +239,7 @@ INTERRUPTED = f"""
     name: interrupted
     base: {{{TINY}, method: streaming}}
     experiments:
-      a: {{grid: {{max_tokens: [2000, 2001, 2002, 2003, 2004, 2005, 2006, 2007]}}}}
+      a: {{grid: {{max_tokens: [900, 901, 902, 903, 904, 905, 906, 907]}}}}
 """
 
 
@@ -249,6 +249,9 @@ def start_driver_and_stop_it(grid_path: Path, store: Path, sig: int, after: str)
     driver = subprocess.Popen(
         [sys.executable, "-u", "-m", "gridrun", str(grid_path), "--store", str(store), "--workers", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Ctrl-C as at a terminal, however pytest was started: a shell's background job (`cmd &` without job control)
+        # ignores SIGINT, and a child inherits that, so the driver would never see the signal this test sends.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     children: list[psutil.Process] = []
@@ -295,7 +298,7 @@ def test_ctrl_c_keeps_finished_runs_stops_ray_and_resume_finishes_exactly_once(r
     report, out = run_grid(grid_path, store, workers=2)
     assert report.complete and report.skipped == finished and report.done == 8 - finished, out
     assert query(store, "SELECT count(*), count(DISTINCT run_hash) FROM runs WHERE status = 'done'") == [(8, 8)]
-    assert query(store, "SELECT count(*) FROM tokens") == [(sum(range(1999, 2007)),)]
+    assert query(store, "SELECT count(*) FROM tokens") == [(sum(range(899, 907)),)]
     assert query(store, "SELECT count(*) FROM superseded_tokens") == [(0,)]
 
 
@@ -373,7 +376,7 @@ def test_dry_run_lists_runs_and_writes_nothing_and_status_counts(ray_local, tmp_
 def test_address_joins_a_running_cluster_and_leaves_it_running(ray_local, tmp_path):
     import ray
 
-    two_runs = INTERRUPTED.replace("[2000, 2001, 2002, 2003, 2004, 2005, 2006, 2007]", "[200, 201]")
+    two_runs = INTERRUPTED.replace("[900, 901, 902, 903, 904, 905, 906, 907]", "[200, 201]")
     grid_path, store = write_grid(tmp_path, two_runs), tmp_path / "store.duckdb"
     address = ray.get_runtime_context().gcs_address
     result = subprocess.run(
