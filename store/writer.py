@@ -608,16 +608,23 @@ def _file_digest(path: Path) -> tuple[int, bytes]:
 def _write_segment(folder: Path, table, run_hash: str, segment: str, rows: pa.Table) -> tuple[int, bytes]:
     """One immutable Parquet file of a run's rows of `table` (its declared columns and types, run_hash from the path),
     written under a temporary name, made durable, then renamed into place. Returns its size and digest."""
-    directory = folder / table.name / f"run_hash={run_hash}" / f"segment={segment}"
+    sink = pa.BufferOutputStream()
+    # No dictionary pages: per-step values rarely repeat, and dictionaries made segments ~25% larger than the same
+    # rows written by DuckDB (bench/store_scale.py prints the ratio).
+    pq.write_table(_segment_rows(table, rows), sink, compression="zstd", use_dictionary=False)
+    data = sink.getvalue()
+    _write_durably(folder / table.name / f"run_hash={run_hash}" / f"segment={segment}" / SEGMENT_FILE, data)
+    return data.size, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _write_durably(final: Path, data: pa.Buffer) -> None:
+    """`data` as the file `final` (in a folder <table>/<run_hash=...>/<segment=...>, made if missing): written under a
+    temporary name and fsynced, renamed into place, then the rename and the new folders made durable by syncing the
+    three folders whose entries they are."""
+    directory = final.parent
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / SEGMENT_FILE
-    temporary = directory / f".{SEGMENT_FILE}.{os.getpid()}.tmp"
+    temporary = directory / f".{final.name}.{os.getpid()}.tmp"
     try:
-        sink = pa.BufferOutputStream()
-        # No dictionary pages: per-step values rarely repeat, and dictionaries made segments ~25% larger than the same
-        # rows written by DuckDB (bench/store_scale.py prints the ratio).
-        pq.write_table(_segment_rows(table, rows), sink, compression="zstd", use_dictionary=False)
-        data = sink.getvalue()
         with temporary.open("wb") as handle:
             handle.write(data)
             handle.flush()
@@ -625,10 +632,8 @@ def _write_segment(folder: Path, table, run_hash: str, segment: str, rows: pa.Ta
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
-    # The rename and the new folders are entries of their parents: durable only once those are synced too.
     for level in (directory, directory.parent, directory.parent.parent):
         _sync_directory(level)
-    return data.size, hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _sync_directory(directory: Path) -> None:
@@ -648,21 +653,13 @@ def _sync_directory(directory: Path) -> None:
 
 def _write_schema_segment(folder: Path, table) -> None:
     """The 0-row file that gives a table's view its columns while no run has rows in it."""
-    directory = folder / table.name / f"run_hash={SCHEMA_SEGMENT}" / f"segment={SCHEMA_SEGMENT}"
-    if (directory / "schema.parquet").is_file():
+    final = folder / table.name / f"run_hash={SCHEMA_SEGMENT}" / f"segment={SCHEMA_SEGMENT}" / "schema.parquet"
+    if final.is_file():
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".schema.parquet.{os.getpid()}.tmp"
-    try:
-        with temporary.open("wb") as handle:  # durable before the rename: a torn file would break the table's view
-            pq.write_table(_segment_rows(table, None), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, directory / "schema.parquet")
-    finally:
-        temporary.unlink(missing_ok=True)
-    for level in (directory, directory.parent, directory.parent.parent, folder):
-        _sync_directory(level)
+    sink = pa.BufferOutputStream()
+    pq.write_table(_segment_rows(table, None), sink)
+    _write_durably(final, sink.getvalue())  # a torn file would break the table's view
+    _sync_directory(folder)  # the table's folder, new on a store's first open, is an entry of the segment folder
 
 
 def _segment_rows(table, rows: pa.Table | None) -> pa.Table:

@@ -212,7 +212,7 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
     summary = _summarise(config, loaded, stream, tokens.drop_columns(["forward"]), compactions, prompt_ms,
                          target.kv_storage())
-    summary.update(_generation_summary(tokens, forwards, history[len(prompt) :], config.warmup))
+    summary.update(_generation_summary(tokens, forwards, history[len(prompt) :], summary["tpot_ms_mean"]))
     _check_budget(config, summary)
     summary.update(
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
@@ -266,16 +266,13 @@ class _GenerationRecorder:
                 pa.table(self.forward_rows, schema=FORWARD_SCHEMA))
 
 
-def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[int], warmup: int) -> dict:
-    """Totals of the run; its speed over the generated tokens after the first `warmup`, each timed as its forward's
-    share (the `latency_ms` of `tokens`), so that ms_per_token is the run's tpot_ms_mean."""
+def _generation_summary(tokens: pa.Table, forwards: pa.Table, generated: list[int], ms_per_token: float) -> dict:
+    """Totals of the run; its speed is `ms_per_token`, the run's tpot_ms_mean: each generated token after the first
+    `warmup` timed as its share of its forward (the `latency_ms` of `tokens`)."""
     compacted = tokens.column("compacted").to_numpy(zero_copy_only=False)
     evicted = tokens.column("evicted").to_numpy()
     drafted = int(np.sum(forwards.column("drafted").to_numpy()))
     accepted = int(np.sum(forwards.column("accepted").to_numpy()))
-    shares = tokens.column("latency_ms").to_numpy(zero_copy_only=False)[~tokens.column("prefill").to_numpy(
-        zero_copy_only=False)][warmup:]
-    ms_per_token = float(shares.mean())
     return {
         "compaction_count": int(compacted.sum()),
         "evicted_total": int(evicted.sum()),
