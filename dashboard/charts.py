@@ -19,7 +19,7 @@ SIDE_LEGEND = alt.Legend(labelLimit=360, title=None)
 METRIC_TITLES = {
     "tpot_ms": "TPOT (ms / token)",
     "ppl": "perplexity",
-    "delta_ppl_pct": "ΔPPL vs recompute (%)",
+    "delta_ppl_pct": "ΔPPL vs recompute (%, paired per text)",
     "speedup": "speedup vs recompute (x)",
     "peak_memory_mib": "peak memory (MiB)",
     "compactions": "compactions per run",
@@ -28,60 +28,96 @@ METRIC_TITLES = {
     "total_bytes": "KV cache peak + weights (bytes)",
 }
 TRADEOFF_X = ("tpot_ms", "kv_bytes_per_token", "total_bytes")  # what the trade-off view can put on its x axis
-# The metrics whose spread over repeats the store gives (a ratio of means has none).
-METRIC_STD = {"tpot_ms": "tpot_ms_std", "ppl": "ppl_std", "peak_memory_mib": "peak_memory_mib_std"}
+# Per metric, the columns of setting_table that bound its bar: (low, high) directly, or a std to put either side.
+METRIC_BOUNDS: dict[str, tuple[str, str] | str] = {
+    "delta_ppl_pct": ("delta_ppl_low", "delta_ppl_high"),
+    "ppl": "ppl_std",
+    "tpot_ms": "tpot_ms_std",
+    "peak_memory_mib": "peak_memory_mib_std",
+}
+BOUNDS_CAPTION = {
+    "delta_ppl_pct": "Each point: the mean over text samples of the ΔPPL paired per sample with the recompute baseline "
+                     "(on the steps both scored); bars: its 95 % Student-t interval over the samples "
+                     "(t_0.975,n-1 · std / √n). An interval that excludes zero is a resolved effect.",
+    "ppl": "Each point: the mean PPL over text samples; bars: ± one standard deviation between samples (the texts "
+           "differ more than the settings do: compare ΔPPL, paired per text).",
+    "tpot_ms": "Each point: the mean TPOT over stepwise timing repeats; bars: ± one standard deviation.",
+    "peak_memory_mib": "Each point: the mean over timing repeats; bars: ± one standard deviation.",
+}
 
 
-def _with_bounds(frame: pd.DataFrame, value: str, std: str) -> pd.DataFrame:
-    spread = frame[std].fillna(0.0) if std in frame else 0.0
-    return frame.assign(**{f"{value}_low": frame[value] - spread, f"{value}_high": frame[value] + spread})
+def bounds_columns(metric: str) -> list[str]:
+    bounds = METRIC_BOUNDS.get(metric)
+    return list(bounds) if isinstance(bounds, tuple) else [bounds] if bounds else []
 
 
-def tradeoff(groups: pd.DataFrame, colour: str, x_metric: str = "tpot_ms") -> alt.LayerChart:
-    """TPOT (or bytes: `x_metric` of TRADEOFF_X) vs PPL, one point per configuration (mean over repeats, bars of ± std
-    where n > 1), coloured by `colour`, the recompute baseline drawn as a large cross and, on the TPOT axis, the
-    Pareto frontier (lower TPOT and PPL) as a step line. Configurations without a cache have no bytes: not drawn."""
-    if x_metric != "tpot_ms":
-        groups = groups[groups[x_metric].notna()].assign(tpot_ms=groups[x_metric], tpot_ms_std=float("nan"),
-                                                         pareto=False)
-    frame = _with_bounds(_with_bounds(groups, "tpot_ms", "tpot_ms_std"), "ppl", "ppl_std")
+def _with_bounds(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`{metric}_low` and `{metric}_high`: the bar of each point (the point itself where none is stored)."""
+    bounds = METRIC_BOUNDS.get(metric)
+    if isinstance(bounds, tuple):
+        low, high = frame[bounds[0]].fillna(frame[metric]), frame[bounds[1]].fillna(frame[metric])
+    else:
+        spread = frame[bounds].fillna(0.0) if bounds in frame else 0.0
+        low, high = frame[metric] - spread, frame[metric] + spread
+    return frame.assign(**{f"{metric}_low": low, f"{metric}_high": high})
+
+
+def tradeoff(settings: pd.DataFrame, colour: str, x_metric: str = "tpot_ms") -> alt.LayerChart:
+    """ΔPPL (paired per text sample, bars: its 95 % t interval) against TPOT (bars: ± std over repeats) or the bytes
+    of `x_metric` (TRADEOFF_X), one point per setting, coloured by `colour`; the recompute baseline (ΔPPL 0 by
+    definition) a large cross, zero a grey rule and, on the TPOT axis, the Pareto frontier a dashed step line.
+    Settings without a ΔPPL or without the x value are not drawn (the view lists them)."""
+    frame = settings[settings.delta_ppl_pct.notna() & settings[x_metric].notna()]
+    frame = frame.assign(x=frame[x_metric], x_std=frame["tpot_ms_std"] if x_metric == "tpot_ms" else float("nan"),
+                         pareto=frame["pareto"].fillna(False).astype(bool) & (x_metric == "tpot_ms"))
+    frame = frame.assign(x_low=frame.x - frame.x_std.fillna(0.0), x_high=frame.x + frame.x_std.fillna(0.0))
+    frame = _with_bounds(frame, "delta_ppl_pct")
     frame = frame.assign(colour=frame[colour].astype(str), role=frame["is_baseline"].map(
-        {True: "recompute baseline", False: "configuration"}))
-    x = alt.X("tpot_ms:Q", title=METRIC_TITLES[x_metric], scale=alt.Scale(zero=False))
-    y = alt.Y("ppl:Q", title=METRIC_TITLES["ppl"], scale=alt.Scale(zero=False))
-    tooltip = ["label:N", "n:Q", alt.Tooltip("tpot_ms:Q", format=".3f"), alt.Tooltip("tpot_ms_std:Q", format=".3f"),
-               alt.Tooltip("ppl:Q", format=".4f"), alt.Tooltip("ppl_std:Q", format=".4f"),
-               alt.Tooltip("speedup:Q", format=".2f"), alt.Tooltip("delta_ppl_pct:Q", format=".3f")]
+        {True: "recompute baseline", False: "setting"}))
+    x = alt.X("x:Q", title=METRIC_TITLES[x_metric] + " (log scale)", scale=alt.Scale(type="log"))
+    y = alt.Y("delta_ppl_pct:Q", title=METRIC_TITLES["delta_ppl_pct"] + ", 95 % interval")
+    tooltip = ["label:N", alt.Tooltip("x:Q", title=x_metric, format=".4g"),
+               alt.Tooltip("tpot_ms_std:Q", format=".3f"), "n_repeats:Q",
+               alt.Tooltip("delta_ppl_pct:Q", format="+.3f"), alt.Tooltip("delta_ppl_low:Q", format="+.3f"),
+               alt.Tooltip("delta_ppl_high:Q", format="+.3f"), "n_pairs:Q", alt.Tooltip("ppl:Q", format=".4f"),
+               alt.Tooltip("speedup:Q", format=".2f")]
     base = alt.Chart(frame)
     points = base.mark_point(filled=True, size=80).encode(
-        x=x, y=y, color=alt.Color("colour:N", title=colour, scale=SCHEME),
-        shape=alt.Shape("role:N", title=None, scale=alt.Scale(domain=["configuration", "recompute baseline"],
+        x=x, y=y, color=alt.Color("colour:N", title=colour, scale=SCHEME, legend=SIDE_LEGEND),
+        shape=alt.Shape("role:N", title=None, scale=alt.Scale(domain=["setting", "recompute baseline"],
                                                                range=["circle", "cross"])),
         size=alt.condition("datum.is_baseline", alt.value(300), alt.value(80)), tooltip=tooltip,
     )
-    repeated = base.transform_filter("datum.n > 1")
-    x_bars = repeated.mark_rule().encode(x="tpot_ms_low:Q", x2="tpot_ms_high:Q", y="ppl:Q", color="colour:N")
-    y_bars = repeated.mark_rule().encode(x="tpot_ms:Q", y="ppl_low:Q", y2="ppl_high:Q", color="colour:N")
+    x_bars = base.transform_filter("datum.n_repeats > 1").mark_rule().encode(
+        x="x_low:Q", x2="x_high:Q", y="delta_ppl_pct:Q", color="colour:N")
+    y_bars = base.transform_filter("datum.n_pairs > 1").mark_rule().encode(
+        x="x:Q", y="delta_ppl_pct_low:Q", y2="delta_ppl_pct_high:Q", color="colour:N")
+    zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="grey", strokeDash=[2, 2]).encode(y="zero:Q")
     frontier = base.transform_filter("datum.pareto").mark_line(
         interpolate="step-after", color="black", strokeDash=[4, 3], point=False
-    ).encode(x="tpot_ms:Q", y="ppl:Q", order="tpot_ms:Q", detail="context:N")
-    return alt.layer(frontier, x_bars, y_bars, points).properties(height=HEIGHT + 140)
+    ).encode(x="x:Q", y="delta_ppl_pct:Q", order="x:Q", detail="context:N")
+    return alt.layer(zero, frontier, x_bars, y_bars, points).properties(height=HEIGHT + 140)
 
 
-def sweep(groups: pd.DataFrame, knob: str, metric: str, series: str) -> alt.LayerChart:
-    """`metric` (mean, bars of ± std over repeats where the store has a spread) against `knob`, one line per series."""
-    frame = _with_bounds(groups, metric, METRIC_STD.get(metric, "-"))
+def sweep(frame: pd.DataFrame, knob: str, metric: str, series: str) -> alt.LayerChart:
+    """`metric` against `knob`, one line per series, bars from METRIC_BOUNDS where the store gives a spread."""
+    frame = _with_bounds(frame, metric)
     numeric = pd.api.types.is_numeric_dtype(frame[knob])
     scale = alt.Scale(zero=False) if numeric else alt.Undefined
     x = alt.X(f"{knob}:{'Q' if numeric else 'N'}", title=knob, scale=scale)
     y = alt.Y(f"{metric}:Q", title=METRIC_TITLES.get(metric, metric), scale=alt.Scale(zero=False))
     base = alt.Chart(frame).encode(x=x, color=alt.Color(f"{series}:N", title="held fixed", scale=SCHEME,
                                                          legend=SIDE_LEGEND))
-    tooltip = [f"{knob}", alt.Tooltip(f"{metric}:Q", format=".4g"), "n:Q", f"{series}:N"]
+    tooltip = [f"{knob}", alt.Tooltip(f"{metric}:Q", format=".4g"), alt.Tooltip(f"{metric}_low:Q", format=".4g"),
+               alt.Tooltip(f"{metric}_high:Q", format=".4g"), f"{series}:N", "label:N"]
     line = base.mark_line(point=True).encode(y=y, tooltip=tooltip)
-    bars = base.transform_filter("datum.n > 1").mark_errorbar(ticks=True).encode(
+    bars = base.mark_errorbar(ticks=True).encode(
         y=alt.Y(f"{metric}_low:Q", title=METRIC_TITLES.get(metric, metric)), y2=f"{metric}_high:Q")
-    return alt.layer(bars, line).properties(height=HEIGHT + 60)
+    layers = [bars, line]
+    if metric == "delta_ppl_pct":
+        layers.insert(0, alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="grey", strokeDash=[2, 2]).encode(
+            y="zero:Q"))
+    return alt.layer(*layers).properties(height=HEIGHT + 60)
 
 
 def token_curves(series: pd.DataFrame, marks: pd.DataFrame, step_domain: tuple[int, int]) -> alt.VConcatChart:

@@ -60,12 +60,6 @@ def run_table(path: Path, signature: Signature, grid: str, include_stale: bool) 
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def group_table(path: Path, signature: Signature, grid: str, experiments: tuple[str, ...] | None,
-                include_stale: bool) -> pd.DataFrame:
-    return queries.read(path, lambda con: with_labels(queries.group_table(con, grid, experiments, include_stale)))
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
 def step_range(path: Path, signature: Signature, run_hashes: tuple[str, ...]) -> queries.StepRange:
     return queries.read(path, lambda con: queries.step_range(con, run_hashes))
 
@@ -92,29 +86,58 @@ def speculation_table(path: Path, signature: Signature, grid: str, include_stale
 def with_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """Add `label` (the method, R, and the knobs whose value differs from the most common one among rows of the same
     method; then '≡' and the settings of the configurations that share its run; the hash when rows would share a
-    label) and `context` (what a speedup is relative to)."""
+    label) and `context` (what a speedup is relative to). Knobs that do not apply to a row are missing values (NA,
+    None or NaN, by pandas version and dtype): a missing value equals only another missing value."""
     if frame.empty:
         return frame.assign(label=pd.Series(dtype=str), context=pd.Series(dtype=str))
     varying = [k for k in queries.varying_knobs(frame) if k not in ("method", "compress_every")]
-    usual = {method: rows[varying].mode(dropna=False).iloc[0] if varying else pd.Series(dtype=object)
-             for method, rows in frame.groupby("method")}
-    labels = frame.apply(lambda row: _label(row, varying, usual[row["method"]]), axis=1)
+    if "repeat" in frame and frame["repeat"].nunique() > 1:  # a run's repeats are told apart by their number
+        varying.append("repeat")
+    records = frame.to_dict("records")
+    usual: dict[object, dict[str, object]] = {}
+    for method in dict.fromkeys(row["method"] for row in records):
+        rows = [row for row in records if row["method"] == method]
+        usual[method] = {k: _most_common([row[k] for row in rows]) for k in varying}
+    labels = pd.Series([_label(row, varying, usual[row["method"]]) for row in records], index=frame.index, dtype=object)
     if "equivalent_to" in frame:  # configurations that share one run are labelled as such, never as separate results
         labels = labels.where(frame["equivalent_to"] == "", labels + " ≡ " + frame["equivalent_to"].astype(str))
-    hash_column = next(c for c in ("config_hash", "run_hash", "group_hash") if c in frame)
+    hash_column = next(c for c in ("config_hash", "run_hash", "setting_hash") if c in frame)
     shared = labels.duplicated(keep=False)
-    labels = labels.where(~shared, labels + " #" + frame[hash_column].str[:6])
+    labels = labels.where(~shared, labels + " #" + frame[hash_column].astype(str).str[:6])
     context = frame["model"].astype(str) + " / " + frame["dataset"].astype(str) + " / " + frame["device_name"].astype(
         str)
     return frame.assign(label=labels, context=context)
 
 
-def _label(row: pd.Series, knobs: list[str], usual: pd.Series) -> str:
+def _missing(value: object) -> bool:
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
+
+
+def _same(a: object, b: object) -> bool:
+    if _missing(a) or _missing(b):
+        return _missing(a) and _missing(b)
+    return bool(a == b)
+
+
+def _most_common(values: list[object]) -> object:
+    """The most frequent value (missing values count as one value), the first seen among equals."""
+    counts: list[list] = []
+    for value in values:
+        for entry in counts:
+            if _same(entry[0], value):
+                entry[1] += 1
+                break
+        else:
+            counts.append([value, 1])
+    return max(counts, key=lambda entry: entry[1])[0]
+
+
+def _label(row: dict, knobs: list[str], usual: dict[str, object]) -> str:
     parts = [str(row["method"])]
     if row["method"] == "streaming":
         parts.append(f"R={row['compress_every']}")
     if row["method"] in ("streaming", queries.BASELINE_METHOD):
-        parts += [f"{SHORT.get(k, k)}={row[k]}" for k in knobs if pd.notna(row[k]) and row[k] != usual[k]]
+        parts += [f"{SHORT.get(k, k)}={row[k]}" for k in knobs if not _missing(row[k]) and not _same(row[k], usual[k])]
     return " ".join(parts)
 
 
@@ -122,9 +145,17 @@ def _label(row: pd.Series, knobs: list[str], usual: pd.Series) -> str:
 def setting_table(path: Path, signature: Signature, grid: str, experiments: tuple[str, ...] | None,
                   include_stale: bool) -> pd.DataFrame:
     frame = queries.read(path, lambda con: queries.setting_table(con, grid, experiments, include_stale))
-    return with_labels(frame.assign(group_hash=frame.setting_hash))
+    return with_labels(frame)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def block_ppl(path: Path, signature: Signature, run_hashes: tuple[str, ...], block: int) -> pd.DataFrame:
     return queries.read(path, lambda con: queries.block_ppl(con, run_hashes, block))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def sweep_knob(path: Path, signature: Signature, grid: str, experiment: str, include_stale: bool) -> str | None:
+    def query(con):
+        return queries.sweep_knob(con, grid, experiment, queries.setting_table(con, grid, [experiment], include_stale))
+
+    return queries.read(path, query)

@@ -77,6 +77,7 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
             "ablations.tex": ladder_table(gathered),
             "sweeps.tex": sweeps_table(gathered),
             "profile.tex": profile_table(gathered),
+            "findings.tex": findings_text(gathered),
         }
         if gathered.speculation is not None:
             texts["speculative.tex"] = speculative_table(gathered)
@@ -117,44 +118,44 @@ def gather_quantization(con: duckdb.DuckDBPyConnection, grid: str,
         listing = "\n  ".join(f"experiment {row.experiment}: run {row.run_hash} {row.status}"
                                for row in waiting.itertuples())
         raise ExportError(f"paper export of grid {grid} is incomplete; nothing was written. Missing:\n  {listing}")
-    groups = queries.group_table(con, grid, present, include_stale)
-    policy = [k for k in queries.KNOBS if k not in QUANT_KNOBS and k not in ("kv_quant_group", "kv_quant_residual")]
-    floats = groups[(groups.kv_quant == "none") & (groups.weight_quant == "none")]
-    reference = floats[policy + ["ppl", "tpot_ms"]].rename(columns={"ppl": "float_ppl", "tpot_ms": "float_tpot_ms"})
-    groups = groups.merge(reference, on=policy, how="left")
-    groups = groups.assign(delta_float_pct=100 * (groups.ppl / groups.float_ppl - 1),
-                           tpot_ratio=groups.tpot_ms / groups.float_tpot_ms)
+    # Every number of a quantized setting (ΔPPL vs float paired per text sample, TPOT ratio) from the query layer.
+    groups = queries.setting_table(con, grid, present, include_stale)
     runs = queries.run_table(con, grid, include_stale)
     failed = runs[(runs.status == "failed") & runs.run_hash.isin(missing.run_hash)]
     return groups, failed
 
 
 def quantization_table(groups: pd.DataFrame, failed: pd.DataFrame) -> str:
-    columns = [("Configuration", "l"), ("PPL", "r"), (r"$\Delta$PPL (\%)", "r"), ("TPOT (ms)", "r"),
-               ("TPOT ratio", "r"), ("KV B/token", "r"), ("Weights (MiB)", "r"), ("$n$", "r")]
+    columns = [("Configuration", "l"), ("PPL", "r"), (r"$\Delta$PPL vs float (\%)", "r"), ("TPOT (ms)", "r"),
+               ("TPOT ratio", "r"), ("KV B/token", "r"), ("Weights (MiB)", "r"), ("$n_r$", "r"), ("$n_t$", "r")]
     table = Table(columns=columns, label="tab:quantization", caption=(
-        "Quantization: KV-cache codes (kv\\_quant; sinks kept full or quantized) and torchao weights (weight\\_quant). "
-        "$\\Delta$PPL and the TPOT ratio are relative to the same policy in float; KV bytes per token and weight "
-        "bytes are measured (nbytes of every tensor held). Mean $\\pm$ std over $n$ repeats; failed configurations "
-        "are listed with their reason."))
+        "Quantization: KV-cache codes (kv\\_quant; sinks kept full or quantized) and torchao weights "
+        "(weight\\_quant). $\\Delta$PPL is paired per text sample with the same policy in float on the same tokens "
+        f"({INTERVAL_NOTE}); the TPOT ratio is over the float policy's TPOT on the same tokens; KV bytes per token and "
+        "weight bytes are measured (nbytes of every tensor held). TPOT mean $\\pm$ std over the $n_r$ timing "
+        "repeats, PPL over the $n_t$ text samples; failed configurations are listed with their reason."))
     for compress_every, block in groups.groupby("compress_every", sort=True):
         block = block.sort_values(["weight_quant", "kv_quant", "kv_quant_sinks"])
         rows = []
         for row in block.itertuples():
-            what = f"configuration {row.group_hash}"
+            what = f"setting {row.setting_hash}"
+            floating = row.kv_quant == "none" and row.weight_quant == "none"
+            delta = r"\textit{ref.}" if floating else paired_cell(
+                row.delta_float_pct, row.delta_float_low, row.delta_float_high, row.n_float_pairs,
+                row.delta_float_resolved, what=f"delta PPL vs float of {what}")
+            ratio = r"\textit{ref.}" if floating else \
+                f"${number(row.tpot_ratio, 2, what=f'TPOT ratio of {what}')}\\times$"
             rows.append([
-                _quant_label(row), mean_std(row.ppl, row.ppl_std, row.n, 3, what=f"PPL of {what}"),
-                f"${number(row.delta_float_pct, 2, signed=True, what=f'delta PPL vs float of {what}')}$",
-                mean_std(row.tpot_ms, row.tpot_ms_std, row.n, 2, what=f"TPOT of {what}"),
-                f"${number(row.tpot_ratio, 2, what=f'TPOT ratio of {what}')}\\times$",
+                _quant_label(row), mean_std(row.ppl, row.ppl_std, row.n_samples, 3, what=f"PPL of {what}"), delta,
+                mean_std(row.tpot_ms, row.tpot_ms_std, row.n_repeats, 2, what=f"TPOT of {what}"), ratio,
                 f"${number(row.kv_bytes_per_token, 0, what=f'KV bytes of {what}')}$",
-                f"${number(row.weights_bytes / 2**20, 1, what=f'weights bytes of {what}')}$", str(row.n)])
+                f"${number(row.weights_bytes / 2**20, 1, what=f'weights bytes of {what}')}$", *n_cells(row)])
         lost = failed[failed.compress_every == compress_every]
         for row in lost.itertuples():
             reason = escape(str(row.error).strip().splitlines()[0][:90]) if isinstance(row.error, str) else "unknown"
-            rows.append([f"{_quant_label(row)}: \\textit{{failed}} ({reason})", *["---"] * 6, "0"])
-        notes = [f"group {row.group_hash}" for row in block.itertuples()] + [f"run {row.run_hash}"
-                                                                             for row in lost.itertuples()]
+            rows.append([f"{_quant_label(row)}: \\textit{{failed}} ({reason})", *["---"] * 6, "0", "0"])
+        notes = [f"setting {row.setting_hash}" for row in block.itertuples()] + [f"run {row.run_hash}"
+                                                                                 for row in lost.itertuples()]
         table.add_panel(rf"\emph{{{knob('compress_every', compress_every)}}}", rows, notes)
     return table.render()
 
@@ -355,17 +356,32 @@ RESULT_COLUMNS = [("Method", "l"), ("TPOT (ms)", "r"), ("Speedup", "r"), ("PPL",
 N_COLUMNS = [("$n_r$", "r"), ("$n_t$", "r")]  # timing repeats, text samples
 
 
+INTERVAL_NOTE = ("in brackets its 95\\,\\% Student-$t$ interval over the text samples, "
+                 "$t_{0.975,n-1}\\,s/\\sqrt{n}$; $^{*}$: the interval excludes zero, a resolved effect")
+
+
+def paired_cell(mean: float, low: float, high: float, n: int, resolved: bool, *, what: str) -> str:
+    """`$+0.72$ [$-0.31$, $+1.75$]`, with `$^{*}$` when the interval excludes zero; the mean alone (n = 1) when there
+    is no interval."""
+    text = f"${number(mean, 2, signed=True, what=what)}$"
+    if n > 1:
+        text += (f" {{\\scriptsize[${number(low, 2, signed=True, what=f'interval of {what}')}$, "
+                 f"${number(high, 2, signed=True, what=f'interval of {what}')}$]}}")
+        text += "$^{*}$" if resolved else ""
+    return text
+
+
 def result_cells(row) -> list[str]:
-    """TPOT, speedup, PPL, ΔPPL: the cells every results table shares. ΔPPL is paired per text sample and says how
-    many samples agree with its sign (k/n)."""
+    """TPOT, speedup, PPL, ΔPPL: the cells every results table shares. ΔPPL is paired per text sample, with its 95 %
+    interval and how many samples agree with its sign (k/n)."""
     what = f"setting {row.setting_hash}"
     if row.is_baseline:
         speedup, delta = r"\textit{ref.}", r"\textit{ref.}"
     else:
         speedup = f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$"
-        delta = mean_std(row.delta_ppl_pct, row.delta_ppl_pct_std, row.n_pairs, 2, signed=True,
-                         what=f"delta PPL of {what}")
-        delta += f" ({int(row.agree)}/{int(row.n_pairs)})"
+        delta = paired_cell(row.delta_ppl_pct, row.delta_ppl_low, row.delta_ppl_high, int(row.n_pairs),
+                            bool(row.delta_ppl_resolved), what=f"delta PPL of {what}")
+        delta += f" {{\\scriptsize({int(row.agree)}/{int(row.n_pairs)})}}"
     return [mean_std(row.tpot_ms, row.tpot_ms_std, row.n_repeats, 2, what=f"TPOT of {what}"), speedup,
             mean_std(row.ppl, row.ppl_std, row.n_samples, 2, what=f"PPL of {what}"), delta]
 
@@ -383,8 +399,9 @@ def _caption(text: str, groups: pd.DataFrame, merged: bool = False) -> str:
         stale += (f" The recompute baseline's PPL is over every {'/'.join(map(str, strides))}-th step only (a "
                   "cap-token forward each); every $\\Delta$PPL pairs a setting with it on those steps.")
     return (f"{text} TPOT: mean $\\pm$ std over the $n_r$ stepwise timing repeats of each setting; PPL: mean $\\pm$ "
-            f"std over its $n_t$ text samples ({protocols} protocol); $\\Delta$PPL paired per sample with the "
-            f"recompute baseline of the same tokens (in brackets: samples agreeing in sign); speedup relative to the "
+            f"std over its $n_t$ text samples ({protocols} protocol); $\\Delta$PPL: mean over the text samples of the "
+            f"change paired per sample with the recompute baseline on the same tokens, {INTERVAL_NOTE} (in "
+            f"parentheses: samples agreeing in sign); speedup relative to the "
             f"baseline's TPOT (same grid, text, cap and device: {devices}).{stale}"
             + (EQUIVALENT_NOTE if merged else ""))
 
@@ -425,7 +442,7 @@ def ladder_table(gathered: Gathered) -> str:
 
 def sweeps_table(gathered: Gathered) -> str:
     merged = {name: merge_equivalent(_sorted(gathered.experiments[name])) for name in SWEEPS}
-    table = Table(columns=[("Value", "l"), *RESULT_COLUMNS[1:], *N_COLUMNS], label="tab:sweeps",
+    table = Table(columns=[("Value", "p{4.4cm}"), *RESULT_COLUMNS[1:], *N_COLUMNS], label="tab:sweeps",
                   caption=_caption("Sweeps: one knob varied, the others held fixed.",
                                    pd.concat([gathered.experiments[name] for name in SWEEPS]),
                                    any(frame.equivalents.any() for frame in merged.values())))
@@ -485,6 +502,43 @@ def _policy_name(row) -> str:
         return method_name(row)
     stale = STALE_MARK if row.stale else ""
     return f"{method_name(row)}{stale} ({knob('compress_every', row.compress_every)}, {knob('cap', row.cap)})"
+
+
+def findings_text(gathered: Gathered) -> str:
+    """The main results in words, an effect called resolved only when its 95 % interval excludes zero: one sentence per
+    setting of the main table, then every setting of the ablations and sweeps whose ΔPPL interval excludes zero."""
+    main = merge_equivalent(_sorted(gathered.experiments[MAIN]))
+    sentences = []
+    for row in main[~main.is_baseline].itertuples():
+        what = f"setting {row.setting_hash}"
+        label = row_label(row, ["compress_every"])
+        speed = f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$"
+        delta = paired_cell(row.delta_ppl_pct, row.delta_ppl_low, row.delta_ppl_high, int(row.n_pairs),
+                            bool(row.delta_ppl_resolved), what=f"delta PPL of {what}")
+        if int(row.n_pairs) < 2:
+            verdict = "one text sample, so no interval: the effect is not resolved"
+        elif row.delta_ppl_resolved:
+            verdict = "resolved: the interval excludes zero"
+        else:
+            verdict = "not resolved: the interval includes zero"
+        sentences.append(f"{label} decodes {speed} faster per token than recompute; its $\\Delta$PPL is {delta}\\,\\% "
+                         f"over {int(row.n_pairs)} text samples ({verdict}).")
+    others = pd.concat([gathered.experiments[name] for name in (LADDER, *SWEEPS)])
+    others = others[~others.is_baseline].drop_duplicates(["setting_hash"])
+    resolved = merge_equivalent(_sorted(others[others.delta_ppl_resolved]))
+    if resolved.empty:
+        tail = ("No setting of the ablation ladder or the sweeps has a $\\Delta$PPL whose 95\\,\\% interval excludes "
+                "zero.")
+    else:
+        listed = "; ".join(
+            f"{row_label(row, ['compress_every', 'cap_mode', 'sink', 'slack', 'max_drop'])}: "
+            + paired_cell(row.delta_ppl_pct, row.delta_ppl_low, row.delta_ppl_high, int(row.n_pairs), True,
+                          what=f"delta PPL of setting {row.setting_hash}") + "\\,\\%"
+            for row in resolved.itertuples())
+        tail = f"Resolved $\\Delta$PPL in the ablations and sweeps (95\\,\\% interval excludes zero): {listed}."
+    intro = (f"Intervals are 95\\,\\% Student-$t$ intervals over the text samples ($t_{{0.975,n-1}}\\,s/\\sqrt{{n}}$, "
+             f"grid {escape(gathered.grid)}); an effect is called resolved only when its interval excludes zero.")
+    return "\n\n".join([intro, " ".join(sentences), tail]) + "\n"
 
 
 def profile_table(gathered: Gathered) -> str:

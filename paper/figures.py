@@ -55,7 +55,7 @@ def quantization(groups: pd.DataFrame) -> plt.Figure:
     for (compress_every, weight_quant), block in full_sinks.groupby(["compress_every", "weight_quant"], sort=True):
         block = block.sort_values("kv_bytes_per_token")
         axes.errorbar(block.kv_bytes_per_token, block.ppl, yerr=block.ppl_std.fillna(0), marker="o", markersize=4,
-                      capsize=2, label=f"R={compress_every}, weights {weight_quant} (n={_n_range(block.n)})")
+                      capsize=2, label=f"R={compress_every}, weights {weight_quant} (n_t={_n_range(block.n_samples)})")
     quantized_sinks = groups[(groups.kv_quant != "none") & (groups.kv_quant_sinks == "quantized")]
     for row in quantized_sinks.itertuples():
         axes.plot(row.kv_bytes_per_token, row.ppl, marker="x", color="black", linestyle="none")
@@ -86,26 +86,31 @@ def kv_len(series: pd.DataFrame) -> plt.Figure:
 
 
 def tradeoff(groups: pd.DataFrame) -> plt.Figure:
-    """TPOT vs PPL per setting: TPOT mean ± std over repeats, PPL over text samples, recompute marked, Pareto frontier
-    dashed."""
+    """ΔPPL (paired per text sample with the recompute baseline; bars: its 95 % t interval over the samples) against
+    TPOT (bars: ± std over repeats) per setting, the baseline at zero, the Pareto frontier dashed. Settings without a
+    paired ΔPPL are not drawn (export.gather keeps only those measured as the main table)."""
     figure, axes = plt.subplots(figsize=SIZE)
+    groups = groups[groups.delta_ppl_pct.notna()]
+    axes.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
     for (method, compress_every), block in groups.groupby(["method", "compress_every"], sort=True):
         baseline = method == "recompute"
         name = f"streaming R={compress_every}" if method == "streaming" else method
         name = "recompute (baseline)" if baseline else name
-        axes.errorbar(block.tpot_ms, block.ppl, xerr=block.tpot_ms_std.fillna(0), yerr=block.ppl_std.fillna(0),
+        low = (block.delta_ppl_pct - block.delta_ppl_low).fillna(0.0)
+        high = (block.delta_ppl_high - block.delta_ppl_pct).fillna(0.0)
+        axes.errorbar(block.tpot_ms, block.delta_ppl_pct, xerr=block.tpot_ms_std.fillna(0), yerr=[low, high],
                       fmt="X" if baseline else "o", markersize=9 if baseline else 5, capsize=2, linestyle="none",
                       color="black" if baseline else None,
-                      label=f"{name} (n_r={_n_range(block.n_repeats)}, n_t={_n_range(block.n_samples)})")
+                      label=f"{name} (n_r={_n_range(block.n_repeats)}, n_t={_n_range(block.n_pairs)})")
     pareto = groups[groups.pareto.fillna(False).astype(bool)]
     for index, (_, frontier) in enumerate(pareto.groupby(["model", "dataset", "device_name"])):
         frontier = frontier.sort_values("tpot_ms")
-        axes.step(frontier.tpot_ms, frontier.ppl, where="post", linestyle="--", color="grey", linewidth=1,
+        axes.step(frontier.tpot_ms, frontier.delta_ppl_pct, where="post", linestyle="--", color="grey", linewidth=1,
                   label="Pareto frontier" if index == 0 else None)
     axes.set_xscale("log")  # the recompute baseline is often an order of magnitude slower than the rest
-    axes.set(xlabel="TPOT (ms / token, log scale)", ylabel="perplexity",
-             title="TPOT over n_r stepwise repeats, PPL over n_t text samples")
-    axes.legend(fontsize=6, ncols=2)
+    axes.set(xlabel="TPOT (ms / token, log scale)", ylabel="ΔPPL vs recompute (%, paired per text)",
+             title="ΔPPL with its 95 % t interval over n_t texts; TPOT over n_r repeats")
+    axes.legend(fontsize=6, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below: never over a bar
     return figure
 
 
@@ -141,9 +146,11 @@ def figures_latex(gathered: Gathered) -> str:
     captions = {
         "kv_len": "Measured attention span (kv\\_len) per step: strict compaction keeps it at the cap, lazy pruning "
                   "lets it grow for $R$ steps and cuts it back (the sawtooth).",
-        "tradeoff": "TPOT against perplexity for every timed setting of the grid: TPOT mean $\\pm$ std over $n_r$ "
-                    "stepwise repeats, PPL mean $\\pm$ std over $n_t$ text samples; the cross is the recompute "
-                    "baseline, the dashed line the Pareto frontier.",
+        "tradeoff": "$\\Delta$PPL against TPOT for every timed setting of the grid measured as the main table: "
+                    "$\\Delta$PPL is the mean over the $n_t$ text samples of the change paired per sample with "
+                    "the recompute baseline (the cross, zero by definition), its bar the 95\\,\\% Student-$t$ "
+                    "interval over the samples (an effect is resolved only where the bar excludes zero); TPOT mean "
+                    "$\\pm$ std over $n_r$ stepwise repeats; the dashed line is the Pareto frontier.",
         "nll_compactions": "NLL around compaction events (minus each run's median), mean $\\pm$ std over events "
                            "pooled over the repeats; $n$ in the legend.",
         "long_stream": "Perplexity per block of positions along one long stream: dense attention past the model's "

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import duckdb
 import pandas as pd
+import yaml
 
 from store.schema import (
     CONFIGURATION_OWN,
@@ -31,6 +32,7 @@ from store.schema import (
     segments_folder,
     unsafe_segment_path,
 )
+from store.stats import t_half_width
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 T = TypeVar("T")
@@ -352,7 +354,6 @@ def missing_runs(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequenc
 
 # --- run and group summaries ----------------------------------------------------------------------------------------
 _KNOB_SELECT = ", ".join(f"r.{q(k)}" for k in KNOBS)
-_CONTEXT_JOIN = " AND ".join(f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in (*CONTEXT, "cap"))
 
 
 _OWN = (*(column.name for column in KNOB_COLUMNS), *CONFIGURATION_OWN)  # a configuration's own columns
@@ -391,81 +392,25 @@ def _members_sql(grid_filter: str) -> str:
     """
 
 
-def _baselines_sql() -> str:
-    """One baseline per grid, context and cap: the mean of its recompute repeats."""
-    context = ", ".join(q(k) for k in CONTEXT)
-    return f"""
-        SELECT grid, {context}, cap, avg(tpot_ms_mean) AS base_tpot_ms, avg(ppl) AS base_ppl, count(*) AS base_n
-        FROM members WHERE method = '{BASELINE_METHOD}' AND status = 'done' GROUP BY ALL
-    """
-
-
 def run_table(con: duckdb.DuckDBPyConnection, grid: str | None = None, include_stale: bool = False) -> pd.DataFrame:
-    """One row per run and grid (all statuses): knobs, PPL, ΔPPL % and speedup vs the grid's recompute baseline on the
-    same context and cap, TPOT, peak memory, the number of repeats done, the stale flag and the error text."""
+    """One row per configuration of a run and grid (all statuses): knobs, the run's own measurements (PPL over the
+    tokens it scored, TPOT over its timed steps, peak memory), the number of repeats done, the stale flag and the error
+    text. No comparison: a run's ΔPPL and speedup are a setting's, paired on the same tokens (setting_table)."""
     sql = f"""
         WITH members AS ({_members_sql("$grid IS NULL OR grid = $grid")}),
-        baselines AS ({_baselines_sql()}),
         repeats AS (SELECT grid, group_hash, code_version, count(*) AS repeats FROM members
                     WHERE status = 'done' GROUP BY ALL)
         SELECT x.grid, array_to_string(x.experiments, ', ') AS experiments, x.run_hash, x.config_hash, x.group_hash,
-            x.sharing, x.status,
-            x.stale, {_KNOB_SELECT.replace("r.", "x.")}, x.ppl,
-            100 * (x.ppl / b.base_ppl - 1) AS delta_ppl_pct, x.tpot_ms_mean, b.base_tpot_ms / x.tpot_ms_mean AS speedup,
+            x.setting_hash, x.sharing, x.status, x.stale, {_KNOB_SELECT.replace("r.", "x.")}, x.ppl, x.tpot_ms_mean,
             x.peak_memory_bytes / 2^20 AS peak_memory_mib, x.compaction_count, x.kv_len_max,
             coalesce(rp.repeats, 0) AS repeats, x.device_name, x.code_version, x.ended_at, x.error
         FROM members x
-        LEFT JOIN baselines b ON b.grid = x.grid AND {_CONTEXT_JOIN}
         LEFT JOIN repeats rp ON rp.grid = x.grid AND rp.group_hash = x.group_hash AND rp.code_version = x.code_version
         WHERE $include_stale OR NOT x.stale OR x.status <> 'done'
         ORDER BY x.grid, x.experiments, x.method, x.run_hash, x.config_hash
     """
     table = con.execute(sql, {"cv": current_code_version(), "grid": grid, "include_stale": include_stale}).df()
     return table.assign(equivalent_to=equivalent_to(table, ["grid", "run_hash"]))
-
-
-def group_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
-                include_stale: bool = False) -> pd.DataFrame:
-    """One row per configuration (repeats aggregated: mean, sample std, n) of the done runs of `grid`, optionally only
-    those in `experiments` (a configuration pools all its repeats in the grid, so it has one set of numbers in every
-    table, whichever experiment lists it): TPOT, PPL, ΔPPL % and speedup vs the baseline, peak memory, compactions,
-    and whether the configuration is on the TPOT-PPL Pareto frontier of the selection (within one context). Stale
-    configurations (other evaluation code) come only when asked, and never share a row or a baseline with current
-    ones. Score runs only: generation runs (mode generate) are compared in `speculation_table`."""
-    knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS if k not in CONTEXT)
-    context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in CONTEXT)
-    sql = f"""
-        WITH members AS ({_members_sql("grid = $grid")}),
-        baselines AS ({_baselines_sql()}),
-        groups AS (
-            SELECT grid, group_hash, code_version, {knobs}, {context}, any_value(stale) AS stale,
-                list_distinct(flatten(list(experiments))) AS experiments, count(*) AS n,
-                avg(tpot_ms_mean) AS tpot_ms, stddev_samp(tpot_ms_mean) AS tpot_ms_std,
-                avg(ppl) AS ppl, stddev_samp(ppl) AS ppl_std,
-                avg(peak_memory_bytes) / 2^20 AS peak_memory_mib, stddev_samp(peak_memory_bytes) / 2^20 AS
-                peak_memory_mib_std, avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
-                avg(kv_bytes_per_token) AS kv_bytes_per_token, avg(kv_cache_peak_bytes) AS kv_cache_peak_bytes,
-                avg(weights_bytes) AS weights_bytes, avg(kv_cache_peak_bytes + weights_bytes) AS total_bytes,
-                list(run_hash ORDER BY "repeat") AS run_hashes, any_value(run_group_hash) AS run_group_hash
-            FROM members WHERE status = 'done' AND mode IS DISTINCT FROM 'generate' AND ($include_stale OR NOT stale)
-            GROUP BY grid, group_hash, code_version
-        ),
-        selected AS (
-            SELECT x.*, x.method = '{BASELINE_METHOD}' AS is_baseline, b.base_n,
-                100 * (x.ppl / b.base_ppl - 1) AS delta_ppl_pct, b.base_tpot_ms / x.tpot_ms AS speedup
-            FROM groups x LEFT JOIN baselines b ON b.grid = x.grid AND {_CONTEXT_JOIN}
-            WHERE $experiments IS NULL OR list_has_any(x.experiments, $experiments)
-        )
-        SELECT *, ppl < coalesce(min(ppl) OVER (
-                PARTITION BY {", ".join(q(k) for k in CONTEXT)}
-                ORDER BY tpot_ms, ppl RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 'inf')
-            AS pareto  -- equivalent configurations (one run, equal numbers) are on the frontier together or not
-        FROM selected ORDER BY method, {", ".join(q(k) for k in KNOBS if k != "method")}
-    """
-    params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
-              "experiments": list(experiments) if experiments is not None else None}
-    groups = con.execute(sql, params).df()
-    return groups.assign(equivalent_to=equivalent_to(groups, ["grid", "run_group_hash", "code_version"]))
 
 
 def equivalent_to(frame: pd.DataFrame, same: list[str]) -> pd.Series:
@@ -488,6 +433,9 @@ def equivalent_to(frame: pd.DataFrame, same: list[str]) -> pd.Series:
 MEASUREMENT_KNOBS: tuple[str, ...] = (
     "sample", "protocol", "chunk", "score_stride", "max_tokens", "prefill", "warmup")
 SETTING_KNOBS: tuple[str, ...] = tuple(k for k in KNOBS if k not in MEASUREMENT_KNOBS)
+# A quantized setting's reference is the setting equal in every other knob, in float (kv_quant none, weights none).
+QUANT_KNOBS: tuple[str, ...] = ("kv_quant", "kv_quant_group", "kv_quant_residual", "kv_quant_sinks", "weight_quant")
+POLICY_KNOBS: tuple[str, ...] = tuple(k for k in SETTING_KNOBS if k not in QUANT_KNOBS)
 # What a setting's numbers are comparable within (its baseline and its Pareto frontier).
 SETTING_CONTEXT: tuple[str, ...] = ("model", "dataset", "dtype", "attn_implementation", "device_name", "code_version")
 _BASELINE_MATCH = " AND ".join(
@@ -495,33 +443,84 @@ _BASELINE_MATCH = " AND ".join(
     for k in ("grid", "model", "dtype", "attn_implementation", "device_name", "code_version", "cap", "token_hash",
               "prefill", "weight_quant")
 )
+# The float reference of a quantized setting: every policy knob equal (policy_key), the same tokens and code.
+_FLOAT_MATCH = ("b.policy_key = x.policy_key AND b.grid = x.grid AND b.code_version = x.code_version "
+                "AND b.token_hash = x.token_hash AND b.prefill = x.prefill AND b.kv_quant = 'none' "
+                "AND b.weight_quant = 'none' AND (x.kv_quant <> 'none' OR x.weight_quant <> 'none')")
+_POLICY_KEY = "md5(concat_ws('|', " + ", ".join(
+    f"coalesce(CAST({q(k)} AS VARCHAR), '<null>')" for k in POLICY_KNOBS) + "))"
+# The comparisons a setting is paired in: (name, how a reference sample matches, the order that picks one reference
+# run per pair: the densest scoring, the same protocol, then the smallest hash).
+_COMPARISONS = (
+    ("base", f"b.method = '{BASELINE_METHOD}' AND {_BASELINE_MATCH}", "b.score_stride, b.run_hash"),
+    ("float", _FLOAT_MATCH, "b.protocol <> x.protocol, b.score_stride, b.run_hash"),
+)
+# Per comparison, the columns setting_table returns: the mean paired ΔPPL %, its sample std, the pair count, pairs
+# agreeing with the mean's sign, the half-width of its 95 % t interval, its bounds, and whether it excludes zero.
+DELTA_COLUMNS = {"base": "delta_ppl_pct", "float": "delta_float_pct"}
+
+
+def _paired_sql(name: str, match: str, order: str, key: str) -> str:
+    """CTEs `{name}_paired`: per setting, ΔPPL % paired per text sample with a reference run on the same tokens, over
+    the steps both scored (a parallel recompute may score every k-th step only)."""
+    column = DELTA_COLUMNS[name]
+    return f"""
+        {name}_runs AS (
+            SELECT x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash,
+                list(b.run_hash ORDER BY {order})[1] AS base_run
+            FROM quality_samples x JOIN per_sample b ON {match}
+            GROUP BY x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash, x.protocol
+        ),
+        {name}_pairs AS (
+            SELECT p.grid, p.setting_hash, p.code_version, p.sample, 100 * (exp(avg(t.nll) - avg(b.nll)) - 1) AS delta
+            FROM {name}_runs p JOIN tokens b ON b.run_hash = p.base_run
+            JOIN tokens t ON t.run_hash = p.run_hash AND t.step = b.step
+            WHERE b.nll IS NOT NULL AND t.nll IS NOT NULL
+            GROUP BY p.grid, p.setting_hash, p.code_version, p.sample
+        ),
+        {name}_paired AS (
+            SELECT {key}, avg(delta) AS {column}, stddev_samp(delta) AS {column}_std, count(*) AS {name}_pairs_n,
+                count(*) FILTER (agrees) AS {name}_agree
+            FROM (SELECT *, sign(delta) = sign(avg(delta) OVER (PARTITION BY {key})) AS agrees FROM {name}_pairs)
+            GROUP BY {key}
+        )"""
 
 
 def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
                   include_stale: bool = False) -> pd.DataFrame:
-    """One row per setting (RunConfig.setting_hash) of the done runs of `grid`, optionally only those in `experiments`.
+    """One row per setting (RunConfig.setting_hash) of the done score runs of `grid`, optionally only those in
+    `experiments`: every number a reader shows of a setting (the dashboard's views and the paper's tables alike).
 
     Quality is a statistic over text samples: one PPL per sample (its repeats averaged: the same NLLs), from the
     setting's preferred measurement (the parallel protocol if it has one, then the most samples, the longest stream);
-    `ppl` is their mean, `ppl_std` their sample std, `n_samples` their count. ΔPPL % is paired per sample with the
-    recompute baseline of the same cap on the same tokens, over the steps the baseline scored (all, or every k-th with
-    `score_stride`): `delta_ppl_pct` mean and std over pairs, `n_pairs`, and `agree` (pairs whose sign is the mean's).
+    `ppl` is their mean, `ppl_std` their sample std, `n_samples` their count.
+    ΔPPL % is paired per sample with the recompute baseline of the same cap on the same tokens, over the steps both
+    scored (all, or every k-th with the baseline's `score_stride`): `delta_ppl_pct` is the mean over pairs,
+    `delta_ppl_pct_std` their sample std, `n_pairs` their count, `agree` the pairs whose sign is the mean's, and
+    `delta_ppl_ci` the half-width of the 95 % Student-t interval over pairs (t_{0.975, n-1} * std / sqrt(n); NaN for
+    one pair), `delta_ppl_low` / `delta_ppl_high` its bounds, `delta_ppl_resolved` whether it excludes zero.
+    A quantized setting (kv_quant or weight_quant) is paired the same way with the setting equal in every other knob in
+    float, on the same tokens: `delta_float_pct` (and `_std`, `_ci`, `_low`, `_high`, `_resolved`, `n_float_pairs`,
+    `float_agree`), and `tpot_ratio`, its TPOT over the float setting's on the same tokens. `measurement` names the
+    quality measurement in words: PPLs and ΔPPLs compare (and the Pareto frontier is drawn) within one measurement.
     With `experiments`, a setting's measurements are chosen among its runs in those experiments (a long-stream
     experiment does not replace the main table's measurement); a chosen measurement pools all its runs in the grid, and
-    baselines may come from anywhere in the grid.
-    Timing is a statistic over repeats of the setting's stepwise runs
-    (`tpot_ms`, `tpot_ms_std`, `n_repeats`, speedup vs the baseline's stepwise TPOT on the same tokens); parallel runs
-    never give a TPOT. A sample's PPL is never averaged with another setting's.
+    references may come from anywhere in the grid.
+    Timing is a statistic over repeats of the setting's stepwise runs (`tpot_ms`, `tpot_ms_std`, `n_repeats`, speedup:
+    the baseline's stepwise TPOT on the same tokens over this one's); parallel runs never give a TPOT. A sample's PPL
+    is never averaged with another setting's. Generation runs are compared in speculation_table.
     """
     setting_knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_KNOBS if k not in SETTING_CONTEXT)
     context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_CONTEXT if k != "code_version")
     run_context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in (
-        "cap", "model", "dtype", "attn_implementation", "device_name", "weight_quant"))
+        "cap", "model", "dtype", "attn_implementation", "device_name", "weight_quant", "kv_quant", "policy_key"))
     key = "grid, setting_hash, code_version"
+    paired = ",".join(_paired_sql(name, match, order, key) for name, match, order in _COMPARISONS)
     sql = f"""
         WITH members AS ({_members_sql("grid = $grid")}),
         done AS (
-            SELECT *, $experiments IS NULL OR list_has_any(experiments, $experiments) AS selected
+            SELECT *, $experiments IS NULL OR list_has_any(experiments, $experiments) AS selected,
+                {_POLICY_KEY} AS policy_key
             FROM members WHERE status = 'done' AND mode IS DISTINCT FROM 'generate'  -- generation: speculation_table
                 AND ($include_stale OR NOT stale)
         ),
@@ -531,7 +530,7 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 bool_or(selected) AS selected
             FROM done GROUP BY {key}, protocol, max_tokens, prefill, sample, token_hash, score_stride
         ),
-        measures AS (  -- a setting's own numbers come from the selected experiments' runs; baselines from the grid's
+        measures AS (  -- a setting's own numbers come from the selected experiments' runs; references from the grid's
             SELECT {key}, protocol, max_tokens, prefill, score_stride, row_number() OVER (
                 PARTITION BY {key}
                 ORDER BY protocol = 'parallel' DESC, count(*) DESC, max_tokens DESC, score_stride, prefill
@@ -548,31 +547,15 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 any_value(prefill) AS quality_prefill, any_value(score_stride) AS quality_stride
             FROM quality_samples GROUP BY ALL
         ),
-        pair_runs AS (
-            -- one baseline run per pair, chosen reproducibly: the densest scoring, then the smallest hash
-            SELECT x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash,
-                list(b.run_hash ORDER BY b.score_stride, b.run_hash)[1] AS base_run
-            FROM quality_samples x JOIN per_sample b ON b.method = '{BASELINE_METHOD}' AND {_BASELINE_MATCH}
-            GROUP BY x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash
-        ),
-        pairs AS (  -- on the steps the baseline scored (parallel recompute may score every k-th step only)
-            SELECT p.grid, p.setting_hash, p.code_version, p.sample, 100 * (exp(avg(t.nll) - avg(b.nll)) - 1) AS delta
-            FROM pair_runs p JOIN tokens b ON b.run_hash = p.base_run
-            JOIN tokens t ON t.run_hash = p.run_hash AND t.step = b.step
-            GROUP BY p.grid, p.setting_hash, p.code_version, p.sample
-        ),
-        paired AS (
-            SELECT {key}, avg(delta) AS delta_ppl_pct, stddev_samp(delta) AS delta_ppl_pct_std, count(*) AS n_pairs,
-                count(*) FILTER (agrees) AS agree
-            FROM (SELECT *, sign(delta) = sign(avg(delta) OVER (PARTITION BY {key})) AS agrees FROM pairs)
-            GROUP BY {key}
-        ),
+        {paired},
         timings AS (
             SELECT {key}, group_hash, any_value(method) AS method, count(*) AS n_repeats,
                 avg(tpot_ms_mean) AS tpot_ms, stddev_samp(tpot_ms_mean) AS tpot_ms_std,
                 avg(peak_memory_bytes) / 2^20 AS peak_memory_mib,
                 stddev_samp(peak_memory_bytes) / 2^20 AS peak_memory_mib_std,
                 avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
+                avg(kv_bytes_per_token) AS kv_bytes_per_token, avg(kv_cache_peak_bytes) AS kv_cache_peak_bytes,
+                avg(weights_bytes) AS weights_bytes, avg(kv_cache_peak_bytes + weights_bytes) AS total_bytes,
                 list(run_hash ORDER BY "repeat") AS run_hashes, any_value(token_hash) AS token_hash,
                 any_value(prefill) AS prefill, any_value(warmup) AS warmup, {run_context},
                 bool_or(selected) AS selected
@@ -583,10 +566,14 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
             FROM timings WHERE selected
         ),
         timing AS (
-            SELECT x.*, b.tpot_ms / x.tpot_ms AS speedup
+            SELECT x.*, b.tpot_ms / x.tpot_ms AS speedup, x.tpot_ms / f.tpot_ms AS tpot_ratio
             FROM (SELECT * EXCLUDE (preference) FROM own_timings WHERE preference = 1) x
             LEFT JOIN (SELECT * FROM timings WHERE method = '{BASELINE_METHOD}') b
                 ON {_BASELINE_MATCH} AND b.warmup = x.warmup
+            LEFT JOIN (SELECT * FROM timings WHERE kv_quant = 'none' AND weight_quant = 'none'
+                       QUALIFY row_number() OVER (PARTITION BY grid, code_version, policy_key, token_hash, prefill,
+                                                  warmup ORDER BY n_repeats DESC, group_hash) = 1) f
+                ON {_FLOAT_MATCH.replace("b.", "f.")} AND f.warmup = x.warmup
         ),
         settings AS (
             SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale,
@@ -600,25 +587,75 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
             SELECT s.*, s.method = '{BASELINE_METHOD}' AS is_baseline,
                 qu.ppl, qu.ppl_std, qu.n_samples, qu.quality_protocol, qu.quality_tokens, qu.quality_prefill,
                 qu.quality_stride,
-                pa.delta_ppl_pct, pa.delta_ppl_pct_std, coalesce(pa.n_pairs, 0) AS n_pairs, pa.agree,
-                coalesce(t.n_repeats, 0) AS n_repeats, t.tpot_ms, t.tpot_ms_std, t.speedup, t.peak_memory_mib,
-                t.peak_memory_mib_std, t.compactions, t.kv_len_max, t.group_hash AS timing_group_hash,
+                pa.delta_ppl_pct, pa.delta_ppl_pct_std, coalesce(pa.base_pairs_n, 0) AS n_pairs, pa.base_agree AS agree,
+                fl.delta_float_pct, fl.delta_float_pct_std, coalesce(fl.float_pairs_n, 0) AS n_float_pairs,
+                fl.float_agree,
+                coalesce(t.n_repeats, 0) AS n_repeats, t.tpot_ms, t.tpot_ms_std, t.speedup, t.tpot_ratio,
+                t.peak_memory_mib, t.peak_memory_mib_std, t.compactions, t.kv_len_max, t.kv_bytes_per_token,
+                t.kv_cache_peak_bytes, t.weights_bytes, t.total_bytes, t.group_hash AS timing_group_hash,
                 coalesce(t.run_hashes, s.all_run_hashes) AS run_hashes
             FROM settings s JOIN quality qu USING ({key})
-            LEFT JOIN paired pa USING ({key}) LEFT JOIN timing t USING ({key})
+            LEFT JOIN base_paired pa USING ({key}) LEFT JOIN float_paired fl USING ({key})
+            LEFT JOIN timing t USING ({key})
         )
-        -- The frontier compares PPLs of one measurement only (same protocol, tokens, prefill), each over every step.
-        SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL AND quality_stride = 1 THEN ppl < coalesce(
-                min(ppl) OVER (PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL,
-                quality_protocol, quality_tokens, quality_prefill, quality_stride
-                ORDER BY tpot_ms, ppl RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP), 'inf') END
+        -- The frontier compares paired ΔPPLs of one measurement only (same protocol, tokens, prefill: the same
+        -- baseline steps), against TPOT.
+        SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL AND delta_ppl_pct IS NOT NULL
+            THEN delta_ppl_pct < coalesce(min(delta_ppl_pct) OVER (
+                PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL OR delta_ppl_pct IS NULL,
+                quality_protocol, quality_tokens, quality_prefill
+                ORDER BY tpot_ms, delta_ppl_pct RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP),
+                'inf') END
             AS pareto  -- equivalent settings (one set of runs, equal numbers) are on the frontier together or not
         FROM chosen ORDER BY method, {", ".join(q(k) for k in SETTING_KNOBS if k != "method")}
     """
     params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
               "experiments": list(experiments) if experiments is not None else None}
     settings = con.execute(sql, params).df()
+    settings = settings.assign(measurement=[
+        f"{protocol}, {int(tokens):,} tokens" + (f" after a {int(prefill):,}-token prefill" if prefill else "")
+        for protocol, tokens, prefill in zip(settings.quality_protocol, settings.quality_tokens,
+                                             settings.quality_prefill, strict=True)])
+    settings = _with_intervals(settings, "delta_ppl", "delta_ppl_pct", "n_pairs")
+    settings = _with_intervals(settings, "delta_float", "delta_float_pct", "n_float_pairs")
     return settings.assign(equivalent_to=equivalent_to(settings, ["grid", "run_groups", "code_version"]))
+
+
+def _with_intervals(frame: pd.DataFrame, prefix: str, mean: str, count: str) -> pd.DataFrame:
+    """`{prefix}_ci` (the 95 % t half-width over the pairs), `_low`, `_high` and `_resolved` (the interval excludes
+    zero; false without an interval) for the paired mean `mean` over `count` pairs."""
+    half = pd.Series([t_half_width(std, n) for std, n in zip(frame[f"{mean}_std"], frame[count], strict=True)],
+                     index=frame.index, dtype=float)
+    low, high = frame[mean] - half, frame[mean] + half
+    resolved = ((low > 0) | (high < 0)).fillna(False).astype(bool)
+    return frame.assign(**{f"{prefix}_ci": half, f"{prefix}_low": low, f"{prefix}_high": high,
+                           f"{prefix}_resolved": resolved})
+
+
+def sweep_knob(con: duckdb.DuckDBPyConnection, grid: str, experiment: str, settings: pd.DataFrame) -> str | None:
+    """The knob `experiment` sweeps: its grid file's `grid:` key when it has exactly one, else the setting knob named
+    like the experiment ('max_drop_sweep', 'cap_mode'), else the setting knob with the most distinct values among
+    `settings` (its settings); None when no setting knob varies. Never a measurement knob (sample, protocol, ...)."""
+    varying = [k for k in SETTING_KNOBS if k in settings and settings[k].astype(str).nunique() > 1
+               and k != "method"]
+    if not varying:
+        return None
+    found = con.execute("SELECT spec_yaml FROM grids WHERE grid = ?", [grid]).fetchone()
+    declared: list[str] = []
+    if found is not None:
+        try:
+            spec = yaml.safe_load(found[0])
+            block = spec.get("experiments", {}).get(experiment, {}) if isinstance(spec, dict) else {}
+            declared = list(block.get("grid") or {}) if isinstance(block, dict) else []
+        except yaml.YAMLError:
+            declared = []
+    declared = [k for k in declared if k in varying]
+    if len(declared) == 1:
+        return declared[0]
+    named = [k for k in varying if experiment in (k, f"{k}_sweep")]
+    if named:
+        return named[0]
+    return max(varying, key=lambda k: (settings[k].astype(str).nunique(), -varying.index(k)))
 
 
 def varying_knobs(groups: pd.DataFrame) -> list[str]:

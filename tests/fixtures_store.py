@@ -116,6 +116,27 @@ def smoke_store(tmp_path_factory) -> Path:
     return _BUILT["smoke"]
 
 
+# The grids users run, shrunk with --set (tiny-llama, short streams) so that each builds in a minute or two here: the
+# stores the dashboard and the paper must read as the users' own (every experiment kind each grid has).
+SHRUNK_GRIDS: dict[str, tuple[str, ...]] = {
+    "paper": ("model=tiny-llama", "max_tokens=300", "kv_quant_group=8"),
+    "gpu-smoke": ("model=tiny-llama", "device=cpu", "dtype=float32", "cap=128", "prefill=128", "max_tokens=200",
+                  "prompt_tokens=64", "new_tokens=32"),
+}
+
+
+def shrunk_grid_store(tmp_path_factory, grid: str) -> tuple[Path, str]:
+    """(store, grid name) of `python -m gridrun grids/{grid}.yaml --set ...` (SHRUNK_GRIDS), built once per session."""
+    sets = SHRUNK_GRIDS[grid]
+    name = f"{grid}[{','.join(sets)}]"
+    if name not in _BUILT:
+        store = tmp_path_factory.mktemp(f"{grid}-store") / "gridrun.duckdb"
+        extra = [argument for value in sets for argument in ("--set", value)]
+        _gridrun(ROOT / "grids" / f"{grid}.yaml", store, extra=extra)
+        _BUILT[name] = store
+    return _BUILT[name], name
+
+
 def _paper_grid(folder: Path) -> Path:
     from paper.export import QUANT_EXPERIMENTS, REQUIRED
 
@@ -129,11 +150,12 @@ def _paper_grid(folder: Path) -> Path:
     return path
 
 
-def _gridrun(grid: Path, store: Path, read_while_running: bool = False) -> list[int | str]:
+def _gridrun(grid: Path, store: Path, read_while_running: bool = False, extra: list[str] | None = None
+             ) -> list[int | str]:
     """Run the grid; with `read_while_running`, read the done count (or the error) every 0.2 s until it ends."""
     from store import queries
 
-    command = [sys.executable, "-m", "gridrun", str(grid), "--store", str(store)]
+    command = [sys.executable, "-m", "gridrun", str(grid), "--store", str(store), *(extra or [])]
     reads: list[int | str] = []
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         while read_while_running and process.poll() is None:

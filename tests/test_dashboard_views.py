@@ -69,8 +69,10 @@ def test_runs_view_lists_every_run_of_the_grid(store, monkeypatch):
     shared = runs_table[runs_table.run_hash.duplicated(keep=False)]
     assert len(shared) and (shared.equivalent_to != "").all() and shared.label.str.contains("≡").all()
     assert any("share" in info.value for info in app.info)
-    assert {"ppl", "delta_ppl_pct", "tpot_ms_mean", "speedup", "peak_memory_mib", "repeats", "stale",
-            "compress_every", "slack", "max_drop", "sink", "cap"} <= set(runs_table.columns)
+    assert {"ppl", "tpot_ms_mean", "peak_memory_mib", "repeats", "stale", "compress_every", "slack", "max_drop",
+            "sink", "cap"} <= set(runs_table.columns)
+    # A run's own measurement only: comparisons are a setting's, paired on the same tokens (the Settings view).
+    assert not {"delta_ppl_pct", "speedup"} & set(runs_table.columns)
     assert {m.label: m.value for m in app.metric}["done"] == str(members)
 
 
@@ -78,9 +80,14 @@ def test_tradeoff_marks_baseline_frontier_and_error_bars(store, monkeypatch):
     app = open_app(store, monkeypatch, "Trade-off")
     (marks,) = chart_marks(app)
     assert {"point", "line", "rule"} <= marks  # configurations, Pareto frontier, error bars (main has repeats)
+    spec = json.loads(app.get("vega_lite_chart")[0].proto.spec)
+    fields = {layer.get("encoding", {}).get("y", {}).get("field") for layer in spec["layer"]}
+    assert "delta_ppl_pct" in fields and "ppl" not in fields  # paired ΔPPL with its interval, not PPL ± spread
     frontier = app.dataframe[0].value
     assert len(frontier) >= 1 and frontier.tpot_ms.is_monotonic_increasing
-    app.selectbox[0].set_value("compress_every").run()
+    assert frontier.delta_ppl_pct.is_monotonic_decreasing  # faster settings on the frontier lose more quality
+    assert app.selectbox[0].label == "quality measured by"
+    app.selectbox[1].set_value("compress_every").run()
     assert not app.exception
 
 
@@ -88,6 +95,8 @@ def test_sweep_of_r_holds_the_other_knobs_fixed(store, monkeypatch):
     app = open_app(store, monkeypatch, "Sweeps")
     app.selectbox[0].set_value("r_sweep").run()
     assert app.selectbox[1].value == "compress_every"
+    assert not {"sample", "protocol", "max_tokens", "prefill"} & set(app.selectbox[1].options)
+    assert app.selectbox[2].value == "delta_ppl_pct"
     table = app.dataframe[0].value
     assert sorted(table.compress_every) == [1, 4, 16] and table.series.nunique() == 1
     app.selectbox[2].set_value("ppl").run()
@@ -119,9 +128,10 @@ def test_long_stream_and_settings_views_of_the_paper_grid(store, monkeypatch):
     app.sidebar.radio[0].set_value("Settings").run()
     assert not app.exception, [e.value for e in app.exception]
     table = app.dataframe[0].value
-    assert {"n_samples", "n_repeats", "delta_ppl_pct", "agree"} <= set(table.columns)
+    assert {"n_samples", "n_repeats", "delta_ppl_pct", "delta_ppl_low", "delta_ppl_high", "delta_ppl_resolved",
+            "agree"} <= set(table.columns)
     # The long-stream runs (parallel) give their settings quality but no TPOT.
-    parallel = table[table.quality_protocol == "parallel"]
+    parallel = table[table.measurement.str.startswith("parallel")]
     assert len(parallel) and parallel.n_samples.min() >= 1
 
 

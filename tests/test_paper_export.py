@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 from fixtures_store import PAPER_GRID, ROOT, copy_store, smoke_store
 
 from paper.export import ExportError, export, quantization_table
 
 TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex",
-             "quantization.tex")
+             "quantization.tex", "findings.tex")
 FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream", "quantization")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
@@ -329,34 +330,44 @@ def test_cli_exports_and_builds_the_pdf(store, tmp_path):
 
 
 def test_quantization_table_numbers_equal_the_store(exported, store):
-    """PPL, ΔPPL and TPOT ratio vs the same policy with kv_quant and weight_quant none, measured KV bytes per token."""
+    """PPL, ΔPPL paired with the same policy with kv_quant and weight_quant none on the same tokens, the TPOT ratio
+    over it, measured KV bytes per token; from the runs themselves (one text sample: no interval)."""
     with duckdb.connect(str(store), read_only=True) as con:
         frame = con.execute("""
-            SELECT c.config_group_hash AS group_hash, any_value(compress_every) AS r, any_value(kv_quant) AS kv,
-                any_value(weight_quant) AS w, avg(ppl) AS ppl, avg(tpot_ms_mean) AS tpot,
-                avg(kv_bytes_per_token) AS kv_bytes, avg(weights_bytes) AS weights
-            FROM (SELECT DISTINCT config_group_hash, run_hash FROM configurations WHERE grid = $grid) c
+            SELECT c.setting_hash, any_value(c.compress_every) AS r, any_value(c.kv_quant) AS kv,
+                any_value(c.weight_quant) AS w, any_value(c.kv_quant_sinks) AS sinks, avg(ppl) AS ppl,
+                avg(tpot_ms_mean) AS tpot, avg(kv_bytes_per_token) AS kv_bytes, avg(weights_bytes) AS weights,
+                any_value(run_hash) AS run_hash
+            FROM (SELECT DISTINCT c.setting_hash, c.compress_every, c.kv_quant, c.weight_quant, c.kv_quant_sinks,
+                      c.run_hash
+                  FROM configurations c JOIN (
+                      SELECT DISTINCT setting_hash, config_group_hash FROM configurations
+                      WHERE grid = $grid AND experiment IN ('quantization', 'quantization_sinks')
+                  ) USING (setting_hash, config_group_hash)
+                  WHERE c.grid = $grid) c  -- the measurement pools its repeats from anywhere in the grid
             JOIN runs USING (run_hash)
-            WHERE status = 'done' AND c.config_group_hash IN (
-                SELECT config_group_hash FROM configurations WHERE grid = $grid
-                AND experiment IN ('quantization', 'quantization_sinks'))
-            GROUP BY c.config_group_hash
+            WHERE status = 'done' GROUP BY c.setting_hash
         """, {"grid": PAPER_GRID}).df()
+        nll = {row.run_hash: con.execute("SELECT nll FROM tokens WHERE run_hash = ? ORDER BY step",
+                                         [row.run_hash]).df().nll.to_numpy() for row in frame.itertuples()}
     floats = {row.r: row for row in frame.itertuples() if row.kv == "none" and row.w == "none"}
-    found = {}  # quantization.tex rows are per configuration (group hash): its float reference is one too
+    found = {}  # quantization.tex rows are per setting: its float reference is one too
     for line in (exported / "quantization.tex").read_text().splitlines():
-        if " % group " in line:
-            body, group = line.split(r" \\ % group ")
-            found[group.strip()] = body.split(" & ")
-    assert set(found) == set(frame.group_hash) and len(found) == 10
+        if " % setting " in line:
+            body, setting = line.split(r" \\ % setting ")
+            found[setting.strip()] = body.split(" & ")
+    assert set(found) == set(frame.setting_hash) and len(found) == 10
     for row in frame.itertuples():
-        label, ppl, delta, tpot, ratio, kv_bytes, weights, n = found[row.group_hash]
+        label, ppl, delta, tpot, ratio, kv_bytes, weights, n_r, n_t = found[row.setting_hash]
         reference = floats[row.r]
-        # Mean first (a configuration shared with `main` has repeats: mean +- std).
-        assert close(ppl.split(r"\pm")[0], [row.ppl], 3) and close(tpot.split(r"\pm")[0], [row.tpot], 2), label
-        assert close(delta, [100 * (row.ppl / reference.ppl - 1)], 2), (label, delta)
+        assert close(ppl, [row.ppl], 3) and close(tpot.split(r"\pm")[0], [row.tpot], 2), label
+        if row.kv == "none" and row.w == "none":
+            assert "ref." in delta and "ref." in ratio
+            continue
+        paired = 100 * (np.exp(nll[row.run_hash].mean() - nll[reference.run_hash].mean()) - 1)
+        assert close(delta, [paired], 2), (label, delta)
         assert close(ratio, [row.tpot / reference.tpot], 2) and close(kv_bytes, [row.kv_bytes], 0)
-        assert close(weights, [row.weights / 2**20], 1)
+        assert close(weights, [row.weights / 2**20], 1) and n_t.strip() == "1"
     assert frame[frame.kv == "int8"].kv_bytes.max() < 0.5 * frame[frame.kv == "none"].kv_bytes.min()
     assert frame[frame.w == "int8"].weights.max() < frame[frame.w == "none"].weights.min()
 
@@ -365,11 +376,10 @@ def test_failed_quantization_configurations_are_rows_with_their_reason(store):
     from store import queries
 
     with queries.connect(store) as con:
-        groups = queries.group_table(con, PAPER_GRID, ["quantization"])
+        groups = queries.setting_table(con, PAPER_GRID, ["quantization"])
         failed = queries.run_table(con, PAPER_GRID).head(1).assign(
             status="failed", kv_quant="int4", kv_quant_sinks="full", weight_quant="int4", compress_every=16,
             error="ModelLoadError: weight_quant = int4 cannot run on cpu with torchao 0.18.0\nTraceback ...")
-    groups = groups.assign(delta_float_pct=1.0, tpot_ratio=1.0)
     text = quantization_table(groups, failed)
     line = next(line for line in text.splitlines() if "failed" in line and "% run" in line)
     assert "weight\\_quant = int4 cannot run on cpu" in line and "Traceback" not in line

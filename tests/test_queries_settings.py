@@ -78,6 +78,11 @@ def test_delta_ppl_is_paired_per_sample_and_speedup_is_over_stepwise_timing(stor
         assert row.delta_ppl_pct == pytest.approx(deltas.mean())
         assert row.delta_ppl_pct_std == pytest.approx(deltas.std(ddof=1))
         assert row.agree == int((np.sign(deltas) == np.sign(deltas.mean())).sum())
+        # The 95 % Student-t interval over the 3 samples: t_{0.975, 2} = 4.3027 (any table of t quantiles).
+        half = 4.302652729749752 * deltas.std(ddof=1) / np.sqrt(3)
+        assert row.delta_ppl_ci == pytest.approx(half, rel=1e-9)
+        assert (row.delta_ppl_low, row.delta_ppl_high) == pytest.approx((deltas.mean() - half, deltas.mean() + half))
+        assert row.delta_ppl_resolved == (deltas.mean() - half > 0 or deltas.mean() + half < 0)
         tpot = np.mean([r.summary["tpot_ms_mean"] for r in kinds["timing"]])
         assert row.speedup == pytest.approx(base_tpot / tpot)
         assert not row.is_baseline
@@ -125,3 +130,35 @@ def test_delta_against_a_strided_baseline_is_paired_on_its_steps(tmp_path, tiny_
     assert row.n_pairs == 2 and row.delta_ppl_pct == pytest.approx(np.mean(deltas))
     # The setting's own PPL is over all its steps; only the comparison is restricted to the baseline's.
     assert row.ppl == pytest.approx(np.mean([x.summary["ppl"] for x in lazy]))
+
+
+def test_a_quantized_setting_is_paired_with_its_float_setting_on_the_same_tokens(tmp_path, tiny_models):
+    """ΔPPL vs float per text sample (the same policy with kv_quant none), over the steps both scored, and the TPOT
+    ratio over the float setting's timing on the same tokens; a float setting has no float comparison."""
+    loaded = tiny_models["tiny-llama"]
+    common = dict(model="tiny-llama", attn_implementation="eager", device="cpu", method="streaming", cap=32, sink=4,
+                  compress_every=8, max_tokens=72, prefill=32, kv_quant_group=8)
+    runs = {kv: [evaluate(RunConfig(**common, kv_quant=kv, sample=sample), loaded=loaded) for sample in (0, 1, 2)]
+            for kv in ("none", "int4")}
+    path = tmp_path / "store.duckdb"
+    results = [r for kind in runs.values() for r in kind]
+    with StoreWriter(path, results[0].summary["environment"]["code_version"]) as writer:
+        writer.register_grid("g", Path("g.yaml"), "name: g\n", [("quantization", r.config.run_hash) for r in results])
+        for result in results:
+            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+                               attempts=1)
+    with queries.connect(path) as con:
+        table = queries.setting_table(con, "g").set_index("kv_quant")
+    def mean_nll(result) -> float:
+        return float(result.tokens.column("nll").to_numpy().mean())
+
+    deltas = np.array([100 * (np.exp(mean_nll(q) - mean_nll(f)) - 1)
+                       for q, f in zip(runs["int4"], runs["none"], strict=True)])
+    row = table.loc["int4"]
+    assert row.n_float_pairs == 3 and row.delta_float_pct == pytest.approx(deltas.mean())
+    assert row.delta_float_ci == pytest.approx(4.302652729749752 * deltas.std(ddof=1) / np.sqrt(3))
+    # Timing: the stepwise runs of sample 0..2 are one measurement per sample; the float one on the same tokens.
+    (timed,) = [r for r in runs["int4"] if r.config.run_hash in set(row.run_hashes)]
+    (reference,) = [r for r in runs["none"] if r.config.sample == timed.config.sample]
+    assert row.tpot_ratio == pytest.approx(timed.summary["tpot_ms_mean"] / reference.summary["tpot_ms_mean"])
+    assert pd.isna(table.loc["none"].delta_float_pct) and table.loc["none"].n_float_pairs == 0

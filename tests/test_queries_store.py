@@ -89,41 +89,44 @@ def test_connect_waits_for_a_writer_to_let_go(store_copy):
         holder.wait(timeout=30)
 
 
-def test_group_table_is_mean_std_n_of_the_raw_runs(store):
+def test_setting_table_is_mean_std_n_of_the_raw_runs(store):
     with queries.connect(store) as con:
-        groups = queries.group_table(con, "smoke").set_index("group_hash")
+        settings = queries.setting_table(con, "smoke").set_index("setting_hash")
     runs = raw_runs(store, "smoke")
     runs = runs[runs["mode"] != "generate"]  # generation runs are compared in speculation_table
-    expected = runs.groupby("group_hash").agg(n=("run_hash", "count"), tpot=("tpot_ms_mean", "mean"),
-                                              tpot_std=("tpot_ms_mean", "std"), ppl=("ppl", "mean"))
-    assert sorted(groups.index) == sorted(expected.index)
-    assert (groups.n == expected.n.loc[groups.index]).all()
-    assert np.allclose(groups.tpot_ms, expected.tpot.loc[groups.index])
-    assert np.allclose(groups.ppl, expected.ppl.loc[groups.index])
+    expected = runs.groupby("setting_hash").agg(n=("run_hash", "count"), tpot=("tpot_ms_mean", "mean"),
+                                                tpot_std=("tpot_ms_mean", "std"), ppl=("ppl", "mean"))
+    assert sorted(settings.index) == sorted(expected.index)
+    assert (settings.n_repeats == expected.n.loc[settings.index]).all()
+    assert np.allclose(settings.tpot_ms, expected.tpot.loc[settings.index])
+    assert np.allclose(settings.ppl, expected.ppl.loc[settings.index])  # one text sample: its repeats' PPL
     repeated = expected[expected.n > 1].index
     assert len(repeated) >= 3, "smoke's main experiment has repeats"
-    assert np.allclose(groups.tpot_ms_std.loc[repeated], expected.tpot_std.loc[repeated])
+    assert np.allclose(settings.tpot_ms_std.loc[repeated], expected.tpot_std.loc[repeated])
 
     llama = runs[runs.model == "tiny-llama"]
     base = llama[llama.method == "recompute"]
-    # Generation runs (mode generate) have no recompute baseline: their reference is spec none (speculation_table).
-    for group in llama[(llama.method == "streaming") & (llama["mode"] != "generate")].group_hash.unique():
-        row = groups.loc[group]
+    for setting in llama[llama.method == "streaming"].setting_hash.unique():
+        row = settings.loc[setting]
         assert row.speedup == pytest.approx(base.tpot_ms_mean.mean() / row.tpot_ms)
+        # One text sample, every step scored by both: the paired ΔPPL is the ratio of the two PPLs, with no interval.
         assert row.delta_ppl_pct == pytest.approx(100 * (row.ppl / base.ppl.mean() - 1))
-    neox = groups[groups.model == "tiny-neox"]
+        assert row.n_pairs == 1 and np.isnan(row.delta_ppl_ci) and not row.delta_ppl_resolved
+    neox = settings[settings.model == "tiny-neox"]
     assert len(neox) and neox.speedup.isna().all(), "no recompute run of tiny-neox: no speedup, never another's"
+    assert neox.delta_ppl_pct.isna().all()
 
 
-def test_pareto_flags_the_non_dominated_configurations(store):
+def test_pareto_flags_the_non_dominated_settings(store):
     with queries.connect(store) as con:
-        groups = queries.group_table(con, "smoke")
-    for _, block in groups.groupby("model"):
-        for row in block.itertuples():
-            others = block.drop(index=row.Index)
-            dominated = ((others.tpot_ms <= row.tpot_ms) & (others.ppl <= row.ppl)
-                         & ((others.tpot_ms < row.tpot_ms) | (others.ppl < row.ppl))).any()
-            assert row.pareto == (not dominated), row.label if hasattr(row, "label") else row.group_hash
+        settings = queries.setting_table(con, "smoke")
+    settings = settings[settings.delta_ppl_pct.notna()]
+    assert len(settings) > 3
+    for row in settings.itertuples():
+        others = settings.drop(index=row.Index)
+        dominated = ((others.tpot_ms <= row.tpot_ms) & (others.delta_ppl_pct <= row.delta_ppl_pct)
+                     & ((others.tpot_ms < row.tpot_ms) | (others.delta_ppl_pct < row.delta_ppl_pct))).any()
+        assert row.pareto == (not dominated), row.setting_hash
 
 
 def test_run_table_and_counts_cover_every_member(store):
@@ -146,20 +149,20 @@ def test_run_table_and_counts_cover_every_member(store):
 
 def test_stale_runs_are_hidden_unless_asked_and_never_pooled(store_copy):
     with duckdb.connect(str(store_copy)) as con:
-        run_hash, group_hash = con.execute(  # group_table's groups are configurations (repeats pooled)
-            "SELECT run_hash, config_group_hash FROM configurations WHERE method = 'streaming' AND \"repeat\" = 1 "
+        run_hash, setting_hash = con.execute(
+            "SELECT run_hash, setting_hash FROM configurations WHERE method = 'streaming' AND \"repeat\" = 1 "
             "LIMIT 1").fetchone()
         con.execute("UPDATE runs SET code_version = 'older-code' WHERE run_hash = ?", [run_hash])
     with queries.connect(store_copy) as con:
         assert run_hash not in set(queries.run_table(con, "smoke").run_hash)
         assert run_hash in set(queries.run_table(con, "smoke", include_stale=True).run_hash)
         assert queries.grid_totals(con, "smoke")["stale"] == 1
-        current = queries.group_table(con, "smoke").set_index("group_hash")
-        both = queries.group_table(con, "smoke", include_stale=True)
+        current = queries.setting_table(con, "smoke").set_index("setting_hash")
+        both = queries.setting_table(con, "smoke", include_stale=True)
         missing = queries.missing_runs(con, "smoke", ["main"])
-    assert current.loc[group_hash].n == 1
-    mine = both[both.group_hash == group_hash]
-    assert sorted(mine.stale) == [False, True] and list(mine.n) == [1, 1]
+    assert current.loc[setting_hash].n_repeats == 1
+    mine = both[both.setting_hash == setting_hash]
+    assert sorted(mine.stale) == [False, True] and list(mine.n_repeats) == [1, 1]
     assert list(missing.run_hash) == [run_hash] and missing.stale.all()
 
 

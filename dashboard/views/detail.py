@@ -42,6 +42,8 @@ def render(source: data.Source) -> None:
 
 
 def default_runs(runs: pd.DataFrame, most: int = 3) -> list[str]:
-    """A few runs that differ: the first run of each method and compaction interval, up to `most`."""
-    distinct = runs.drop_duplicates(subset=["method", "compress_every"])
+    """A few runs that differ: the first run of each method and compaction interval, up to `most`; timed (stepwise)
+    runs first, as only they have a latency per step."""
+    timed_first = runs.assign(_timed=runs.protocol == "stepwise").sort_values("_timed", ascending=False, kind="stable")
+    distinct = timed_first.drop_duplicates(subset=["method", "compress_every"])
     return list(distinct.run_hash[:most])

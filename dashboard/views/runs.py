@@ -8,9 +8,7 @@ import streamlit as st
 from dashboard import data
 from store.queries import KNOBS
 
-NUMBER_FORMATS = {
-    "ppl": "%.4f", "delta_ppl_pct": "%+.3f %%", "tpot_ms_mean": "%.3f", "speedup": "%.2fx", "peak_memory_mib": "%.1f",
-}
+NUMBER_FORMATS = {"ppl": "%.4f", "tpot_ms_mean": "%.3f", "peak_memory_mib": "%.1f"}
 
 
 def render(source: data.Source) -> None:
@@ -39,15 +37,16 @@ def render(source: data.Source) -> None:
     if text:
         shown = shown[shown.run_hash.str.contains(text, regex=False) | shown.label.str.contains(text, regex=False)]
     shared = runs[runs.sharing > 1]
-    st.caption(f"{len(shown)} of {len(runs)} configurations ({runs.run_hash.nunique()} runs). ΔPPL and speedup are "
-               "relative to the mean of the grid's recompute runs with the same text, model, cap, device and code; "
-               "click a column header to sort.")
+    st.caption(f"{len(shown)} of {len(runs)} configurations ({runs.run_hash.nunique()} runs). Each row is one run's "
+               "own measurement: PPL over the tokens it scored (its sample, protocol and max_tokens), TPOT over its "
+               "timed steps. A setting's ΔPPL and speedup pair its runs with the baseline's on the same tokens: see "
+               "the Settings view. Click a column header to sort.")
     if not shared.empty:
         st.info(f"{len(shared)} configurations share {shared.run_hash.nunique()} runs with others: they keep the same "
                 "tokens at every step (same schedule fingerprint), so each set was computed once and its rows show one "
                 "result. Column 'equivalent to' lists the settings that share it; they are not independent results.")
-    columns = ["label", "equivalent_to", "experiments", "status", "stale", "ppl", "delta_ppl_pct", "tpot_ms_mean",
-               "speedup", "peak_memory_mib", "repeats", *KNOBS, "compaction_count", "kv_len_max", "device_name",
+    columns = ["label", "equivalent_to", "experiments", "status", "stale", "ppl", "tpot_ms_mean",
+               "peak_memory_mib", "repeats", *KNOBS, "compaction_count", "kv_len_max", "device_name",
                "run_hash", "config_hash", "group_hash", "code_version", "ended_at", "error"]
     config = {name: st.column_config.NumberColumn(format=fmt) for name, fmt in NUMBER_FORMATS.items()}
     config["equivalent_to"] = st.column_config.TextColumn("equivalent to", help="configurations that share this run")

@@ -8,8 +8,10 @@ from dashboard import data
 from store.queries import SETTING_KNOBS
 
 NUMBER_FORMATS = {
-    "ppl": "%.4f", "ppl_std": "%.4f", "delta_ppl_pct": "%+.3f %%", "delta_ppl_pct_std": "%.3f %%", "tpot_ms": "%.3f",
-    "tpot_ms_std": "%.3f", "speedup": "%.2fx",
+    "ppl": "%.4f", "ppl_std": "%.4f", "delta_ppl_pct": "%+.3f %%", "delta_ppl_low": "%+.3f %%",
+    "delta_ppl_high": "%+.3f %%", "delta_float_pct": "%+.3f %%", "delta_float_low": "%+.3f %%",
+    "delta_float_high": "%+.3f %%", "tpot_ms": "%.3f", "tpot_ms_std": "%.3f", "speedup": "%.2fx",
+    "tpot_ratio": "%.2fx",
 }
 
 
@@ -22,10 +24,16 @@ def render(source: data.Source) -> None:
         return
     st.caption(
         "Quality is a statistic over text samples: PPL mean ± std over n_samples texts (from the protocol shown), and "
-        "ΔPPL paired per sample with the recompute baseline on the same tokens (agree: samples with the mean's sign). "
-        "Timing is a statistic over repeats: TPOT mean ± std over n_repeats stepwise runs; parallel runs have none.")
-    columns = ["label", "experiments", "ppl", "ppl_std", "n_samples", "quality_protocol", "quality_tokens",
-               "delta_ppl_pct", "delta_ppl_pct_std", "n_pairs", "agree", "tpot_ms", "tpot_ms_std", "n_repeats",
-               "speedup", *[k for k in SETTING_KNOBS if k in settings], "stale", "setting_hash"]
+        "ΔPPL paired per sample with the recompute baseline on the same tokens, with its 95 % Student-t interval "
+        "over the n_pairs samples (low, high; resolved: the interval excludes zero; agree: samples with the mean's "
+        "sign). Quantized settings are also paired with the same setting in float (ΔPPL vs float, TPOT ratio). "
+        "Timing is a statistic over repeats: TPOT mean ± std over n_repeats stepwise runs; parallel runs have none. "
+        "The paper's tables print these same numbers (one query: store.queries.setting_table).")
+    quantized = ["delta_float_pct", "delta_float_low", "delta_float_high", "n_float_pairs", "tpot_ratio"] \
+        if settings.delta_float_pct.notna().any() else []
+    columns = ["label", "experiments", "delta_ppl_pct", "delta_ppl_low", "delta_ppl_high", "delta_ppl_resolved",
+               "n_pairs", "agree", "ppl", "ppl_std", "n_samples", "measurement", "tpot_ms",
+               "tpot_ms_std", "n_repeats", "speedup", *quantized, *[k for k in SETTING_KNOBS if k in settings],
+               "stale", "setting_hash"]
     config = {name: st.column_config.NumberColumn(format=fmt) for name, fmt in NUMBER_FORMATS.items()}
     st.dataframe(settings[columns], hide_index=True, width="stretch", column_config=config)

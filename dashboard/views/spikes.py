@@ -21,7 +21,9 @@ def render(source: data.Source) -> None:
         st.info(f"Grid {source.grid} has no finished run with compactions yet.")
         return
     labels = dict(zip(runs.run_hash, runs.label, strict=True))
-    default = list(runs.drop_duplicates(subset=["compress_every", "slack", "max_drop"]).run_hash[:4])
+    # Timed (stepwise) runs first: only they have a latency per step to align.
+    timed_first = runs.assign(_timed=runs.protocol == "stepwise").sort_values("_timed", ascending=False, kind="stable")
+    default = list(timed_first.drop_duplicates(subset=["compress_every", "slack", "max_drop"]).run_hash[:4])
     columns = st.columns([3, 1])
     chosen = columns[0].multiselect("runs", list(labels), default=default, format_func=labels.get)
     radius = int(columns[1].slider("steps either side", 2, 64, 16))
