@@ -212,10 +212,11 @@ def measure_views(path: Path) -> dict[str, float]:
         queries.run_table(con, GRID)
 
     def tradeoff(con):
-        queries.group_table(con, GRID, tuple(queries.experiment_names(con, GRID)))
+        queries.setting_table(con, GRID, tuple(queries.experiment_names(con, GRID)))
 
     def sweeps(con):
-        queries.group_table(con, GRID, (EXPERIMENT,))
+        settings = queries.setting_table(con, GRID, (EXPERIMENT,))
+        queries.sweep_knob(con, GRID, EXPERIMENT, settings)
 
     def detail(con):
         queries.run_table(con, GRID)
