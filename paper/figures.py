@@ -16,21 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from paper.latex import escape  # noqa: E402
-from store.queries import StepRange  # noqa: E402
 
 if TYPE_CHECKING:
-    from paper.export import Gathered
+    from paper.gather import Gathered
 
-SPIKE_RADIUS = 16
 SIZE = (6.0, 3.2)
 STYLE = {"font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "savefig.bbox": "tight", "pdf.fonttype": 42}
-
-
-def sawtooth_window(steps: StepRange, compress_every: int, cap: int) -> StepRange:
-    """Steps that show a few teeth of the largest R after the cache first fills."""
-    first = max(steps.first, cap - 2 * compress_every)
-    last = min(steps.last, first + max(4 * compress_every, 64))
-    return StepRange(steps.first if last <= first else first, last)
 
 
 def write_all(gathered: Gathered, out: Path) -> list[Path]:

@@ -138,7 +138,7 @@ def shrunk_grid_store(tmp_path_factory, grid: str) -> tuple[Path, str]:
 
 
 def _paper_grid(folder: Path) -> Path:
-    from paper.export import QUANT_EXPERIMENTS, REQUIRED
+    from paper.gather import QUANT_EXPERIMENTS, REQUIRED
 
     spec = yaml.safe_load(SMOKE_GRID.read_text())
     spec["name"] = PAPER_GRID

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gridrun.spec import GridError, load_grid, parse_grid
-from paper.export import REQUIRED
+from paper.gather import REQUIRED
 from streaming_llm import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 from fixtures_store import ROOT, shrunk_grid_store
 
 from dashboard import data
-from paper import export
+from paper import gather
 from store import queries
 
 NUMBERS = ["ppl", "ppl_std", "n_samples", "delta_ppl_pct", "delta_ppl_ci", "delta_ppl_low", "delta_ppl_high",
@@ -42,13 +42,13 @@ def test_dashboard_and_paper_read_every_setting_from_one_query(paper_store):
     path, grid = paper_store
     signature = queries.signature(path)
     with queries.connect(path) as con:
-        gathered = export.gather(con, grid, include_stale=False)
-        quantized, _ = export.gather_quantization(con, grid, include_stale=False)
+        gathered = gather.gather(con, grid, include_stale=False)
+        quantized, _ = gather.gather_quantization(con, grid, include_stale=False)
     for experiment, settings in gathered.experiments.items():
         shown = data.setting_table(path, signature, grid, (experiment,), False)
         same(shown, settings, NUMBERS)
         assert shown.label.str.len().min() > 0
-    shown = data.setting_table(path, signature, grid, tuple(export.QUANT_EXPERIMENTS), False)
+    shown = data.setting_table(path, signature, grid, tuple(gather.QUANT_EXPERIMENTS), False)
     same(shown, quantized, NUMBERS + QUANT_NUMBERS)
     # The trade-off figure's points are the Trade-off view's (all experiments), measured as the main table.
     names = tuple(queries.read(path, lambda con: queries.experiment_names(con, grid)))
@@ -69,7 +69,7 @@ def test_main_effects_have_intervals_over_the_five_plays(paper_store):
 def test_sweeps_sweep_the_experiments_own_knob(paper_store):
     path, grid = paper_store
     signature = queries.signature(path)
-    expected = {name: knob for name, (knob, _) in export.SWEEPS.items()}
+    expected = {name: knob for name, (knob, _) in gather.SWEEPS.items()}
     for experiment, knob in expected.items():
         assert data.sweep_knob(path, signature, grid, experiment, False) == knob, experiment
 

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from fixtures_store import PAPER_GRID, ROOT, copy_store, smoke_store
 
-from paper.export import ExportError, export, quantization_table
+from paper.export import export
+from paper.gather import ExportError
+from paper.tables import quantization_table
 
 TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex",
              "quantization.tex", "findings.tex")
