@@ -1,6 +1,6 @@
 SHELL := /bin/bash
 
-.PHONY: setup system-deps run smoke dashboard paper test bench
+.PHONY: setup system-deps run smoke dashboard paper docs test bench
 
 # Python environment: .venv with torch 2.13.0 (CPU) first, then the project (scripts/setup.sh; idempotent).
 setup:
@@ -25,8 +25,14 @@ paper: setup
 	.venv/bin/python -m paper export
 	if command -v pdflatex >/dev/null; then .venv/bin/python -m paper pdf; fi
 
+# The documentation site (docs/, mkdocs.yml) on http://127.0.0.1:8000, rebuilt on every edit.
+docs: setup
+	.venv/bin/mkdocs serve
+
+# ruff, the docs site built strictly (a broken link or anchor fails), then the test suite.
 test: setup system-deps
 	.venv/bin/python -m ruff check .
+	.venv/bin/mkdocs build --strict --quiet
 	.venv/bin/python -m pytest
 
 bench: setup
