@@ -43,7 +43,9 @@ def render(source: data.Source) -> None:
 
 def default_runs(runs: pd.DataFrame, most: int = 3) -> list[str]:
     """A few runs that differ: the first run of each method and compaction interval, up to `most`; timed (stepwise)
-    runs first, as only they have a latency per step."""
-    timed_first = runs.assign(_timed=runs.protocol == "stepwise").sort_values("_timed", ascending=False, kind="stable")
-    distinct = timed_first.drop_duplicates(subset=["method", "compress_every"])
+    runs first, as only they have a latency per step, and among them the main experiment's (the study's comparison)."""
+    main = runs.experiments.apply(lambda names: "main" in names.split(", "))
+    ranked = runs.assign(_timed=runs.protocol == "stepwise", _main=main).sort_values(
+        ["_timed", "_main"], ascending=False, kind="stable")
+    distinct = ranked.drop_duplicates(subset=["method", "compress_every"])
     return list(distinct.run_hash[:most])
