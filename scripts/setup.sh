@@ -19,6 +19,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   install=(.venv/bin/pip install -q)
   torch_version=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' requirements-cuda.lock)
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    # A CPU build of the same release would count as installed (2.13.0+cpu == 2.13.0): remove it first.
+    cuda=$(.venv/bin/python -c "import torch; print(torch.version.cuda or 'none')" 2>/dev/null || true)
+    [ "$cuda" != none ] || .venv/bin/pip uninstall -q -y torch
     "${install[@]}" --require-hashes --no-deps -r requirements-cuda.lock
   else
     have=$(.venv/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null || true)

@@ -47,3 +47,20 @@ def test_a_grid_run_prints_its_progress_and_no_ray_notice(tmp_path):
     assert "1/1 done" in done.stdout
     assert done.stderr == "", f"gridrun printed more than its progress:\n{done.stderr}"
     assert (tmp_path / "home" / ".ray" / "auth_token").exists()  # token authentication is still on
+
+
+def test_only_the_known_harmless_messages_are_dropped(caplog):
+    import logging
+
+    import streaming_llm  # noqa: F401  (installs the filters)
+
+    torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    with caplog.at_level(logging.WARNING):
+        torchao.warning("Failed to load /x/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not "
+                        "load this library")
+        pytree.warning("%s is an Enum subclass and is now natively supported by torch.compile as an opaque value "
+                       "type.", "<enum 'KernelPreference'>")
+        torchao.warning("Failed to quantize layer 3: shape mismatch")
+        pytree.warning("register_pytree_node is deprecated")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Failed to quantize layer 3: shape mismatch", "register_pytree_node is deprecated"]
