@@ -1,10 +1,17 @@
 SHELL := /bin/bash
 
-.PHONY: setup system-deps run smoke dashboard paper docs test bench
+.PHONY: setup lock system-deps run smoke dashboard paper docs test bench
 
-# Python environment: .venv with torch 2.13.0 (CPU) first, then the project (scripts/setup.sh; idempotent).
+# Python environment: .venv as the lock files pin it, torch first (scripts/setup.sh; idempotent).
 setup:
 	bash scripts/setup.sh
+
+# Rewrite requirements.lock and requirements-cuda.lock from pyproject.toml, keeping the pins that still fit (UPGRADE=1:
+# the newest fitting releases). uv comes with the dev extra; a setup that stops at pip check (a dependency not yet
+# locked) has installed it already.
+lock:
+	[ -x .venv/bin/uv ] || bash scripts/setup.sh || [ -x .venv/bin/uv ]
+	.venv/bin/python scripts/lock.py $(if $(UPGRADE),--upgrade)
 
 # System packages the browser and LaTeX tests need: Debian's chromium and a small TeX Live (idempotent).
 system-deps:

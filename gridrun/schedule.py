@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from streaming_llm import RunConfig
+from streaming_llm.known_noise import drop_messages
 
 from .spec import PlannedRun
 
@@ -107,6 +109,16 @@ class Slot:
 
 
 # --- Ray ------------------------------------------------------------------------------------------------------------
+# A new local Ray turns token authentication on by default and logs on every start that it did: a note on Ray's
+# defaults, not on the run; authentication stays on. Naming the default (RAY_AUTH_MODE=token) would quiet it too, but
+# only before Ray's configuration is first read: set here, the driver missed it, its cluster did not, and the driver's
+# calls were refused (InvalidAuthToken) until ray.init gave up.
+RAY_TOKEN_AUTH_NOTICE = (
+    "ray._private.authentication.authentication_token_setup",
+    re.compile(r"^Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out\."),
+)
+
+
 @contextmanager
 def ray_session(address: str | None):
     """Join the cluster at `address` (auto, ray://...), or start a local Ray that is shut down on the way out.
@@ -124,6 +136,7 @@ def ray_session(address: str | None):
         else:
             # Ray starts workers at nice 15; here the workers are the job, so they compete at the driver's priority.
             os.environ.setdefault("RAY_worker_niceness", "0")
+            drop_messages(*RAY_TOKEN_AUTH_NOTICE)
             ray.init(  # Ray counts the CPUs itself, cgroup limits included
                 address="local", include_dashboard=False, log_to_driver=False,
                 object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING,

@@ -3,6 +3,7 @@
 Import it alone and call it on a model: this package knows nothing of grids, Ray or the store.
 """
 
+from . import known_noise  # noqa: F401  (first: filters libraries' known-harmless start-up messages)
 from .cache import StreamingCache
 from .config import ConfigError, RunConfig
 from .evaluate import LoadedModel, RunResult, evaluate
