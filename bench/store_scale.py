@@ -216,7 +216,7 @@ def measure_views(path: Path) -> dict[str, float]:
 
     def sweeps(con):
         settings = queries.setting_table(con, GRID, (EXPERIMENT,))
-        queries.sweep_knob(con, GRID, EXPERIMENT, settings)
+        queries.sweep_knob(queries.declared_sweep(con, GRID, EXPERIMENT), EXPERIMENT, settings)
 
     def detail(con):
         queries.run_table(con, GRID)

@@ -20,7 +20,9 @@ METRIC_TITLES = {
     "tpot_ms": "TPOT (ms / token)",
     "ppl": "perplexity",
     "delta_ppl_pct": "ΔPPL vs recompute (%, paired per text)",
+    "delta_float_pct": "ΔPPL vs float (%, paired per text)",
     "speedup": "speedup vs recompute (x)",
+    "tpot_ratio": "TPOT over the float setting's (x)",
     "peak_memory_mib": "peak memory (MiB)",
     "compactions": "compactions per run",
     "kv_len_max": "largest kv_len",
@@ -31,6 +33,7 @@ TRADEOFF_X = ("tpot_ms", "kv_bytes_per_token", "total_bytes")  # what the trade-
 # Per metric, the columns of setting_table that bound its bar: (low, high) directly, or a std to put either side.
 METRIC_BOUNDS: dict[str, tuple[str, str] | str] = {
     "delta_ppl_pct": ("delta_ppl_low", "delta_ppl_high"),
+    "delta_float_pct": ("delta_float_low", "delta_float_high"),
     "ppl": "ppl_std",
     "tpot_ms": "tpot_ms_std",
     "peak_memory_mib": "peak_memory_mib_std",
@@ -39,6 +42,9 @@ BOUNDS_CAPTION = {
     "delta_ppl_pct": "Each point: the mean over text samples of the ΔPPL paired per sample with the recompute baseline "
                      "(on the steps both scored); bars: its 95 % Student-t interval over the samples "
                      "(t_0.975,n-1 · std / √n). An interval that excludes zero is a resolved effect.",
+    "delta_float_pct": "Each point: the mean over text samples of the ΔPPL paired per sample with the same setting in "
+                       "float (kv_quant and weight_quant none) on the same tokens; bars: its 95 % Student-t interval "
+                       "over the samples (none with one sample).",
     "ppl": "Each point: the mean PPL over text samples; bars: ± one standard deviation between samples (the texts "
            "differ more than the settings do: compare ΔPPL, paired per text).",
     "tpot_ms": "Each point: the mean TPOT over stepwise timing repeats; bars: ± one standard deviation.",
@@ -62,40 +68,69 @@ def _with_bounds(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return frame.assign(**{f"{metric}_low": low, f"{metric}_high": high})
 
 
-def tradeoff(settings: pd.DataFrame, colour: str, x_metric: str = "tpot_ms") -> alt.LayerChart:
-    """ΔPPL (paired per text sample, bars: its 95 % t interval) against TPOT (bars: ± std over repeats) or the bytes
-    of `x_metric` (TRADEOFF_X), one point per setting, coloured by `colour`; the recompute baseline (ΔPPL 0 by
-    definition) a large cross, zero a grey rule and, on the TPOT axis, the Pareto frontier a dashed step line.
-    Settings without a ΔPPL or without the x value are not drawn (the view lists them)."""
-    frame = settings[settings.delta_ppl_pct.notna() & settings[x_metric].notna()]
+# What a trade-off's ΔPPL is relative to: the column, its interval's prefix, its pair count, and the reference's role.
+TRADEOFF_REFERENCES = {
+    "recompute": ("delta_ppl_pct", "delta_ppl", "n_pairs", "recompute baseline"),
+    "float": ("delta_float_pct", "delta_float", "n_float_pairs", "float reference"),
+}
+
+
+def tradeoff_frame(settings: pd.DataFrame, reference: str = "recompute") -> pd.DataFrame:
+    """The settings a trade-off against `reference` (TRADEOFF_REFERENCES) draws, `is_reference` marking the reference
+    points (ΔPPL 0 by definition): against recompute, every setting with a paired ΔPPL; against float, the quantized
+    settings and the float settings of the same policies (policy_key)."""
+    column, _, _, _ = TRADEOFF_REFERENCES[reference]
+    if reference == "recompute":
+        return settings[settings[column].notna()].assign(is_reference=settings["is_baseline"])
+    quantized = settings[settings[column].notna()]
+    floats = settings[(settings.kv_quant == "none") & (settings.weight_quant == "none")
+                      & settings.policy_key.isin(quantized.policy_key)]
+    floats = floats.assign(**{column: 0.0, "delta_float_low": 0.0, "delta_float_high": 0.0})
+    return pd.concat([quantized.assign(is_reference=False), floats.assign(is_reference=True)])
+
+
+def tradeoff(settings: pd.DataFrame, colour: str, x_metric: str = "tpot_ms", reference: str = "recompute"
+             ) -> alt.LayerChart:
+    """ΔPPL against `reference` (paired per text sample, bars: its 95 % t interval) against TPOT (bars: ± std over
+    repeats) or the bytes of `x_metric` (TRADEOFF_X), one point per setting of tradeoff_frame, coloured by `colour`;
+    the reference (ΔPPL 0) a large cross, zero a grey rule and, on the TPOT axis against recompute, the Pareto frontier
+    a dashed step line. Settings without the x value are not drawn (the view lists them)."""
+    column, prefix, count, role = TRADEOFF_REFERENCES[reference]
+    frame = tradeoff_frame(settings, reference)
+    frame = frame[frame[x_metric].notna()]
+    frontier_shown = x_metric == "tpot_ms" and reference == "recompute"
     frame = frame.assign(x=frame[x_metric], x_std=frame["tpot_ms_std"] if x_metric == "tpot_ms" else float("nan"),
-                         pareto=frame["pareto"].fillna(False).astype(bool) & (x_metric == "tpot_ms"))
-    frame = frame.assign(x_low=frame.x - frame.x_std.fillna(0.0), x_high=frame.x + frame.x_std.fillna(0.0))
-    frame = _with_bounds(frame, "delta_ppl_pct")
-    frame = frame.assign(colour=frame[colour].astype(str), role=frame["is_baseline"].map(
-        {True: "recompute baseline", False: "setting"}))
+                         pareto=frame["pareto"].fillna(False).astype(bool) & frontier_shown,
+                         frontier=frame["context"] + " / cap " + frame["cap"].astype(str) + " / weights "
+                         + frame["weight_quant"].astype(str))
+    frame = frame.assign(x_low=frame.x - frame.x_std.fillna(0.0), x_high=frame.x + frame.x_std.fillna(0.0),
+                         y_low=frame[f"{prefix}_low"].fillna(frame[column]),
+                         y_high=frame[f"{prefix}_high"].fillna(frame[column]), pairs=frame[count])
+    frame = frame.assign(colour=frame[colour].astype(str), role=frame["is_reference"].map({True: role,
+                                                                                           False: "setting"}))
     x = alt.X("x:Q", title=METRIC_TITLES[x_metric] + " (log scale)", scale=alt.Scale(type="log"))
-    y = alt.Y("delta_ppl_pct:Q", title=METRIC_TITLES["delta_ppl_pct"] + ", 95 % interval")
+    title = "ΔPPL vs recompute (%, paired per text)" if reference == "recompute" else \
+        "ΔPPL vs the same policy in float (%, paired per text)"
+    y = alt.Y(f"{column}:Q", title=title + ", 95 % interval")
     tooltip = ["label:N", alt.Tooltip("x:Q", title=x_metric, format=".4g"),
                alt.Tooltip("tpot_ms_std:Q", format=".3f"), "n_repeats:Q",
-               alt.Tooltip("delta_ppl_pct:Q", format="+.3f"), alt.Tooltip("delta_ppl_low:Q", format="+.3f"),
-               alt.Tooltip("delta_ppl_high:Q", format="+.3f"), "n_pairs:Q", alt.Tooltip("ppl:Q", format=".4f"),
-               alt.Tooltip("speedup:Q", format=".2f")]
+               alt.Tooltip(f"{column}:Q", format="+.3f"), alt.Tooltip("y_low:Q", title="95 % low", format="+.3f"),
+               alt.Tooltip("y_high:Q", title="95 % high", format="+.3f"), alt.Tooltip("pairs:Q", title="samples"),
+               alt.Tooltip("ppl:Q", format=".4f"), "ppl_steps:N", alt.Tooltip("speedup:Q", format=".2f")]
     base = alt.Chart(frame)
     points = base.mark_point(filled=True, size=80).encode(
         x=x, y=y, color=alt.Color("colour:N", title=colour, scale=SCHEME, legend=SIDE_LEGEND),
-        shape=alt.Shape("role:N", title=None, scale=alt.Scale(domain=["setting", "recompute baseline"],
-                                                               range=["circle", "cross"])),
-        size=alt.condition("datum.is_baseline", alt.value(300), alt.value(80)), tooltip=tooltip,
+        shape=alt.Shape("role:N", title=None, scale=alt.Scale(domain=["setting", role], range=["circle", "cross"])),
+        size=alt.condition("datum.is_reference", alt.value(300), alt.value(80)), tooltip=tooltip,
     )
     x_bars = base.transform_filter("datum.n_repeats > 1").mark_rule().encode(
-        x="x_low:Q", x2="x_high:Q", y="delta_ppl_pct:Q", color="colour:N")
-    y_bars = base.transform_filter("datum.n_pairs > 1").mark_rule().encode(
-        x="x:Q", y="delta_ppl_pct_low:Q", y2="delta_ppl_pct_high:Q", color="colour:N")
+        x="x_low:Q", x2="x_high:Q", y=f"{column}:Q", color="colour:N")
+    y_bars = base.transform_filter("datum.pairs > 1").mark_rule().encode(
+        x="x:Q", y="y_low:Q", y2="y_high:Q", color="colour:N")
     zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="grey", strokeDash=[2, 2]).encode(y="zero:Q")
     frontier = base.transform_filter("datum.pareto").mark_line(
         interpolate="step-after", color="black", strokeDash=[4, 3], point=False
-    ).encode(x="x:Q", y="delta_ppl_pct:Q", order="x:Q", detail="context:N")
+    ).encode(x="x:Q", y=f"{column}:Q", order="x:Q", detail="frontier:N")
     return alt.layer(zero, frontier, x_bars, y_bars, points).properties(height=HEIGHT + 140)
 
 

@@ -154,8 +154,5 @@ def block_ppl(path: Path, signature: Signature, run_hashes: tuple[str, ...], blo
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def sweep_knob(path: Path, signature: Signature, grid: str, experiment: str, include_stale: bool) -> str | None:
-    def query(con):
-        return queries.sweep_knob(con, grid, experiment, queries.setting_table(con, grid, [experiment], include_stale))
-
-    return queries.read(path, query)
+def declared_sweep(path: Path, signature: Signature, grid: str, experiment: str) -> tuple[str, ...]:
+    return queries.read(path, lambda con: queries.declared_sweep(con, grid, experiment))

@@ -36,6 +36,12 @@ def mean_std(mean: float, std: float | None, n: int, digits: int, *, signed: boo
     return f"${text}$"
 
 
+def ordinal(number: int) -> str:
+    """'32nd', '1st', '11th'."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
 def knob(name: str, value: object) -> str:
     """`$R{=}64$`, `slack${=}$16`: how a knob and its value read in a row label."""
     short = KNOB_NAMES.get(name, name)

@@ -7,7 +7,7 @@ import pandas as pd
 
 from paper.gather import LADDER, MAIN, SWEEPS, Gathered
 from paper.labels import METHOD_ORDER, STALE_MARK, ladder_label, ladder_rung, method_name, row_label
-from paper.latex import Table, escape, knob, mean_std, number
+from paper.latex import Table, escape, knob, mean_std, number, ordinal
 from store import queries
 
 EQUIVALENT_MARK = r"$\equiv$"
@@ -94,7 +94,7 @@ def _caption(text: str, groups: pd.DataFrame, merged: bool = False) -> str:
     stale = f" {STALE_MARK}: made by other evaluation code than the current one." if groups.stale.any() else ""
     strides = sorted({int(k) for k in groups.quality_stride.dropna() if k > 1}) if "quality_stride" in groups else []
     if strides:  # the baseline scored a subset of steps: its PPL is over those, everyone else's over every step
-        stale += (f" The recompute baseline's PPL is over every {'/'.join(map(str, strides))}-th step only (a "
+        stale += (f" The recompute baseline's PPL is over every {'/'.join(ordinal(s) for s in strides)} step only (a "
                   "cap-token forward each); every $\\Delta$PPL pairs a setting with it on those steps.")
     return (f"{text} TPOT: mean $\\pm$ std over the $n_r$ stepwise timing repeats of each setting; PPL: mean $\\pm$ "
             f"std over its $n_t$ text samples ({protocols} protocol); $\\Delta$PPL: mean over the text samples of the "
@@ -203,6 +203,7 @@ def findings_text(gathered: Gathered) -> str:
         what = f"setting {row.setting_hash}"
         label = row_label(row, ["compress_every"])
         speed = f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$"
+        pace = f"decodes {speed} faster" if row.speedup >= 1 else f"decodes slower (speedup {speed})"
         delta = paired_cell(row.delta_ppl_pct, row.delta_ppl_low, row.delta_ppl_high, int(row.n_pairs),
                             bool(row.delta_ppl_resolved), what=f"delta PPL of {what}")
         if int(row.n_pairs) < 2:
@@ -211,10 +212,12 @@ def findings_text(gathered: Gathered) -> str:
             verdict = "resolved: the interval excludes zero"
         else:
             verdict = "not resolved: the interval includes zero"
-        sentences.append(f"{label} decodes {speed} faster per token than recompute; its $\\Delta$PPL is {delta}\\,\\% "
+        sentences.append(f"{label} {pace} per token than recompute; its $\\Delta$PPL is {delta}\\,\\% "
                          f"over {int(row.n_pairs)} text samples ({verdict}).")
     others = pd.concat([gathered.experiments[name] for name in (LADDER, *SWEEPS)])
-    others = others[~others.is_baseline].drop_duplicates(["setting_hash"])
+    # Settings of the main table are said above; a setting is listed once (a stale twin has its own code version).
+    others = others[~others.is_baseline & ~others.setting_hash.isin(main.setting_hash)].drop_duplicates(
+        ["setting_hash", "code_version"])
     resolved = merge_equivalent(_sorted(others[others.delta_ppl_resolved]))
     if resolved.empty:
         tail = ("No setting of the ablation ladder or the sweeps has a $\\Delta$PPL whose 95\\,\\% interval excludes "

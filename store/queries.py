@@ -445,6 +445,7 @@ _BASELINE_MATCH = " AND ".join(
 )
 # The float reference of a quantized setting: every policy knob equal (policy_key), the same tokens and code.
 _FLOAT_MATCH = ("b.policy_key = x.policy_key AND b.grid = x.grid AND b.code_version = x.code_version "
+                "AND b.device_name IS NOT DISTINCT FROM x.device_name "
                 "AND b.token_hash = x.token_hash AND b.prefill = x.prefill AND b.kv_quant = 'none' "
                 "AND b.weight_quant = 'none' AND (x.kv_quant <> 'none' OR x.weight_quant <> 'none')")
 _POLICY_KEY = "md5(concat_ws('|', " + ", ".join(
@@ -467,15 +468,25 @@ def _paired_sql(name: str, match: str, order: str, key: str) -> str:
     return f"""
         {name}_runs AS (
             SELECT x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash,
-                list(b.run_hash ORDER BY {order})[1] AS base_run
+                any_value(x.mean_nll) AS mean_nll, any_value(x.score_stride) AS score_stride,
+                any_value(x.predicted_tokens) AS predicted_tokens,
+                list({{'run_hash': b.run_hash, 'mean_nll': b.mean_nll, 'score_stride': b.score_stride,
+                       'predicted_tokens': b.predicted_tokens}} ORDER BY {order})[1] AS base
             FROM quality_samples x JOIN per_sample b ON {match}
             GROUP BY x.grid, x.setting_hash, x.code_version, x.sample, x.run_hash, x.protocol
         ),
         {name}_pairs AS (
+            -- Both scored every step of the same tokens: the runs' mean NLLs (the mean over exactly those rows) ...
+            SELECT grid, setting_hash, code_version, sample, 100 * (exp(mean_nll - base.mean_nll) - 1) AS delta
+            FROM {name}_runs
+            WHERE score_stride = 1 AND base.score_stride = 1 AND predicted_tokens = base.predicted_tokens
+            UNION ALL
+            -- ... else token by token, on the steps both scored.
             SELECT p.grid, p.setting_hash, p.code_version, p.sample, 100 * (exp(avg(t.nll) - avg(b.nll)) - 1) AS delta
-            FROM {name}_runs p JOIN tokens b ON b.run_hash = p.base_run
+            FROM {name}_runs p JOIN tokens b ON b.run_hash = p.base.run_hash
             JOIN tokens t ON t.run_hash = p.run_hash AND t.step = b.step
-            WHERE b.nll IS NOT NULL AND t.nll IS NOT NULL
+            WHERE NOT (p.score_stride = 1 AND p.base.score_stride = 1 AND p.predicted_tokens = p.base.predicted_tokens)
+                AND b.nll IS NOT NULL AND t.nll IS NOT NULL
             GROUP BY p.grid, p.setting_hash, p.code_version, p.sample
         ),
         {name}_paired AS (
@@ -502,7 +513,9 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     A quantized setting (kv_quant or weight_quant) is paired the same way with the setting equal in every other knob in
     float, on the same tokens: `delta_float_pct` (and `_std`, `_ci`, `_low`, `_high`, `_resolved`, `n_float_pairs`,
     `float_agree`), and `tpot_ratio`, its TPOT over the float setting's on the same tokens. `measurement` names the
-    quality measurement in words: PPLs and ΔPPLs compare (and the Pareto frontier is drawn) within one measurement.
+    quality measurement in words (protocol, samples, tokens, prefill): ΔPPLs compare (and the Pareto frontier is drawn)
+    within one measurement, cap and weight quantization; `ppl_steps` says which steps its PPL is over (a strided
+    recompute baseline scores every k-th only, so its PPL is not comparable with the others': its ΔPPL is 0).
     With `experiments`, a setting's measurements are chosen among its runs in those experiments (a long-stream
     experiment does not replace the main table's measurement); a chosen measurement pools all its runs in the grid, and
     references may come from anywhere in the grid.
@@ -527,6 +540,8 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         per_sample AS (
             SELECT {key}, protocol, max_tokens, prefill, sample, token_hash, score_stride, any_value(method) AS method,
                 {run_context}, avg(ppl) AS ppl, min(run_hash) AS run_hash,
+                -- repeats of one measurement score the same tokens with the same NLLs
+                any_value(mean_nll) AS mean_nll, any_value(predicted_tokens) AS predicted_tokens,
                 bool_or(selected) AS selected
             FROM done GROUP BY {key}, protocol, max_tokens, prefill, sample, token_hash, score_stride
         ),
@@ -571,12 +586,13 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
             LEFT JOIN (SELECT * FROM timings WHERE method = '{BASELINE_METHOD}') b
                 ON {_BASELINE_MATCH} AND b.warmup = x.warmup
             LEFT JOIN (SELECT * FROM timings WHERE kv_quant = 'none' AND weight_quant = 'none'
-                       QUALIFY row_number() OVER (PARTITION BY grid, code_version, policy_key, token_hash, prefill,
-                                                  warmup ORDER BY n_repeats DESC, group_hash) = 1) f
+                       QUALIFY row_number() OVER (
+                           PARTITION BY grid, code_version, device_name, policy_key, token_hash, prefill, warmup
+                           ORDER BY n_repeats DESC, group_hash) = 1) f
                 ON {_FLOAT_MATCH.replace("b.", "f.")} AND f.warmup = x.warmup
         ),
         settings AS (
-            SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale,
+            SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale, any_value(policy_key) AS policy_key,
                 list_distinct(flatten(list(experiments))) AS experiments,
                 list(run_hash ORDER BY protocol, sample, "repeat") AS all_run_hashes,
                 -- the computations it was measured by: settings with equal ones are equivalent (one set of runs)
@@ -598,12 +614,12 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
             LEFT JOIN base_paired pa USING ({key}) LEFT JOIN float_paired fl USING ({key})
             LEFT JOIN timing t USING ({key})
         )
-        -- The frontier compares paired ΔPPLs of one measurement only (same protocol, tokens, prefill: the same
-        -- baseline steps), against TPOT.
+        -- The frontier compares paired ΔPPLs against one baseline only (same protocol, tokens, prefill, samples; same
+        -- cap and weights: the recompute they are relative to), against TPOT.
         SELECT * EXCLUDE (all_run_hashes), CASE WHEN tpot_ms IS NOT NULL AND delta_ppl_pct IS NOT NULL
             THEN delta_ppl_pct < coalesce(min(delta_ppl_pct) OVER (
                 PARTITION BY {", ".join(q(k) for k in SETTING_CONTEXT)}, tpot_ms IS NULL OR delta_ppl_pct IS NULL,
-                quality_protocol, quality_tokens, quality_prefill
+                quality_protocol, quality_tokens, quality_prefill, n_samples, cap, weight_quant
                 ORDER BY tpot_ms, delta_ppl_pct RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW EXCLUDE GROUP),
                 'inf') END
             AS pareto  -- equivalent settings (one set of runs, equal numbers) are on the frontier together or not
@@ -613,42 +629,62 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
               "experiments": list(experiments) if experiments is not None else None}
     settings = con.execute(sql, params).df()
     settings = settings.assign(measurement=[
-        f"{protocol}, {int(tokens):,} tokens" + (f" after a {int(prefill):,}-token prefill" if prefill else "")
-        for protocol, tokens, prefill in zip(settings.quality_protocol, settings.quality_tokens,
-                                             settings.quality_prefill, strict=True)])
+        f"{protocol}, {int(samples)} sample{'s' if samples != 1 else ''} × {int(tokens):,} tokens"
+        + (f" after a {int(prefill):,}-token prefill" if prefill else "")
+        for protocol, samples, tokens, prefill in zip(settings.quality_protocol, settings.n_samples,
+                                                      settings.quality_tokens, settings.quality_prefill, strict=True)],
+        ppl_steps=["every step" if stride == 1 else f"every {_ordinal(int(stride))} step"
+                   for stride in settings.quality_stride])
     settings = _with_intervals(settings, "delta_ppl", "delta_ppl_pct", "n_pairs")
     settings = _with_intervals(settings, "delta_float", "delta_float_pct", "n_float_pairs")
     return settings.assign(equivalent_to=equivalent_to(settings, ["grid", "run_groups", "code_version"]))
 
 
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+# A paired mean within this of zero (in percent) is never called resolved: identical computations give a ΔPPL of
+# float rounding with a zero spread, a zero-width interval that would "exclude" zero.
+RESOLVED_TOLERANCE_PCT = 1e-6
+
+
 def _with_intervals(frame: pd.DataFrame, prefix: str, mean: str, count: str) -> pd.DataFrame:
     """`{prefix}_ci` (the 95 % t half-width over the pairs), `_low`, `_high` and `_resolved` (the interval excludes
-    zero; false without an interval) for the paired mean `mean` over `count` pairs."""
+    zero and the mean is not zero within RESOLVED_TOLERANCE_PCT; false without an interval) for the paired mean
+    `mean` over `count` pairs."""
     half = pd.Series([t_half_width(std, n) for std, n in zip(frame[f"{mean}_std"], frame[count], strict=True)],
                      index=frame.index, dtype=float)
     low, high = frame[mean] - half, frame[mean] + half
-    resolved = ((low > 0) | (high < 0)).fillna(False).astype(bool)
+    resolved = (((low > 0) | (high < 0)) & (frame[mean].abs() > RESOLVED_TOLERANCE_PCT)).fillna(False).astype(bool)
     return frame.assign(**{f"{prefix}_ci": half, f"{prefix}_low": low, f"{prefix}_high": high,
                            f"{prefix}_resolved": resolved})
 
 
-def sweep_knob(con: duckdb.DuckDBPyConnection, grid: str, experiment: str, settings: pd.DataFrame) -> str | None:
-    """The knob `experiment` sweeps: its grid file's `grid:` key when it has exactly one, else the setting knob named
-    like the experiment ('max_drop_sweep', 'cap_mode'), else the setting knob with the most distinct values among
-    `settings` (its settings); None when no setting knob varies. Never a measurement knob (sample, protocol, ...)."""
+def declared_sweep(con: duckdb.DuckDBPyConnection, grid: str, experiment: str) -> tuple[str, ...]:
+    """The knobs `experiment`'s `grid:` block declares in the grid file the store recorded (empty when it has none)."""
+    found = con.execute("SELECT spec_yaml FROM grids WHERE grid = ?", [grid]).fetchone()
+    if found is None:
+        return ()
+    try:
+        spec = yaml.safe_load(found[0])
+    except yaml.YAMLError:
+        return ()
+    block = spec.get("experiments", {}).get(experiment, {}) if isinstance(spec, dict) else {}
+    declared = block.get("grid") if isinstance(block, dict) else None
+    return tuple(str(k) for k in declared) if isinstance(declared, dict) else ()
+
+
+def sweep_knob(declared: Sequence[str], experiment: str, settings: pd.DataFrame) -> str | None:
+    """The knob `experiment` sweeps among its `settings`: the one knob its grid file's `grid:` block declares (see
+    declared_sweep) when that one varies, else the setting knob named like the experiment ('max_drop_sweep',
+    'cap_mode'), else the setting knob with the most distinct values; None when no setting knob varies. Never a
+    measurement knob (sample, protocol, ...)."""
     varying = [k for k in SETTING_KNOBS if k in settings and settings[k].astype(str).nunique() > 1
                and k != "method"]
     if not varying:
         return None
-    found = con.execute("SELECT spec_yaml FROM grids WHERE grid = ?", [grid]).fetchone()
-    declared: list[str] = []
-    if found is not None:
-        try:
-            spec = yaml.safe_load(found[0])
-            block = spec.get("experiments", {}).get(experiment, {}) if isinstance(spec, dict) else {}
-            declared = list(block.get("grid") or {}) if isinstance(block, dict) else []
-        except yaml.YAMLError:
-            declared = []
     declared = [k for k in declared if k in varying]
     if len(declared) == 1:
         return declared[0]

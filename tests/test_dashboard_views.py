@@ -86,9 +86,25 @@ def test_tradeoff_marks_baseline_frontier_and_error_bars(store, monkeypatch):
     frontier = app.dataframe[0].value
     assert len(frontier) >= 1 and frontier.tpot_ms.is_monotonic_increasing
     assert frontier.delta_ppl_pct.is_monotonic_decreasing  # faster settings on the frontier lose more quality
-    assert app.selectbox[0].label == "quality measured by"
-    app.selectbox[1].set_value("compress_every").run()
+    assert app.selectbox[0].label == "ΔPPL relative to" and app.selectbox[1].label == "quality measured by"
+    app.selectbox[2].set_value("compress_every").run()
     assert not app.exception
+
+
+def test_tradeoff_of_quantization_against_its_float_settings(store, monkeypatch):
+    """On the KV-bytes axis, relative to the same policy in float: the quantized settings and their float references."""
+    monkeypatch.setenv("GRIDRUN_STORE", str(store))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    app.sidebar.selectbox[0].set_value("smoke-paper")
+    app.sidebar.radio[0].set_value("Trade-off").run()
+    app.multiselect[0].set_value(["quantization"]).run()
+    app.selectbox[0].set_value("float").run()  # widgets with a format_func take the value, not its label
+    app.selectbox[3].set_value("kv_bytes_per_token").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert len(app.get("vega_lite_chart")) == 1
+    drawn = app.dataframe[-1].value
+    assert drawn.delta_float_pct.notna().all() and (drawn.delta_float_pct == 0).sum() == 2  # R=1 and R=16 in float
+    assert len(drawn) == 8 and drawn.tpot_ratio.notna().sum() == 6
 
 
 def test_sweep_of_r_holds_the_other_knobs_fixed(store, monkeypatch):

@@ -71,7 +71,9 @@ def test_sweeps_sweep_the_experiments_own_knob(paper_store):
     signature = queries.signature(path)
     expected = {name: knob for name, (knob, _) in gather.SWEEPS.items()}
     for experiment, knob in expected.items():
-        assert data.sweep_knob(path, signature, grid, experiment, False) == knob, experiment
+        settings = data.setting_table(path, signature, grid, (experiment,), False)
+        declared = data.declared_sweep(path, signature, grid, experiment)
+        assert queries.sweep_knob(declared, experiment, settings) == knob, experiment
 
 
 def test_labels_of_the_grid_mix_under_the_installed_pandas(paper_store):

@@ -7,10 +7,12 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, data
-from store.queries import SETTING_KNOBS
+from store.queries import SETTING_KNOBS, sweep_knob
 
-METRICS = ["delta_ppl_pct", "ppl", "tpot_ms", "speedup", "peak_memory_mib", "compactions", "kv_len_max"]
-COUNTS = {"delta_ppl_pct": "n_pairs", "ppl": "n_samples"}  # every other metric is over the timing repeats
+METRICS = ["delta_ppl_pct", "delta_float_pct", "ppl", "tpot_ms", "speedup", "tpot_ratio", "peak_memory_mib",
+           "compactions", "kv_len_max"]
+# Over text samples; every other metric is over the timing repeats.
+COUNTS = {"delta_ppl_pct": "n_pairs", "delta_float_pct": "n_float_pairs", "ppl": "n_samples"}
 
 
 def render(source: data.Source) -> None:
@@ -22,11 +24,14 @@ def render(source: data.Source) -> None:
     if settings.empty or not knobs:
         st.info(f"Experiment {experiment} has no knob with several finished values to sweep; pick another.")
         return
-    swept = data.sweep_knob(source.path, source.signature, source.grid, experiment, source.include_stale)
+    swept = sweep_knob(data.declared_sweep(source.path, source.signature, source.grid, experiment), experiment,
+                       settings)
     knob = columns[1].selectbox("knob", knobs, index=knobs.index(swept) if swept in knobs else 0,
                                 help="the experiment's own knob first; measurement knobs (sample, protocol, "
                                      "max_tokens) are never swept: they are how a setting is measured")
-    metric = columns[2].selectbox("metric", METRICS, format_func=lambda m: charts.METRIC_TITLES.get(m, m))
+    # The paired ΔPPL first: against recompute where there is one, against float for a quantization experiment.
+    present = [m for m in METRICS if settings[m].notna().any()] or METRICS
+    metric = columns[2].selectbox("metric", present, format_func=lambda m: charts.METRIC_TITLES.get(m, m))
     others = [k for k in knobs if k != knob]
     frame = settings.assign(series=_series(settings, ["method", *others])).sort_values(knob)
     frame = frame[frame[metric].notna()]
@@ -41,7 +46,7 @@ def render(source: data.Source) -> None:
     st.altair_chart(charts.sweep(frame, knob, metric, "series"), width="stretch")
     st.caption(charts.BOUNDS_CAPTION.get(metric, "Each point: the setting's value; no spread is stored for it."))
     bounds = [c for c in charts.bounds_columns(metric) if c in frame]
-    shown = [knob, "series", metric, *bounds, COUNTS.get(metric, "n_repeats"), "label", "setting_hash"]
+    shown = [knob, "series", metric, *bounds, COUNTS.get(metric, "n_repeats"), "measurement", "label", "setting_hash"]
     st.dataframe(frame[shown], hide_index=True, width="stretch")
 
 
