@@ -5,9 +5,11 @@ Import it alone and call it on a model: this package knows nothing of grids, Ray
 
 from .cache import StreamingCache
 from .config import ConfigError, RunConfig
-from .evaluate import LoadedModel, RunResult, evaluate
+from .evaluate import evaluate
+from .models import LoadedModel
 from .policy import CompactionSchedule, StreamingPolicy, schedule_fingerprint, simulate_spans
 from .rope import RotaryGeometry, UnsupportedModelError
+from .run import RunResult
 
 __all__ = [
     "CompactionSchedule", "ConfigError", "LoadedModel", "RotaryGeometry", "RunConfig", "RunResult", "StreamingCache",

@@ -1,0 +1,127 @@
+"""The engine's rooms: one-way imports, one run kernel for both protocols (its checks and its environment), model
+loading in its own module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import streaming_llm
+from streaming_llm import ConfigError, LoadedModel, RunConfig, evaluate
+from tests.conftest import TEST_DEVICE
+
+PACKAGE = Path(streaming_llm.__file__).resolve().parent
+
+
+def engine_imports() -> dict[str, set[str]]:
+    """For each module of streaming_llm, the package's modules it imports (at the top or inside a function)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:
+                    imported.add(node.module.split(".")[0])
+                elif node.level == 1:  # from . import x
+                    imported.update(alias.name for alias in node.names)
+                elif node.level == 0 and node.module and node.module.startswith("streaming_llm."):
+                    imported.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[1] for alias in node.names
+                                if alias.name.startswith("streaming_llm."))
+        graph[path.stem] = imported - {path.stem}
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` (its modules in order, the first repeated at the end), or None."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return None
+        for imported in sorted(graph.get(module, ())):
+            circle = visit(imported, [*path, module])
+            if circle:
+                return circle
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        circle = visit(module, [])
+        if circle:
+            return circle
+    return None
+
+
+def test_the_engine_imports_one_way():
+    graph = engine_imports()
+    graph.pop("__init__")  # the package's front door imports the rooms; no room imports it
+    assert find_circle(graph) is None, f"import circle: {' -> '.join(find_circle(graph))}"
+    assert "score" not in graph["generate"] and "generate" not in graph["score"]  # the protocols, side by side
+    assert "evaluate" not in set().union(*(graph[module] for module in graph if module != "__main__"))
+
+
+def test_find_circle_finds_one():
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b"}, "b": set()}) is None
+
+
+# --- one start / finish for both protocols ----------------------------------------------------------------------------
+GENERATE = dict(attn_implementation="eager", device=TEST_DEVICE, mode="generate", prompt_tokens=48, new_tokens=12)
+
+
+def test_a_generation_run_records_the_environment_a_score_run_does(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    generated = evaluate(RunConfig(model="tiny-llama", method="streaming", sink=4, window=24, **GENERATE),
+                         loaded=loaded)
+    scored = evaluate(RunConfig(model="tiny-llama", method="streaming", sink=4, window=24, max_tokens=64,
+                                attn_implementation="eager", device=TEST_DEVICE), loaded=loaded)
+    assert generated.summary["environment"]["weight_quant_backend"] == "none"
+    assert generated.summary["environment"].keys() == scored.summary["environment"].keys()
+    for key in ("peak_memory_bytes", "peak_memory_kind", "started_at", "ended_at", "wall_s"):
+        assert generated.summary[key] is not None and scored.summary[key] is not None
+
+
+def test_a_generation_run_with_a_non_finite_nll_fails_naming_the_step():
+    """The engine fails it (before, only the grid worker's second copy of the check did)."""
+    loaded = LoadedModel.load(RunConfig(model="tiny-llama", method="dense", attn_implementation="eager", device="cpu"))
+    config = RunConfig(model="tiny-llama", method="streaming", sink=4, window=24, **{**GENERATE, "device": "cpu"})
+    prompt = evaluate(config, loaded=loaded).tokens.column("token_id").to_numpy()[:40]
+    poisoned = int(prompt[20])
+    first = int(np.flatnonzero(prompt == poisoned)[0])
+    with torch.no_grad():
+        loaded.model.get_input_embeddings().weight[poisoned] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"NLL is nan at step {first} "):
+        evaluate(config, loaded=loaded)
+
+
+def test_each_protocol_refuses_the_other_mode(tiny_models):
+    from streaming_llm.generate import generate
+    from streaming_llm.score import score
+
+    scored = RunConfig(model="tiny-llama", method="dense", max_tokens=32, device=TEST_DEVICE)
+    with pytest.raises(ValueError, match="call evaluate"):
+        generate(scored, loaded=tiny_models["tiny-llama"])
+    with pytest.raises(ValueError, match="call evaluate"):
+        score(RunConfig(model="tiny-llama", method="dense", **GENERATE), loaded=tiny_models["tiny-llama"])
+
+
+def test_the_knob_check_that_needs_the_model_runs_before_its_weights_load(monkeypatch):
+    """Where the weights load now (streaming_llm.models): kv_quant_group | head_dim is checked first."""
+    import streaming_llm.models as models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights loaded before the check")
+
+    monkeypatch.setattr(models, "load_model", no_weights)
+    config = RunConfig(model="tiny-neox", method="streaming", sink=4, window=24, kv_quant="int4", kv_quant_group=32,
+                       device="cpu")
+    with pytest.raises(ConfigError, match=r"does not divide head_dim = 16"):
+        LoadedModel.load(config)
