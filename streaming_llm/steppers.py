@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from .cache import KVQuantSpec, StreamingCache
+from .cache import StreamingCache
 from .compat import cache_kwargs
 from .config import RunConfig
 from .models import LoadedModel, check_model_knobs
@@ -19,6 +19,7 @@ from .parallel import BlockStepper, StepTrace
 from .policy import CompactionPlan
 from .quant import kv_quantizer
 from .rope import RotaryGeometry
+from .storage import KVQuantSpec
 
 
 class Stepper(Protocol):

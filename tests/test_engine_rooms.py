@@ -1,9 +1,10 @@
 """The engine's rooms: one-way imports, one run kernel for both protocols (its checks and its environment), model
-loading in its own module."""
+loading in its own module, storage strategies behind one contract."""
 
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 import streaming_llm
-from streaming_llm import ConfigError, LoadedModel, RunConfig, evaluate
+from streaming_llm import ConfigError, LoadedModel, RunConfig, StreamingCache, StreamingPolicy, evaluate
+from streaming_llm.quant import KVQuantizer
+from streaming_llm.rope import RotaryGeometry
+from streaming_llm.storage import KVQuantSpec, PreRopeFloatStorage, QuantizedStorage, RealignedFloatStorage
 from tests.conftest import TEST_DEVICE
 
 PACKAGE = Path(streaming_llm.__file__).resolve().parent
@@ -125,3 +129,54 @@ def test_the_knob_check_that_needs_the_model_runs_before_its_weights_load(monkey
                        device="cpu")
     with pytest.raises(ConfigError, match=r"does not divide head_dim = 16"):
         LoadedModel.load(config)
+
+
+# --- the storage seam -------------------------------------------------------------------------------------------------
+class RecordingStorage(RealignedFloatStorage):
+    """The realign float storage, counting the calls the cache makes through the storage contract."""
+
+    def __init__(self, geometry: RotaryGeometry, num_layers: int):
+        super().__init__(geometry, num_layers)
+        self.calls: Counter[str] = Counter()
+
+    def append(self, layer, start, key_states, value_states) -> None:
+        self.calls["append"] += 1
+        super().append(layer, start, key_states, value_states)
+
+    def move(self, move) -> None:
+        self.calls["move"] += 1
+        super().move(move)
+
+    def reserve(self, needed, length) -> bool:
+        self.calls["reserve"] += 1
+        return super().reserve(needed, length)
+
+
+def test_a_storage_plugs_into_the_cache_through_its_contract_alone(tiny_models):
+    """A storage the cache was not written for (a third strategy) is used through the contract: same logits, bit for
+    bit, as the storage the cache picks itself, and every append and move goes through it."""
+    model = tiny_models["tiny-llama"].model
+    policy = StreamingPolicy(sink=4, window=16, compress_every=4)
+    geometry, layers = RotaryGeometry.of(model), model.config.num_hidden_layers
+    recording = RecordingStorage(geometry, layers)
+    caches = [StreamingCache(policy, geometry, layers, "realign"),
+              StreamingCache(policy, geometry, layers, "realign", storage=recording)]
+    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(0)).to(model.device)
+    with torch.inference_mode():
+        for step in range(60):
+            plain, injected = (model(input_ids=ids[:, step : step + 1], cache=cache,
+                                     position_ids=cache.next_positions(1, model.device)).logits for cache in caches)
+            torch.testing.assert_close(injected, plain, rtol=0, atol=0)
+    assert recording.calls["append"] == 60 * layers and recording.calls["move"] > 0 and recording.calls["reserve"]
+    assert caches[1].peak_nbytes == caches[0].peak_nbytes and caches[1].quantized is None
+
+
+def test_a_cache_takes_a_quantization_or_a_storage_not_both(tiny_models):
+    geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
+    policy = StreamingPolicy(sink=4, window=16)
+    with pytest.raises(ValueError, match="not both"):
+        StreamingCache(policy, geometry, 2, "realign", kv_quant=KVQuantSpec(KVQuantizer(8, 8)),
+                       storage=RecordingStorage(geometry, 2))
+    assert isinstance(StreamingCache(policy, geometry, 2, "exact").storage, PreRopeFloatStorage)
+    assert isinstance(StreamingCache(policy, geometry, 2, "absolute", kv_quant=KVQuantSpec(KVQuantizer(8, 8))).storage,
+                      QuantizedStorage)
