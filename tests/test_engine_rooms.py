@@ -14,7 +14,7 @@ import torch
 import streaming_llm
 from streaming_llm import ConfigError, LoadedModel, RunConfig, StreamingCache, StreamingPolicy, evaluate
 from streaming_llm.quant import KVQuantizer
-from streaming_llm.rope import RotaryGeometry
+from streaming_llm.rope import RotaryGeometry, rotate_keys
 from streaming_llm.storage import KVQuantSpec, PreRopeFloatStorage, QuantizedStorage, RealignedFloatStorage
 from tests.conftest import TEST_DEVICE
 
@@ -180,3 +180,89 @@ def test_a_cache_takes_a_quantization_or_a_storage_not_both(tiny_models):
     assert isinstance(StreamingCache(policy, geometry, 2, "exact").storage, PreRopeFloatStorage)
     assert isinstance(StreamingCache(policy, geometry, 2, "absolute", kv_quant=KVQuantSpec(KVQuantizer(8, 8))).storage,
                       QuantizedStorage)
+
+
+# --- rollback, a cache method -----------------------------------------------------------------------------------------
+def _feed_one(cache: StreamingCache, geometry: RotaryGeometry, generator: torch.Generator, precise: bool):
+    """One step of random entries (keys rotated at the cache's next position, as a model would): what each of the
+    cache's two layers attended."""
+    keys, values = torch.randn(2, 2, 1, 2, 1, 16, generator=generator)
+    cos, sin = geometry.cos_sin(cache.next_positions(1)[0], torch.device("cpu"), precise=precise)
+    keys = rotate_keys(keys, cos, sin)
+    return [cache.update(keys[layer], values[layer], layer) for layer in range(2)]
+
+
+def _until_a_compaction(cache: StreamingCache, geometry: RotaryGeometry, generator: torch.Generator, precise: bool):
+    for _ in range(200):
+        _feed_one(cache, geometry, generator, precise)
+        if cache.last_plan is not None:
+            cache.compact_pending()
+            return
+    raise AssertionError("no compaction in 200 steps")
+
+
+def _contents(cache: StreamingCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys_to_attend().clone(), layer.values_to_attend().clone()) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_drop_newest_restores_a_float_cache_exactly(tiny_models, rope_mode):
+    """Dropped tokens that no compaction touched: the cache is as before them, and fed the same tokens again attends
+    exactly what it attended the first time."""
+    geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
+    cache = StreamingCache(StreamingPolicy(sink=4, window=16, compress_every=6), geometry, 2, rope_mode)
+    _until_a_compaction(cache, geometry, torch.Generator().manual_seed(1), False)
+    before, tokens_seen, length = _contents(cache), cache.tokens_seen, cache.layers[0].length
+    first = [_feed_one(cache, geometry, torch.Generator().manual_seed(2), False) for _ in range(4)]
+    assert cache.last_plan is None and cache.layers[0].length == length + 4  # nothing compacted meanwhile
+    cache.drop_newest(4)
+    assert cache.tokens_seen == tokens_seen and [layer.length for layer in cache.layers] == [length, length]
+    for (keys, values), (keys_before, values_before) in zip(_contents(cache), before, strict=True):
+        torch.testing.assert_close(keys, keys_before, rtol=0, atol=0)
+        torch.testing.assert_close(values, values_before, rtol=0, atol=0)
+    again = [_feed_one(cache, geometry, torch.Generator().manual_seed(2), False) for _ in range(4)]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropped", [1, 5])  # within the float residual, and past it into the codes
+def test_drop_newest_on_a_quantized_cache_drops_floats_then_codes(tiny_models, dropped):
+    geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
+    spec = KVQuantSpec(KVQuantizer(8, 8), residual=2)
+    cache = StreamingCache(StreamingPolicy(sink=4, window=16, compress_every=8), geometry, 2, "realign", kv_quant=spec)
+    _until_a_compaction(cache, geometry, torch.Generator().manual_seed(1), True)
+    before, tokens_seen, length = _contents(cache), cache.tokens_seen, cache.layers[0].length
+    first = [_feed_one(cache, geometry, torch.Generator().manual_seed(2), True) for _ in range(dropped)]
+    assert cache.last_plan is None
+    cache.drop_newest(dropped)
+    assert cache.tokens_seen == tokens_seen and cache.layers[0].length == length
+    held_as_codes = cache.quantized.quantized[0]
+    assert held_as_codes <= length - 4  # the sinks stay floats; the rest is codes then floats, no slot beyond length
+    for layer, ((keys, values), (keys_before, values_before)) in enumerate(zip(_contents(cache), before, strict=True)):
+        # Floats of `before` that aged into codes meanwhile are within half a quantization step of what they were.
+        key_step = cache.quantized.step_sizes(layer, length)[..., None]
+        value_step = cache.quantized.step_sizes(layer, length, values=True)[..., None]
+        assert ((keys - keys_before).abs() <= key_step / 2 * (1 + 1e-4) + 1e-5).all()
+        assert ((values - values_before).abs() <= value_step / 2 * (1 + 1e-4) + 1e-6).all()
+    again = [_feed_one(cache, geometry, torch.Generator().manual_seed(2), True) for _ in range(dropped)]
+    assert cache.layers[0].length == length + dropped and cache.tokens_seen == tokens_seen + dropped
+    for step_again, step_first in zip(again, first, strict=True):
+        for (keys, values), (keys_first, values_first) in zip(step_again, step_first, strict=True):
+            assert (keys - keys_first).abs().max() < 0.1 and (values - values_first).abs().max() < 0.1
+
+
+def test_drop_newest_refuses_a_negative_count(tiny_models):
+    cache = StreamingCache(StreamingPolicy(sink=4, window=16), RotaryGeometry.of(tiny_models["tiny-llama"].model), 2)
+    with pytest.raises(ValueError, match=r"drop_newest\(-1\)"):
+        cache.drop_newest(-1)
+
+
+def test_the_draft_cache_is_rolled_back_through_the_cache(tiny_models, monkeypatch):
+    """speculative's self_stream drafter rolls its StreamingCache back with the cache's own method."""
+    from streaming_llm.speculative import drop_newest
+
+    geometry = RotaryGeometry.of(tiny_models["tiny-llama"].model)
+    cache = StreamingCache(StreamingPolicy(sink=4, window=16), geometry, 2)
+    calls: list[int] = []
+    monkeypatch.setattr(cache, "drop_newest", calls.append)
+    drop_newest(cache, 3)
+    assert calls == [3]
