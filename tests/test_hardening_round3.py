@@ -1,0 +1,155 @@
+"""Hardening, round 3 (issue 20), one class of fault per section: work bounded before it starts, readers that read only
+what the catalog names, refusing before computing, SQL box limits held by the process, signals at every moment, inputs
+read as far as needed. Each test is written against the class, not only the case that found it."""
+
+from __future__ import annotations
+
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from sqlalchemy import BigInteger, Integer
+
+from gridrun.__main__ import main
+from gridrun.spec import GridError, load_grid
+from store.schema import KNOB_COLUMNS
+from streaming_llm import RunConfig
+from streaming_llm.config import INT32_MAX, KNOB_BOUNDS, _integer_knobs, knob_bound
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = "name: h\nbase: {model: tiny-llama, max_tokens: 64, cap: 32, warmup: 2}\n"
+GENERATE = "{mode: generate, prompt_tokens: 16, new_tokens: 8, temperature: 0.5}"
+
+
+def refused(tmp_path: Path, capsys, grid_text: str, *extra: str, seconds: float = 10.0) -> str:
+    """Run the CLI on `grid_text`: exit 2, one line, within `seconds` and 200 MiB, no store folder, no Ray. Returns the
+    line."""
+    grid, store = tmp_path / "g.yaml", tmp_path / "out" / "store.duckdb"
+    grid.write_text(grid_text)
+    tracemalloc.start()
+    started = time.perf_counter()
+    code = main([str(grid), "--store", str(store), *extra])
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert elapsed < seconds and peak < 200 * 2**20, (elapsed, peak)
+    assert not store.parent.exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    return err
+
+
+# --- 1. work bounded before it starts ---------------------------------------------------------------------------------
+COLUMN_LIMITS = {Integer: INT32_MAX, BigInteger: 2**63 - 1}
+
+
+def test_every_integer_knob_is_bounded_within_its_store_column():
+    columns = {column.name: column for column in KNOB_COLUMNS}
+    knobs = _integer_knobs()
+    assert {"seed", "prompt_tokens", "num_draft", "ngram_max", "draft_layers", "draft_cap", "new_tokens"} <= set(knobs)
+    for knob in knobs:
+        limit = COLUMN_LIMITS[type(columns[knob].type)]
+        assert knob_bound(knob) <= limit, knob
+    assert set(KNOB_BOUNDS) <= set(knobs)
+
+
+@pytest.mark.parametrize("knob", _integer_knobs())
+@pytest.mark.parametrize("past", ["its bound", "INT32", "INT64"])
+def test_an_integer_knob_past_its_bound_is_refused_before_anything(knob, past, tmp_path, capsys):
+    value = {"its bound": knob_bound(knob) + 1, "INT32": 2**31, "INT64": 2**63}[past]
+    err = refused(tmp_path, capsys, GOOD + f"experiments: {{a: {{runs: [{GENERATE}]}}}}\n", "--set", f"{knob}={value}")
+    assert knob in err and f"{value:,}" in err, err
+
+
+@pytest.mark.parametrize("value", ["1e-320", "5e-324", "1e-300", "2.2250738585072014e-308", ".nan", ".inf", "-0.0",
+                                   "0.00001", "101"])
+def test_a_temperature_without_finite_probabilities_is_refused(value, tmp_path, capsys):
+    err = refused(tmp_path, capsys, GOOD + f"experiments: {{a: {{runs: [{GENERATE}]}}}}\n", "--set",
+                  f"temperature={value}")
+    assert "temperature" in err, err
+
+
+def test_the_smallest_allowed_temperature_samples_finite_probabilities():
+    import torch
+
+    from streaming_llm.config import MIN_TEMPERATURE
+    from streaming_llm.speculative import probabilities
+
+    config = RunConfig.from_dict({"model": "tiny-llama", "mode": "generate", "temperature": MIN_TEMPERATURE,
+                                  "cap": 32})
+    logits = torch.tensor([[-65504.0, 0.0, 65504.0]])
+    assert torch.isfinite(probabilities(logits, config.temperature)).all()
+
+
+@pytest.mark.parametrize(("condition", "message"), [
+    ("sample=false", "sample=False"), ("repeat=true", "repeat=True"), ("method=fast", "method='fast'"),
+    ("max_tokens=64.0", "max_tokens=64.0"), ("model=7", "model=7"),
+])
+def test_where_refuses_a_value_of_another_type(condition, message, tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GOOD + "experiments: {a: {grid: {sample: [0, 1]}}}\n")
+    assert main(["status", str(grid), "--store", str(tmp_path / "s.duckdb"), "--where", condition]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert len(load_grid(grid).where(["sample=0"]).runs) == 1
+
+
+def test_where_accepts_an_integer_for_a_float_knob(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GOOD + f"experiments: {{a: {{runs: [{GENERATE.replace('0.5', '1.0')}]}}}}\n")
+    assert len(load_grid(grid).where(["temperature=1"]).runs) == 1
+
+
+def lists(count: int, start: int = 0) -> str:
+    return "[" + ", ".join(str(start + i) for i in range(count)) + "]"
+
+
+@pytest.mark.parametrize("measurements", [
+    # lists of one measurement multiply (100^3 overlays from 300 values)
+    f"{{m: {{sample: {lists(100)}, warmup: {lists(100, 2)}, chunk: {lists(100, 1)}}}}}",
+    # several measurements add up, each a product
+    f"{{m1: {{sample: {lists(60)}, warmup: {lists(60, 2)}}}, m2: {{sample: {lists(60)}, chunk: {lists(60, 1)}}}}}",
+    # a measurement's repeats times its lists
+    f"{{m: {{sample: {lists(200)}, repeats: 100}}}}",
+    f"{{m: {{sample: {lists(200)}, repeats: [100, 200]}}}}",
+])
+def test_measurement_lists_are_counted_as_products_before_expanding(measurements, tmp_path, capsys):
+    err = refused(tmp_path, capsys, GOOD + f"measurements: {measurements}\n"
+                  "experiments: {a: {grid: {compress_every: [1, 2, 4]}}}\n")
+    assert "more than 10,000 runs" in err, err
+
+
+def test_counting_is_exact_for_measurements_and_repeats(tmp_path, monkeypatch):
+    import gridrun.spec
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GOOD.replace("warmup: 2", "warmup: 2, repeats: 3")
+                    + "measurements: {q: {sample: [0, 1, 2]}, t: {repeats: 2, protocol: stepwise}}\n"
+                    "experiments: {a: {grid: {compress_every: [1, 2]}}}\n")
+    # (3 samples x the base's 3 repeats + 2 repeats) x 2 points = 22 runs listed (18 distinct)
+    monkeypatch.setattr(gridrun.spec, "MAX_RUNS", 22)
+    assert len(load_grid(grid).configurations()) == 18
+    monkeypatch.setattr(gridrun.spec, "MAX_RUNS", 21)
+    with pytest.raises(GridError, match="more than 21 runs"):
+        load_grid(grid)
+
+
+STUDY = "name: big\nbase: {model: smollm2-135m, max_tokens: 896, prefill: 256, cap: 256, sink: 4}\n"
+
+
+@pytest.mark.parametrize("bad", [
+    "{mode: generate, seed: 5000000000, temperature: 0.5}",  # past the store column
+    "{cap: 6, overlap: 4}",  # no window fits the cap (cap_mode peak)
+    "{max_tokens: 100, warmup: 200}",  # a plain check, after 9,900 costly runs
+])
+def test_a_grid_of_9999_study_size_runs_with_one_bad_run_is_refused_in_seconds(bad, tmp_path, capsys):
+    text = (STUDY + "experiments:\n"
+            f"  a: {{grid: {{sample: {lists(10)}, compress_every: {lists(99, 1)}, slack: {lists(10)}}}}}\n"
+            f"  b: {{runs: [{bad}]}}\n")
+    assert len(text) < 1024
+    err = refused(tmp_path, capsys, text, seconds=30)
+    assert "experiment 'b'" in err, err
