@@ -4,11 +4,14 @@ read as far as needed. Each test is written against the class, not only the case
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import time
 import tracemalloc
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import BigInteger, Integer
 
@@ -153,3 +156,93 @@ def test_a_grid_of_9999_study_size_runs_with_one_bad_run_is_refused_in_seconds(b
     assert len(text) < 1024
     err = refused(tmp_path, capsys, text, seconds=30)
     assert "experiment 'b'" in err, err
+
+
+# --- 5. signals, every moment -----------------------------------------------------------------------------------------
+SIGNAL_GRID = ("name: sig\nbase: {model: tiny-llama, dataset: shakespeare, cap: 48, sink: 4, warmup: 2, "
+               "method: streaming}\nexperiments: {a: {grid: {max_tokens: [900, 901, 902, 903, 904, 905, 906, 907]}}}\n")
+# Validation that takes a while (distinct cap_mode peak policies to resolve): a window for a signal before Ray starts.
+SLOW_GRID = ("name: slow\nbase: {model: tiny-llama, max_tokens: 4096, cap: 4000, sink: 4}\n"
+             f"experiments: {{a: {{grid: {{compress_every: {lists(200, 1)}, slack: {lists(20)}}}}}}}\n")
+
+
+def start_driver(grid: Path, store: Path, sigint: signal.Handlers = signal.SIG_DFL) -> subprocess.Popen:
+    """`python -m gridrun` in a subprocess with SIGINT's disposition `sigint` (SIG_IGN: as a background job starts)."""
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "gridrun", str(grid), "--store", str(store), "--workers", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+    )
+
+
+def wait_for(driver: subprocess.Popen, ready, timeout: float = 120) -> list[str]:
+    """Read the driver's lines until `ready(line)` holds; returns them."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        lines.append(line)
+        if ready(line):
+            return lines
+        assert time.monotonic() < deadline, "".join(lines)
+    raise AssertionError("the driver ended first:\n" + "".join(lines))
+
+
+def finish(driver: subprocess.Popen, lines: list[str]) -> tuple[int, str]:
+    children = psutil.Process(driver.pid).children(recursive=True)
+    rest, _ = driver.communicate(timeout=90)
+    _, alive = psutil.wait_procs(children, timeout=15)
+    names = [process.name() for process in alive]
+    for process in alive:
+        process.kill()
+    output = "".join(lines) + rest
+    assert not names, f"processes left running: {names}\n{output}"
+    assert "Traceback" not in output and "Exception ignored" not in output, output
+    return driver.returncode, output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN])
+def test_a_signal_while_the_grid_is_validated_stops_the_driver(sig, inherited, tmp_path):
+    grid, store = tmp_path / "slow.yaml", tmp_path / "store.duckdb"
+    grid.write_text(SLOW_GRID)
+    driver = start_driver(grid, store, inherited)
+    time.sleep(1.5)  # python's start and imports, then the validation
+    driver.send_signal(sig)
+    code, output = finish(driver, [])
+    assert code == 130, output
+    assert "interrupted before any run started; nothing was recorded. Resume with:" in output, output
+    assert not store.exists()
+
+
+def test_sigterm_while_ray_starts_says_so_and_how_to_resume(tmp_path):
+    grid, store = tmp_path / "sig.yaml", tmp_path / "store.duckdb"
+    grid.write_text(SIGNAL_GRID)
+    driver = start_driver(grid, store)
+    lines = wait_for(driver, lambda line: line.startswith("grid sig: 8 runs"))
+    deadline = time.monotonic() + 60
+    while not any(p.name() == "gcs_server" for p in psutil.Process(driver.pid).children(recursive=True)):
+        assert time.monotonic() < deadline and driver.poll() is None, "Ray's GCS never started"
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGTERM)  # ray.init is running: its own handler is installed
+    code, output = finish(driver, lines)
+    assert code == 130, output
+    assert "interrupted" in output and "Resume with:" in output, output
+
+
+def test_repeated_signals_exit_130_without_a_traceback_even_with_sigint_ignored_at_start(tmp_path):
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM)  # the first SIGINT alone must stop it
+    grid, store = tmp_path / "sig.yaml", tmp_path / "store.duckdb"
+    grid.write_text(SIGNAL_GRID)
+    driver = start_driver(grid, store, signal.SIG_IGN)
+    lines = wait_for(driver, lambda line: line.startswith("done   1/"))
+    for sig in signals:
+        driver.send_signal(sig)
+        time.sleep(0.05)
+    code, output = finish(driver, lines)
+    assert code == 130, output
+    assert "Ray shut down" in output and "Resume with:" in output, output
+    import duckdb
+
+    with duckdb.connect(str(store), read_only=True) as con:
+        assert 1 <= con.execute("SELECT count(*) FROM runs WHERE status = 'done'").fetchone()[0] < 8
