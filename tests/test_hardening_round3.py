@@ -4,6 +4,8 @@ read as far as needed. Each test is written against the class, not only the case
 
 from __future__ import annotations
 
+import json
+import random
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from sqlalchemy import BigInteger, Integer
@@ -246,3 +249,115 @@ def test_repeated_signals_exit_130_without_a_traceback_even_with_sigint_ignored_
 
     with duckdb.connect(str(store), read_only=True) as con:
         assert 1 <= con.execute("SELECT count(*) FROM runs WHERE status = 'done'").fetchone()[0] < 8
+
+
+# --- 6. inputs read as far as needed ----------------------------------------------------------------------------------
+def hostile_text(seed: int = 0, words: int = 4000) -> str:
+    """Words of every length, runs of spaces and newlines, multi-byte characters: where a prefix may cut a token."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghij" * 3 + "ÄéΩ漢字😀" + "0123456789" + ".,;'-"
+    parts = []
+    for _ in range(words):
+        parts.append("".join(rng.choice(alphabet) for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 40]))))
+        parts.append(rng.choice([" ", " ", " ", "  ", "\n", "\n\n", "\t", " \n "]))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "tiny-llama"])
+def test_a_text_file_read_in_blocks_gives_the_whole_files_token_ids(model, tmp_path, monkeypatch):
+    from streaming_llm import text
+    from streaming_llm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    path = tmp_path / "t.txt"
+    whole = hostile_text()
+    path.write_text(whole, encoding="utf-8")
+    expected = tokenizer.encode(whole)
+    for block in (5, 97, 4096):  # blocks that cut characters and words everywhere
+        monkeypatch.setattr(text, "FILE_BLOCK_BYTES", block)
+        for max_tokens in (2, 17, 300, 1000, len(expected)):
+            stream = text.load_stream(tokenizer, "file", max_tokens, text_file=str(path))
+            assert stream.ids.tolist() == expected[:max_tokens], (block, max_tokens)
+            assert stream.token_hash == text.token_hash(np.asarray(expected[:max_tokens], dtype=np.int64))
+    with pytest.raises(text.TextError, match="< max_tokens"):
+        text.load_stream(tokenizer, "file", len(expected) + 1, text_file=str(path))
+
+
+def test_a_large_text_file_is_read_only_as_far_as_max_tokens_needs(tmp_path):
+    from streaming_llm import text
+    from streaming_llm.models import load_tokenizer
+
+    path = tmp_path / "big.txt"
+    chunk = hostile_text(1, 2000).encode()
+    with path.open("wb") as handle:
+        for _ in range(60 * 2**20 // len(chunk)):
+            handle.write(chunk)
+    tokenizer = load_tokenizer("smollm2-135m")
+    tracemalloc.start()
+    started = time.perf_counter()
+    stream = text.load_stream(tokenizer, "file", 64, text_file=str(path))
+    elapsed, peak = time.perf_counter() - started, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert stream.ids.tolist() == tokenizer.encode(chunk.decode())[:64]
+    assert peak < 16 * 2**20 and elapsed < 10, (peak, elapsed)
+
+
+BINARY_FILES = {
+    "invalid UTF-8": b"plain text, then \xff\xfe\x00 bytes",
+    "NUL bytes": b"\x00" * 5000,
+    "a PNG header": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20,
+    "invalid UTF-8 past the first block": ("word " * 20_000).encode() + b"\xc3\x28",
+}
+
+
+@pytest.mark.parametrize("case", list(BINARY_FILES))
+def test_a_binary_text_file_is_one_line_exit_2(case, tmp_path, capsys):
+    from streaming_llm.__main__ import main as eval_main
+
+    path = tmp_path / "t.bin"
+    path.write_bytes(BINARY_FILES[case])
+    max_tokens = 200_000 if "past" in case else 64
+    assert eval_main(["eval", "--model", "tiny-llama", "--text-file", str(path), "--max-tokens", str(max_tokens),
+                      "--cap", "32", "--warmup", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and ("UTF-8" in err or "NUL" in err), err
+    if "past" not in case:  # gridrun refuses it before Ray and the store too
+        run = f"{{dataset: file, text_file: '{path}'}}"
+        err = refused(tmp_path, capsys, GOOD + f"experiments: {{a: {{runs: [{run}]}}}}\n")
+        assert "text_file" in err, err
+
+
+def model_folder(tmp_path: Path, config: dict | str) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return folder
+
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 8192}
+BAD_CONFIGS = {
+    "num_attention_heads 0": ({**LLAMA, "num_attention_heads": 0}, "num_attention_heads = 0"),
+    "num_hidden_layers -1": ({**LLAMA, "num_hidden_layers": -1}, "num_hidden_layers = -1"),
+    "hidden_size a string": ({**LLAMA, "hidden_size": "64"}, "hidden_size = '64'"),
+    "heads do not divide": ({**LLAMA, "num_attention_heads": 5}, "not a multiple"),
+    "text_config heads 0": ({**LLAMA, "text_config": {"num_attention_heads": 0}}, "text_config.num_attention_heads"),
+    "deeply nested": ('{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests more than"),
+    "deep objects": ('{"a": ' * 50_000 + "1" + "}" * 50_000, "nests more than"),
+    "not JSON": ("{model_type: llama", "not valid JSON"),
+    "a list": ("[1, 2]", "not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_model_config_transformers_cannot_take_is_one_line_exit_2(case, tmp_path, capsys):
+    from streaming_llm.__main__ import main as eval_main
+
+    config, message = BAD_CONFIGS[case]
+    folder = model_folder(tmp_path, config)
+    assert eval_main(["eval", "--model", str(folder), "--max-tokens", "64", "--cap", "32", "--warmup", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    err = refused(tmp_path, capsys, GOOD.replace("tiny-llama", f"'{folder}'") + "experiments: {a: {runs: [{}]}}\n")
+    assert message in err, err
