@@ -15,7 +15,7 @@ from .interrupt import EXIT_INTERRUPTED, hold_signals, stop_on_signals, stopping
 if __name__ == "__main__":
     hold_signals()  # a signal during the imports below is noted, then stops the command as main starts
 
-from store.writer import DEFAULT_STORE, StoreError, StoreWriter, read_runs
+from store.writer import DEFAULT_STORE, StoreError, StoreWriter, check_writable, read_runs
 
 from .driver import (
     EXIT_INCOMPLETE,
@@ -123,6 +123,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     # Everything a run would load is looked for now, before Ray starts or the store is opened for writing; the store
     # is only read here (a damaged or foreign one is refused, untouched).
     stored = read_runs(args.store, [run.run_hash for run in grid.runs])
+    check_writable(args.store)
     to_run = [d.run for d in decide(grid.runs, stored, code_version(), args.force) if d.action == "run"]
     check_runnable(to_run, args.grid, local=args.address is None)
     runner = GridRunner(grid, args.store, code_version(), force=args.force, address=args.address,

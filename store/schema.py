@@ -320,6 +320,10 @@ def unsafe_segment_path(store: Path) -> str | None:
         if _GLOB_CHARACTERS & set(part):
             return (f"the folder {part!r} in its path holds a glob character (* ? [ ] {{ }}), which would match other "
                     "folders' files; put the store in a path without them")
+        if "\\" in part or any(ord(character) < 32 or ord(character) == 127 for character in part):
+            return (f"the name {part!r} in its path holds a backslash or a control character, which DuckDB reads as "
+                    "a separator or an escape (it would write the store's working copy into another folder); put "
+                    "the store in a path without them")
     return None
 
 

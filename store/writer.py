@@ -137,6 +137,35 @@ def check_store_file(path: Path) -> None:
         )
 
 
+def check_writable(path: Path) -> None:
+    """Raise StoreError unless a writer could write the store at `path` (its folder, or the nearest one that exists,
+    and its segment folder with each table's folder where they exist); checked before anything is computed, so that
+    a run is never computed only to find its segment cannot be written. Creates nothing."""
+    target = Path(path).resolve()
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    segments = segments_folder(target)
+    for candidate in (folder, segments, *(segments / table.name for table in SEGMENT_TABLES)):
+        if not candidate.exists() and not candidate.is_symlink():
+            continue
+        if not candidate.is_dir():
+            raise StoreError(f"--store {path}: {candidate} is not a folder (gridrun writes the store's files "
+                             "there): move it away, or pass another --store")
+        if not os.access(candidate, os.W_OK | os.X_OK):
+            raise StoreError(f"--store {path}: the folder {candidate} is not writable (gridrun writes the store's "
+                             "snapshots and per-run segments there): make it writable, or pass another --store")
+
+
+def _os_problem(exc: OSError) -> str:
+    """What an OSError says about the disk, for a message: permissions or a read-only disk, a full one, or its text."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror}: the folder is not writable; make it writable"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{exc.strerror}: the disk is full; free space"
+    return f"{exc.strerror or exc}; check the disk"
+
+
 def _damaged(path: Path, exc: BaseException) -> StoreError:
     return StoreError(f"--store {path} cannot be read: corrupt or truncated ({_first_line(exc)}); it was left "
                       "untouched: pass another --store path, or move the file away")
@@ -525,8 +554,8 @@ class StoreWriter:
                 written += size
                 digest.update(file_digest)
         except OSError as exc:
-            raise StoreError(f"--store {self.path}: writing run {run_hash}'s segment failed ({exc.strerror or exc}; a "
-                             "full disk?): the runs recorded before it are kept; free space, then rerun") from None
+            raise StoreError(f"--store {self.path}: writing run {run_hash}'s segment failed ({_os_problem(exc)}): the "
+                             "runs recorded before it are kept; then rerun") from None
         con = self._con()
         con.begin()
         try:

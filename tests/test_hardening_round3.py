@@ -5,6 +5,7 @@ read as far as needed. Each test is written against the class, not only the case
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -159,6 +160,72 @@ def test_a_grid_of_9999_study_size_runs_with_one_bad_run_is_refused_in_seconds(b
     assert len(text) < 1024
     err = refused(tmp_path, capsys, text, seconds=30)
     assert "experiment 'b'" in err, err
+
+
+# --- 3. refuse before computing ---------------------------------------------------------------------------------------
+def refused_store(tmp_path: Path, capsys, store: Path) -> str:
+    """gridrun on a valid one-run grid into `store`: exit 2, one line, before Ray; returns the line."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GOOD + "experiments: {a: {runs: [{}]}}\n")
+    code = main([str(grid), "--store", str(store)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    return err
+
+
+@pytest.mark.parametrize("name", ["a\\b", "tab\there", "new\nline", "bell\x07"])
+def test_a_store_path_duckdb_would_misread_is_refused_and_nothing_is_written(name, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for store in (folder / name / "store.duckdb", folder / f"{name}.duckdb"):
+        err = refused_store(tmp_path, capsys, store)
+        assert "backslash or a control character" in err, err
+        assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["segment folder", "table folder"])
+def test_a_segment_folder_that_cannot_be_written_is_refused_before_ray(what, tmp_path, capsys):
+    store = tmp_path / "store.duckdb"
+    segments = tmp_path / "store.duckdb.segments"
+    if what == "segment folder":
+        segments.write_text("not a folder")
+    else:
+        segments.mkdir()
+        (segments / "tokens").write_text("not a folder")
+    err = refused_store(tmp_path, capsys, store)
+    assert "is not a folder" in err and not store.exists(), err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_segment_folder_is_refused_before_ray(tmp_path, capsys):
+    store = tmp_path / "store.duckdb"
+    segments = tmp_path / "store.duckdb.segments"
+    (segments / "tokens").mkdir(parents=True)
+    (segments / "tokens").chmod(0o555)
+    try:
+        err = refused_store(tmp_path, capsys, store)
+    finally:
+        (segments / "tokens").chmod(0o755)
+    assert "not writable" in err and "tokens" in err, err
+
+
+def test_a_failed_segment_write_names_the_cause_not_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import store.writer as writer_module
+    from store.writer import StoreError, StoreWriter
+    from streaming_llm import evaluate
+
+    result = evaluate(RunConfig.from_dict({"model": "tiny-llama", "max_tokens": 40, "cap": 32, "warmup": 2}))
+
+    def refuse(final, data):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with StoreWriter(tmp_path / "store.duckdb", "v1") as writer, pytest.raises(StoreError) as caught:
+        monkeypatch.setattr(writer_module, "_write_durably", refuse)
+        writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t", attempts=1)
+    assert "not writable" in str(caught.value) and "full" not in str(caught.value), caught.value
 
 
 # --- 5. signals, every moment -----------------------------------------------------------------------------------------
