@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -226,6 +227,62 @@ def test_a_failed_segment_write_names_the_cause_not_a_full_disk(tmp_path, monkey
         monkeypatch.setattr(writer_module, "_write_durably", refuse)
         writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t", attempts=1)
     assert "not writable" in str(caught.value) and "full" not in str(caught.value), caught.value
+
+
+# --- 4. the SQL box's limits hold -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    from store.writer import StoreWriter
+
+    path = tmp_path_factory.mktemp("box") / "store.duckdb"
+    with StoreWriter(path, "v1"):
+        pass
+    return path
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT len(range(400000000)) AS n",  # a list function: allocated outside DuckDB's buffer manager
+    "SELECT length(repeat('x', 3000000000)) AS n",  # one string of 3 GB
+    "SELECT len(list(range)) AS n FROM range(400000000)",
+])
+def test_sql_box_stops_a_statement_at_its_memory_limit_whatever_allocates(sql, empty_store):
+    from store import queries
+
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    with pytest.raises(queries.QueryLimit, match="memory limit"):
+        queries.run_user_sql(empty_store, sql)
+    assert time.perf_counter() - started < 60
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown  # KiB: the reader's own peak
+    assert grown < 300 * 1024, grown
+    assert queries.run_user_sql(empty_store, "SELECT count(*) AS n FROM runs")[0].n.tolist() == [0]
+
+
+def test_sql_box_time_limit_covers_parsing(empty_store):
+    from store import queries
+
+    sql = "SELECT 1 AS n WHERE 1 IN (" + ",".join(str(i) for i in range(4_000_000)) + ")"  # 31 MB to parse
+    started = time.perf_counter()
+    with pytest.raises(queries.QueryLimit, match="stopped after 2 s"):
+        queries.run_user_sql(empty_store, sql, seconds=2)
+    assert time.perf_counter() - started < 8
+    with pytest.raises(queries.QueryLimit, match="stopped after 2 s"):  # parsed by the write check, also in the child
+        queries.run_user_sql(empty_store, sql.replace("SELECT", "INSERT INTO runs SELECT", 1), seconds=2)
+
+
+def test_sql_box_errors_keep_their_kind(empty_store):
+    import duckdb
+
+    from store import queries
+
+    with pytest.raises(queries.WriteRefused, match="INSERT"):
+        queries.run_user_sql(empty_store, "INSERT INTO meta VALUES ('a', 'b')")
+    with pytest.raises(duckdb.CatalogException, match="no_such_table"):
+        queries.run_user_sql(empty_store, "SELECT * FROM no_such_table")
+    with pytest.raises(queries.StoreError, match="no store"):
+        queries.run_user_sql(empty_store.with_name("absent.duckdb"), "SELECT 1")
+    frame, more = queries.run_user_sql(empty_store, "SELECT range AS i, [range] AS l FROM range(7)", limit=5)
+    assert frame.i.tolist() == [0, 1, 2, 3, 4] and frame.l.tolist()[0] == [0] and more
 
 
 # --- 5. signals, every moment -----------------------------------------------------------------------------------------
