@@ -15,7 +15,9 @@ from .interrupt import EXIT_INTERRUPTED, hold_signals, stop_on_signals, stopping
 if __name__ == "__main__":
     hold_signals()  # a signal during the imports below is noted, then stops the command as main starts
 
-from store.writer import DEFAULT_STORE, StoreError, StoreWriter, check_writable, read_runs
+from store.queries import StoreError  # the writer's StoreError too: a reader's (store/verify.py) is this one
+from store.verify import verify_segments
+from store.writer import DEFAULT_STORE, StoreWriter, check_writable, read_runs
 
 from .driver import (
     EXIT_INCOMPLETE,
@@ -159,6 +161,8 @@ def status(args: argparse.Namespace) -> int:
     from streaming_llm.environment import code_version
 
     stored = read_runs(args.store, [run.run_hash for run in grid.runs])
+    if stored:  # a run counts as done only when its segment is as its writer recorded it (sizes and digests)
+        verify_segments(args.store, [run_hash for run_hash, run in stored.items() if run.status == "done"])
     decisions = {d.run.run_hash: d.reason for d in decide(grid.runs, stored, code_version(), force=False)}
     names = [name for name in grid.experiments if any(name in run.experiments for run in grid.runs)]
     width = max(len("(distinct runs)"), *(len(name) for name in names))

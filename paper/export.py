@@ -15,6 +15,7 @@ import pandas as pd
 from paper import figures
 from paper.latex import MissingNumber, Table, escape, knob, mean_std, number
 from store import queries
+from store.verify import verify_segments
 
 MAIN = "main"
 LADDER = "ladder"
@@ -66,6 +67,7 @@ class Gathered:
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
     """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`, and
     speculative.tex / quantization.tex (+ figure) where the grid has those experiments."""
+    verify_segments(store)  # no published number from a segment other than its writer recorded (StoreError)
     with queries.connect(store) as con:
         grid = resolve_grid(con, grid, store)
         check_complete(con, grid, include_stale)

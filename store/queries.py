@@ -26,10 +26,10 @@ from store.schema import (
     KNOB_COLUMNS,
     MIGRATES_FROM,
     SCHEMA_VERSION,
-    segment_views,
     segments_folder,
     unsafe_segment_path,
 )
+from store.verify import catalog_views, unlisted_segments
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 T = TypeVar("T")
@@ -170,13 +170,16 @@ def _point_segments(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
     """The segment folder beside the store; when the catalog's views name another (the store was moved or copied
     since its last writer), temporary views over this one shadow them. Returns the folder."""
     folder = segments_folder(path.resolve())
+    if unlisted_segments(con):  # its views would read every file of the segment folders (a glob): refused
+        raise StoreError(f"{path} was written by an older gridrun (its catalog does not list its segments' files): "
+                         f"upgrade it in place, every row kept, with python -m gridrun migrate --store {path}")
     named = dict(con.execute("SELECT key, value FROM meta WHERE key = 'segments'").fetchall()).get("segments")
     if named == str(folder):
         return folder
     if not folder.is_dir():
         raise StoreError(f"{path} has no segment folder {folder} beside it (its per-step rows): move the store file "
                          "and its .segments folder together")
-    for name, sql in segment_views(str(folder)).items():
+    for name, sql in catalog_views(con, folder).items():
         con.execute(f"CREATE OR REPLACE TEMPORARY VIEW {name} AS {sql}")
     return folder
 

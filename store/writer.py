@@ -58,13 +58,13 @@ from .schema import (
     configurations,
     forwards,
     runs,
-    segment_views,
     segments_folder,
     sql_string,
     superseded_runs,
     tokens,
     unsafe_segment_path,
 )
+from .verify import catalog_views, segment_file_names, segment_problem
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 
@@ -354,22 +354,31 @@ class StoreWriter:
         temporary files are removed. Reads every segment once per writer, never per run."""
         con = self._con()
         referenced: dict[tuple[str, str], tuple[int, str]] = {}
+        lists: dict[tuple[str, str], list[str]] = {}
         for table in (runs, superseded_runs):
             columns = {row[0] for row in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]).fetchall()}
             if "segment_digest" in columns:
-                referenced |= {(run_hash, segment): (size, digest) for run_hash, segment, size, digest in con.execute(
-                    f"SELECT run_hash, segment, segment_bytes, segment_digest FROM {table.name} "
-                    "WHERE segment IS NOT NULL").fetchall()}
+                listed = "segment_files" if "segment_files" in columns else "NULL"
+                for run_hash, segment, size, digest, files in con.execute(
+                        f"SELECT run_hash, segment, segment_bytes, segment_digest, {listed} FROM {table.name} "
+                        "WHERE segment IS NOT NULL").fetchall():
+                    referenced[(run_hash, segment)] = (size, digest)
+                    if files is not None:
+                        lists[(run_hash, segment)] = json.loads(files)
         present = _scan_segments(self.segments, keep=set(referenced))
         for key, expected in sorted(referenced.items()):
-            if present.get(key) != expected:
-                found = ("missing" if key not in present else
-                         f"{present[key][0]:,} bytes, recorded {expected[0]:,}" if present[key][0] != expected[0] else
-                         "of another content than recorded (bit-flipped)")
+            # A listed segment: its named files as recorded, and no other beside them; else its folders' files.
+            problem = segment_problem(self.segments, *key, lists[key], *expected) if key in lists else None
+            if problem is None and key not in lists and present.get(key) != expected:
+                problem = "is " + ("missing" if key not in present else
+                                   f"{present[key][0]:,} bytes, recorded {expected[0]:,} (truncated?)"
+                                   if present[key][0] != expected[0] else
+                                   "of another content than recorded (bit-flipped)")
+            if problem:
                 raise StoreError(
                     f"--store {self.path} is damaged (a segment corrupt, truncated or missing): run {key[0]}'s "
-                    f"segment {key[1]} in {self.segments} is {found}; it was left untouched: restore the store file "
+                    f"segment {key[1]} in {self.segments} {problem}; it was left untouched: restore the store file "
                     "and its .segments folder together, or rerun into a new --store")
 
     def _create_schema(self) -> bool:
@@ -400,7 +409,9 @@ class StoreWriter:
         moved = self._move_to_segments(existing)
         for table in SEGMENT_TABLES:
             _write_schema_segment(self.segments, table)
-        for name, sql in (segment_views(str(self.segments)) | VIEWS).items():
+        self._list_segment_files()
+        self._create_segment_views()
+        for name, sql in VIEWS.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         meta = {
             "application_id": APPLICATION_ID, "schema_version": str(SCHEMA_VERSION), "code_version": self.code_version,
@@ -411,6 +422,23 @@ class StoreWriter:
         con.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", [datetime.now(UTC).isoformat()])
         con.commit()
         return moved
+
+    def _list_segment_files(self) -> None:
+        """Record the files of each segment that has no list yet (migrated, or written before lists were recorded):
+        those in its folders now, which _check_segments has just checked against the recorded size and digest."""
+        con = self._con()
+        for owner in (runs, superseded_runs):
+            unlisted = con.execute(f"SELECT DISTINCT run_hash, segment FROM {owner.name} "
+                                   "WHERE segment IS NOT NULL AND segment_files IS NULL").fetchall()
+            for run_hash, segment in unlisted:
+                con.execute(f"UPDATE {owner.name} SET segment_files = ? WHERE run_hash = ? AND segment = ?",
+                            [json.dumps(segment_file_names(self.segments, run_hash, segment)), run_hash, segment])
+
+    def _create_segment_views(self) -> None:
+        """The per-step views, over exactly the segment files the catalog names (store/schema.py segment_views)."""
+        con = self._con()
+        for name, sql in catalog_views(con, self.segments).items():
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
     def _compact(self) -> None:
         """Rewrite the working copy without the blocks the migrated per-step tables held (DuckDB reuses freed blocks
@@ -547,6 +575,7 @@ class StoreWriter:
         parts = [(table, rows) for table, rows in ((tokens, token_rows), (compactions, compaction_rows),
                                                    (forwards, forward_rows)) if rows is not None and rows.num_rows]
         segment = uuid.uuid4().hex[:16] if parts else None
+        files = [f"{table.name}/run_hash={run_hash}/segment={segment}/{SEGMENT_FILE}" for table, _ in parts]
         written, digest = 0, hashlib.blake2b(digest_size=16)
         try:
             for table, rows in parts:
@@ -568,8 +597,10 @@ class StoreWriter:
             con.execute("DELETE FROM runs WHERE run_hash = ?", [run_hash])
             row["recorded_at"] = datetime.now(UTC)
             if parts:
-                row |= {"segment": segment, "segment_bytes": written, "segment_digest": digest.hexdigest()}
+                row |= {"segment": segment, "segment_bytes": written, "segment_digest": digest.hexdigest(),
+                        "segment_files": json.dumps(files)}
             _insert_arrow(con, runs.name, pa.Table.from_pylist([row], schema=_runs_arrow_schema()))
+            self._create_segment_views()  # they list the files the catalog names: this run's now among them
             con.commit()
         except BaseException:
             con.rollback()

@@ -163,6 +163,135 @@ def test_a_grid_of_9999_study_size_runs_with_one_bad_run_is_refused_in_seconds(b
     assert "experiment 'b'" in err, err
 
 
+# --- 2. readers read exactly what the catalog names ------------------------------------------------------------------
+TWO_RUNS = ("name: two\nbase: {model: tiny-llama, max_tokens: 40, cap: 32, warmup: 2}\n"
+            "experiments: {a: {runs: [{compress_every: 1}, {compress_every: 8}]}}\n")
+
+
+@pytest.fixture(scope="module")
+def two_run_results():
+    from gridrun.spec import parse_grid
+    from streaming_llm import evaluate
+
+    grid = parse_grid(TWO_RUNS, Path("two.yaml"), [])
+    return grid, [evaluate(run.config) for run in grid.runs]
+
+
+def two_run_store(tmp_path: Path, two_run_results) -> tuple[Path, Path, list[str], int]:
+    """A store of a grid's two done runs; returns it, its grid file, the run hashes and the token rows."""
+    from store.writer import StoreWriter
+    from streaming_llm.environment import code_version
+
+    grid, results = two_run_results
+    store, grid_file = tmp_path / "store.duckdb", tmp_path / "two.yaml"
+    grid_file.write_text(TWO_RUNS)
+    with StoreWriter(store, code_version()) as writer:
+        writer.register_grid(grid.name, grid_file, TWO_RUNS, grid.membership(), grid.configurations())
+        for result in results:
+            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+                               attempts=1)
+    return store, grid_file, [r.config.run_hash for r in results], sum(r.tokens.num_rows for r in results)
+
+
+def token_file(store: Path, run_hash: str) -> Path:
+    return next(store.with_name(store.name + ".segments").glob(f"tokens/run_hash={run_hash}/*/data.parquet"))
+
+
+def count_tokens(store: Path) -> int:
+    import duckdb
+
+    with duckdb.connect(str(store), read_only=True) as con:
+        return con.execute("SELECT count(*) FROM tokens").fetchone()[0]
+
+
+def test_a_stray_parquet_file_beside_a_segment_is_never_read(tmp_path, two_run_results, capsys):
+    import shutil
+
+    from store import queries
+
+    store, grid_file, hashes, rows = two_run_store(tmp_path, two_run_results)
+    original = token_file(store, hashes[0])
+    shutil.copyfile(original, original.with_name("data-copy.parquet"))
+    (original.parent.parent / "segment=stray").mkdir()
+    shutil.copyfile(original, original.parent.parent / "segment=stray" / "data.parquet")
+    assert count_tokens(store) == rows  # plain duckdb, through the catalog's views
+    with queries.connect(store) as con:  # the dashboard's and the paper's connection
+        assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == rows
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(store, moved / store.name)  # a moved store: the reader's temporary views list the files too
+    shutil.move(store.with_name(store.name + ".segments"), moved / (store.name + ".segments"))
+    with queries.connect(moved / store.name) as con:
+        assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == rows
+    assert main(["status", str(grid_file), "--store", str(moved / store.name)]) == 2  # but the stray is reported
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and hashes[0] in err and "data-copy.parquet" in err, err
+
+
+def test_segment_views_name_files_never_a_glob(tmp_path, two_run_results):
+    import duckdb
+
+    store, _, _, _ = two_run_store(tmp_path, two_run_results)
+    with duckdb.connect(str(store), read_only=True) as con:
+        views = con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()
+    per_step = [sql for name, sql in views if name.endswith(("tokens", "compactions", "forwards"))]
+    assert len(per_step) == 6 and not any("*" in sql or "?" in sql for sql in per_step), per_step
+
+
+def damage_segment(store: Path, hashes: list[str], how: str) -> None:
+    first, second = token_file(store, hashes[0]), token_file(store, hashes[1])
+    if how == "deleted":
+        first.unlink()
+    elif how == "truncated":
+        os.truncate(first, first.stat().st_size // 2)
+    elif how == "bit-flipped":
+        data = bytearray(first.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        first.write_bytes(bytes(data))
+    elif how == "swapped":
+        a, b = first.read_bytes(), second.read_bytes()
+        first.write_bytes(b)
+        second.write_bytes(a)
+    elif how == "stray file":
+        first.with_name("data-copy.parquet").write_bytes(first.read_bytes())
+    elif how == "garbage stray":
+        first.with_name("zz.parquet").write_bytes(b"not parquet at all")
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "bit-flipped", "swapped", "stray file", "garbage stray"])
+def test_a_damaged_segment_is_one_line_naming_the_run_in_status_and_paper_export(how, tmp_path, two_run_results,
+                                                                                capsys):
+    from paper.__main__ import main as paper_main
+
+    store, grid_file, hashes, _ = two_run_store(tmp_path, two_run_results)
+    damage_segment(store, hashes, how)
+    assert main(["status", str(grid_file), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "damaged" in err and hashes[0] in err and "Traceback" not in err, err
+    assert paper_main(["export", "--store", str(store), "--grid", "two", "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "damaged" in captured.err and hashes[0] in captured.err and "Traceback" not in captured.err, captured
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_store_whose_catalog_lists_no_files_is_refused_by_readers_until_a_writer_lists_them(tmp_path,
+                                                                                              two_run_results):
+    import duckdb
+
+    from store import queries
+    from store.writer import StoreWriter
+
+    store, _, _, rows = two_run_store(tmp_path, two_run_results)
+    with duckdb.connect(str(store)) as con:  # as a writer before segment lists wrote it
+        con.execute("UPDATE runs SET segment_files = NULL")
+    with pytest.raises(queries.StoreError, match="migrate"), queries.connect(store):
+        pass
+    with StoreWriter(store, "v1"):
+        pass
+    with queries.connect(store) as con:
+        assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == rows
+
+
 # --- 3. refuse before computing ---------------------------------------------------------------------------------------
 def refused_store(tmp_path: Path, capsys, store: Path) -> str:
     """gridrun on a valid one-run grid into `store`: exit 2, one line, before Ray; returns the line."""
