@@ -10,17 +10,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from store.writer import DEFAULT_STORE, StoreError, StoreWriter, read_runs
+from .interrupt import EXIT_INTERRUPTED, hold_signals, stop_on_signals, stopping
+
+if __name__ == "__main__":
+    hold_signals()  # a signal during the imports below is noted, then stops the command as main starts
+
+from store.queries import StoreError  # the writer's StoreError too: a reader's (store/verify.py) is this one
+from store.verify import verify_segments
+from store.writer import DEFAULT_STORE, StoreWriter, check_writable, read_runs
 
 from .driver import (
     EXIT_INCOMPLETE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     GridRunner,
     decide,
     dry_run,
-    interrupt_on_sigterm,
     resume_command,
     write_equivalences,
 )
@@ -78,7 +83,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C and SIGTERM stop every command cleanly from its first line on, also in a process that started with SIGINT
+    # ignored (a background job): the first raises KeyboardInterrupt, later ones are noted while it stops.
     try:
+        stop_on_signals()
         if argv[:1] == ["status"]:
             return status(build_status_parser().parse_args(argv[1:]))
         if argv[:1] == ["migrate"]:
@@ -87,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except (GridError, StoreError, ScheduleError) as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before a grid's runs started (run() reports those itself), or in status / migrate
+        stopping()
+        again = "" if argv[:1] in (["status"], ["migrate"]) else f" Resume with:\n  {resume_command(argv)}"
+        print(f"\ninterrupted before any run started; nothing was recorded.{again}", flush=True)
+        return EXIT_INTERRUPTED
 
 
 def _selected(whole: Grid, args: argparse.Namespace) -> Grid:
@@ -112,15 +125,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     # Everything a run would load is looked for now, before Ray starts or the store is opened for writing; the store
     # is only read here (a damaged or foreign one is refused, untouched).
     stored = read_runs(args.store, [run.run_hash for run in grid.runs])
+    check_writable(args.store)
     to_run = [d.run for d in decide(grid.runs, stored, code_version(), args.force) if d.action == "run"]
     check_runnable(to_run, args.grid, local=args.address is None)
-    interrupt_on_sigterm()  # `kill` ends a grid as cleanly as Ctrl-C (the driver re-installs it after Ray's init)
     runner = GridRunner(grid, args.store, code_version(), force=args.force, address=args.address,
                         workers=args.workers, threads=args.threads, retries=args.retries, registered=whole)
     resume = resume_command(argv)
     try:
         report = runner.run()
-    except KeyboardInterrupt:  # before any run started (opening the store): nothing to keep
+    except KeyboardInterrupt:  # before any run started (opening the store, starting Ray): nothing to keep
+        stopping()
         print(f"\ninterrupted before any run started; nothing was recorded. Resume with:\n  {resume}", flush=True)
         return EXIT_INTERRUPTED
     if report.interrupted:
@@ -147,6 +161,8 @@ def status(args: argparse.Namespace) -> int:
     from streaming_llm.environment import code_version
 
     stored = read_runs(args.store, [run.run_hash for run in grid.runs])
+    if stored:  # a run counts as done only when its segment is as its writer recorded it (sizes and digests)
+        verify_segments(args.store, [run_hash for run_hash, run in stored.items() if run.status == "done"])
     decisions = {d.run.run_hash: d.reason for d in decide(grid.runs, stored, code_version(), force=False)}
     names = [name for name in grid.experiments if any(name in run.experiments for run in grid.runs)]
     width = max(len("(distinct runs)"), *(len(name) for name in names))

@@ -9,20 +9,19 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from store.writer import StoredRun, StoreWriter, read_runs
 
+from .interrupt import interrupt_after, stop_on_signals, stopping
 from .progress import KnobDigest, Progress
 from .schedule import Events, Outcome, Scheduler, WorkerPlan, WorkerPool, ray_session, run_cost
 from .spec import Grid, PlannedRun
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -136,6 +135,7 @@ class GridRunner:
 
     def run(self) -> GridReport:
         started = time.perf_counter()
+        stop_on_signals()
         with StoreWriter(self.store, self.code_version) as writer:
             stored = writer.stored_runs([run.run_hash for run in self.grid.runs])
             decisions = decide(self.grid.runs, stored, self.code_version, self.force)
@@ -158,8 +158,30 @@ class GridRunner:
 
         progress = Progress(to_run, out=self.out)
         startup = time.perf_counter()
+        ours = not ray.is_initialized()  # a Ray this driver starts (or joins) is the driver's to shut down
+        try:
+            self._run_on_ray(to_run, stored, writer, report, progress, startup)
+        except SystemExit as exc:
+            # ray.init installs a SIGTERM handler that exits without a word; one landing before stop_on_signals
+            # takes the handler back is an interruption like any other.
+            if exc.code != signal.SIGTERM:
+                raise
+            stopping()
+            if ours:
+                ray.shutdown()
+            raise KeyboardInterrupt from None
+        except KeyboardInterrupt:
+            stopping()
+            if ours:
+                ray.shutdown()  # a signal during ray.init: ray_session had nothing to shut down yet (idempotent)
+            raise
+
+    def _run_on_ray(self, to_run: list[PlannedRun], stored: dict[str, StoredRun], writer: StoreWriter,
+                    report: GridReport, progress: Progress, startup: float) -> None:
+        import ray
+
         with ray_session(self.address):
-            interrupt_on_sigterm()  # ray.init replaced it with one that exits without a word
+            stop_on_signals(reset=False)  # ray.init replaced SIGTERM's handler with one that exits without a word
             plan = WorkerPlan.for_cluster(ray.cluster_resources(), self.workers, to_run, self.threads)
             report.workers = plan.count
             if self.workers is not None and self.workers > plan.count:
@@ -175,7 +197,7 @@ class GridRunner:
                 report.startup_s = ready - startup
                 scheduler = Scheduler(to_run, pool, _Fanout(progress, self.events), retries=self.retries)
                 for outcome in scheduler.outcomes():
-                    with _interrupt_after():  # a run that finished is recorded, published and counted whole
+                    with interrupt_after():  # a run that finished is recorded, published and counted whole
                         recorded = time.perf_counter()
                         current = self._record(outcome, stored.get(outcome.run.run_hash), writer)
                         report.store_seconds += time.perf_counter() - recorded
@@ -212,34 +234,6 @@ class GridRunner:
         writer.record_failed(config, outcome.error or "unknown error", worker=outcome.worker,
                              attempts=attempts, started_at=outcome.started_at)
         return True
-
-
-def interrupt_on_sigterm() -> None:
-    """SIGTERM (`kill`) raises KeyboardInterrupt, as Ctrl-C does, so that it stops a grid as cleanly (main thread)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _interrupt_after():
-    """Hold Ctrl-C / SIGTERM until the block ends, then raise KeyboardInterrupt (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        raise KeyboardInterrupt
 
 
 class _Fanout:

@@ -41,6 +41,10 @@ def _problems(config: RunConfig, local: bool, checked: set[tuple[str, str | None
                                 "fix the path")
         elif not os.access(path, os.R_OK):
             yield "text_file", f"{config.text_file!r} cannot be read (permissions): fix its permissions"
+        else:
+            problem = _text_problem(path, config.text_file)
+            if problem:
+                yield "text_file", problem
     if local and config.device == "cuda" and not _has_cuda():
         yield "device", ("cuda, but this machine has no CUDA GPU (torch.cuda.is_available() is false): use device: "
                          "auto or cpu, or join a GPU cluster with --address")
@@ -70,6 +74,23 @@ def _problems(config: RunConfig, local: bool, checked: set[tuple[str, str | None
             yield "dataset", f"shakespeare: {exc}"
 
 
+def _text_problem(path: Path, name: str) -> str | None:
+    """Whether the file's first block reads as UTF-8 text (a binary file fails there; the run reads it the same way,
+    streaming_llm.text, as far as its tokens need)."""
+    from streaming_llm.text import TextError, read_text_blocks
+
+    blocks = read_text_blocks(path, name)
+    try:
+        next(blocks, None)
+    except TextError as exc:
+        return str(exc).removeprefix(f"text_file '{name}': ")
+    except OSError as exc:
+        return f"{name!r} cannot be read ({exc.strerror}): fix the path or its permissions"
+    finally:
+        blocks.close()
+    return None
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -91,6 +112,12 @@ def _model_problem(name: str) -> str | None:
     if local.is_dir():
         if not (local / "config.json").is_file():
             return f"{name!r} is a folder without config.json: pass a saved transformers model folder"
+        from streaming_llm.models import check_model_folder
+
+        try:
+            check_model_folder(name)
+        except ModelLoadError as exc:
+            return str(exc)
         return None
     if name.startswith((".", "/", "~")) or local.exists() or name.count("/") > 1:
         return f"{name!r} is not a model folder (nor a hub id like org/name): fix the path"

@@ -7,13 +7,14 @@ experiment, the key and what is allowed.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from streaming_llm import ConfigError, RunConfig
 
@@ -135,12 +136,29 @@ class Grid:
         grid_only = [key for key in wanted if key not in RunConfig.model_fields]
         if grid_only:
             raise GridError(f"--where {grid_only[0]}: a key of the grid file, not of a run: select by repeat instead")
+        for key, value in wanted.items():
+            _check_knob_type(key, value, "--where")
         runs = tuple(run for run in self.runs
-                     if all(getattr(run.config, key) == value for key, value in wanted.items()))
+                     if all(_same_value(getattr(run.config, key), value) for key, value in wanted.items()))
         if not runs:
             raise GridError(f"{self.path}: --where {' '.join(conditions)}: no run of the grid (of the --only "
                             "experiments, when given) has those values")
         return Grid(self.name, self.path, self.spec_yaml, self.experiments, runs)
+
+
+def _check_knob_type(key: str, value: Any, flag: str) -> None:
+    """`value` is of the type knob `key` takes, as strictly as a grid file's values are checked (false is not 0, 1 is
+    not 1.0's string, a Literal knob lists its values)."""
+    try:
+        TypeAdapter(RunConfig.model_fields[key].annotation).validate_python(value, strict=True)
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"]
+        raise GridError(f"{flag} {key}={value!r}: {problem} (the type of {key} in a grid file)") from None
+
+
+def _same_value(knob: Any, wanted: Any) -> bool:
+    """Equal and of the same kind: True == 1 in Python, but a knob holding 1 is not one holding true."""
+    return knob == wanted and isinstance(knob, bool) == isinstance(wanted, bool)
 
 
 @dataclass(frozen=True)
@@ -223,15 +241,18 @@ def parse_grid(text: str, path: Path, overrides: list[str]) -> Grid:
             raise GridError(f"{path}: experiment '{name}' measurements: {', '.join(unknown)} not defined (the grid's "
                             f"measurements: {', '.join(spec.measurements) or 'none'})")
 
+    # Counted before anything is expanded; then every run is validated before any is hashed (hashing resolves
+    # cap_mode peak windows and simulates each schedule: the costly part), so a bad run is refused in seconds.
+    _check_run_count(spec, forced, path)
+    validated = [(name, config) for name, experiment in spec.experiments.items()
+                 for config in _expand(spec, name, experiment, forced, path)]
     # run hash -> config hash -> (configuration, experiments listing it), in file order
     planned: dict[str, dict[str, tuple[RunConfig, list[str]]]] = {}
-    _check_run_count(spec, forced, path)
-    for name, experiment in spec.experiments.items():
-        for config in _expand(spec, name, experiment, forced, path):
-            configs = planned.setdefault(config.run_hash, {})
-            owners = configs.setdefault(config.config_hash, (config, []))[1]
-            if name not in owners:
-                owners.append(name)
+    for name, config in validated:
+        configs = planned.setdefault(config.run_hash, {})
+        owners = configs.setdefault(config.config_hash, (config, []))[1]
+        if name not in owners:
+            owners.append(name)
     runs = tuple(_planned_run(configs, list(spec.experiments)) for configs in planned.values())
     grid_name = spec.name if not overrides else f"{spec.name}[{','.join(overrides)}]"
     return Grid(grid_name, path, text, tuple(spec.experiments), runs)
@@ -345,28 +366,47 @@ def parse_overrides(overrides: list[str], flag: str = "--set") -> dict[str, Any]
 
 
 def _check_run_count(spec: GridSpec, forced: dict[str, Any], path: Path) -> None:
-    """Refuse a grid that would expand to more than MAX_RUNS runs, before expanding it (a product of long lists)."""
+    """Refuse a grid that would expand to more than MAX_RUNS runs, before expanding anything: the count is computed
+    from the lists' lengths (grid lists and each measurement's lists multiply; repeats add up), never by listing
+    runs, and each `repeats` value is checked on the way."""
     total = 0
     for name, experiment in spec.experiments.items():
-        points = 1
-        for values in experiment.grid.values():
-            points *= len(values)
-        measures = _measure_points(spec, experiment) if sum(
-            len(v) if isinstance(v, list) else 1 for m in spec.measurements.values() for v in m.values()
-        ) <= MAX_RUNS else [{}] * (MAX_RUNS + 1)
+        swept = {key: values for key, values in experiment.grid.items() if key != "repeats"}
+        points = math.prod(len(values) for values in swept.values())
         for index, run in enumerate(experiment.runs or [{}]):
-            for measure in measures:
-                repeats = {**spec.base, **experiment.base, **run, **measure, **forced}.get("repeats", 1)
-                if "repeats" in experiment.grid:
-                    repeats = max((v for v in experiment.grid["repeats"] if type(v) is int), default=1)
-                where = f"{path}: experiment '{name}'" + (f" runs[{index}]" if experiment.runs else "")
-                if type(repeats) is not int or not 1 <= repeats <= MAX_REPEATS:
-                    raise GridError(f"{where}: repeats = {repeats!r}: repeats must be an integer >= 1 "
-                                    f"(at most {MAX_REPEATS:,})")
-                total += points * repeats
-            if total > MAX_RUNS:
-                raise GridError(f"{where}: the grid expands to more than {MAX_RUNS:,} runs (grid lists multiply, "
-                                "times repeats): split it into smaller grids or sweep fewer values")
+            where = f"{path}: experiment '{name}'" + (f" runs[{index}]" if experiment.runs else "")
+            for overlays, measured_repeats in _measurement_counts(spec, experiment):
+                if "repeats" in forced:
+                    choices = [forced["repeats"]]
+                elif measured_repeats is not None:
+                    choices = measured_repeats
+                elif "repeats" in experiment.grid:
+                    choices = experiment.grid["repeats"]
+                else:
+                    choices = [{**spec.base, **experiment.base, **run}.get("repeats", 1)]
+                for repeats in choices:
+                    if type(repeats) is not int or not 1 <= repeats <= MAX_REPEATS:
+                        raise GridError(f"{where}: repeats = {repeats!r}: repeats must be an integer >= 1 "
+                                        f"(at most {MAX_REPEATS:,})")
+                total += overlays * points * sum(choices)
+                if total > MAX_RUNS:
+                    raise GridError(f"{where}: the grid expands to more than {MAX_RUNS:,} runs (grid lists and "
+                                    "measurement lists multiply, times repeats): split it into smaller grids or "
+                                    "sweep fewer values")
+
+
+def _measurement_counts(spec: GridSpec, experiment: ExperimentSpec) -> list[tuple[int, list[Any] | None]]:
+    """Per measurement of the experiment: how many overlays it expands to apart from a `repeats` it lists, and the
+    repeats values it sets (None: it sets none). One overlay of nothing when the experiment has no measurement."""
+    names = list(spec.measurements) if experiment.measurements is None else experiment.measurements
+    counts = []
+    for name in names:
+        knobs = spec.measurements[name]
+        lengths = [len(value) for key, value in knobs.items() if isinstance(value, list) and key != "repeats"]
+        repeats = knobs.get("repeats")
+        counts.append((math.prod(lengths), None if "repeats" not in knobs else
+                       repeats if isinstance(repeats, list) else [repeats]))
+    return counts or [(1, None)]
 
 
 def _expand(spec: GridSpec, name: str, experiment: ExperimentSpec, forced: dict[str, Any], path: Path):

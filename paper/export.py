@@ -11,6 +11,7 @@ from paper import figures, gather, tables
 from paper.gather import ExportError  # noqa: F401  (the CLI's error, raised here)
 from paper.latex import MissingNumber
 from store import queries
+from store.verify import verify_segments
 
 # What an export writes only for some grids: removed from the output folder when this grid has none, so that a folder
 # exported from another grid before never mixes its tables into this one's.
@@ -20,6 +21,7 @@ OPTIONAL_OUTPUTS = ("speculative.tex", "quantization.tex", "quantization.pdf", "
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
     """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`, and
     speculative.tex / quantization.tex (+ figure) where the grid has those experiments."""
+    verify_segments(store)  # no published number from a segment other than its writer recorded (StoreError)
     with queries.connect(store) as con:
         grid = gather.resolve_grid(con, grid, store)
         gather.check_complete(con, grid, include_stale)

@@ -11,7 +11,6 @@ import functools
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -28,11 +27,11 @@ from store.schema import (
     KNOB_COLUMNS,
     MIGRATES_FROM,
     SCHEMA_VERSION,
-    segment_views,
     segments_folder,
     unsafe_segment_path,
 )
 from store.stats import t_half_width
+from store.verify import catalog_views, unlisted_segments
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 T = TypeVar("T")
@@ -173,13 +172,16 @@ def _point_segments(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
     """The segment folder beside the store; when the catalog's views name another (the store was moved or copied
     since its last writer), temporary views over this one shadow them. Returns the folder."""
     folder = segments_folder(path.resolve())
+    if unlisted_segments(con):  # its views would read every file of the segment folders (a glob): refused
+        raise StoreError(f"{path} was written by an older gridrun (its catalog does not list its segments' files): "
+                         f"upgrade it in place, every row kept, with python -m gridrun migrate --store {path}")
     named = dict(con.execute("SELECT key, value FROM meta WHERE key = 'segments'").fetchall()).get("segments")
     if named == str(folder):
         return folder
     if not folder.is_dir():
         raise StoreError(f"{path} has no segment folder {folder} beside it (its per-step rows): move the store file "
                          "and its .segments folder together")
-    for name, sql in segment_views(str(folder)).items():
+    for name, sql in catalog_views(con, folder).items():
         con.execute(f"CREATE OR REPLACE TEMPORARY VIEW {name} AS {sql}")
     return folder
 
@@ -948,23 +950,10 @@ def run_user_sql(path: Path | str, sql: str, limit: int = SQL_BOX_ROW_LIMIT,
                  seconds: float = SQL_BOX_SECONDS) -> tuple[pd.DataFrame, bool]:
     """Run a user's SELECT in a sandboxed read-only connection: its first `limit` rows, and whether there were more.
 
-    The statement is interrupted after `seconds` (QueryLimit), and its connection holds at most SQL_BOX_MEMORY.
+    It is checked, parsed and run in a child process (store/sandbox.py) killed after `seconds` (QueryLimit), whose
+    connection holds at most SQL_BOX_MEMORY and whose address space at most that much more than it started with.
     """
-    check_read_only(sql)
-    with connect(path, sandbox=True) as con:
-        timer = threading.Timer(seconds, con.interrupt)
-        timer.daemon = True
-        timer.start()
-        try:
-            result = con.execute(sql)
-            rows = result.fetchmany(limit + 1)
-            columns = [column[0] for column in result.description or []]
-        except duckdb.InterruptException:
-            raise QueryLimit(f"stopped after {seconds:g} s, the SQL box's time limit: narrow the query (a WHERE on "
-                             "run_hash, fewer joins of tokens) or run it in duckdb -readonly") from None
-        except duckdb.OutOfMemoryException:
-            raise QueryLimit(f"stopped at the SQL box's memory limit ({SQL_BOX_MEMORY}): aggregate before joining, "
-                             "filter on run_hash, or run it in duckdb -readonly") from None
-        finally:
-            timer.cancel()
-        return pd.DataFrame(rows[:limit], columns=columns), len(rows) > limit
+    from store.sandbox import run_in_child
+
+    columns, rows, more = run_in_child(path, sql, limit, seconds, SQL_BOX_MEMORY)
+    return pd.DataFrame(rows, columns=columns), more

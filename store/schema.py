@@ -106,7 +106,7 @@ KNOB_COLUMNS = [
     Column("draft_model", String),
     Column("draft_layers", Integer),
     Column("draft_cap", Integer),
-    # Quantization knobs (README "Quantization").
+    # Quantization knobs (docs/engine.md, "Quantization").
     Column("kv_quant", String, nullable=False),
     Column("kv_quant_group", Integer, nullable=False),
     Column("kv_quant_residual", Integer, nullable=False),
@@ -183,6 +183,9 @@ runs = Table(
     Column("segment", String),  # the run's Parquet segment id (null: no per-step rows, a failed run)
     Column("segment_bytes", BigInteger),  # the size of its segment files, checked when a writer opens the store
     Column("segment_digest", String),  # BLAKE2b of its segment files (store/writer.py segment_digest), checked too
+    # JSON list of its segment files, relative to the segment folder, in digest order: what the views read, and all
+    # they read (a file beside them, a stray copy, is never read)
+    Column("segment_files", Text),
 )
 
 # Every configuration a grid's experiment lists, with the run that computes it: equivalent configurations (same kept
@@ -320,24 +323,36 @@ def unsafe_segment_path(store: Path) -> str | None:
         if _GLOB_CHARACTERS & set(part):
             return (f"the folder {part!r} in its path holds a glob character (* ? [ ] {{ }}), which would match other "
                     "folders' files; put the store in a path without them")
+        if "\\" in part or any(ord(character) < 32 or ord(character) == 127 for character in part):
+            return (f"the name {part!r} in its path holds a backslash or a control character, which DuckDB reads as "
+                    "a separator or an escape (it would write the store's working copy into another folder); put "
+                    "the store in a path without them")
     return None
 
 
-def segment_glob(folder: str, table: str) -> str:
-    return f"{folder}/{table}/*/*/*.parquet"
+def schema_segment_file(table: str) -> str:
+    """The 0-row file of `table`'s segments, relative to the segment folder (a view's list is never empty)."""
+    return f"{table}/run_hash={SCHEMA_SEGMENT}/segment={SCHEMA_SEGMENT}/schema.parquet"
 
 
-def segment_views(folder: str) -> dict[str, str]:
+def segment_views(folder: str, current: dict[str, list[str]] | None = None,
+                  superseded: dict[str, list[str]] | None = None) -> dict[str, str]:
     """The catalog's views over the segments in `folder` (an absolute path: it resolves from any cwd): the current
-    rows (segments the runs rows reference) and the superseded ones (those superseded_runs references)."""
+    rows, read from exactly the files `current` lists per table (those the runs rows name), and the superseded ones
+    (those superseded_runs names). Explicit lists, never a glob: a file the catalog does not name is never read."""
     views = {}
     for table in SEGMENT_TABLES:
-        source = (f"read_parquet('{sql_string(segment_glob(folder, table.name))}', hive_partitioning = true, "
-                  "hive_types = {'run_hash': VARCHAR, 'segment': VARCHAR})")
         columns = ", ".join(f's."{column.name}"' for column in table.columns)
-        views[table.name] = f"SELECT {columns} FROM {source} s SEMI JOIN runs r USING (run_hash, segment)"
-        views[f"superseded_{table.name}"] = (f"SELECT {columns}, r.superseded_at FROM {source} s "
-                                             "JOIN superseded_runs r USING (run_hash, segment)")
+        for name, files, join in (
+                (table.name, (current or {}).get(table.name, []), "SEMI JOIN runs r USING (run_hash, segment)"),
+                (f"superseded_{table.name}", (superseded or {}).get(table.name, []),
+                 "JOIN superseded_runs r USING (run_hash, segment)")):
+            listed = ", ".join(f"'{sql_string(folder + '/' + file)}'"
+                               for file in (schema_segment_file(table.name), *files))
+            source = (f"read_parquet([{listed}], hive_partitioning = true, "
+                      "hive_types = {'run_hash': VARCHAR, 'segment': VARCHAR})")
+            extra = ", r.superseded_at" if name.startswith("superseded_") else ""
+            views[name] = f"SELECT {columns}{extra} FROM {source} s {join}"
     return views
 
 

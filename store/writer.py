@@ -58,13 +58,13 @@ from .schema import (
     configurations,
     forwards,
     runs,
-    segment_views,
     segments_folder,
     sql_string,
     superseded_runs,
     tokens,
     unsafe_segment_path,
 )
+from .verify import catalog_views, segment_file_names, segment_problem
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 
@@ -135,6 +135,35 @@ def check_store_file(path: Path) -> None:
             f"--store {path} has store schema version {version}, this gridrun writes version {SCHEMA_VERSION}; it was "
             "left untouched: pass a new --store path (or use the gridrun that wrote it)"
         )
+
+
+def check_writable(path: Path) -> None:
+    """Raise StoreError unless a writer could write the store at `path` (its folder, or the nearest one that exists,
+    and its segment folder with each table's folder where they exist); checked before anything is computed, so that
+    a run is never computed only to find its segment cannot be written. Creates nothing."""
+    target = Path(path).resolve()
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    segments = segments_folder(target)
+    for candidate in (folder, segments, *(segments / table.name for table in SEGMENT_TABLES)):
+        if not candidate.exists() and not candidate.is_symlink():
+            continue
+        if not candidate.is_dir():
+            raise StoreError(f"--store {path}: {candidate} is not a folder (gridrun writes the store's files "
+                             "there): move it away, or pass another --store")
+        if not os.access(candidate, os.W_OK | os.X_OK):
+            raise StoreError(f"--store {path}: the folder {candidate} is not writable (gridrun writes the store's "
+                             "snapshots and per-run segments there): make it writable, or pass another --store")
+
+
+def _os_problem(exc: OSError) -> str:
+    """What an OSError says about the disk, for a message: permissions or a read-only disk, a full one, or its text."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror}: the folder is not writable; make it writable"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{exc.strerror}: the disk is full; free space"
+    return f"{exc.strerror or exc}; check the disk"
 
 
 def _damaged(path: Path, exc: BaseException) -> StoreError:
@@ -325,22 +354,31 @@ class StoreWriter:
         temporary files are removed. Reads every segment once per writer, never per run."""
         con = self._con()
         referenced: dict[tuple[str, str], tuple[int, str]] = {}
+        lists: dict[tuple[str, str], list[str]] = {}
         for table in (runs, superseded_runs):
             columns = {row[0] for row in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]).fetchall()}
             if "segment_digest" in columns:
-                referenced |= {(run_hash, segment): (size, digest) for run_hash, segment, size, digest in con.execute(
-                    f"SELECT run_hash, segment, segment_bytes, segment_digest FROM {table.name} "
-                    "WHERE segment IS NOT NULL").fetchall()}
+                listed = "segment_files" if "segment_files" in columns else "NULL"
+                for run_hash, segment, size, digest, files in con.execute(
+                        f"SELECT run_hash, segment, segment_bytes, segment_digest, {listed} FROM {table.name} "
+                        "WHERE segment IS NOT NULL").fetchall():
+                    referenced[(run_hash, segment)] = (size, digest)
+                    if files is not None:
+                        lists[(run_hash, segment)] = json.loads(files)
         present = _scan_segments(self.segments, keep=set(referenced))
         for key, expected in sorted(referenced.items()):
-            if present.get(key) != expected:
-                found = ("missing" if key not in present else
-                         f"{present[key][0]:,} bytes, recorded {expected[0]:,}" if present[key][0] != expected[0] else
-                         "of another content than recorded (bit-flipped)")
+            # A listed segment: its named files as recorded, and no other beside them; else its folders' files.
+            problem = segment_problem(self.segments, *key, lists[key], *expected) if key in lists else None
+            if problem is None and key not in lists and present.get(key) != expected:
+                problem = "is " + ("missing" if key not in present else
+                                   f"{present[key][0]:,} bytes, recorded {expected[0]:,} (truncated?)"
+                                   if present[key][0] != expected[0] else
+                                   "of another content than recorded (bit-flipped)")
+            if problem:
                 raise StoreError(
                     f"--store {self.path} is damaged (a segment corrupt, truncated or missing): run {key[0]}'s "
-                    f"segment {key[1]} in {self.segments} is {found}; it was left untouched: restore the store file "
+                    f"segment {key[1]} in {self.segments} {problem}; it was left untouched: restore the store file "
                     "and its .segments folder together, or rerun into a new --store")
 
     def _create_schema(self) -> bool:
@@ -371,7 +409,9 @@ class StoreWriter:
         moved = self._move_to_segments(existing)
         for table in SEGMENT_TABLES:
             _write_schema_segment(self.segments, table)
-        for name, sql in (segment_views(str(self.segments)) | VIEWS).items():
+        self._list_segment_files()
+        self._create_segment_views()
+        for name, sql in VIEWS.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         meta = {
             "application_id": APPLICATION_ID, "schema_version": str(SCHEMA_VERSION), "code_version": self.code_version,
@@ -382,6 +422,23 @@ class StoreWriter:
         con.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", [datetime.now(UTC).isoformat()])
         con.commit()
         return moved
+
+    def _list_segment_files(self) -> None:
+        """Record the files of each segment that has no list yet (migrated, or written before lists were recorded):
+        those in its folders now, which _check_segments has just checked against the recorded size and digest."""
+        con = self._con()
+        for owner in (runs, superseded_runs):
+            unlisted = con.execute(f"SELECT DISTINCT run_hash, segment FROM {owner.name} "
+                                   "WHERE segment IS NOT NULL AND segment_files IS NULL").fetchall()
+            for run_hash, segment in unlisted:
+                con.execute(f"UPDATE {owner.name} SET segment_files = ? WHERE run_hash = ? AND segment = ?",
+                            [json.dumps(segment_file_names(self.segments, run_hash, segment)), run_hash, segment])
+
+    def _create_segment_views(self) -> None:
+        """The per-step views, over exactly the segment files the catalog names (store/schema.py segment_views)."""
+        con = self._con()
+        for name, sql in catalog_views(con, self.segments).items():
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
     def _compact(self) -> None:
         """Rewrite the working copy without the blocks the migrated per-step tables held (DuckDB reuses freed blocks
@@ -518,6 +575,7 @@ class StoreWriter:
         parts = [(table, rows) for table, rows in ((tokens, token_rows), (compactions, compaction_rows),
                                                    (forwards, forward_rows)) if rows is not None and rows.num_rows]
         segment = uuid.uuid4().hex[:16] if parts else None
+        files = [f"{table.name}/run_hash={run_hash}/segment={segment}/{SEGMENT_FILE}" for table, _ in parts]
         written, digest = 0, hashlib.blake2b(digest_size=16)
         try:
             for table, rows in parts:
@@ -525,8 +583,8 @@ class StoreWriter:
                 written += size
                 digest.update(file_digest)
         except OSError as exc:
-            raise StoreError(f"--store {self.path}: writing run {run_hash}'s segment failed ({exc.strerror or exc}; a "
-                             "full disk?): the runs recorded before it are kept; free space, then rerun") from None
+            raise StoreError(f"--store {self.path}: writing run {run_hash}'s segment failed ({_os_problem(exc)}): the "
+                             "runs recorded before it are kept; then rerun") from None
         con = self._con()
         con.begin()
         try:
@@ -539,8 +597,10 @@ class StoreWriter:
             con.execute("DELETE FROM runs WHERE run_hash = ?", [run_hash])
             row["recorded_at"] = datetime.now(UTC)
             if parts:
-                row |= {"segment": segment, "segment_bytes": written, "segment_digest": digest.hexdigest()}
+                row |= {"segment": segment, "segment_bytes": written, "segment_digest": digest.hexdigest(),
+                        "segment_files": json.dumps(files)}
             _insert_arrow(con, runs.name, pa.Table.from_pylist([row], schema=_runs_arrow_schema()))
+            self._create_segment_views()  # they list the files the catalog names: this run's now among them
             con.commit()
         except BaseException:
             con.rollback()

@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = RunConfig.from_dict(knobs, where="flags")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     from .evaluate import evaluate  # after validation: importing torch and transformers takes seconds
     from .models import ModelLoadError
     from .rope import UnsupportedModelError
@@ -52,14 +51,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = evaluate(config)
-    except (TextError, UnsupportedModelError, ModelLoadError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, TextError, UnsupportedModelError, ModelLoadError, OSError) as exc:
+        return _refuse(exc)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(result.tokens, out)
     print(json.dumps({"config": config.normalised(), **result.summary}, indent=2))
     return 0
+
+
+def _refuse(exc: Exception) -> int:
+    """An input the run cannot take: one line on stderr (transformers' and the OS's messages span lines), exit 2."""
+    print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

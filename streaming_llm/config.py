@@ -6,10 +6,12 @@ configuration never reaches a model. This module does no I/O.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -36,13 +38,22 @@ KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
 }
 
 
-# Largest value of each integer knob: what its store column (INT32) and one machine hold. The cache knobs share one
-# budget: their sum bounds the attention span a policy can reach, and cap_mode peak's simulation (linear in it, times
-# log2 cap) then resolves a window within about 2 s here.
+# Largest value of each integer knob. Every integer knob has one (knob_bound): at most what its store column holds
+# (INT32: store/schema.py declares every integer knob column Integer; a test ties the two), and tighter where one
+# machine or one run's cost sets the limit. The cache knobs share one budget: their sum bounds the attention span a
+# policy can reach, and cap_mode peak's simulation (linear in it, times log2 cap) then resolves a window within about
+# 2 s here; draft_cap is such a cap too (the self_stream draft's window is resolved the same way).
+INT32_MAX = 2**31 - 1
 KNOB_BOUNDS: dict[str, int] = {
     "max_tokens": 1 << 22, "prefill": 1 << 22, "warmup": 1 << 22, "sample": 1_000_000, "repeat": 1_000_000,
     "chunk": 1 << 22, "score_stride": 1 << 22,
+    "prompt_tokens": 1 << 22, "new_tokens": 1 << 22, "num_draft": 1 << 12, "ngram_max": 1 << 12,
+    "draft_layers": 1 << 12, "draft_cap": 1 << 14, "kv_quant_group": 1 << 16, "kv_quant_residual": 1 << 14,
 }
+# Below this a temperature samples as greedy decoding does, and logits / temperature overflows float64 (the
+# probabilities become NaN) from about 1e-304 on: 0 is how greedy decoding is asked for.
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 100.0
 SPAN_KNOBS = ("sink", "window", "cap", "overlap", "refresh", "slack", "compress_every", "max_drop")
 SPAN_BUDGET = 1 << 14
 
@@ -115,7 +126,7 @@ class RunConfig(BaseModel):
     draft_model: str | None = None
     draft_layers: int = 0
     draft_cap: int = 64
-    # Quantization (README "Quantization"): the streaming cache's storage, and the model's linear layers (torchao).
+    # Quantization (docs/engine.md, "Quantization"): the streaming cache's storage, and the model's linear layers (torchao).
     kv_quant: Literal["none", "int8", "int4"] = "none"
     kv_quant_group: int = 32
     kv_quant_residual: int = 0
@@ -212,7 +223,12 @@ class RunConfig(BaseModel):
             raise ConfigError(
                 f"prefill = {self.prefill} > cap = {self.cap}: with cap_mode peak the prefill's span must fit the cap"
             )
-        _ = self.policy  # derives the window, raising if none fits
+        if self.cap is not None and self.cap_mode == "peak":
+            # Whether a window fits, not which: the search costs log2(cap) simulations, paid when the run is hashed,
+            # so that every run of a grid is validated before any is resolved and a bad one is refused in seconds.
+            _check_peak_fits(self.cap, self.prefill, tuple(self._policy_knobs().items()))
+        else:
+            _ = self.policy  # derives the window (arithmetic), raising if none fits
 
     def _check_generation(self) -> None:
         if self.protocol != "stepwise":
@@ -226,8 +242,7 @@ class RunConfig(BaseModel):
         if self.warmup >= self.new_tokens:
             raise ConfigError(f"warmup = {self.warmup} >= new_tokens = {self.new_tokens}: no generated token would be "
                               "timed; lower warmup or raise new_tokens")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ConfigError(f"temperature = {self.temperature}: must be 0 (greedy) or a positive number <= 100")
+        self._check_temperature()
         if self.method == "recompute" and self.spec != "none":
             raise ConfigError(f"spec = {self.spec} with method recompute: a recompute window cannot verify a block "
                               "in one forward; use spec none, or method dense / streaming")
@@ -246,15 +261,23 @@ class RunConfig(BaseModel):
             raise ConfigError(f"draft_cap = {self.draft_cap} < sink + 2 = {self.sink + 2}: the draft's streaming cache "
                               "needs the sinks plus a window of 2 or more; raise draft_cap")
 
+    def _check_temperature(self) -> None:
+        value = self.temperature
+        if value == 0.0 and math.copysign(1.0, value) < 0:
+            raise ConfigError("temperature = -0.0: write 0 for greedy decoding (-0.0 would hash as another run)")
+        if value != 0.0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:  # NaN fails both comparisons
+            raise ConfigError(
+                f"temperature = {value!r}: must be 0 (greedy) or a number from {MIN_TEMPERATURE:g} to "
+                f"{MAX_TEMPERATURE:g} (below {MIN_TEMPERATURE:g} sampling is greedy decoding, and logits / temperature "
+                "overflows to NaN probabilities); use 0 for greedy decoding"
+            )
+
     @cached_property
     def policy(self) -> StreamingPolicy:
         """The resolved policy of a streaming run (window derived from cap when cap is given)."""
         if self.method != "streaming":
             raise ConfigError(f"method {self.method} has no streaming policy")
-        knobs = dict(
-            sink=self.sink, overlap=self.overlap, refresh=self.refresh, slack=self.slack,
-            compress_every=self.compress_every, max_drop=self.max_drop,
-        )
+        knobs = self._policy_knobs()
         if self.window is not None:
             return StreamingPolicy(window=self.window, **knobs)
         assert self.cap is not None
@@ -267,6 +290,10 @@ class RunConfig(BaseModel):
                 )
             return StreamingPolicy(window=window, **knobs)
         return _largest_window_within(self.cap, self.prefill, knobs)
+
+    def _policy_knobs(self) -> dict[str, int]:
+        return dict(sink=self.sink, overlap=self.overlap, refresh=self.refresh, slack=self.slack,
+                    compress_every=self.compress_every, max_drop=self.max_drop)
 
     def normalised(self) -> dict[str, Any]:
         """The configuration's content: every field, in a fixed order, irrelevant knobs at their defaults (what the run
@@ -379,12 +406,32 @@ def _check_signs(config: RunConfig) -> None:
             raise ConfigError(f"{knob} = {getattr(config, knob)} < 0: {knob} must be 0 or more")
 
 
+def _integer_knobs() -> tuple[str, ...]:
+    """The knobs whose values are integers (`int`, or `int | None`)."""
+    return tuple(name for name, field in RunConfig.model_fields.items()
+                 if field.annotation is int or set(get_args(field.annotation)) == {int, type(None)})
+
+
+def knob_bound(knob: str) -> int:
+    """The largest value integer knob `knob` may have: KNOB_BOUNDS, SPAN_BUDGET for the cache knobs (their sum is
+    bounded by it), else what its INT32 store column holds."""
+    return SPAN_BUDGET if knob in SPAN_KNOBS else KNOB_BOUNDS.get(knob, INT32_MAX)
+
+
 def _check_bounds(knobs: dict[str, Any]) -> None:
-    for knob, bound in KNOB_BOUNDS.items():
+    """Every integer knob within its bound, both ways, before anything computes with it (a value the store cannot
+    hold would pass every other check and fail only when the run is registered)."""
+    for knob in _integer_knobs():
         value = knobs.get(knob)
-        if type(value) is int and value > bound:
+        if type(value) is not int:
+            continue
+        bound = knob_bound(knob)
+        if value > bound and knob not in SPAN_KNOBS:  # the cache knobs' sum is checked below, with its own message
             raise ConfigError(f"{knob} = {value:,} > {bound:,}: the largest {knob} a run can have (its store column "
                               f"and one machine's memory; KNOB_BOUNDS in streaming_llm/config.py): lower {knob}")
+        if value < -INT32_MAX - 1:
+            raise ConfigError(f"{knob} = {value:,}: far below any value a run can have (its store column holds "
+                              f"{-INT32_MAX - 1:,} to {INT32_MAX:,}); use 0 or more")
     spans = {k: knobs[k] for k in SPAN_KNOBS if type(knobs.get(k)) is int and knobs[k] > 0}
     if sum(spans.values()) > SPAN_BUDGET:
         terms = " + ".join(f"{k} {v:,}" for k, v in spans.items())
@@ -394,19 +441,33 @@ def _check_bounds(knobs: dict[str, Any]) -> None:
                           "lower them")
 
 
-def _largest_window_within(cap: int, prefill: int, knobs: dict[str, int]) -> StreamingPolicy:
-    """cap_mode peak: the largest W whose largest attention span (simulated) stays within cap."""
-
-    def fits(window: int) -> bool:
-        return peak_span(StreamingPolicy(window=window, **knobs), prefill) <= cap
-
-    if not fits(1):
-        span = peak_span(StreamingPolicy(window=1, **knobs), prefill)
+@functools.lru_cache(maxsize=4096)
+def _check_peak_fits(cap: int, prefill: int, knob_items: tuple[tuple[str, int], ...]) -> None:
+    """cap_mode peak: raise ConfigError unless window = 1 stays within cap (then the largest window that does exists).
+    Memoised: a grid's samples, repeats and stream lengths share their policy."""
+    knobs = dict(knob_items)
+    span = peak_span(StreamingPolicy(window=1, **knobs), prefill)
+    if span > cap:
         raise ConfigError(
             f"cap_mode peak: even window = 1 peaks at {span} > cap = {cap} (sink {knobs['sink']} + overlap "
             f"{knobs['overlap']} + refresh {knobs['refresh']} + 1, plus compress_every {knobs['compress_every']} "
             f"or slack {knobs['slack']} of growth): raise cap or lower sink/overlap/refresh/compress_every/slack"
         )
+
+
+def _largest_window_within(cap: int, prefill: int, knobs: dict[str, int]) -> StreamingPolicy:
+    """cap_mode peak: the largest W whose largest attention span (simulated) stays within cap."""
+    return _largest_window_memoised(cap, prefill, tuple(knobs.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _largest_window_memoised(cap: int, prefill: int, knob_items: tuple[tuple[str, int], ...]) -> StreamingPolicy:
+    knobs = dict(knob_items)
+
+    def fits(window: int) -> bool:
+        return peak_span(StreamingPolicy(window=window, **knobs), prefill) <= cap
+
+    _check_peak_fits(cap, prefill, knob_items)
     low, high = 1, cap  # fits(low) holds; the span is at least C >= W, so W = cap cannot fit past cap
     while high - low > 1:
         mid = (low + high) // 2

@@ -8,6 +8,7 @@ imported); it is converted once into a safetensors folder under the cache direct
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -155,7 +156,80 @@ def load_tokenizer(name: str):
 def _local_path(name: str) -> str:
     if name == EMBEDDED_MODEL:
         return str(embedded_model_folder())
+    if Path(name).expanduser().is_dir():
+        check_model_folder(name)
     return name
+
+
+MAX_CONFIG_BYTES = 1 << 22  # a model's config.json is KBs; 4 MiB is far past any real one
+MAX_CONFIG_DEPTH = 32  # nesting of its objects and lists (real ones: 3 or 4)
+# Shape entries that must be positive integers where a config gives them: each divides or sizes a tensor, and a 0
+# (or a string, a float) would fail deep inside transformers, or divide by zero.
+POSITIVE_SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                       "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings")
+
+
+def check_model_folder(name: str) -> None:
+    """Raise ModelLoadError unless the folder's config.json is a JSON object of bounded size and nesting whose shape
+    entries are positive integers (in the config, and in a composite model's text_config), before transformers reads it
+    (it would recurse through a deeply nested file, and divide by num_attention_heads)."""
+    path = Path(name).expanduser() / "config.json"
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ModelLoadError(f"model '{name}': cannot read {path} ({exc.strerror}): pass a saved transformers model "
+                             "folder") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"model '{name}': {path} is larger than {MAX_CONFIG_BYTES:,} bytes: not a model config")
+    depth = _json_depth(data)
+    if depth > MAX_CONFIG_DEPTH:
+        raise ModelLoadError(f"model '{name}': {path} nests more than {MAX_CONFIG_DEPTH} levels deep: not a model "
+                             "config; pass a saved transformers model folder")
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"model '{name}': {path} is not valid JSON ({' '.join(str(exc).split())}): pass a saved "
+                             "transformers model folder") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"model '{name}': {path} holds a {type(config).__name__}, not a JSON object: pass a "
+                             "saved transformers model folder")
+    sections = [("", config)] + [(f"{key}.", value) for key, value in config.items()
+                                 if key.endswith("_config") and isinstance(value, dict)]
+    for prefix, section in sections:
+        for key in POSITIVE_SHAPE_KEYS:
+            value = section.get(key)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ModelLoadError(f"model '{name}': {path}: {prefix}{key} = {value!r}: must be a positive integer "
+                                     "(it sizes the model's tensors); fix the config")
+        heads, hidden = section.get("num_attention_heads"), section.get("hidden_size")
+        if heads and hidden and section.get("head_dim") is None and hidden % heads:
+            raise ModelLoadError(f"model '{name}': {path}: {prefix}hidden_size = {hidden} is not a multiple of "
+                                 f"num_attention_heads = {heads} (and no head_dim is given): fix the config")
+
+
+def _json_depth(data: bytes, limit: int = MAX_CONFIG_DEPTH) -> int:
+    """How deep `[` and `{` nest in JSON text outside strings (counting stops just past `limit`)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                break
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def model_config(name: str, local_files_only: bool = False) -> PretrainedConfig:
@@ -165,6 +239,8 @@ def model_config(name: str, local_files_only: bool = False) -> PretrainedConfig:
         return RANDOM_MODELS[name].config()
     from transformers import AutoConfig
 
+    if Path(name).expanduser().is_dir():
+        check_model_folder(name)
     if name == EMBEDDED_MODEL:
         gguf = _packaged_gguf()
         converted = _converted_folder(gguf)

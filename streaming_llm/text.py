@@ -6,6 +6,7 @@ never compared by accident. Loading does I/O; tokenising is the tokenizer's defa
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import re
@@ -53,15 +54,72 @@ def load_stream(
         path = Path(text_file)
         if not path.is_file():
             raise TextError(f"text_file '{text_file}' does not exist")
-        data = path.read_bytes()
-        text_id = f"file:{path.name}:sha256={hashlib.sha256(data).hexdigest()[:16]}"
-        pieces: Iterator[str] = iter([data.decode("utf-8")])
-    elif dataset == "shakespeare":
+        with path.open("rb") as handle:  # the whole file's digest, read in blocks: its identity, never held whole
+            text_id = f"file:{path.name}:sha256={hashlib.file_digest(handle, 'sha256').hexdigest()[:16]}"
+        ids = _tokenize_stable_prefix(tokenizer, read_text_blocks(path, text_file), max_tokens, text_id)
+        return TokenStream(ids=ids, text_id=text_id, token_hash=token_hash(ids))
+    if dataset == "shakespeare":
         text_id, pieces = _shakespeare(sample)
     else:
         text_id, pieces = _hub_text(dataset, sample, source)
     ids = _tokenize_enough(tokenizer, pieces, max_tokens, text_id)
     return TokenStream(ids=ids, text_id=text_id, token_hash=token_hash(ids))
+
+
+FILE_BLOCK_BYTES = 1 << 16
+
+
+def read_text_blocks(path: Path, name: str) -> Iterator[str]:
+    """The file's text, decoded as UTF-8 block by block (a character split between blocks is decoded whole); a byte
+    that is not UTF-8, or a NUL (a binary file), is a TextError naming the file and where."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(FILE_BLOCK_BYTES)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                where = max(offset + exc.start, 0)
+                raise TextError(f"text_file '{name}': byte {where:,} is not UTF-8 (a binary file, or another "
+                                "encoding?): pass a UTF-8 text file") from None
+            if "\x00" in text:
+                raise TextError(f"text_file '{name}': holds a NUL character near byte {offset + block.find(0):,} (a "
+                                "binary file?): pass a UTF-8 text file")
+            offset += len(block)
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def _tokenize_stable_prefix(tokenizer, pieces: Iterator[str], max_tokens: int, text_id: str) -> np.ndarray:
+    """The first `max_tokens` ids of the default encoding of the whole text, reading only a prefix of it.
+
+    The prefix doubles until two successive prefixes agree on their first `max_tokens` ids and both have more: a
+    tokenizer's ids near the end of a prefix may differ from the whole text's (a word cut in two), never far before
+    it, so agreement past the cut is the whole text's encoding. Memory and time follow max_tokens, not the file.
+    """
+    text, previous, exhausted = "", None, False
+    target = max(8 * max_tokens, 4096)
+    while True:
+        while len(text) < target and not exhausted:
+            piece = next(pieces, None)
+            if piece is None:
+                exhausted = True
+            else:
+                text += piece
+        ids = tokenizer.encode(text)
+        if exhausted:
+            break
+        if len(ids) > max_tokens and previous is not None and previous[:max_tokens] == ids[:max_tokens]:
+            break
+        previous = ids if len(ids) > max_tokens else None
+        target = 2 * max(target, len(text))
+    if len(ids) < max_tokens:
+        raise TextError(f"text {text_id} has {len(ids)} tokens < max_tokens = {max_tokens}: lower max_tokens or "
+                        "choose a longer text")
+    return np.asarray(ids[:max_tokens], dtype=np.int64)
 
 
 def _tokenize_enough(tokenizer, pieces: Iterator[str], max_tokens: int, text_id: str) -> np.ndarray:

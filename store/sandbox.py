@@ -1,0 +1,155 @@
+"""The SQL box's process: a user's statement is parsed and run in a child process whose address space is limited
+(RLIMIT_AS) and which is killed at the wall-clock limit, so that no statement, however it allocates (DuckDB's list
+functions allocate outside its buffer manager) or however long it takes to parse, takes the reader's process down.
+
+It never writes: the child opens the store through store.queries.connect(sandbox=True) and checks the statement with
+store.queries.check_read_only, as the box did in-process before. Rows come back through a pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import re
+import resource
+import threading
+from pathlib import Path
+
+# Address space the child may add to what it holds when it starts (Python, DuckDB and pandas loaded): DuckDB's own
+# memory_limit (queries.SQL_BOX_MEMORY) plus room for its threads' stacks and allocator arenas, which reserve address
+# space they never touch.
+ADDRESS_SPACE_HEADROOM = 1 << 30
+RESULT_BYTES = 256 << 20  # the rows a statement may send back (pickled): past this it is refused like memory
+_START = threading.Lock()
+_CONTEXT: list[multiprocessing.context.BaseContext] = []
+
+
+def run_in_child(path: Path | str, sql: str, limit: int, seconds: float, memory: str) -> tuple[list[str], list, bool]:
+    """`sql`'s column names, first `limit` rows and whether there were more, computed in a child process limited to
+    `memory` (DuckDB's memory_limit) plus ADDRESS_SPACE_HEADROOM of address space and killed after `seconds`,
+    parsing included. Raises what the box raised in-process: WriteRefused, QueryLimit, StoreError, duckdb.Error."""
+    from store.queries import QueryLimit
+
+    context = _context()
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(str(path), sql, limit, memory, sender), daemon=True,
+                            name="gridrun-sql-box")
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(seconds):
+            raise QueryLimit(f"stopped after {seconds:g} s, the SQL box's time limit: narrow the query (a WHERE on "
+                             "run_hash, fewer joins of tokens) or run it in duckdb -readonly")
+        try:
+            kind, payload = receiver.recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            child.join(5)
+            raise QueryLimit(f"stopped at the SQL box's memory limit ({memory} for DuckDB, its process's address "
+                             f"space; the process ended with code {child.exitcode}): aggregate before joining, filter "
+                             "on run_hash, or run it in duckdb -readonly") from None
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+    if kind == "rows":
+        return payload
+    raise _rebuild(*payload)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """A forkserver: each statement's child is forked from a small server that has loaded the store's modules once
+    (a plain fork of a reader, the dashboard with its threads, could copy a lock held by another thread)."""
+    with _START:
+        if not _CONTEXT:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["store.sandbox", "store.queries"])
+            _CONTEXT.append(context)
+        return _CONTEXT[0]
+
+
+def _child(path: str, sql: str, limit: int, memory: str, sender) -> None:
+    """Runs in the child: limit the address space, then check, parse and run the statement; send rows or an error."""
+    try:
+        _limit_address_space(_parse_bytes(memory) + ADDRESS_SPACE_HEADROOM)
+        sender.send(("rows", _run(path, sql, limit)))
+    except MemoryError:
+        _send_error(sender, ("store.queries", "QueryLimit", f"stopped at the SQL box's memory limit ({memory}): "
+                             "aggregate before joining, filter on run_hash, or run it in duckdb -readonly"))
+    except BaseException as exc:  # noqa: BLE001 - every error goes back to the reader, as the box raised it in-process
+        _send_error(sender, (type(exc).__module__, type(exc).__name__, str(exc)))
+    finally:
+        sender.close()
+
+
+def _run(path: str, sql: str, limit: int) -> tuple[list[str], list, bool]:
+    import duckdb
+
+    from store.queries import SQL_BOX_MEMORY, QueryLimit, check_read_only, connect
+
+    check_read_only(sql)
+    with connect(path, sandbox=True) as con:
+        try:
+            result = con.execute(sql)
+            rows = result.fetchmany(limit + 1)
+            columns = [column[0] for column in result.description or []]
+        except duckdb.OutOfMemoryException:
+            raise QueryLimit(f"stopped at the SQL box's memory limit ({SQL_BOX_MEMORY}): aggregate before joining, "
+                             "filter on run_hash, or run it in duckdb -readonly") from None
+    payload = (columns, rows[:limit], len(rows) > limit)
+    if len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)) > RESULT_BYTES:
+        raise QueryLimit(f"the result is larger than {RESULT_BYTES >> 20} MiB, the SQL box's limit on what it shows: "
+                         "select fewer columns or rows, or run it in duckdb -readonly")
+    return payload
+
+
+def _send_error(sender, error: tuple[str, str, str]) -> None:
+    # When even the error cannot be sent, the reader sees the pipe close and reports the memory limit.
+    with contextlib.suppress(OSError, MemoryError, pickle.PicklingError):
+        sender.send(("error", error))
+
+
+def _rebuild(module: str, name: str, message: str) -> BaseException:
+    """The child's exception as the reader's: the box's own classes and DuckDB's keep their class."""
+    import duckdb
+
+    from store import queries
+
+    namespaces = {"store.queries": queries, "duckdb": duckdb, "_duckdb": duckdb}
+    namespace = namespaces.get(module) or (duckdb if module.startswith("duckdb") else None)
+    kind = getattr(namespace, name, None) if namespace is not None else None
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        try:
+            return kind(message)
+        except TypeError:
+            pass
+    return RuntimeError(f"{name}: {message}")
+
+
+def _limit_address_space(extra: int) -> None:
+    """RLIMIT_AS = the address space the process holds now + `extra` (never above a hard limit already set)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            held = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no /proc (not Linux): DuckDB's memory_limit and the wall-clock kill still hold
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    wanted = held + extra
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (wanted, hard))
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?I?B)?\s*", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _parse_bytes(text: str) -> int:
+    """'1GB', '64MB', '512MiB' (DuckDB's memory_limit spelling) -> bytes."""
+    found = _SIZE.fullmatch(text)
+    if found is None:
+        raise ValueError(f"{text!r}: not a size like 1GB or 64MB")
+    return int(float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()])
