@@ -126,7 +126,7 @@ class RunConfig(BaseModel):
     draft_model: str | None = None
     draft_layers: int = 0
     draft_cap: int = 64
-    # Quantization (docs/engine.md, "Quantization"): the streaming cache's storage, and the model's linear layers (torchao).
+    # Quantization (docs/engine.md, "Quantization"): the streaming cache's storage and the model's linear layers.
     kv_quant: Literal["none", "int8", "int4"] = "none"
     kv_quant_group: int = 32
     kv_quant_residual: int = 0
