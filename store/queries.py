@@ -47,6 +47,7 @@ BASELINE_METHOD = "recompute"
 SQL_BOX_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
 SQL_BOX_ROW_LIMIT = 10_000
 SQL_BOX_SECONDS = 20.0  # a statement still running then is interrupted
+SQL_BOX_THREADS = 2  # DuckDB threads of the box's connection (see connect)
 SQL_BOX_MEMORY = "1GB"  # DuckDB's memory_limit for the box's connection; nothing spills to disk
 # PIVOT without an IN list is DuckDB's one MULTI statement a reader needs (it looks up the pivot values first).
 _PIVOT = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:UN)?PIVOT\b", re.IGNORECASE | re.DOTALL)
@@ -124,6 +125,9 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
                 # allowed_directories can only be set once the database runs; temp_directory and it only while
                 # external access is on.
                 con.execute("SET memory_limit = $value", {"value": SQL_BOX_MEMORY})
+                # A thread per core reserves a stack and a malloc arena each: on a many-core host they would use up the
+                # box's address-space headroom (store/sandbox.py) before any query ran.
+                con.execute("SET threads = $value", {"value": SQL_BOX_THREADS})
                 con.execute("SET temp_directory = ''")
                 con.execute("SET allowed_directories = $folders", {"folders": [f"{folder}/"]})
                 con.execute("SET enable_external_access = false")

@@ -14,7 +14,9 @@ import os
 import pickle
 import re
 import resource
+import sys
 import threading
+import types
 from pathlib import Path
 
 # Address space the child may add to what it holds when it starts (Python, DuckDB and pandas loaded): DuckDB's own
@@ -36,7 +38,8 @@ def run_in_child(path: Path | str, sql: str, limit: int, seconds: float, memory:
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(str(path), sql, limit, memory, sender), daemon=True,
                             name="gridrun-sql-box")
-    child.start()
+    with _without_main():
+        child.start()
     sender.close()
     try:
         if not receiver.poll(seconds):
@@ -57,6 +60,28 @@ def run_in_child(path: Path | str, sql: str, limit: int, seconds: float, memory:
     if kind == "rows":
         return payload
     raise _rebuild(*payload)
+
+
+@contextlib.contextmanager
+def _without_main():
+    """While a child is started: a bare __main__, so that multiprocessing does not record the parent's main script for
+    the child to run again as __mp_main__ (under Streamlit, __main__ is the dashboard's app.py: every statement would
+    render the whole dashboard in its child, before its limits, inside its time)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def start() -> None:
+    """Start the forkserver now: its first start loads the store's modules (1-5 s here), which the first statement of
+    a reader would otherwise pay inside its time limit. Idempotent and cheap once it runs."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
 
 
 def _context() -> multiprocessing.context.BaseContext:
