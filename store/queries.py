@@ -930,6 +930,8 @@ def check_read_only(sql: str) -> None:
     """Raise WriteRefused unless `sql` is exactly one SELECT (or EXPLAIN, or PIVOT) statement."""
     try:
         statements = duckdb.extract_statements(sql)
+    except duckdb.OutOfMemoryException:
+        raise  # a limit of the process parsing it (the SQL box's child), not a fault of the statement
     except duckdb.Error as exc:
         raise WriteRefused(f"not valid SQL: {exc}") from None
     if len(statements) != 1:

@@ -114,15 +114,15 @@ def _run(path: str, sql: str, limit: int) -> tuple[list[str], list, bool]:
 
     from store.queries import SQL_BOX_MEMORY, QueryLimit, check_read_only, connect
 
-    check_read_only(sql)
-    with connect(path, sandbox=True) as con:
-        try:
+    try:
+        check_read_only(sql)  # parsing a long statement can itself reach the limit
+        with connect(path, sandbox=True) as con:
             result = con.execute(sql)
             rows = result.fetchmany(limit + 1)
             columns = [column[0] for column in result.description or []]
-        except duckdb.OutOfMemoryException:
-            raise QueryLimit(f"stopped at the SQL box's memory limit ({SQL_BOX_MEMORY}): aggregate before joining, "
-                             "filter on run_hash, or run it in duckdb -readonly") from None
+    except duckdb.OutOfMemoryException:
+        raise QueryLimit(f"stopped at the SQL box's memory limit ({SQL_BOX_MEMORY}): aggregate before joining, "
+                         "filter on run_hash, or run it in duckdb -readonly") from None
     payload = (columns, rows[:limit], len(rows) > limit)
     if len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)) > RESULT_BYTES:
         raise QueryLimit(f"the result is larger than {RESULT_BYTES >> 20} MiB, the SQL box's limit on what it shows: "
