@@ -206,6 +206,11 @@ def check_model_folder(name: str) -> None:
         if heads and hidden and section.get("head_dim") is None and hidden % heads:
             raise ModelLoadError(f"model '{name}': {path}: {prefix}hidden_size = {hidden} is not a multiple of "
                                  f"num_attention_heads = {heads} (and no head_dim is given): fix the config")
+        kv_heads = section.get("num_key_value_heads")
+        if heads and kv_heads and heads % kv_heads:
+            raise ModelLoadError(f"model '{name}': {path}: {prefix}num_attention_heads = {heads} is not a multiple of "
+                                 f"num_key_value_heads = {kv_heads} (each key/value head serves a whole group of query "
+                                 "heads): fix the config")
 
 
 def _json_depth(data: bytes, limit: int = MAX_CONFIG_DEPTH) -> int:
