@@ -205,3 +205,12 @@ def test_serve_command_binds_localhost_with_usage_stats_off(tmp_path):
     assert pairs["--server.address"] == "127.0.0.1" and pairs["--server.port"] == "8999"
     assert pairs["--browser.gatherUsageStats"] == "false" and pairs["--server.headless"] == "true"
     assert command[-2:] == ["--store", str(tmp_path / "s.duckdb")]
+
+
+def test_speculation_charts_give_each_draft_kind_one_colour(store, monkeypatch):
+    app = open_app(store, monkeypatch, "Speculation")
+    domains = []
+    for chart in app.get("vega_lite_chart"):
+        spec = json.loads(chart.proto.spec)
+        domains.append(spec["spec"]["encoding"]["color"]["scale"]["domain"])
+    assert len(domains) == 2 and domains[0] == domains[1] and "none" in domains[0], domains

@@ -34,7 +34,9 @@ def render(source: data.Source) -> None:
                          k=table.num_draft.where(table.spec != "none", 0))
     base = alt.Chart(table).encode(
         x=alt.X("k:Q", title="num_draft k (0: spec none)"),
-        color=alt.Color("spec:N", legend=alt.Legend(orient="right")),
+        # One colour per draft kind in both charts (each chart would otherwise colour only the kinds it draws).
+        color=alt.Color("spec:N", scale=alt.Scale(domain=sorted(table.spec.unique())),
+                        legend=alt.Legend(orient="right")),
         tooltip=["policy", "spec", "k", alt.Tooltip("tokens_per_s:Q", format=".1f"),
                  alt.Tooltip("speedup:Q", format=".2f"), alt.Tooltip("acceptance_rate:Q", format=".2f"),
                  alt.Tooltip("mean_accepted_length:Q", format=".2f"), "identical", "n"],
