@@ -80,6 +80,13 @@ class Table:
                 lines.append(rf"\multicolumn{{{len(self.columns)}}}{{l}}{{{heading}}} \\")
             for row in rows:
                 note = next(notes)
-                lines.append(" & ".join(row) + r" \\" + (f" % {note}" if note else ""))
+                lines.append(" & ".join(self._cell(i, cell) for i, cell in enumerate(row)) + r" \\"
+                             + (f" % {note}" if note else ""))
         lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
         return "\n".join(lines)
+
+    def _cell(self, column: int, text: str) -> str:
+        """A paragraph column's cell set ragged-right (justified, a narrow column spreads a long label's words
+        apart); not the last column, where \\raggedright would take the row's \\\\ (that needs the array package)."""
+        wraps = self.columns[column][1].startswith("p{") and column < len(self.columns) - 1
+        return rf"\raggedright {text}" if wraps and text else text

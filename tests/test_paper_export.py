@@ -56,7 +56,7 @@ def rows(tex: Path) -> dict[str, list[str]]:
     for line in tex.read_text().splitlines():
         if " % setting " in line:
             body, settings = line.split(r" \\ % setting ")
-            cells = body.split(" & ")
+            cells = [cell.removeprefix("\\raggedright ") for cell in body.split(" & ")]  # a label column's wrap
             for setting in settings.strip().split(", "):
                 found.setdefault(setting, cells)
     return found
