@@ -19,7 +19,6 @@ EXIT_INTERRUPTED = 130  # for SIGTERM too: the README promises one exit code for
 # interrupted shutdown would leave Ray's processes running and print a traceback from its atexit callback. After this
 # many more, the driver exits at once (Ray's processes, tied to it, go down with it).
 FORCE_EXIT_AFTER = 5
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _signals = {"received": 0, "held": 0}
 
 
@@ -67,30 +66,19 @@ def stopping() -> None:
 
 
 @contextmanager
-def _blocked(signals: tuple[signal.Signals, ...]):
-    """Hold `signals` pending (the process's signal mask) until the block ends; then they are delivered."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-@contextmanager
 def interrupt_after():
     """Hold Ctrl-C / SIGTERM until the block ends, then raise KeyboardInterrupt (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    with _blocked(SIGNALS):  # no signal between the two swaps: it would find one handler swapped and one not
-        previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in SIGNALS}
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        with _blocked(SIGNALS):
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
         _signals["received"] += len(received) - 1  # the first is raised below
         _on_signal(received[0], None)

@@ -638,36 +638,3 @@ def test_a_model_config_transformers_cannot_take_is_one_line_exit_2(case, tmp_pa
     err = refused(tmp_path, capsys, GOOD.replace("tiny-llama", f"'{folder}'") + "experiments: {a: {runs: [{}]}}\n")
     assert message in err, err
 
-
-def test_a_signal_while_the_recording_block_swaps_its_handlers_is_held_for_after_the_block(monkeypatch):
-    """SIGTERM that lands between interrupt_after's two handler swaps (SIGINT's done, SIGTERM's not yet): the block
-    still runs whole, the interrupt comes after it, and both handlers are the driver's again."""
-    import os
-    import signal
-
-    from gridrun import interrupt
-
-    both = (signal.SIGINT, signal.SIGTERM)
-    saved = {sig: signal.getsignal(sig) for sig in both}
-    swap = signal.signal
-    landed: list[bool] = []
-
-    def swap_then_signal(sig, handler):
-        previous = swap(sig, handler)
-        if sig == signal.SIGINT and not landed:
-            landed.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return previous
-
-    try:
-        interrupt.stop_on_signals()
-        monkeypatch.setattr(interrupt.signal, "signal", swap_then_signal)
-        ran = []
-        with pytest.raises(KeyboardInterrupt), interrupt.interrupt_after():
-            ran.append(True)
-        monkeypatch.setattr(interrupt.signal, "signal", swap)
-        assert landed and ran == [True]
-        assert all(signal.getsignal(sig) is interrupt._on_signal for sig in both)
-    finally:
-        for sig, handler in saved.items():
-            swap(sig, handler)
