@@ -20,6 +20,10 @@ EXIT_INTERRUPTED = 130  # for SIGTERM too: the README promises one exit code for
 # many more, the driver exits at once (Ray's processes, tied to it, go down with it).
 FORCE_EXIT_AFTER = 5
 _signals = {"received": 0, "held": 0}
+# interrupt_after's blocks open (nested blocks count) and the signals that came inside them: one handler, _on_signal,
+# checks this flag, so a block never swaps handlers (a signal between two swaps would leave one swapped).
+_deferring = {"depth": 0}
+_deferred: list[int] = []
 
 
 def hold_signals() -> None:
@@ -44,14 +48,22 @@ def stop_on_signals(reset: bool = True) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     held, _signals["held"] = _signals["held"], 0
-    if held:  # a signal that came while hold_signals held them: the command stops now
-        _signals["received"] += held - 1
-        _on_signal(signal.SIGINT, None)
+    if held:  # signals that came while hold_signals held them: the command stops now
+        _count(signal.SIGINT, held)
 
 
 def _on_signal(signum, frame) -> None:
-    _signals["received"] += 1
-    if _signals["received"] == 1:
+    if _deferring["depth"]:
+        _deferred.append(signum)
+        return
+    _count(signum, 1)
+
+
+def _count(signum: int, signals: int) -> None:
+    """`signals` more signals came: the first of the command's life raises KeyboardInterrupt, the later are noted."""
+    first = _signals["received"] == 0
+    _signals["received"] += signals
+    if first:
         raise KeyboardInterrupt
     if _signals["received"] > FORCE_EXIT_AFTER:
         sys.stderr.write(f"\n{signal.Signals(signum).name} {_signals['received']} times: exiting now, without "
@@ -67,18 +79,19 @@ def stopping() -> None:
 
 @contextmanager
 def interrupt_after():
-    """Hold Ctrl-C / SIGTERM until the block ends, then raise KeyboardInterrupt (main thread only)."""
+    """Hold Ctrl-C / SIGTERM until the block ends, then raise KeyboardInterrupt (main thread only). The handlers are
+    stop_on_signals' (installed here if they are not yet): the block only sets the flag they read."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    if any(signal.getsignal(sig) is not _on_signal for sig in (signal.SIGINT, signal.SIGTERM)):
+        stop_on_signals(reset=False)
+    _deferring["depth"] += 1
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        _signals["received"] += len(received) - 1  # the first is raised below
-        _on_signal(received[0], None)
+        _deferring["depth"] -= 1
+    if _deferring["depth"] == 0 and _deferred:
+        received = _deferred[:]
+        del _deferred[:len(received)]
+        _count(received[0], len(received))
