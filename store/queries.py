@@ -32,6 +32,7 @@ from store.schema import (
 )
 from store.stats import t_half_width
 from store.verify import catalog_views, unlisted_segments
+from streaming_llm.config import knobs_in
 
 DEFAULT_STORE = Path("results/gridrun.duckdb")
 T = TypeVar("T")
@@ -436,11 +437,10 @@ def equivalent_to(frame: pd.DataFrame, same: list[str]) -> pd.Series:
 
 
 # How a setting was measured, not what it is (streaming_llm.config.RunConfig.setting_hash leaves these out).
-MEASUREMENT_KNOBS: tuple[str, ...] = (
-    "sample", "protocol", "chunk", "score_stride", "max_tokens", "prefill", "warmup")
+MEASUREMENT_KNOBS: tuple[str, ...] = knobs_in("measurement")
 SETTING_KNOBS: tuple[str, ...] = tuple(k for k in KNOBS if k not in MEASUREMENT_KNOBS)
 # A quantized setting's reference is the setting equal in every other knob, in float (kv_quant none, weights none).
-QUANT_KNOBS: tuple[str, ...] = ("kv_quant", "kv_quant_group", "kv_quant_residual", "kv_quant_sinks", "weight_quant")
+QUANT_KNOBS: tuple[str, ...] = knobs_in("quant")
 POLICY_KNOBS: tuple[str, ...] = tuple(k for k in SETTING_KNOBS if k not in QUANT_KNOBS)
 # What a setting's numbers are comparable within (its baseline and its Pareto frontier).
 SETTING_CONTEXT: tuple[str, ...] = ("model", "dataset", "dtype", "attn_implementation", "device_name", "code_version")
@@ -887,8 +887,9 @@ def cost_profile(con: duckdb.DuckDBPyConnection, grid: str, group_hashes: Sequen
 
 
 # --- generation runs: speculative decoding ---------------------------------------------------------------------------
-# The knobs of the draft kind; a generation run's reference is the spec-none run equal in every other knob.
-SPEC_KNOBS: tuple[str, ...] = ("spec", "num_draft", "ngram_max", "draft_model", "draft_layers", "draft_cap")
+# The draft kind and its details (`spec` included, unlike streaming_llm.config.DRAFT_KNOBS); a generation run's
+# reference is the spec-none run equal in every other knob.
+SPECULATION_KNOBS: tuple[str, ...] = knobs_in("speculation")
 
 
 def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
@@ -899,7 +900,7 @@ def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Se
     (distinct generated-id hashes among the repeats) and `identical`: whether it generated exactly the reference's ids
     (null without a reference)."""
     knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS)
-    same = [k for k in KNOBS if k not in SPEC_KNOBS] + ["device_name", "code_version"]
+    same = [k for k in KNOBS if k not in SPECULATION_KNOBS] + ["device_name", "code_version"]
     join = " AND ".join(f"r.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in same)
     sql = f"""
         WITH members AS ({_members_sql("grid = $grid")}),

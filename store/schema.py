@@ -14,6 +14,8 @@ GENERATION_TOKEN_SCHEMA / FORWARD_SCHEMA. This module only declares; store/write
 from __future__ import annotations
 
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from sqlalchemy import (
     BigInteger,
@@ -27,6 +29,8 @@ from sqlalchemy import (
     Table,
     Text,
 )
+
+from streaming_llm.config import RunConfig
 
 # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
 # 3: run_hash is the computation's identity (schedule fingerprint); table configurations; generation runs (mode and
@@ -64,55 +68,51 @@ experiments = Table(
     Column("run_hash", String, primary_key=True),
 )
 
-# Knob columns: the RunConfig fields, typed. Kept in RunConfig's order.
-KNOB_COLUMNS = [
-    Column("model", String, nullable=False),
-    Column("dataset", String, nullable=False),
-    Column("text_file", String),
-    Column("dataset_source", String),
-    Column("sample", Integer, nullable=False),
-    Column("max_tokens", Integer, nullable=False),
-    Column("prefill", Integer, nullable=False),
-    Column("warmup", Integer, nullable=False),
-    Column("protocol", String, nullable=False),  # stepwise | parallel (parallel rows have no latency)
-    Column("chunk", Integer, nullable=False),
-    Column("score_stride", Integer, nullable=False),  # parallel recompute: every k-th step scored
-    Column("method", String, nullable=False),
-    Column("sink", Integer, nullable=False),
-    Column("window", Integer),  # as set; null when derived from cap (see window_resolved)
-    Column("cap", Integer),
-    Column("cap_mode", String, nullable=False),
-    Column("overlap", Integer, nullable=False),
-    Column("refresh", Integer, nullable=False),
-    Column("refresh_policy", String, nullable=False),
-    Column("slack", Integer, nullable=False),
-    Column("compress_every", Integer, nullable=False),
-    Column("max_drop", Integer, nullable=False),
-    Column("rope_mode", String, nullable=False),
-    Column("dtype", String, nullable=False),
-    Column("device", String, nullable=False),
-    Column("attn_implementation", String, nullable=False),
-    Column("repeat", Integer, nullable=False),
-    # Generation (mode generate; at their defaults in score runs). Nullable, unlike the knobs above: rows written
-    # without them (older tools, hand-made fixtures) read as score runs (queries test mode = 'generate').
-    Column("mode", String),
-    Column("prompt_tokens", Integer),
-    Column("new_tokens", Integer),
-    Column("temperature", Double),
-    Column("seed", Integer),
-    Column("spec", String),
-    Column("num_draft", Integer),
-    Column("ngram_max", Integer),
-    Column("draft_model", String),
-    Column("draft_layers", Integer),
-    Column("draft_cap", Integer),
-    # Quantization knobs (docs/engine.md, "Quantization").
-    Column("kv_quant", String, nullable=False),
-    Column("kv_quant_group", Integer, nullable=False),
-    Column("kv_quant_residual", Integer, nullable=False),
-    Column("kv_quant_sinks", String, nullable=False),
-    Column("weight_quant", String, nullable=False),
-]
+# Knob columns: the RunConfig fields, typed from their annotations, in RunConfig's order: a knob added to RunConfig
+# gets its column here, and in a store of an older version on its next open (StoreWriter adds missing columns, null
+# in the rows recorded before it).
+# The knob columns created NOT NULL before the columns were derived (frozen: a knob added since is nullable, as the
+# rows recorded before it hold null). The generation knobs were added nullable: rows written without them (older
+# tools, hand-made fixtures) read as score runs (queries test mode = 'generate').
+NOT_NULL_KNOBS = frozenset({
+    "model", "dataset", "sample", "max_tokens", "prefill", "warmup", "protocol", "chunk", "score_stride", "method",
+    "sink", "cap_mode", "overlap", "refresh", "refresh_policy", "slack", "compress_every", "max_drop", "rope_mode",
+    "dtype", "device", "attn_implementation", "repeat", "kv_quant", "kv_quant_group", "kv_quant_residual",
+    "kv_quant_sinks", "weight_quant",
+})
+
+
+def _value_types(annotation: Any) -> set[type]:
+    """The Python types a field's values have (None aside): `int | None` -> {int}, Literal['a', 'b'] -> {str}."""
+    if get_origin(annotation) is Literal:
+        return {type(value) for value in get_args(annotation)}
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_value_types(arg) for arg in get_args(annotation))) - {type(None)}
+    return {annotation}
+
+
+def _knob_column_type(name: str, annotation: Any) -> type:
+    """The SQL type of a RunConfig field: int -> Integer (its bound, knob_bound, fits INT32), float -> Double, bool ->
+    Boolean, str or a Literal of strings -> String."""
+    kinds = _value_types(annotation)
+    column = {bool: Boolean, int: Integer, float: Double, str: String}.get(kinds.pop()) if len(kinds) == 1 else None
+    if column is None:
+        raise TypeError(f"RunConfig.{name}: {annotation!r} has no store column type; use int, float, bool, str or a "
+                        "Literal of one of them (or add its type to store/schema.py _knob_column_type)")
+    return column
+
+
+def knob_columns(config_class: type[RunConfig] = RunConfig) -> list[Column]:
+    """One column per field of `config_class`, typed from its annotation."""
+    columns = []
+    for name, field in config_class.model_fields.items():
+        optional = type(None) in get_args(field.annotation)
+        columns.append(Column(name, _knob_column_type(name, field.annotation),
+                              nullable=optional or name not in NOT_NULL_KNOBS))
+    return columns
+
+
+KNOB_COLUMNS = knob_columns()
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
 SUMMARY_COLUMNS = [
