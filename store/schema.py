@@ -17,6 +17,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
+import pyarrow as pa
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -354,6 +355,30 @@ def segment_views(folder: str, current: dict[str, list[str]] | None = None,
             extra = ", r.superseded_at" if name.startswith("superseded_") else ""
             views[name] = f"SELECT {columns}{extra} FROM {source} s {join}"
     return views
+
+
+def q(name: str) -> str:
+    """A quoted identifier: some knob names (`window`) are SQL keywords."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+# The one Arrow type of each declared column type: rows are built in Arrow (from Python ints: int64) and DuckDB casts
+# them to the declared type on insert.
+ARROW_TYPES: dict[type, pa.DataType] = {
+    String: pa.string(), Text: pa.string(), Integer: pa.int64(), BigInteger: pa.int64(), Double: pa.float64(),
+    Boolean: pa.bool_(), DateTime: pa.timestamp("us", tz="UTC"),
+}
+
+
+def arrow_type(column: Column) -> pa.DataType:
+    """The Arrow type rows of `column` are built in (ARROW_TYPES)."""
+    return ARROW_TYPES[type(column.type)]
+
+
+def stored_arrow_type(column: Column) -> pa.DataType:
+    """The Arrow type of `column` in a segment file: ARROW_TYPES, except Integer as int32, as DuckDB's INTEGER is and
+    as every segment written so far holds it (the views read old and new files as one column of one type)."""
+    return pa.int32() if type(column.type) is Integer else arrow_type(column)
 
 
 def sql_string(text: str) -> str:

@@ -344,7 +344,7 @@ def test_a_read_only_segment_folder_is_refused_before_ray(tmp_path, capsys):
 def test_a_failed_segment_write_names_the_cause_not_a_full_disk(tmp_path, monkeypatch):
     import errno
 
-    import store.writer as writer_module
+    import store.segments as segments_module
     from store.writer import StoreError, StoreWriter
     from streaming_llm import evaluate
 
@@ -354,7 +354,7 @@ def test_a_failed_segment_write_names_the_cause_not_a_full_disk(tmp_path, monkey
         raise PermissionError(errno.EACCES, "Permission denied")
 
     with StoreWriter(tmp_path / "store.duckdb", "v1") as writer, pytest.raises(StoreError) as caught:
-        monkeypatch.setattr(writer_module, "_write_durably", refuse)
+        monkeypatch.setattr(segments_module, "_write_durably", refuse)
         writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t", attempts=1)
     assert "not writable" in str(caught.value) and "full" not in str(caught.value), caught.value
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import store.sandbox as store_sandbox
 import store.writer as writer_module
 from gridrun.__main__ import main as gridrun_main
 from paper.__main__ import main as paper_main
@@ -272,6 +273,6 @@ def test_sql_box_stops_a_statement_at_its_time_limit(tmp_path, result):
 def test_sql_box_stops_a_statement_at_its_memory_limit(tmp_path, result, monkeypatch):
     store = tmp_path / "store.duckdb"
     make_store(store, result, copies=1)
-    monkeypatch.setattr(queries, "SQL_BOX_MEMORY", "64MB")
+    monkeypatch.setattr(store_sandbox, "SQL_BOX_MEMORY", "64MB")
     with pytest.raises(queries.QueryLimit, match="memory limit"):
         queries.run_user_sql(store, "SELECT list(range) FROM range(50000000)")
