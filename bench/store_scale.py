@@ -32,10 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import queries  # noqa: E402
 from store.rows import arrow_schema, run_row  # noqa: E402
-from store.schema import (  # noqa: E402
-    segments_folder,
-    tokens,
-)
+from store.schema import runs as runs_table  # noqa: E402
+from store.schema import segments_folder, tokens  # noqa: E402
 from store.segments import scan_segments, segment_arrow_schema, write_segment  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 from streaming_llm import RunConfig  # noqa: E402
@@ -115,7 +113,7 @@ def build(path: Path, token_rows: int, cv: str) -> int:
     for row in rows:
         row["segment_bytes"], row["segment_digest"] = found[(row["run_hash"], "bench")]
     with duckdb.connect(str(path)) as con:
-        con.register("incoming", pa.Table.from_pylist(rows, schema=arrow_schema(runs)))
+        con.register("incoming", pa.Table.from_pylist(rows, schema=arrow_schema(runs_table)))
         names = ", ".join(f'"{name}"' for name in rows[0])
         con.execute(f"INSERT INTO runs ({names}) SELECT {names} FROM incoming")
         con.execute("CHECKPOINT")
