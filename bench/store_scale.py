@@ -36,7 +36,7 @@ from store.schema import runs as runs_table  # noqa: E402
 from store.schema import segments_folder, tokens  # noqa: E402
 from store.segments import scan_segments, segment_arrow_schema, write_segment  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
-from streaming_llm import RunConfig  # noqa: E402
+from streaming_llm import RunConfig, RunResult  # noqa: E402
 from streaming_llm.environment import code_version  # noqa: E402
 
 STEPS = 20_000
@@ -184,7 +184,9 @@ def measure_writes(path: Path, cv: str, records: int) -> dict[str, float]:
         for index in range(records):
             run, rows, compactions = new_run(index)
             before, segment_bytes, started = writer.publish_seconds, writer.segment_bytes, time.perf_counter()
-            writer.record_done(run, summary(cv), rows, compactions, worker="bench:1", attempts=1)
+            writer.record_done(
+                RunResult(run, summary(cv), {"tokens": rows, "compactions": compactions}),
+                worker="bench:1", attempts=1)
             totals.append(time.perf_counter() - started)
             publishes.append(writer.publish_seconds - before)
             written.append(writer.segment_bytes - segment_bytes + path.stat().st_size)  # segments + catalog copy

@@ -72,11 +72,12 @@ class Outcome:
     slot: str  # w0, w1, ...: stable when a dead actor is replaced
     started_at: datetime
     seconds: float  # on the worker, model load included
-    summary: dict[str, Any] | None = None
-    tokens: Any = None  # pyarrow.Table
-    compactions: Any = None
-    forwards: Any = None  # generation runs: one row per verification forward
+    result: Any = None  # the streaming_llm.RunResult of a done run, as the worker returned it
     error: str | None = None
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return None if self.result is None else self.result.summary
 
 
 class Events(Protocol):
@@ -344,8 +345,7 @@ class Scheduler:
         self._assign(slot)
         if value["status"] == "done":
             return Outcome(run, "done", attempts, worker, slot.name, started_at, value["seconds"],
-                           summary=value["summary"], tokens=value["tokens"], compactions=value["compactions"],
-                           forwards=value.get("forwards"))
+                           result=value["result"])
         return Outcome(run, "failed", attempts, worker, slot.name, started_at, value["seconds"], error=value["error"])
 
 

@@ -21,13 +21,13 @@ from .schema import (
     APPLICATION_ID,
     CATALOG_TABLES,
     SCHEMA_VERSION,
-    SEGMENT_TABLES,
-    SUPERSEDED_SEGMENT_TABLES,
     VIEWS,
     q,
     runs,
+    segment_tables,
     sql_string,
     superseded_runs,
+    superseded_segment_tables,
 )
 from .segments import create_segment_views, scan_segments, segment_file_names, write_schema_segment
 
@@ -64,7 +64,7 @@ def create_schema(con: duckdb.DuckDBPyConnection, segments: Path, code_version: 
                 kind = column.type.compile(dialect=dialect())
                 con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
     moved = move_to_segments(con, segments, existing)
-    for table in SEGMENT_TABLES:
+    for table in segment_tables():
         write_schema_segment(segments, table)
     list_segment_files(con, segments)
     create_segment_views(con, segments)
@@ -115,7 +115,7 @@ def move_to_segments(con: duckdb.DuckDBPyConnection, segments: Path, existing: s
     """Schema 2 and 3 kept per-step rows in tables of the catalog: each run's rows become its segment 'migrated',
     each superseded result's 'migrated-<superseded_at>', every row kept; then the tables are dropped."""
     moved = False
-    for table, superseded in zip(SEGMENT_TABLES, SUPERSEDED_SEGMENT_TABLES, strict=True):
+    for table, superseded in zip(segment_tables(), superseded_segment_tables(), strict=True):
         for source, owner, segment in ((table, runs, "'migrated'"),
                                        (superseded, superseded_runs,
                                         "'migrated-' || coalesce(epoch_us(superseded_at), 0)")):

@@ -23,8 +23,8 @@ from store.schema import (
     APPLICATION_ID,
     MIGRATES_FROM,
     SCHEMA_VERSION,
-    SEGMENT_TABLES,
     runs,
+    segment_tables,
     segments_folder,
     superseded_runs,
     unsafe_segment_path,
@@ -314,7 +314,7 @@ def check_writable(path: Path) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     segments = segments_folder(target)
-    for candidate in (folder, segments, *(segments / table.name for table in SEGMENT_TABLES)):
+    for candidate in (folder, segments, *(segments / table.name for table in segment_tables())):
         if not candidate.exists() and not candidate.is_symlink():
             continue
         if not candidate.is_dir():

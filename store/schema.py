@@ -6,13 +6,14 @@ knobs of the configuration that was run as typed columns, config JSON, status, s
 per step), compactions (one row per event), forwards (generation runs: one row per verification forward), meta, and
 superseded_* (earlier results of a hash, kept when it is rerun). Since schema 4 the per-step tables and their
 superseded_* live in per-run Parquet segments read through views (see "Segments" at the end). Views for shell users:
-run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The per-token, per-compaction and
-per-forward columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA and streaming_llm.generate's
-GENERATION_TOKEN_SCHEMA / FORWARD_SCHEMA. This module only declares; store/writer.py writes.
+run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. Derived, never mirrored by hand:
+the knob columns from RunConfig's fields, the per-step tables (tokens, compactions, forwards, and any the engine
+registers) from streaming_llm.results.STEP_TABLES. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Text,
 )
 
+from streaming_llm import results
 from streaming_llm.config import RunConfig
 
 # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
@@ -208,61 +210,61 @@ configurations = Table(
 )
 CONFIGURATION_OWN = ("window_resolved", "soft_capacity", "hard_capacity", "setting_hash")  # besides the knobs
 
-tokens = Table(
-    "tokens", metadata,
-    Column("run_hash", String, nullable=False),
-    Column("step", Integer, nullable=False),
-    Column("position", BigInteger, nullable=False),
-    Column("token_id", BigInteger, nullable=False),
-    Column("target_id", BigInteger, nullable=False),
-    Column("nll", Double, nullable=False),
-    Column("latency_ms", Double),  # null on prefill rows
-    Column("compaction_ms", Double),
-    Column("kv_len", Integer, nullable=False),
-    Column("compacted", Boolean, nullable=False),
-    Column("evicted", Integer, nullable=False),
-    Column("prefill", Boolean, nullable=False),  # generation runs: the prompt's rows
-    Column("forward", Integer),  # generation runs: the verification forward that produced target_id
-)
-
-compactions = Table(
-    "compactions", metadata,
-    Column("run_hash", String, nullable=False),
-    Column("step", Integer, nullable=False),
-    Column("kv_len_before", Integer, nullable=False),
-    Column("kv_len_after", Integer, nullable=False),
-    Column("evicted", Integer, nullable=False),
-    Column("compaction_ms", Double),  # null in parallel runs, which time nothing
-)
-
-
-# Generation runs: one row per verification forward (streaming_llm.generate.FORWARD_SCHEMA).
-forwards = Table(
-    "forwards", metadata,
-    Column("run_hash", String, nullable=False),
-    Column("forward", Integer, nullable=False),
-    Column("step", Integer, nullable=False),  # stream index of the first token fed (the last accepted one)
-    Column("drafted", Integer, nullable=False),
-    Column("accepted", Integer, nullable=False),
-    Column("generated", Integer, nullable=False),
-    Column("kv_len", Integer, nullable=False),
-    Column("draft_ms", Double, nullable=False),
-    Column("verify_ms", Double, nullable=False),
-    Column("latency_ms", Double, nullable=False),
-)
-
-
-def _superseded(table: Table) -> Table:
+def _superseded(table: Table, into: MetaData = metadata) -> Table:
     """A copy of `table` for results replaced by a rerun (new code version, or --force): kept, never mixed in."""
     columns = [Column(c.name, c.type, nullable=True) for c in table.columns]
-    return Table(f"superseded_{table.name}", metadata, *columns, Column("superseded_at", DateTime(timezone=True)))
+    return Table(f"superseded_{table.name}", into, *columns, Column("superseded_at", DateTime(timezone=True)))
 
 
 superseded_runs = _superseded(runs)
-superseded_tokens = _superseded(tokens)
-superseded_compactions = _superseded(compactions)
-superseded_forwards = _superseded(forwards)
-RESULT_TABLES = (runs, tokens, compactions, forwards)  # the tables a run's result spans, keyed by run_hash
+
+
+# --- Per-step tables: derived from the engine's STEP_TABLES (streaming_llm/results.py) -------------------------------
+_SQL_TYPES = {pa.int32(): Integer, pa.int64(): BigInteger, pa.float64(): Double, pa.bool_(): Boolean,
+              pa.string(): String}
+
+
+def _step_table(name: str, schema: pa.Schema, into: MetaData) -> Table:
+    """The store's table `name`: run_hash, then the engine's columns, typed and nullable as its Arrow fields."""
+    columns = [Column("run_hash", String, nullable=False)]
+    for field in schema:
+        if field.type not in _SQL_TYPES:
+            raise TypeError(f"streaming_llm.results.STEP_TABLES[{name!r}].{field.name}: {field.type} has no store "
+                            f"column type; use one of {', '.join(map(str, _SQL_TYPES))}")
+        columns.append(Column(field.name, _SQL_TYPES[field.type], nullable=field.nullable))
+    return Table(name, into, *columns)
+
+
+@functools.cache
+def _derived(registry: tuple[tuple[str, pa.Schema], ...]) -> tuple[tuple[Table, ...], tuple[Table, ...]]:
+    into = MetaData()
+    tables = tuple(_step_table(name, schema, into) for name, schema in registry)
+    return tables, tuple(_superseded(table, into) for table in tables)
+
+
+def segment_tables() -> tuple[Table, ...]:
+    """The per-step tables, in STEP_TABLES order (the order a segment's digest runs over its files): derived from the
+    engine's registry when called, so that a table registered there is stored with no edit here."""
+    return _derived(tuple(results.STEP_TABLES.items()))[0]
+
+
+def superseded_segment_tables() -> tuple[Table, ...]:
+    """superseded_<table> of each per-step table, in the same order."""
+    return _derived(tuple(results.STEP_TABLES.items()))[1]
+
+
+def segment_table(name: str) -> Table:
+    """The per-step table `name`; KeyError names the declared ones."""
+    for table in segment_tables():
+        if table.name == name:
+            return table
+    raise KeyError(f"no per-step table {name!r} (declared: {', '.join(t.name for t in segment_tables())}: "
+                   "streaming_llm.results.STEP_TABLES)")
+
+
+# The built-in ones, by name, where code and tests import them.
+tokens, compactions, forwards = (segment_table(name) for name in ("tokens", "compactions", "forwards"))
+superseded_tokens, superseded_compactions, superseded_forwards = superseded_segment_tables()[:3]
 _OWN_KNOBS = ", ".join(f'c."{name}" AS "{name}"' for name in (*(c.name for c in KNOB_COLUMNS), *CONFIGURATION_OWN))
 _GROUP_KNOBS = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in KNOB_COLUMNS if c.name != "repeat")
 
@@ -297,9 +299,7 @@ VIEWS = {
 # <store>.segments/<table>/run_hash=<hash>/segment=<id>/data.parquet (written under a temporary name, renamed, then
 # referenced by runs.segment in the catalog). The catalog's views read the files its runs rows reference, and only
 # those: a segment whose catalog was never published (a killed writer) or a superseded one is never read as current.
-SEGMENT_TABLES = (tokens, compactions, forwards)
-SUPERSEDED_SEGMENT_TABLES = (superseded_tokens, superseded_compactions, superseded_forwards)
-CATALOG_TABLES = tuple(t for t in metadata.sorted_tables if t not in (*SEGMENT_TABLES, *SUPERSEDED_SEGMENT_TABLES))
+CATALOG_TABLES = tuple(metadata.sorted_tables)  # the catalog file's tables (the per-step ones are segments)
 SEGMENTS_SUFFIX = ".segments"  # the segment folder of store X is X.segments, beside it
 SEGMENT_FILE = "data.parquet"
 SCHEMA_SEGMENT = "_"  # run_hash=_/segment=_/schema.parquet: 0 rows, the declared columns (an empty store reads)
@@ -342,7 +342,7 @@ def segment_views(folder: str, current: dict[str, list[str]] | None = None,
     rows, read from exactly the files `current` lists per table (those the runs rows name), and the superseded ones
     (those superseded_runs names). Explicit lists, never a glob: a file the catalog does not name is never read."""
     views = {}
-    for table in SEGMENT_TABLES:
+    for table in segment_tables():
         columns = ", ".join(f's."{column.name}"' for column in table.columns)
         for name, files, join in (
                 (table.name, (current or {}).get(table.name, []), "SEMI JOIN runs r USING (run_hash, segment)"),

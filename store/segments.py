@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from .schema import (
     SCHEMA_SEGMENT,
     SEGMENT_FILE,
-    SEGMENT_TABLES,
+    segment_tables,
     segment_views,
     segments_folder,
     stored_arrow_type,
@@ -130,7 +130,7 @@ def scan_segments(folder: Path, keep: set[tuple[str, str]] | None) -> dict[tuple
     names sorted). With `keep`, segments not in it are deleted, and so are temporary files."""
     sizes: dict[tuple[str, str], int] = {}
     digests: dict[tuple[str, str], hashlib.blake2b] = {}
-    for table in SEGMENT_TABLES:
+    for table in segment_tables():
         for directory in (folder / table.name).glob("run_hash=*/segment=*"):
             key = (directory.parent.name.removeprefix("run_hash="), directory.name.removeprefix("segment="))
             if key == (SCHEMA_SEGMENT, SCHEMA_SEGMENT):
@@ -155,7 +155,7 @@ def segment_file_lists(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, list[s
     """The segment files the catalog names, per per-step table: those of runs (current) and of superseded_runs."""
     lists = []
     for owner in ("runs", "superseded_runs"):
-        per_table: dict[str, list[str]] = {table.name: [] for table in SEGMENT_TABLES}
+        per_table: dict[str, list[str]] = {table.name: [] for table in segment_tables()}
         rows = con.execute(f"SELECT segment_files FROM {owner} WHERE segment IS NOT NULL AND segment_files IS NOT NULL "
                            "ORDER BY run_hash, segment").fetchall()
         for (listed,) in rows:
@@ -195,7 +195,7 @@ def segment_file_names(folder: Path, run_hash: str, segment: str) -> list[str]:
     """The Parquet files in one segment's folders, relative to the segment folder, in digest order (per-step tables
     as declared, names sorted): what a writer lists for a segment recorded before lists were."""
     files = []
-    for table in SEGMENT_TABLES:
+    for table in segment_tables():
         directory = folder / table.name / f"run_hash={run_hash}" / f"segment={segment}"
         if directory.is_dir():
             files += [f"{table.name}/{directory.parent.name}/{directory.name}/{file.name}"

@@ -33,6 +33,7 @@ import duckdb
 import pyarrow as pa
 
 from streaming_llm.config import RunConfig
+from streaming_llm.results import RunResult
 
 from .migrate import compact, create_schema
 from .opening import (  # noqa: F401  (DEFAULT_STORE, check_writable: gridrun imports them from here)
@@ -49,7 +50,7 @@ from .opening import (  # noqa: F401  (DEFAULT_STORE, check_writable: gridrun im
 )
 from .opening import StoreWriteError as StoreError
 from .rows import configuration_row, failed_row, rows_table, run_row
-from .schema import SEGMENT_FILE, compactions, configurations, forwards, q, runs, segments_folder, tokens
+from .schema import SEGMENT_FILE, configurations, q, runs, segment_tables, segments_folder
 from .segments import create_segment_views, new_digest, sync_directory, write_segment
 
 SAFE_NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]*")  # a run hash names its segment's folder
@@ -232,45 +233,45 @@ class StoreWriter:
             raise
         self._publish()
 
-    def record_done(self, config: RunConfig, summary: dict[str, Any], token_rows: pa.Table, compaction_rows: pa.Table,
-                    *, worker: str, attempts: int, forward_rows: pa.Table | None = None) -> None:
-        """A finished run, whole, in one transaction; earlier results of its hash move to superseded_*.
-        `forward_rows`: a generation run's verification forwards."""
-        for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows)):
-            if rows is None:
-                continue
-            missing = set(rows.column_names) - {column.name for column in table.columns}
+    def record_done(self, result: RunResult, *, worker: str, attempts: int) -> None:
+        """A finished run (streaming_llm's RunResult, whole) in one transaction: its runs row and a segment of its
+        per-run tables; earlier results of its hash move to superseded_*."""
+        declared = {table.name: table for table in segment_tables()}
+        for name, rows in result.tables.items():
+            if name not in declared:
+                raise StoreError(f"the engine returns a table {name!r} that streaming_llm.results.STEP_TABLES does not "
+                                 f"declare (declared: {', '.join(declared)}): register its schema there")
+            missing = set(rows.column_names) - {column.name for column in declared[name].columns}
             if missing:
                 raise StoreError(
-                    f"the engine returns {table.name} column(s) {', '.join(sorted(missing))} that store/schema.py "
-                    f"lacks: declare them in the {table.name} table and bump SCHEMA_VERSION"
+                    f"the engine returns {name} column(s) {', '.join(sorted(missing))} that its schema in "
+                    f"streaming_llm.results.STEP_TABLES lacks: declare them there"
                 )
-        row = run_row(config, summary, status="done", error=None, attempts=attempts, worker=worker)
-        self._replace(config.run_hash, row, token_rows, compaction_rows, forward_rows)
+        row = run_row(result.config, result.summary, status="done", error=None, attempts=attempts, worker=worker)
+        self._replace(result.config.run_hash, row, result.tables)
 
     def record_failed(self, config: RunConfig, error: str, *, worker: str | None, attempts: int,
                       started_at: datetime | None) -> None:
         """A failed run: its knobs and error text, no per-step rows. An earlier done result moves to superseded_*."""
         row = failed_row(config, error, self.code_version, attempts=attempts, worker=worker, started_at=started_at)
-        self._replace(config.run_hash, row, None, None)
+        self._replace(config.run_hash, row, {})
 
-    def _replace(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
-                 compaction_rows: pa.Table | None, forward_rows: pa.Table | None = None) -> None:
+    def _replace(self, run_hash: str, row: dict[str, Any], tables: dict[str, pa.Table]) -> None:
         try:
-            self._commit_run(run_hash, row, token_rows, compaction_rows, forward_rows)
+            self._commit_run(run_hash, row, tables)
         except duckdb.Error as exc:
             raise StoreError(f"--store {self.path}: recording run {run_hash} failed ({first_line(exc)}; a full "
                              "disk?): the runs recorded before it are kept; free space, then rerun") from exc
         self._publish()
 
-    def _commit_run(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
-                    compaction_rows: pa.Table | None, forward_rows: pa.Table | None) -> None:
+    def _commit_run(self, run_hash: str, row: dict[str, Any], tables: dict[str, pa.Table]) -> None:
         """The run's segment files first (invisible until the catalog that names them is published), then its runs
         row in one catalog transaction; an earlier done result's row moves to superseded_runs with its segment."""
         if not SAFE_NAME.fullmatch(run_hash):
             raise StoreError(f"run hash {run_hash!r} is not a file-name-safe hash: the store names segments by it")
-        parts = [(table, rows) for table, rows in ((tokens, token_rows), (compactions, compaction_rows),
-                                                   (forwards, forward_rows)) if rows is not None and rows.num_rows]
+        # In STEP_TABLES order: the segment's digest runs over its files in that order.
+        parts = [(table, tables[table.name]) for table in segment_tables()
+                 if tables.get(table.name) is not None and tables[table.name].num_rows]
         segment = uuid.uuid4().hex[:16] if parts else None
         files = [f"{table.name}/run_hash={run_hash}/segment={segment}/{SEGMENT_FILE}" for table, _ in parts]
         written, digest = 0, new_digest()

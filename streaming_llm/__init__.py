@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING
 from . import known_noise  # noqa: F401  (first: filters libraries' known-harmless start-up messages)
 from .config import ConfigError, RunConfig
 from .policy import CompactionSchedule, StreamingPolicy, schedule_fingerprint, simulate_spans
+from .results import RunResult
 
 if TYPE_CHECKING:
     from .cache import StreamingCache
     from .models import LoadedModel
     from .rope import RotaryGeometry, UnsupportedModelError
-    from .run import RunResult
 
 # Imported on first use, so that RunConfig and the policy (pure: no torch) load in a fraction of a second: the store
 # derives its knob columns from RunConfig, and its readers must not wait for torch.
 _LAZY = {
     "StreamingCache": "cache", "LoadedModel": "models", "RotaryGeometry": "rope",
-    "UnsupportedModelError": "rope", "RunResult": "run",
+    "UnsupportedModelError": "rope",
 }
 
 
