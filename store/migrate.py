@@ -83,7 +83,7 @@ def create_schema(con: duckdb.DuckDBPyConnection, segments: Path, code_version: 
 
 def list_segment_files(con: duckdb.DuckDBPyConnection, segments: Path) -> None:
     """Record the files of each segment that has no list yet (migrated, or written before lists were recorded):
-    those in its folders now, which _check_segments has just checked against the recorded size and digest."""
+    those in its folders now, which opening.check_segments has just checked against the recorded size and digest."""
     for owner in (runs, superseded_runs):
         unlisted = con.execute(f"SELECT DISTINCT run_hash, segment FROM {owner.name} "
                                "WHERE segment IS NOT NULL AND segment_files IS NULL").fetchall()

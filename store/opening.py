@@ -35,11 +35,7 @@ DEFAULT_STORE = Path("results/gridrun.duckdb")
 T = TypeVar("T")
 # No connection of ours fetches or loads an extension (a foreign file, a SQLite one, would make DuckDB download one).
 NO_EXTENSIONS = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
-
-
 DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
-
-
 FILE_HEADER_BYTES = 3 * 4096  # DuckDB's main header and its two database headers, before the first block
 
 

@@ -41,7 +41,7 @@ from streaming_llm.config import RunConfig
 # 4: per-step rows (tokens, compactions, forwards and their superseded_*) in immutable per-run Parquet segments beside
 #    the catalog file, read through views; runs.segment names a run's segment (see "Segments" below)
 SCHEMA_VERSION = 4
-MIGRATES_FROM = (2, 3)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
+MIGRATES_FROM = (2, 3)  # versions a writer upgrades in place (store/migrate.py create_schema)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -185,7 +185,7 @@ runs = Table(
     Column("recorded_at", DateTime(timezone=True)),  # when the driver committed the row
     Column("segment", String),  # the run's Parquet segment id (null: no per-step rows, a failed run)
     Column("segment_bytes", BigInteger),  # the size of its segment files, checked when a writer opens the store
-    Column("segment_digest", String),  # BLAKE2b of its segment files (store/writer.py segment_digest), checked too
+    Column("segment_digest", String),  # of its segment files (store/segments.py new_digest), checked too
     # JSON list of its segment files, relative to the segment folder, in digest order: what the views read, and all
     # they read (a file beside them, a stray copy, is never read)
     Column("segment_files", Text),
