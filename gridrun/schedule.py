@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from store.opening import first_line
 from streaming_llm import RunConfig
 from streaming_llm.known_noise import drop_messages
 
@@ -328,7 +329,7 @@ class Scheduler:
         try:
             value = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            reason = f"worker {slot.info.get('identity', slot.name)} died during the run ({_first_line(exc)})"
+            reason = f"worker {slot.info.get('identity', slot.name)} died during the run ({first_line(exc)})"
             retry = attempts <= self.retries
             self.events.worker_lost(slot, run, reason, retry)
             if retry:
@@ -347,9 +348,4 @@ class Scheduler:
             return Outcome(run, "done", attempts, worker, slot.name, started_at, value["seconds"],
                            result=value["result"])
         return Outcome(run, "failed", attempts, worker, slot.name, started_at, value["seconds"], error=value["error"])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
