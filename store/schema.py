@@ -210,6 +210,7 @@ configurations = Table(
 )
 CONFIGURATION_OWN = ("window_resolved", "soft_capacity", "hard_capacity", "setting_hash")  # besides the knobs
 
+
 def _superseded(table: Table, into: MetaData = metadata) -> Table:
     """A copy of `table` for results replaced by a rerun (new code version, or --force): kept, never mixed in."""
     columns = [Column(c.name, c.type, nullable=True) for c in table.columns]
@@ -219,11 +220,36 @@ def _superseded(table: Table, into: MetaData = metadata) -> Table:
 superseded_runs = _superseded(runs)
 
 
+# The one Arrow type of each declared column type: rows are built in Arrow (from Python ints: int64) and DuckDB casts
+# them to the declared type on insert.
+ARROW_TYPES: dict[type, pa.DataType] = {
+    String: pa.string(), Text: pa.string(), Integer: pa.int64(), BigInteger: pa.int64(), Double: pa.float64(),
+    Boolean: pa.bool_(), DateTime: pa.timestamp("us", tz="UTC"),
+}
+
+
+def arrow_type(column: Column) -> pa.DataType:
+    """The Arrow type rows of `column` are built in (ARROW_TYPES)."""
+    return ARROW_TYPES[type(column.type)]
+
+
+def _stored_type(kind: type) -> pa.DataType:
+    return pa.int32() if kind is Integer else ARROW_TYPES[kind]
+
+
+def stored_arrow_type(column: Column) -> pa.DataType:
+    """The Arrow type of `column` in a segment file: ARROW_TYPES, except Integer as int32, as DuckDB's INTEGER is and
+    as every segment written so far holds it (the views read old and new files as one column of one type)."""
+    return _stored_type(type(column.type))
+
+
+# The SQL type of an Arrow type the engine declares for a per-step column: the inverse of the stored types (a string
+# is VARCHAR, String after Text).
+_SQL_TYPES = {_stored_type(kind): kind for kind in (Text, String, Integer, BigInteger, Double, Boolean)}
+
+
+
 # --- Per-step tables: derived from the engine's STEP_TABLES (streaming_llm/results.py) -------------------------------
-_SQL_TYPES = {pa.int32(): Integer, pa.int64(): BigInteger, pa.float64(): Double, pa.bool_(): Boolean,
-              pa.string(): String}
-
-
 def _step_table(name: str, schema: pa.Schema, into: MetaData) -> Table:
     """The store's table `name`: run_hash, then the engine's columns, typed and nullable as its Arrow fields."""
     columns = [Column("run_hash", String, nullable=False)]
@@ -360,25 +386,6 @@ def segment_views(folder: str, current: dict[str, list[str]] | None = None,
 def q(name: str) -> str:
     """A quoted identifier: some knob names (`window`) are SQL keywords."""
     return '"' + name.replace('"', '""') + '"'
-
-
-# The one Arrow type of each declared column type: rows are built in Arrow (from Python ints: int64) and DuckDB casts
-# them to the declared type on insert.
-ARROW_TYPES: dict[type, pa.DataType] = {
-    String: pa.string(), Text: pa.string(), Integer: pa.int64(), BigInteger: pa.int64(), Double: pa.float64(),
-    Boolean: pa.bool_(), DateTime: pa.timestamp("us", tz="UTC"),
-}
-
-
-def arrow_type(column: Column) -> pa.DataType:
-    """The Arrow type rows of `column` are built in (ARROW_TYPES)."""
-    return ARROW_TYPES[type(column.type)]
-
-
-def stored_arrow_type(column: Column) -> pa.DataType:
-    """The Arrow type of `column` in a segment file: ARROW_TYPES, except Integer as int32, as DuckDB's INTEGER is and
-    as every segment written so far holds it (the views read old and new files as one column of one type)."""
-    return pa.int32() if type(column.type) is Integer else arrow_type(column)
 
 
 def sql_string(text: str) -> str:
