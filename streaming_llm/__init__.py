@@ -5,9 +5,11 @@ Import it alone and call it on a model: this package knows nothing of grids, Ray
 The rooms, in reading order: evaluate.py (the entry point: runs the protocol of `config.mode`), score.py and
 generate.py (the two protocols, each top to bottom), run.py (the run kernel both share: start, measure, checks,
 finish), steppers.py (how each method feeds the model), cache.py (StreamingCache), storage.py (float / quantized
-storage behind one contract), policy.py (the compaction schedule: pure integers). Beside them: config.py (RunConfig),
-models.py (loading), text.py, rope.py, quant.py, parallel.py (exact multi-token blocks), speculative.py (drafters),
-measure.py (the one clock), environment.py, compat.py. Imports go one way: no module imports one that imports it.
+storage behind one contract), policy.py (the compaction schedule: pure integers). Beside them: config.py (RunConfig;
+knob groups declared on its fields), results.py (RunResult and STEP_TABLES, the per-run tables), models.py
+(loading), text.py, rope.py, quant.py, parallel.py (exact multi-token blocks), speculative.py (drafters), measure.py
+(the one clock), environment.py, compat.py. Imports go one way: no module imports one that imports it. Importing the
+package loads config, policy and results only (no torch: the store reads them); the rest loads on first use.
 """
 
 import sys
