@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gridrun.driver import GridReport, GridRunner  # noqa: E402
 from gridrun.spec import load_grid  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
-from streaming_llm import RunConfig  # noqa: E402
+from streaming_llm import RunConfig, RunResult  # noqa: E402
 from streaming_llm.environment import code_version  # noqa: E402
 from streaming_llm.evaluate import COMPACTION_SCHEMA, TOKEN_SCHEMA  # noqa: E402
 
@@ -94,7 +94,9 @@ def ingest(folder: Path, rows_per_run: int, runs: int) -> list[str]:
                                           "repeat": index})
             published_before = writer.publish_seconds
             started = time.perf_counter()
-            writer.record_done(config, summary, tokens, compactions, worker="bench", attempts=1)
+            writer.record_done(
+                RunResult(config, summary, {"tokens": tokens, "compactions": compactions}),
+                worker="bench", attempts=1)
             seconds = time.perf_counter() - started
             publish = writer.publish_seconds - published_before
             if index in (0, runs - 1):

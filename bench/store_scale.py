@@ -2,7 +2,7 @@
 
 For each size it builds a synthetic store fast (runs of 20,000 token rows with the study's sawtooth shapes, every 7th
 run a recompute baseline so that the Settings view pairs ΔPPL token by token as on a real grid; rows generated in SQL
-and written as the store's own per-run segments by one partitioned COPY; the runs rows through store.writer.run_row so
+and written as the store's own per-run segments by one partitioned COPY; the runs rows through store.rows.run_row so
 every declared column is filled), then measures with the real writer and query layer: opening
 the writer (once per gridrun invocation: it checks every segment's digest), recording + publishing one more
 20,000-token run through StoreWriter.record_done (median of --records), disk bytes per token row against the data (the
@@ -31,16 +31,12 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import queries  # noqa: E402
+from store.rows import arrow_schema, run_row  # noqa: E402
+from store.schema import runs as runs_table  # noqa: E402
 from store.schema import segments_folder, tokens  # noqa: E402
-from store.writer import (  # noqa: E402
-    StoreWriter,
-    _runs_arrow_schema,
-    _scan_segments,
-    _write_segment,
-    run_row,
-    segment_arrow_schema,
-)
-from streaming_llm import RunConfig  # noqa: E402
+from store.segments import scan_segments, segment_arrow_schema, write_segment  # noqa: E402
+from store.writer import StoreWriter  # noqa: E402
+from streaming_llm import RunConfig, RunResult  # noqa: E402
 from streaming_llm.environment import code_version  # noqa: E402
 
 STEPS = 20_000
@@ -113,11 +109,11 @@ def build(path: Path, token_rows: int, cv: str) -> int:
             (folder / table).mkdir(parents=True, exist_ok=True)
             con.execute(f"COPY ({select}) TO '{folder / table}' (FORMAT parquet, COMPRESSION zstd, "
                         "PARTITION_BY (run_hash, segment), OVERWRITE_OR_IGNORE, FILENAME_PATTERN 'data{i}')")
-    found = _scan_segments(folder, keep=None)
+    found = scan_segments(folder, keep=None)
     for row in rows:
         row["segment_bytes"], row["segment_digest"] = found[(row["run_hash"], "bench")]
     with duckdb.connect(str(path)) as con:
-        con.register("incoming", pa.Table.from_pylist(rows, schema=_runs_arrow_schema()))
+        con.register("incoming", pa.Table.from_pylist(rows, schema=arrow_schema(runs_table)))
         names = ", ".join(f'"{name}"' for name in rows[0])
         con.execute(f"INSERT INTO runs ({names}) SELECT {names} FROM incoming")
         con.execute("CHECKPOINT")
@@ -140,7 +136,7 @@ def writer_vs_copy(folder: Path) -> float:
     """Bytes of one run's token segment as gridrun's writer writes it, over the same rows written by DuckDB's COPY (as
     this bench builds its stores): the factor from the disk figures below to a store gridrun wrote."""
     rows = new_run(0)[1]
-    written, _ = _write_segment(folder, tokens, "0" * 16, "compare", rows)
+    written, _ = write_segment(folder, tokens, "0" * 16, "compare", rows)
     target = folder / "copy.parquet"
     with duckdb.connect() as con:
         con.register("rows", rows)
@@ -188,7 +184,9 @@ def measure_writes(path: Path, cv: str, records: int) -> dict[str, float]:
         for index in range(records):
             run, rows, compactions = new_run(index)
             before, segment_bytes, started = writer.publish_seconds, writer.segment_bytes, time.perf_counter()
-            writer.record_done(run, summary(cv), rows, compactions, worker="bench:1", attempts=1)
+            writer.record_done(
+                RunResult(run, summary(cv), {"tokens": rows, "compactions": compactions}),
+                worker="bench:1", attempts=1)
             totals.append(time.perf_counter() - started)
             publishes.append(writer.publish_seconds - before)
             written.append(writer.segment_bytes - segment_bytes + path.stat().st_size)  # segments + catalog copy

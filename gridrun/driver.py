@@ -228,8 +228,7 @@ class GridRunner:
                 self.out.write(f"warning: worker {outcome.worker} runs evaluation code {produced_by}, the driver "
                                f"{self.code_version}: its results are stored as stale; install the same code on "
                                "every node\n")
-            writer.record_done(config, outcome.summary, outcome.tokens, outcome.compactions,
-                               worker=outcome.worker or "", attempts=attempts, forward_rows=outcome.forwards)
+            writer.record_done(outcome.result, worker=outcome.worker or "", attempts=attempts)
             return produced_by == self.code_version
         writer.record_failed(config, outcome.error or "unknown error", worker=outcome.worker,
                              attempts=attempts, started_at=outcome.started_at)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from streaming_llm import RunConfig
-from streaming_llm.config import CACHE_KNOBS, KNOBS_USED_BY
+from streaming_llm.config import KNOBS_USED_BY, knobs_in
 
 from .schedule import Outcome, Slot, run_cost
 from .spec import PlannedRun
@@ -166,7 +166,7 @@ class KnobDigest:
 
 
 def _reads(config: RunConfig, key: str) -> bool:
-    return key not in CACHE_KNOBS or key in KNOBS_USED_BY[config.method]
+    return key not in knobs_in("cache") or key in KNOBS_USED_BY[config.method]
 
 
 def _duration(seconds: float) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from store.opening import first_line
 from streaming_llm import RunConfig
 from streaming_llm.known_noise import drop_messages
 
@@ -72,11 +73,12 @@ class Outcome:
     slot: str  # w0, w1, ...: stable when a dead actor is replaced
     started_at: datetime
     seconds: float  # on the worker, model load included
-    summary: dict[str, Any] | None = None
-    tokens: Any = None  # pyarrow.Table
-    compactions: Any = None
-    forwards: Any = None  # generation runs: one row per verification forward
+    result: Any = None  # the streaming_llm.RunResult of a done run, as the worker returned it
     error: str | None = None
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return None if self.result is None else self.result.summary
 
 
 class Events(Protocol):
@@ -327,7 +329,7 @@ class Scheduler:
         try:
             value = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            reason = f"worker {slot.info.get('identity', slot.name)} died during the run ({_first_line(exc)})"
+            reason = f"worker {slot.info.get('identity', slot.name)} died during the run ({first_line(exc)})"
             retry = attempts <= self.retries
             self.events.worker_lost(slot, run, reason, retry)
             if retry:
@@ -344,12 +346,6 @@ class Scheduler:
         self._assign(slot)
         if value["status"] == "done":
             return Outcome(run, "done", attempts, worker, slot.name, started_at, value["seconds"],
-                           summary=value["summary"], tokens=value["tokens"], compactions=value["compactions"],
-                           forwards=value.get("forwards"))
+                           result=value["result"])
         return Outcome(run, "failed", attempts, worker, slot.name, started_at, value["seconds"], error=value["error"])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 

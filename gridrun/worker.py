@@ -40,7 +40,7 @@ class EvaluationWorker:
         }
 
     def run(self, knobs: dict[str, Any], run_hash: str) -> dict[str, Any]:
-        """Evaluate one run: {status: done, summary, tokens, compactions} or {status: failed, error}."""
+        """Evaluate one run: {status: done, result (the RunResult, whole)} or {status: failed, error}."""
         from streaming_llm import LoadedModel, RunConfig, evaluate
 
         started = time.perf_counter()
@@ -59,11 +59,7 @@ class EvaluationWorker:
         except Exception as exc:  # one failed run must not end the actor; KeyboardInterrupt still does
             self._free_device_memory()
             return {"status": "failed", "error": _error_text(exc), "seconds": time.perf_counter() - started}
-        return {
-            "status": "done", "summary": result.summary, "tokens": result.tokens, "compactions": result.compactions,
-            "forwards": result.forwards,
-            "seconds": time.perf_counter() - started,
-        }
+        return {"status": "done", "result": result, "seconds": time.perf_counter() - started}
 
     def _unload(self) -> None:
         self.loaded = None

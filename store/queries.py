@@ -1,40 +1,36 @@
-"""The read-only query layer over the gridrun store: every number the dashboard shows or the paper prints comes
-from here.
+"""The read-only query layer over the gridrun store: one function per number the dashboard shows or the paper prints.
 
-It never writes: connections are opened read-only (retrying while a snapshot is swapped in), the SQL box runs in a
-sandbox that refuses writes, and per-token data is aggregated or downsampled in SQL before it leaves DuckDB.
+Connections come from store/opening.py (read-only, retried while a snapshot is swapped in) and the SQL box from
+store/sandbox.py; both are re-exported here, where readers import them. It never writes, and per-token data is
+aggregated or downsampled in SQL before it leaves DuckDB.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import re
-import time
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TypeVar
 
 import duckdb
 import pandas as pd
 import yaml
 
-from store.schema import (
-    CONFIGURATION_OWN,
-    KNOB_COLUMNS,
-    MIGRATES_FROM,
-    SCHEMA_VERSION,
-    segments_folder,
-    unsafe_segment_path,
+# Readers (the dashboard, paper/, gridrun/, tests) import these from here; they are declared in store/opening.py and
+# store/sandbox.py.
+from store.opening import DEFAULT_STORE, SegmentsChanged, StoreError, connect, read, signature  # noqa: F401
+from store.sandbox import (  # noqa: F401
+    SQL_BOX_MEMORY,
+    SQL_BOX_ROW_LIMIT,
+    SQL_BOX_SECONDS,
+    QueryLimit,
+    WriteRefused,
+    check_read_only,
+    run_user_sql,
 )
+from store.schema import CONFIGURATION_OWN, KNOB_COLUMNS, q
 from store.stats import t_half_width
-from store.verify import catalog_views, unlisted_segments
-
-DEFAULT_STORE = Path("results/gridrun.duckdb")
-T = TypeVar("T")
+from streaming_llm.config import knobs_in
 
 # Knobs a sweep or a chart can vary (RunConfig fields, `repeat` aside: repeats are aggregated, never a knob).
 KNOBS: tuple[str, ...] = tuple(column.name for column in KNOB_COLUMNS if column.name != "repeat")
@@ -44,42 +40,6 @@ CONTEXT: tuple[str, ...] = (
     "device_name", "code_version",
 )
 BASELINE_METHOD = "recompute"
-SQL_BOX_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
-SQL_BOX_ROW_LIMIT = 10_000
-SQL_BOX_SECONDS = 20.0  # a statement still running then is interrupted
-SQL_BOX_THREADS = 2  # DuckDB threads of the box's connection (see connect)
-SQL_BOX_MEMORY = "1GB"  # DuckDB's memory_limit for the box's connection; nothing spills to disk
-# PIVOT without an IN list is DuckDB's one MULTI statement a reader needs (it looks up the pivot values first).
-_PIVOT = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:UN)?PIVOT\b", re.IGNORECASE | re.DOTALL)
-# EXPLAIN ANALYZE runs the statement it explains, and the box may write into the segment folder it reads (DuckDB's
-# allowed_directories grants both): what follows EXPLAIN is checked like a statement of its own.
-_EXPLAIN = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^)]*\)\s*)?",
-                      re.IGNORECASE | re.DOTALL)
-# No connection of ours fetches or loads an extension (a foreign file, a SQLite one, would make DuckDB download one).
-NO_EXTENSIONS = {"autoload_known_extensions": False, "autoinstall_known_extensions": False}
-DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of every DuckDB database file
-FILE_HEADER_BYTES = 3 * 4096  # DuckDB's main header and its two database headers, before the first block
-
-
-class StoreError(RuntimeError):
-    """The store cannot be read: missing, locked past the retries, or not a gridrun store. The message says the fix."""
-
-
-class SegmentsChanged(StoreError):
-    """A query listed a leftover segment that a writer then removed; running it again reads the store as it is."""
-
-
-class WriteRefused(ValueError):
-    """A statement given to the read-only SQL box would write (or is not a query)."""
-
-
-class QueryLimit(RuntimeError):
-    """A statement of the SQL box ran past its time or memory limit and was stopped."""
-
-
-def q(name: str) -> str:
-    """A quoted identifier: some knob names (`window`) are SQL keywords."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 @functools.cache
@@ -88,197 +48,6 @@ def current_code_version() -> str:
     from streaming_llm.environment import code_version  # imports torch: deferred to the first query that needs it
 
     return code_version()
-
-
-# --- connections ----------------------------------------------------------------------------------------------------
-def signature(path: Path | str) -> tuple[int, int, int]:
-    """Changes whenever the published snapshot is replaced or grows: a cache key for query results."""
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
-
-
-@contextmanager
-def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
-    """A read-only connection, retried while a writer holds the file or a snapshot is being swapped in.
-
-    `sandbox` also turns off every file-system access (COPY TO, ATTACH, read_csv, extensions) but reading the
-    store's own segment folder, and locks the configuration, for SQL typed by a user. A store moved or copied since
-    its last writer (its catalog's views name the old segment folder) is read where it lies: temporary views over the
-    folder beside it shadow the catalog's for this connection.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(
-            f"no store at {path}: run a grid first (python -m gridrun grids/smoke.yaml --store {path}) or pass --store"
-        )
-    unsafe = unsafe_segment_path(path)
-    if unsafe:
-        raise StoreError(f"{path}: {unsafe}")
-    _check_header(path)
-    con, size = _open_snapshot(path, attempts, dict(NO_EXTENSIONS))
-    try:
-        try:
-            check_length(con, path, size)
-            _check_is_store(con, path)
-            folder = _point_segments(con, path)
-            if sandbox:
-                # allowed_directories can only be set once the database runs; temp_directory and it only while
-                # external access is on.
-                con.execute("SET memory_limit = $value", {"value": SQL_BOX_MEMORY})
-                # A thread per core reserves a stack and a malloc arena each: on a many-core host they would use up the
-                # box's address-space headroom (store/sandbox.py) before any query ran.
-                con.execute("SET threads = $value", {"value": SQL_BOX_THREADS})
-                con.execute("SET temp_directory = ''")
-                con.execute("SET allowed_directories = $folders", {"folders": [f"{folder}/"]})
-                con.execute("SET enable_external_access = false")
-                con.execute("SET lock_configuration = true")
-            yield con
-        except duckdb.Error as exc:
-            if _vanished_leftover(con, exc):
-                raise SegmentsChanged(f"{path}: a writer removed the segments a killed run had left while this query "
-                                      "listed them (nothing of a result changed): run it again") from exc
-            if _is_damage(exc):
-                raise StoreError(f"{path} is damaged (corrupt or truncated: {_first_line(exc)}); it was left "
-                                 "untouched: restore it, or rerun the grid into a new --store") from exc
-            raise
-    finally:
-        con.close()
-
-
-def read(path: Path | str, query: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-    """`query(con)` on a fresh connection to the store, run a second time if a writer removed a killed run's leftover
-    segments while the first listed them (the views list the segment folder before they filter by the runs table)."""
-    try:
-        with connect(path) as con:
-            return query(con)
-    except SegmentsChanged:
-        with connect(path) as con:
-            return query(con)
-
-
-_MISSING_SEGMENT = re.compile(r"/(\w+)/run_hash=([0-9a-z_]+)/segment=([^/]+)/[^/\s\"']+\.parquet\"?: No such file")
-
-
-def _vanished_leftover(con: duckdb.DuckDBPyConnection, exc: duckdb.Error) -> bool:
-    """Whether `exc` is a segment file that disappeared and that no run names (a leftover of a killed writer, which
-    the next writer removes): not damage, only a listing that went stale."""
-    found = _MISSING_SEGMENT.search(str(exc))
-    if not isinstance(exc, duckdb.IOException) or found is None:
-        return False
-    _, run_hash, segment = found.groups()
-    named = con.execute("SELECT count(*) FROM (SELECT run_hash, segment FROM runs UNION ALL "
-                        "SELECT run_hash, segment FROM superseded_runs) WHERE run_hash = $h AND segment = $s",
-                        {"h": run_hash, "s": segment}).fetchone()[0]
-    return named == 0
-
-
-def _point_segments(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
-    """The segment folder beside the store; when the catalog's views name another (the store was moved or copied
-    since its last writer), temporary views over this one shadow them. Returns the folder."""
-    folder = segments_folder(path.resolve())
-    if unlisted_segments(con):  # its views would read every file of the segment folders (a glob): refused
-        raise StoreError(f"{path} was written by an older gridrun (its catalog does not list its segments' files): "
-                         f"upgrade it in place, every row kept, with python -m gridrun migrate --store {path}")
-    named = dict(con.execute("SELECT key, value FROM meta WHERE key = 'segments'").fetchall()).get("segments")
-    if named == str(folder):
-        return folder
-    if not folder.is_dir():
-        raise StoreError(f"{path} has no segment folder {folder} beside it (its per-step rows): move the store file "
-                         "and its .segments folder together")
-    for name, sql in catalog_views(con, folder).items():
-        con.execute(f"CREATE OR REPLACE TEMPORARY VIEW {name} AS {sql}")
-    return folder
-
-
-def _is_damage(exc: duckdb.Error) -> bool:
-    text = str(exc)
-    segment = "Failed to read file" in text and ".segments/" in text  # a segment's Parquet that does not decode
-    return isinstance(exc, duckdb.IOException) or "Corrupt database" in text or "checksum" in text or segment
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _open_snapshot(path: Path, attempts: int, config: dict) -> tuple[duckdb.DuckDBPyConnection, int]:
-    """A read-only connection and the size of the very file it opened (a writer may swap in a new snapshot between
-    a stat and the open: then the open is retried)."""
-    for _ in range(attempts):
-        before = os.stat(path)
-        con = _open_read_only(path, attempts, config)
-        if os.stat(path).st_ino == before.st_ino:
-            return con, before.st_size
-        con.close()
-    raise StoreError(f"{path} was replaced {attempts} times while being opened: retry")
-
-
-def check_length(con: duckdb.DuckDBPyConnection, path: Path, size: int) -> None:
-    """Raise StoreError when the file (of `size` bytes) is shorter than the blocks its header counts (a truncated copy
-    or download): DuckDB would only notice when a query reaches a missing block, an index's perhaps, midway through a
-    write."""
-    # Used blocks, not total ones: DuckDB truncates free blocks off the end of the file, but every used block is in it.
-    blocks, block_size = con.execute("SELECT used_blocks, block_size FROM pragma_database_size()").fetchall()[0]
-    expected = FILE_HEADER_BYTES + blocks * block_size
-    if size < expected:
-        raise StoreError(f"{path} cannot be read: corrupt or truncated ({size:,} bytes, its header counts {blocks} "
-                         f"used blocks = {expected:,} bytes); it was left untouched: restore it, or rerun the grid "
-                         "into a new --store")
-
-
-def _check_header(path: Path) -> None:
-    """A file that is not a DuckDB database is refused before DuckDB sees it (DuckDB would try to load an extension
-    for a SQLite file)."""
-    try:
-        with path.open("rb") as handle:
-            header = handle.read(12)
-    except OSError as exc:
-        raise StoreError(f"{path} cannot be read ({exc.strerror}): fix its permissions") from None
-    if len(header) < 12 or header[8:12] != DUCKDB_MAGIC:
-        raise StoreError(f"{path} cannot be read as a DuckDB database (it is another kind of file, or truncated): pass "
-                         "the store that python -m gridrun --store wrote")
-
-
-def _open_read_only(path: Path, attempts: int, config: dict) -> duckdb.DuckDBPyConnection:
-    delay = 0.05
-    for attempt in range(attempts):
-        try:
-            return duckdb.connect(str(path), read_only=True, config=config)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
-                raise StoreError(f"{path} cannot be read as a DuckDB database ({_first_line(exc)}): pass the store "
-                                 "that python -m gridrun --store wrote") from exc
-            if attempt == attempts - 1:
-                raise StoreError(
-                    f"{path} stays locked or unreadable after {attempts} tries ({exc}): open the published snapshot "
-                    "that gridrun writes (results/gridrun.duckdb), not a file a process is writing"
-                ) from exc
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-    raise AssertionError("unreachable")
-
-
-def _check_is_store(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    missing = {"runs", "tokens", "compactions", "experiments", "grids"} - tables
-    if missing:
-        raise StoreError(f"{path} is not a gridrun store (no table {', '.join(sorted(missing))}): pass the store "
-                         "that python -m gridrun --store wrote")
-    found = dict(con.execute("SELECT key, value FROM meta WHERE key = 'schema_version'").fetchall()) \
-        if "meta" in tables else {}
-    version = found.get("schema_version")
-    if version is not None and version.isdigit() and int(version) in MIGRATES_FROM:
-        raise StoreError(f"{path} was written by an older gridrun (store schema {version}): upgrade it in place, "
-                         f"every row kept, with python -m gridrun migrate --store {path}")
-    if version is not None and version != str(SCHEMA_VERSION):
-        newer = version.isdigit() and int(version) > SCHEMA_VERSION
-        raise StoreError(
-            f"{path} has store schema version {version}, this checkout reads version {SCHEMA_VERSION}: "
-            + ("it was written by a newer gridrun; update this checkout (git pull) to read it" if newer else
-               "it was written by an older gridrun; read it with that version, or rerun the grid into a new --store")
-        )
-    if "configurations" not in tables:
-        raise StoreError(f"{path} was written by an older gridrun (no table configurations): upgrade it in place, "
-                         f"every row kept, with python -m gridrun migrate --store {path}")
 
 
 # --- grids and status -----------------------------------------------------------------------------------------------
@@ -436,11 +205,10 @@ def equivalent_to(frame: pd.DataFrame, same: list[str]) -> pd.Series:
 
 
 # How a setting was measured, not what it is (streaming_llm.config.RunConfig.setting_hash leaves these out).
-MEASUREMENT_KNOBS: tuple[str, ...] = (
-    "sample", "protocol", "chunk", "score_stride", "max_tokens", "prefill", "warmup")
+MEASUREMENT_KNOBS: tuple[str, ...] = knobs_in("measurement")
 SETTING_KNOBS: tuple[str, ...] = tuple(k for k in KNOBS if k not in MEASUREMENT_KNOBS)
 # A quantized setting's reference is the setting equal in every other knob, in float (kv_quant none, weights none).
-QUANT_KNOBS: tuple[str, ...] = ("kv_quant", "kv_quant_group", "kv_quant_residual", "kv_quant_sinks", "weight_quant")
+QUANT_KNOBS: tuple[str, ...] = knobs_in("quant")
 POLICY_KNOBS: tuple[str, ...] = tuple(k for k in SETTING_KNOBS if k not in QUANT_KNOBS)
 # What a setting's numbers are comparable within (its baseline and its Pareto frontier).
 SETTING_CONTEXT: tuple[str, ...] = ("model", "dataset", "dtype", "attn_implementation", "device_name", "code_version")
@@ -887,8 +655,9 @@ def cost_profile(con: duckdb.DuckDBPyConnection, grid: str, group_hashes: Sequen
 
 
 # --- generation runs: speculative decoding ---------------------------------------------------------------------------
-# The knobs of the draft kind; a generation run's reference is the spec-none run equal in every other knob.
-SPEC_KNOBS: tuple[str, ...] = ("spec", "num_draft", "ngram_max", "draft_model", "draft_layers", "draft_cap")
+# The draft kind and its details (`spec` included, unlike streaming_llm.config.DRAFT_KNOBS); a generation run's
+# reference is the spec-none run equal in every other knob.
+SPECULATION_KNOBS: tuple[str, ...] = knobs_in("speculation")
 
 
 def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
@@ -899,7 +668,7 @@ def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Se
     (distinct generated-id hashes among the repeats) and `identical`: whether it generated exactly the reference's ids
     (null without a reference)."""
     knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in KNOBS)
-    same = [k for k in KNOBS if k not in SPEC_KNOBS] + ["device_name", "code_version"]
+    same = [k for k in KNOBS if k not in SPECULATION_KNOBS] + ["device_name", "code_version"]
     join = " AND ".join(f"r.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in same)
     sql = f"""
         WITH members AS ({_members_sql("grid = $grid")}),
@@ -923,43 +692,3 @@ def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Se
     params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
               "experiments": list(experiments) if experiments is not None else None}
     return con.execute(sql, params).df()
-
-
-# --- the SQL box ----------------------------------------------------------------------------------------------------
-def check_read_only(sql: str) -> None:
-    """Raise WriteRefused unless `sql` is exactly one SELECT (or EXPLAIN, or PIVOT) statement."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.OutOfMemoryException:
-        raise  # a limit of the process parsing it (the SQL box's child), not a fault of the statement
-    except duckdb.Error as exc:
-        raise WriteRefused(f"not valid SQL: {exc}") from None
-    if len(statements) != 1:
-        raise WriteRefused(f"{len(statements)} statements given: the SQL box runs one SELECT at a time")
-    kind = statements[0].type
-    if kind == duckdb.StatementType.EXPLAIN:
-        explained = _EXPLAIN.match(sql)
-        if explained is None:
-            raise WriteRefused("refused: an EXPLAIN this box cannot read; write EXPLAIN [ANALYZE] SELECT ...")
-        check_read_only(sql[explained.end():])
-        return
-    if kind == duckdb.StatementType.MULTI and _PIVOT.match(sql):
-        return  # the read-only, locked, sandboxed connection refuses anything a PIVOT could try to write
-    if kind not in SQL_BOX_STATEMENTS:
-        raise WriteRefused(
-            f"refused: {kind.name} statements are not run here; the store is read-only and this box runs SELECT "
-            "queries only (results are written by python -m gridrun)"
-        )
-
-
-def run_user_sql(path: Path | str, sql: str, limit: int = SQL_BOX_ROW_LIMIT,
-                 seconds: float = SQL_BOX_SECONDS) -> tuple[pd.DataFrame, bool]:
-    """Run a user's SELECT in a sandboxed read-only connection: its first `limit` rows, and whether there were more.
-
-    It is checked, parsed and run in a child process (store/sandbox.py) killed after `seconds` (QueryLimit), whose
-    connection holds at most SQL_BOX_MEMORY and whose address space at most that much more than it started with.
-    """
-    from store.sandbox import run_in_child
-
-    columns, rows, more = run_in_child(path, sql, limit, seconds, SQL_BOX_MEMORY)
-    return pd.DataFrame(rows, columns=columns), more

@@ -1,9 +1,10 @@
-"""The SQL box's process: a user's statement is parsed and run in a child process whose address space is limited
-(RLIMIT_AS) and which is killed at the wall-clock limit, so that no statement, however it allocates (DuckDB's list
-functions allocate outside its buffer manager) or however long it takes to parse, takes the reader's process down.
+"""The SQL box: its entry points (check_read_only, run_user_sql), its limits, and its process. A user's statement is
+parsed and run in a child process whose address space is limited (RLIMIT_AS) and which is killed at the wall-clock
+limit, so that no statement, however it allocates (DuckDB's list functions allocate outside its buffer manager) or
+however long it takes to parse, takes the reader's process down.
 
-It never writes: the child opens the store through store.queries.connect(sandbox=True) and checks the statement with
-store.queries.check_read_only, as the box did in-process before. Rows come back through a pipe.
+It never writes: the child opens the store through store.opening.connect(sandbox=True) and checks the statement with
+check_read_only. Rows come back through a pipe.
 """
 
 from __future__ import annotations
@@ -19,8 +20,36 @@ import threading
 import types
 from pathlib import Path
 
+import duckdb
+import pandas as pd
+
+SQL_BOX_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+
+
+SQL_BOX_ROW_LIMIT = 10_000
+
+
+SQL_BOX_SECONDS = 20.0  # a statement still running then is interrupted
+
+
+SQL_BOX_THREADS = 2  # DuckDB threads of the box's connection (see connect)
+
+
+SQL_BOX_MEMORY = "1GB"  # DuckDB's memory_limit for the box's connection; nothing spills to disk
+
+
+# PIVOT without an IN list is DuckDB's one MULTI statement a reader needs (it looks up the pivot values first).
+_PIVOT = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:UN)?PIVOT\b", re.IGNORECASE | re.DOTALL)
+
+
+# EXPLAIN ANALYZE runs the statement it explains, and the box may write into the segment folder it reads (DuckDB's
+# allowed_directories grants both): what follows EXPLAIN is checked like a statement of its own.
+_EXPLAIN = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^)]*\)\s*)?",
+                      re.IGNORECASE | re.DOTALL)
+
+
 # Address space the child may add to what it holds when it starts (Python, DuckDB and pandas loaded): DuckDB's own
-# memory_limit (queries.SQL_BOX_MEMORY) plus room for its threads' stacks and allocator arenas, which reserve address
+# memory_limit (SQL_BOX_MEMORY) plus room for its threads' stacks and allocator arenas, which reserve address
 # space they never touch.
 ADDRESS_SPACE_HEADROOM = 1 << 30
 RESULT_BYTES = 256 << 20  # the rows a statement may send back (pickled): past this it is refused like memory
@@ -28,12 +57,56 @@ _START = threading.Lock()
 _CONTEXT: list[multiprocessing.context.BaseContext] = []
 
 
+class WriteRefused(ValueError):
+    """A statement given to the read-only SQL box would write (or is not a query)."""
+
+
+class QueryLimit(RuntimeError):
+    """A statement of the SQL box ran past its time or memory limit and was stopped."""
+
+
+def check_read_only(sql: str) -> None:
+    """Raise WriteRefused unless `sql` is exactly one SELECT (or EXPLAIN, or PIVOT) statement."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.OutOfMemoryException:
+        raise  # a limit of the process parsing it (the SQL box's child), not a fault of the statement
+    except duckdb.Error as exc:
+        raise WriteRefused(f"not valid SQL: {exc}") from None
+    if len(statements) != 1:
+        raise WriteRefused(f"{len(statements)} statements given: the SQL box runs one SELECT at a time")
+    kind = statements[0].type
+    if kind == duckdb.StatementType.EXPLAIN:
+        explained = _EXPLAIN.match(sql)
+        if explained is None:
+            raise WriteRefused("refused: an EXPLAIN this box cannot read; write EXPLAIN [ANALYZE] SELECT ...")
+        check_read_only(sql[explained.end():])
+        return
+    if kind == duckdb.StatementType.MULTI and _PIVOT.match(sql):
+        return  # the read-only, locked, sandboxed connection refuses anything a PIVOT could try to write
+    if kind not in SQL_BOX_STATEMENTS:
+        raise WriteRefused(
+            f"refused: {kind.name} statements are not run here; the store is read-only and this box runs SELECT "
+            "queries only (results are written by python -m gridrun)"
+        )
+
+
+def run_user_sql(path: Path | str, sql: str, limit: int = SQL_BOX_ROW_LIMIT,
+                 seconds: float = SQL_BOX_SECONDS) -> tuple[pd.DataFrame, bool]:
+    """Run a user's SELECT in a sandboxed read-only connection: its first `limit` rows, and whether there were more.
+
+    It is checked, parsed and run in a child process (store/sandbox.py) killed after `seconds` (QueryLimit), whose
+    connection holds at most SQL_BOX_MEMORY and whose address space at most that much more than it started with.
+    """
+    columns, rows, more = run_in_child(path, sql, limit, seconds, SQL_BOX_MEMORY)
+    return pd.DataFrame(rows, columns=columns), more
+
+
+
 def run_in_child(path: Path | str, sql: str, limit: int, seconds: float, memory: str) -> tuple[list[str], list, bool]:
     """`sql`'s column names, first `limit` rows and whether there were more, computed in a child process limited to
     `memory` (DuckDB's memory_limit) plus ADDRESS_SPACE_HEADROOM of address space and killed after `seconds`,
     parsing included. Raises what the box raised in-process: WriteRefused, QueryLimit, StoreError, duckdb.Error."""
-    from store.queries import QueryLimit
-
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(str(path), sql, limit, memory, sender), daemon=True,
@@ -90,7 +163,7 @@ def _context() -> multiprocessing.context.BaseContext:
     with _START:
         if not _CONTEXT:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["store.sandbox", "store.queries"])
+            context.set_forkserver_preload(["store.sandbox", "store.opening"])
             _CONTEXT.append(context)
         return _CONTEXT[0]
 
@@ -101,7 +174,7 @@ def _child(path: str, sql: str, limit: int, memory: str, sender) -> None:
         _limit_address_space(_parse_bytes(memory) + ADDRESS_SPACE_HEADROOM)
         sender.send(("rows", _run(path, sql, limit)))
     except MemoryError:
-        _send_error(sender, ("store.queries", "QueryLimit", f"stopped at the SQL box's memory limit ({memory}): "
+        _send_error(sender, (__name__, "QueryLimit", f"stopped at the SQL box's memory limit ({memory}): "
                              "aggregate before joining, filter on run_hash, or run it in duckdb -readonly"))
     except BaseException as exc:  # noqa: BLE001 - every error goes back to the reader, as the box raised it in-process
         _send_error(sender, (type(exc).__module__, type(exc).__name__, str(exc)))
@@ -110,9 +183,7 @@ def _child(path: str, sql: str, limit: int, memory: str, sender) -> None:
 
 
 def _run(path: str, sql: str, limit: int) -> tuple[list[str], list, bool]:
-    import duckdb
-
-    from store.queries import SQL_BOX_MEMORY, QueryLimit, check_read_only, connect
+    from store.opening import connect
 
     try:
         check_read_only(sql)  # parsing a long statement can itself reach the limit
@@ -138,11 +209,9 @@ def _send_error(sender, error: tuple[str, str, str]) -> None:
 
 def _rebuild(module: str, name: str, message: str) -> BaseException:
     """The child's exception as the reader's: the box's own classes and DuckDB's keep their class."""
-    import duckdb
+    from store import opening
 
-    from store import queries
-
-    namespaces = {"store.queries": queries, "duckdb": duckdb, "_duckdb": duckdb}
+    namespaces = {__name__: sys.modules[__name__], "store.opening": opening, "duckdb": duckdb, "_duckdb": duckdb}
     namespace = namespaces.get(module) or (duckdb if module.startswith("duckdb") else None)
     kind = getattr(namespace, name, None) if namespace is not None else None
     if isinstance(kind, type) and issubclass(kind, Exception):

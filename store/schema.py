@@ -6,15 +6,19 @@ knobs of the configuration that was run as typed columns, config JSON, status, s
 per step), compactions (one row per event), forwards (generation runs: one row per verification forward), meta, and
 superseded_* (earlier results of a hash, kept when it is rerun). Since schema 4 the per-step tables and their
 superseded_* live in per-run Parquet segments read through views (see "Segments" at the end). Views for shell users:
-run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The per-token, per-compaction and
-per-forward columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA and streaming_llm.generate's
-GENERATION_TOKEN_SCHEMA / FORWARD_SCHEMA. This module only declares; store/writer.py writes.
+run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. Derived, never mirrored by hand:
+the knob columns from RunConfig's fields, the per-step tables (tokens, compactions, forwards, and any the engine
+registers) from streaming_llm.results.STEP_TABLES. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
+import pyarrow as pa
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -28,13 +32,16 @@ from sqlalchemy import (
     Text,
 )
 
+from streaming_llm import results
+from streaming_llm.config import RunConfig
+
 # 2: protocol, chunk, score_stride, setting_hash, eval_tokens_per_s; compaction_ms nullable
 # 3: run_hash is the computation's identity (schedule fingerprint); table configurations; generation runs (mode and
 #    spec knobs, generation summary, tokens.forward, the forwards table)
 # 4: per-step rows (tokens, compactions, forwards and their superseded_*) in immutable per-run Parquet segments beside
 #    the catalog file, read through views; runs.segment names a run's segment (see "Segments" below)
 SCHEMA_VERSION = 4
-MIGRATES_FROM = (2, 3)  # versions store/writer.py upgrades in place (see StoreWriter._create_schema)
+MIGRATES_FROM = (2, 3)  # versions a writer upgrades in place (store/migrate.py create_schema)
 APPLICATION_ID = "gridrun-store"  # meta['application_id']: tells a gridrun store from any other DuckDB file
 
 metadata = MetaData()
@@ -64,55 +71,51 @@ experiments = Table(
     Column("run_hash", String, primary_key=True),
 )
 
-# Knob columns: the RunConfig fields, typed. Kept in RunConfig's order.
-KNOB_COLUMNS = [
-    Column("model", String, nullable=False),
-    Column("dataset", String, nullable=False),
-    Column("text_file", String),
-    Column("dataset_source", String),
-    Column("sample", Integer, nullable=False),
-    Column("max_tokens", Integer, nullable=False),
-    Column("prefill", Integer, nullable=False),
-    Column("warmup", Integer, nullable=False),
-    Column("protocol", String, nullable=False),  # stepwise | parallel (parallel rows have no latency)
-    Column("chunk", Integer, nullable=False),
-    Column("score_stride", Integer, nullable=False),  # parallel recompute: every k-th step scored
-    Column("method", String, nullable=False),
-    Column("sink", Integer, nullable=False),
-    Column("window", Integer),  # as set; null when derived from cap (see window_resolved)
-    Column("cap", Integer),
-    Column("cap_mode", String, nullable=False),
-    Column("overlap", Integer, nullable=False),
-    Column("refresh", Integer, nullable=False),
-    Column("refresh_policy", String, nullable=False),
-    Column("slack", Integer, nullable=False),
-    Column("compress_every", Integer, nullable=False),
-    Column("max_drop", Integer, nullable=False),
-    Column("rope_mode", String, nullable=False),
-    Column("dtype", String, nullable=False),
-    Column("device", String, nullable=False),
-    Column("attn_implementation", String, nullable=False),
-    Column("repeat", Integer, nullable=False),
-    # Generation (mode generate; at their defaults in score runs). Nullable, unlike the knobs above: rows written
-    # without them (older tools, hand-made fixtures) read as score runs (queries test mode = 'generate').
-    Column("mode", String),
-    Column("prompt_tokens", Integer),
-    Column("new_tokens", Integer),
-    Column("temperature", Double),
-    Column("seed", Integer),
-    Column("spec", String),
-    Column("num_draft", Integer),
-    Column("ngram_max", Integer),
-    Column("draft_model", String),
-    Column("draft_layers", Integer),
-    Column("draft_cap", Integer),
-    # Quantization knobs (docs/engine.md, "Quantization").
-    Column("kv_quant", String, nullable=False),
-    Column("kv_quant_group", Integer, nullable=False),
-    Column("kv_quant_residual", Integer, nullable=False),
-    Column("kv_quant_sinks", String, nullable=False),
-    Column("weight_quant", String, nullable=False),
-]
+# Knob columns: the RunConfig fields, typed from their annotations, in RunConfig's order: a knob added to RunConfig
+# gets its column here, and in a store of an older version on its next open (StoreWriter adds missing columns, null
+# in the rows recorded before it).
+# The knob columns created NOT NULL before the columns were derived (frozen: a knob added since is nullable, as the
+# rows recorded before it hold null). The generation knobs were added nullable: rows written without them (older
+# tools, hand-made fixtures) read as score runs (queries test mode = 'generate').
+NOT_NULL_KNOBS = frozenset({
+    "model", "dataset", "sample", "max_tokens", "prefill", "warmup", "protocol", "chunk", "score_stride", "method",
+    "sink", "cap_mode", "overlap", "refresh", "refresh_policy", "slack", "compress_every", "max_drop", "rope_mode",
+    "dtype", "device", "attn_implementation", "repeat", "kv_quant", "kv_quant_group", "kv_quant_residual",
+    "kv_quant_sinks", "weight_quant",
+})
+
+
+def _value_types(annotation: Any) -> set[type]:
+    """The Python types a field's values have (None aside): `int | None` -> {int}, Literal['a', 'b'] -> {str}."""
+    if get_origin(annotation) is Literal:
+        return {type(value) for value in get_args(annotation)}
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_value_types(arg) for arg in get_args(annotation))) - {type(None)}
+    return {annotation}
+
+
+def _knob_column_type(name: str, annotation: Any) -> type:
+    """The SQL type of a RunConfig field: int -> Integer (its bound, knob_bound, fits INT32), float -> Double, bool ->
+    Boolean, str or a Literal of strings -> String."""
+    kinds = _value_types(annotation)
+    column = {bool: Boolean, int: Integer, float: Double, str: String}.get(kinds.pop()) if len(kinds) == 1 else None
+    if column is None:
+        raise TypeError(f"RunConfig.{name}: {annotation!r} has no store column type; use int, float, bool, str or a "
+                        "Literal of one of them (or add its type to store/schema.py _knob_column_type)")
+    return column
+
+
+def knob_columns(config_class: type[RunConfig] = RunConfig) -> list[Column]:
+    """One column per field of `config_class`, typed from its annotation."""
+    columns = []
+    for name, field in config_class.model_fields.items():
+        optional = type(None) in get_args(field.annotation)
+        columns.append(Column(name, _knob_column_type(name, field.annotation),
+                              nullable=optional or name not in NOT_NULL_KNOBS))
+    return columns
+
+
+KNOB_COLUMNS = knob_columns()
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
 SUMMARY_COLUMNS = [
@@ -182,7 +185,7 @@ runs = Table(
     Column("recorded_at", DateTime(timezone=True)),  # when the driver committed the row
     Column("segment", String),  # the run's Parquet segment id (null: no per-step rows, a failed run)
     Column("segment_bytes", BigInteger),  # the size of its segment files, checked when a writer opens the store
-    Column("segment_digest", String),  # BLAKE2b of its segment files (store/writer.py segment_digest), checked too
+    Column("segment_digest", String),  # of its segment files (store/segments.py new_digest), checked too
     # JSON list of its segment files, relative to the segment folder, in digest order: what the views read, and all
     # they read (a file beside them, a stray copy, is never read)
     Column("segment_files", Text),
@@ -207,61 +210,87 @@ configurations = Table(
 )
 CONFIGURATION_OWN = ("window_resolved", "soft_capacity", "hard_capacity", "setting_hash")  # besides the knobs
 
-tokens = Table(
-    "tokens", metadata,
-    Column("run_hash", String, nullable=False),
-    Column("step", Integer, nullable=False),
-    Column("position", BigInteger, nullable=False),
-    Column("token_id", BigInteger, nullable=False),
-    Column("target_id", BigInteger, nullable=False),
-    Column("nll", Double, nullable=False),
-    Column("latency_ms", Double),  # null on prefill rows
-    Column("compaction_ms", Double),
-    Column("kv_len", Integer, nullable=False),
-    Column("compacted", Boolean, nullable=False),
-    Column("evicted", Integer, nullable=False),
-    Column("prefill", Boolean, nullable=False),  # generation runs: the prompt's rows
-    Column("forward", Integer),  # generation runs: the verification forward that produced target_id
-)
 
-compactions = Table(
-    "compactions", metadata,
-    Column("run_hash", String, nullable=False),
-    Column("step", Integer, nullable=False),
-    Column("kv_len_before", Integer, nullable=False),
-    Column("kv_len_after", Integer, nullable=False),
-    Column("evicted", Integer, nullable=False),
-    Column("compaction_ms", Double),  # null in parallel runs, which time nothing
-)
-
-
-# Generation runs: one row per verification forward (streaming_llm.generate.FORWARD_SCHEMA).
-forwards = Table(
-    "forwards", metadata,
-    Column("run_hash", String, nullable=False),
-    Column("forward", Integer, nullable=False),
-    Column("step", Integer, nullable=False),  # stream index of the first token fed (the last accepted one)
-    Column("drafted", Integer, nullable=False),
-    Column("accepted", Integer, nullable=False),
-    Column("generated", Integer, nullable=False),
-    Column("kv_len", Integer, nullable=False),
-    Column("draft_ms", Double, nullable=False),
-    Column("verify_ms", Double, nullable=False),
-    Column("latency_ms", Double, nullable=False),
-)
-
-
-def _superseded(table: Table) -> Table:
+def _superseded(table: Table, into: MetaData = metadata) -> Table:
     """A copy of `table` for results replaced by a rerun (new code version, or --force): kept, never mixed in."""
     columns = [Column(c.name, c.type, nullable=True) for c in table.columns]
-    return Table(f"superseded_{table.name}", metadata, *columns, Column("superseded_at", DateTime(timezone=True)))
+    return Table(f"superseded_{table.name}", into, *columns, Column("superseded_at", DateTime(timezone=True)))
 
 
 superseded_runs = _superseded(runs)
-superseded_tokens = _superseded(tokens)
-superseded_compactions = _superseded(compactions)
-superseded_forwards = _superseded(forwards)
-RESULT_TABLES = (runs, tokens, compactions, forwards)  # the tables a run's result spans, keyed by run_hash
+
+
+# The one Arrow type of each declared column type: rows are built in Arrow (from Python ints: int64) and DuckDB casts
+# them to the declared type on insert.
+ARROW_TYPES: dict[type, pa.DataType] = {
+    String: pa.string(), Text: pa.string(), Integer: pa.int64(), BigInteger: pa.int64(), Double: pa.float64(),
+    Boolean: pa.bool_(), DateTime: pa.timestamp("us", tz="UTC"),
+}
+
+
+def arrow_type(column: Column) -> pa.DataType:
+    """The Arrow type rows of `column` are built in (ARROW_TYPES)."""
+    return ARROW_TYPES[type(column.type)]
+
+
+def _stored_type(kind: type) -> pa.DataType:
+    return pa.int32() if kind is Integer else ARROW_TYPES[kind]
+
+
+def stored_arrow_type(column: Column) -> pa.DataType:
+    """The Arrow type of `column` in a segment file: ARROW_TYPES, except Integer as int32, as DuckDB's INTEGER is and
+    as every segment written so far holds it (the views read old and new files as one column of one type)."""
+    return _stored_type(type(column.type))
+
+
+# The SQL type of an Arrow type the engine declares for a per-step column: the inverse of the stored types (a string
+# is VARCHAR, String after Text).
+_SQL_TYPES = {_stored_type(kind): kind for kind in (Text, String, Integer, BigInteger, Double, Boolean)}
+
+
+
+# --- Per-step tables: derived from the engine's STEP_TABLES (streaming_llm/results.py) -------------------------------
+def _step_table(name: str, schema: pa.Schema, into: MetaData) -> Table:
+    """The store's table `name`: run_hash, then the engine's columns, typed and nullable as its Arrow fields."""
+    columns = [Column("run_hash", String, nullable=False)]
+    for field in schema:
+        if field.type not in _SQL_TYPES:
+            raise TypeError(f"streaming_llm.results.STEP_TABLES[{name!r}].{field.name}: {field.type} has no store "
+                            f"column type; use one of {', '.join(map(str, _SQL_TYPES))}")
+        columns.append(Column(field.name, _SQL_TYPES[field.type], nullable=field.nullable))
+    return Table(name, into, *columns)
+
+
+@functools.cache
+def _derived(registry: tuple[tuple[str, pa.Schema], ...]) -> tuple[tuple[Table, ...], tuple[Table, ...]]:
+    into = MetaData()
+    tables = tuple(_step_table(name, schema, into) for name, schema in registry)
+    return tables, tuple(_superseded(table, into) for table in tables)
+
+
+def segment_tables() -> tuple[Table, ...]:
+    """The per-step tables, in STEP_TABLES order (the order a segment's digest runs over its files): derived from the
+    engine's registry when called, so that a table registered there is stored with no edit here."""
+    return _derived(tuple(results.STEP_TABLES.items()))[0]
+
+
+def superseded_segment_tables() -> tuple[Table, ...]:
+    """superseded_<table> of each per-step table, in the same order."""
+    return _derived(tuple(results.STEP_TABLES.items()))[1]
+
+
+def segment_table(name: str) -> Table:
+    """The per-step table `name`; KeyError names the declared ones."""
+    for table in segment_tables():
+        if table.name == name:
+            return table
+    raise KeyError(f"no per-step table {name!r} (declared: {', '.join(t.name for t in segment_tables())}: "
+                   "streaming_llm.results.STEP_TABLES)")
+
+
+# The built-in ones, by name, where code and tests import them.
+tokens, compactions, forwards = (segment_table(name) for name in ("tokens", "compactions", "forwards"))
+superseded_tokens, superseded_compactions, superseded_forwards = superseded_segment_tables()[:3]
 _OWN_KNOBS = ", ".join(f'c."{name}" AS "{name}"' for name in (*(c.name for c in KNOB_COLUMNS), *CONFIGURATION_OWN))
 _GROUP_KNOBS = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in KNOB_COLUMNS if c.name != "repeat")
 
@@ -296,9 +325,7 @@ VIEWS = {
 # <store>.segments/<table>/run_hash=<hash>/segment=<id>/data.parquet (written under a temporary name, renamed, then
 # referenced by runs.segment in the catalog). The catalog's views read the files its runs rows reference, and only
 # those: a segment whose catalog was never published (a killed writer) or a superseded one is never read as current.
-SEGMENT_TABLES = (tokens, compactions, forwards)
-SUPERSEDED_SEGMENT_TABLES = (superseded_tokens, superseded_compactions, superseded_forwards)
-CATALOG_TABLES = tuple(t for t in metadata.sorted_tables if t not in (*SEGMENT_TABLES, *SUPERSEDED_SEGMENT_TABLES))
+CATALOG_TABLES = tuple(metadata.sorted_tables)  # the catalog file's tables (the per-step ones are segments)
 SEGMENTS_SUFFIX = ".segments"  # the segment folder of store X is X.segments, beside it
 SEGMENT_FILE = "data.parquet"
 SCHEMA_SEGMENT = "_"  # run_hash=_/segment=_/schema.parquet: 0 rows, the declared columns (an empty store reads)
@@ -341,7 +368,7 @@ def segment_views(folder: str, current: dict[str, list[str]] | None = None,
     rows, read from exactly the files `current` lists per table (those the runs rows name), and the superseded ones
     (those superseded_runs names). Explicit lists, never a glob: a file the catalog does not name is never read."""
     views = {}
-    for table in SEGMENT_TABLES:
+    for table in segment_tables():
         columns = ", ".join(f's."{column.name}"' for column in table.columns)
         for name, files, join in (
                 (table.name, (current or {}).get(table.name, []), "SEMI JOIN runs r USING (run_hash, segment)"),
@@ -354,6 +381,11 @@ def segment_views(folder: str, current: dict[str, list[str]] | None = None,
             extra = ", r.superseded_at" if name.startswith("superseded_") else ""
             views[name] = f"SELECT {columns}{extra} FROM {source} s {join}"
     return views
+
+
+def q(name: str) -> str:
+    """A quoted identifier: some knob names (`window`) are SQL keywords."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def sql_string(text: str) -> str:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from functools import cached_property
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -21,21 +21,53 @@ from .text import DATASETS
 Method = Literal["dense", "streaming", "recompute"]
 Protocol = Literal["stepwise", "parallel"]
 
-# Knobs each method reads; the others are reset to their defaults so that equivalent runs share one identity.
-CACHE_KNOBS = (
-    "sink", "window", "cap", "cap_mode", "overlap", "refresh", "refresh_policy",
-    "slack", "compress_every", "max_drop", "rope_mode",
-)
-# Knobs that act only through the compaction schedule: a streaming run's identity holds its schedule fingerprint instead
-# of them, so settings that keep the same tokens at every step share one run. Every other knob stays in the identity.
-SCHEDULE_KNOBS = tuple(k for k in CACHE_KNOBS if k != "rope_mode")
-# Quantization: the kv_quant_* details matter only when kv_quant quantizes (kv_quant_sinks only when there are sinks).
-KV_QUANT_KNOBS = ("kv_quant_group", "kv_quant_residual", "kv_quant_sinks")
-KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "streaming": CACHE_KNOBS,
-    "recompute": ("cap",),
+# Each group: what its knobs have in common, and who reads the group.
+KNOB_GROUPS: dict[str, str] = {
+    "cache": "the streaming cache's knobs: read by method streaming only (normalised to defaults otherwise)",
+    "schedule": "cache knobs that act only through the compaction schedule: a streaming run's identity holds its "
+                "schedule fingerprint instead of them",
+    "span": "cache knobs whose sum bounds the attention span (SPAN_BUDGET)",
+    "quant": "quantization of the cache or the weights: a quantized setting's float reference differs in these only",
+    "kv_quant_detail": "details of kv_quant, read only when kv_quant quantizes",
+    "generation": "read by mode generate only",
+    "speculation": "the draft kind (spec) and its details: a generation run's reference differs in these only",
+    "draft": "details of a draft kind (spec); which one reads which: DRAFT_KNOBS_USED_BY",
+    "measurement": "how a setting is measured, not what it is: RunConfig.setting_hash leaves these out",
 }
+
+
+class Groups:
+    """The knob groups a RunConfig field belongs to, declared on the field (`Annotated[int, Groups("cache")]`): every
+    list of knobs (here, in gridrun/progress.py and store/) is derived from these with `knobs_in`, never written out."""
+
+    def __init__(self, *names: str):
+        unknown = set(names) - set(KNOB_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown knob group(s) {sorted(unknown)}: declare them in KNOB_GROUPS first")
+        self.names = names
+
+    def __repr__(self) -> str:
+        return f"Groups{self.names!r}"
+
+
+_CACHE = Groups("cache", "schedule", "span")
+_DRAFT = Groups("generation", "speculation", "draft")
+_KV_QUANT_DETAIL = Groups("quant", "kv_quant_detail")
+
+
+def _field_groups(name: str) -> tuple[str, ...]:
+    for item in RunConfig.model_fields[name].metadata:
+        if isinstance(item, Groups):
+            return item.names
+    return ()
+
+
+@functools.cache
+def knobs_in(group: str) -> tuple[str, ...]:
+    """The RunConfig fields declared in knob group `group`, in field order."""
+    if group not in KNOB_GROUPS:
+        raise ValueError(f"unknown knob group {group!r} (known: {', '.join(KNOB_GROUPS)})")
+    return tuple(name for name in RunConfig.model_fields if group in _field_groups(name))
 
 
 # Largest value of each integer knob. Every integer knob has one (knob_bound): at most what its store column holds
@@ -54,7 +86,6 @@ KNOB_BOUNDS: dict[str, int] = {
 # probabilities become NaN) from about 1e-304 on: 0 is how greedy decoding is asked for.
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 100.0
-SPAN_KNOBS = ("sink", "window", "cap", "overlap", "refresh", "slack", "compress_every", "max_drop")
 SPAN_BUDGET = 1 << 14
 
 
@@ -88,26 +119,26 @@ class RunConfig(BaseModel):
     dataset: str = "shakespeare"
     text_file: str | None = None
     dataset_source: str | None = None
-    sample: int = 0
-    max_tokens: int = 1024
-    prefill: int = 0
-    warmup: int = 8
-    protocol: Protocol = "stepwise"
-    chunk: int = 256
-    score_stride: int = 1
+    sample: Annotated[int, Groups("measurement")] = 0
+    max_tokens: Annotated[int, Groups("measurement")] = 1024
+    prefill: Annotated[int, Groups("measurement")] = 0
+    warmup: Annotated[int, Groups("measurement")] = 8
+    protocol: Annotated[Protocol, Groups("measurement")] = "stepwise"
+    chunk: Annotated[int, Groups("measurement")] = 256
+    score_stride: Annotated[int, Groups("measurement")] = 1
 
     method: Method = "streaming"
-    sink: int = 4
-    window: int | None = None
-    cap: int | None = None
-    cap_mode: Literal["peak", "soft"] = "peak"
-    overlap: int = 0
-    refresh: int = 0
-    refresh_policy: Literal["none", "middle"] = "none"
-    slack: int = 0
-    compress_every: int = 1
-    max_drop: int = 0
-    rope_mode: Literal["realign", "exact", "absolute"] = "realign"
+    sink: Annotated[int, _CACHE] = 4
+    window: Annotated[int | None, _CACHE] = None
+    cap: Annotated[int | None, _CACHE] = None
+    cap_mode: Annotated[Literal["peak", "soft"], Groups("cache", "schedule")] = "peak"
+    overlap: Annotated[int, _CACHE] = 0
+    refresh: Annotated[int, _CACHE] = 0
+    refresh_policy: Annotated[Literal["none", "middle"], Groups("cache", "schedule")] = "none"
+    slack: Annotated[int, _CACHE] = 0
+    compress_every: Annotated[int, _CACHE] = 1
+    max_drop: Annotated[int, _CACHE] = 0
+    rope_mode: Annotated[Literal["realign", "exact", "absolute"], Groups("cache")] = "realign"
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -116,22 +147,23 @@ class RunConfig(BaseModel):
 
     # Generation and speculative decoding (streaming_llm.generate / streaming_llm.speculative); see GENERATION_DOC.
     mode: Literal["score", "generate"] = "score"
-    prompt_tokens: int = 64
-    new_tokens: int = 128
-    temperature: float = 0.0
-    seed: int = 0
-    spec: Literal["none", "prompt_lookup", "draft", "self_stream"] = "none"
-    num_draft: int = 4
-    ngram_max: int = 3
-    draft_model: str | None = None
-    draft_layers: int = 0
-    draft_cap: int = 64
+    prompt_tokens: Annotated[int, Groups("generation")] = 64
+    new_tokens: Annotated[int, Groups("generation")] = 128
+    temperature: Annotated[float, Groups("generation")] = 0.0
+    seed: Annotated[int, Groups("generation")] = 0
+    spec: Annotated[Literal["none", "prompt_lookup", "draft", "self_stream"],
+                    Groups("generation", "speculation")] = "none"
+    num_draft: Annotated[int, _DRAFT] = 4
+    ngram_max: Annotated[int, _DRAFT] = 3
+    draft_model: Annotated[str | None, _DRAFT] = None
+    draft_layers: Annotated[int, _DRAFT] = 0
+    draft_cap: Annotated[int, _DRAFT] = 64
     # Quantization (docs/engine.md, "Quantization"): the streaming cache's storage and the model's linear layers.
-    kv_quant: Literal["none", "int8", "int4"] = "none"
-    kv_quant_group: int = 32
-    kv_quant_residual: int = 0
-    kv_quant_sinks: Literal["quantized", "full"] = "full"
-    weight_quant: Literal["none", "int8", "int8_dynamic", "int4"] = "none"
+    kv_quant: Annotated[Literal["none", "int8", "int4"], Groups("quant")] = "none"
+    kv_quant_group: Annotated[int, _KV_QUANT_DETAIL] = 32
+    kv_quant_residual: Annotated[int, _KV_QUANT_DETAIL] = 0
+    kv_quant_sinks: Annotated[Literal["quantized", "full"], _KV_QUANT_DETAIL] = "full"
+    weight_quant: Annotated[Literal["none", "int8", "int8_dynamic", "int4"], Groups("quant")] = "none"
 
     @model_validator(mode="wrap")
     @classmethod
@@ -344,7 +376,7 @@ class RunConfig(BaseModel):
     def setting_hash(self) -> str:
         """The setting apart from how and on how much text it was measured: shared by its text samples, repeats,
         protocols and stream lengths. Quality (over samples) and timing (over repeats) of one setting join on it."""
-        measurement = {"sample", "repeat", "protocol", "chunk", "score_stride", "warmup", "max_tokens", "prefill"}
+        measurement = {"repeat", *knobs_in("measurement")}
         return _content_hash({k: v for k, v in self.normalised().items() if k not in measurement})
 
     @classmethod
@@ -354,6 +386,22 @@ class RunConfig(BaseModel):
             return cls(**data)
         except ValidationError as exc:
             raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+# The groups as the code reads them (derived from the fields: see Groups). Each method reads its own knobs; the others
+# are reset to their defaults so that equivalent runs share one identity.
+CACHE_KNOBS = knobs_in("cache")
+# Knobs that act only through the compaction schedule: a streaming run's identity holds its schedule fingerprint instead
+# of them, so settings that keep the same tokens at every step share one run. Every other knob stays in the identity.
+SCHEDULE_KNOBS = knobs_in("schedule")
+SPAN_KNOBS = knobs_in("span")
+# Quantization: the kv_quant_* details matter only when kv_quant quantizes (kv_quant_sinks only when there are sinks).
+KV_QUANT_KNOBS = knobs_in("kv_quant_detail")
+KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
+    "dense": (),
+    "streaming": CACHE_KNOBS,
+    "recompute": ("cap",),
+}
 
 
 def _ignored_knobs(config: RunConfig) -> list[str]:
@@ -377,22 +425,23 @@ def _content_hash(content: dict[str, Any]) -> str:
 
 
 # Knobs each generation setting reads; score mode reads none of them (and generate mode does not read max_tokens).
-SPEC_KNOBS = ("num_draft", "ngram_max", "draft_model", "draft_layers", "draft_cap")
-SPEC_KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
+# DRAFT_KNOBS: a draft kind's details (without `spec` itself, unlike knobs_in("speculation")).
+DRAFT_KNOBS = knobs_in("draft")
+DRAFT_KNOBS_USED_BY: dict[str, tuple[str, ...]] = {
     "none": (),
     "prompt_lookup": ("num_draft", "ngram_max"),
     "draft": ("num_draft", "draft_model", "draft_layers"),
     "self_stream": ("num_draft", "draft_cap"),
 }
-GENERATION_KNOBS = ("prompt_tokens", "new_tokens", "temperature", "seed", "spec", *SPEC_KNOBS)
+GENERATION_KNOBS = knobs_in("generation")
 
 
 def _ignored_generation_knobs(config: RunConfig) -> list[str]:
     """The generation knobs `config` does not read, reset to their defaults by the normalisation."""
     if config.mode == "score":
         return list(GENERATION_KNOBS)
-    used = SPEC_KNOBS_USED_BY[config.spec]
-    ignored = [k for k in SPEC_KNOBS if k not in used]
+    used = DRAFT_KNOBS_USED_BY[config.spec]
+    ignored = [k for k in DRAFT_KNOBS if k not in used]
     if config.temperature == 0.0:
         ignored.append("seed")  # greedy decoding draws nothing
     # The prompt is fed as if token by token (one block where the target verifies blocks): no prefill forward.

@@ -26,7 +26,8 @@ from .config import RunConfig
 from .measure import Stopwatch
 from .models import LoadedModel
 from .parallel import StepTrace
-from .run import COMPACTION_SCHEMA, TOKEN_SCHEMA, RunResult, start_run
+from .results import COMPACTION_SCHEMA, FORWARD_SCHEMA, GENERATION_TOKEN_SCHEMA, RunResult
+from .run import start_run
 from .speculative import Draft, make_drafter, verify
 from .steppers import DenseBlockTarget, StepwiseTarget, StreamingBlockTarget, make_target
 from .text import TokenStream
@@ -35,20 +36,6 @@ __all__ = [  # the block targets live in steppers.py; named here too, where gene
     "FORWARD_SCHEMA", "GENERATION_TOKEN_SCHEMA", "DenseBlockTarget", "StepwiseTarget", "StreamingBlockTarget",
     "generate", "generated_hash", "hf_generate", "make_target", "streaming_positions",
 ]
-
-# Generation rows are the score rows plus the verification forward that produced the token (null on prompt rows).
-GENERATION_TOKEN_SCHEMA = TOKEN_SCHEMA.append(pa.field("forward", pa.int32()))
-FORWARD_SCHEMA = pa.schema([
-    ("forward", pa.int32()),  # index of the verification forward in the run
-    ("step", pa.int32()),  # stream index of the first token it fed (the last accepted one)
-    ("drafted", pa.int32()),
-    ("accepted", pa.int32()),
-    ("generated", pa.int32()),  # accepted + 1: the target's own token after them
-    ("kv_len", pa.int32()),  # attention span of its first query
-    ("draft_ms", pa.float64()),  # drafting, and syncing the drafter with the last verification
-    ("verify_ms", pa.float64()),  # the target's forward over the block, the acceptance decisions and the rollback
-    ("latency_ms", pa.float64()),
-])
 
 
 # --- the protocol -------------------------------------------------------------------------------------------------
@@ -108,7 +95,7 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
     summary = run.summarise(tokens.drop_columns(["forward"]), compactions, prompt_ms, target.kv_storage())
     summary.update(_generation_summary(tokens, forwards, history[len(prompt) :], summary["tpot_ms_mean"]))
-    return run.finish(summary, tokens, compactions, forwards)
+    return run.finish(summary, {"tokens": tokens, "compactions": compactions, "forwards": forwards})
 
 
 def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:

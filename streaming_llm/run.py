@@ -21,39 +21,8 @@ from .config import RunConfig
 from .environment import fingerprint
 from .measure import peak_memory_bytes, reset_peak_memory
 from .models import LoadedModel, is_random
+from .results import COMPACTION_SCHEMA, TOKEN_SCHEMA, RunResult  # noqa: F401  (the protocols import them from here)
 from .text import TokenStream, load_stream
-
-TOKEN_SCHEMA = pa.schema([
-    ("step", pa.int32()),  # index of the token fed (its place in the text)
-    ("position", pa.int64()),  # position id of the query
-    ("token_id", pa.int64()),
-    ("target_id", pa.int64()),
-    ("nll", pa.float64()),  # of target_id, log-softmax in float32
-    ("latency_ms", pa.float64()),  # forward + cache work; null for prefill rows (see summary.prefill_ms)
-    ("compaction_ms", pa.float64()),
-    ("kv_len", pa.int32()),  # attention span of the step
-    ("compacted", pa.bool_()),
-    ("evicted", pa.int32()),
-    ("prefill", pa.bool_()),
-])
-COMPACTION_SCHEMA = pa.schema([
-    ("step", pa.int32()),
-    ("kv_len_before", pa.int32()),
-    ("kv_len_after", pa.int32()),
-    ("evicted", pa.int32()),
-    ("compaction_ms", pa.float64()),
-])
-
-
-@dataclass
-class RunResult:
-    """What one run produced: its config, a summary of scalars, and per-step and per-compaction columns."""
-
-    config: RunConfig
-    summary: dict[str, Any]
-    tokens: pa.Table
-    compactions: pa.Table
-    forwards: pa.Table | None = None  # generation runs: one row per verification forward (streaming_llm.generate)
 
 
 @dataclass
@@ -85,9 +54,9 @@ class Run:
         check_finite(tokens)
         return summarise(self.config, self.loaded, self.stream, tokens, compactions, prefill_ms, kv_storage)
 
-    def finish(self, summary: dict[str, Any], tokens: pa.Table, compactions: pa.Table,
-               forwards: pa.Table | None = None) -> RunResult:
-        """The RunResult: `summary` after the budget check, with the peak memory, timestamps and environment."""
+    def finish(self, summary: dict[str, Any], tables: dict[str, pa.Table]) -> RunResult:
+        """The RunResult: `summary` after the budget check, with the peak memory, timestamps and environment, and the
+        run's per-run `tables` (streaming_llm.results.STEP_TABLES names)."""
         if self.peak_memory is None:
             raise RuntimeError("internal error: a run finished without its measured part (Run.measuring)")
         check_budget(self.config, summary)
@@ -97,8 +66,7 @@ class Run:
             ended_at=datetime.now(UTC).isoformat(), wall_s=time.perf_counter() - self.wall_start,
             environment={**fingerprint(self.device), **self.loaded.quantization},
         )
-        return RunResult(config=self.config, summary=summary, tokens=tokens, compactions=compactions,
-                         forwards=forwards)
+        return RunResult(config=self.config, summary=summary, tables=tables)
 
 
 def start_run(config: RunConfig, loaded: LoadedModel | None, stream: TokenStream | None, stream_tokens: int,

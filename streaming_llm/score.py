@@ -40,7 +40,7 @@ def score(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStr
     tokens, compactions = record.table(), record.compaction_table()
     summary = run.summarise(tokens, compactions, prefill_ms, kv_storage)
     summary["eval_tokens_per_s"] = tokens.num_rows / scoring_s
-    return run.finish(summary, tokens, compactions)
+    return run.finish(summary, {"tokens": tokens, "compactions": compactions})
 
 
 def _score_stepwise(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, record: _Recorder):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 import yaml
 
-from store.schema import APPLICATION_ID, KNOB_COLUMNS, metadata
+from store.schema import APPLICATION_ID, KNOB_COLUMNS, metadata, segment_tables, superseded_segment_tables
 from streaming_llm import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,8 @@ def create_store(path: Path) -> None:
     gridrun wrote it before segments: fill it with insert_run, then `upgrade` it (the writer's migration) to read it."""
     engine = sa.create_engine(f"duckdb:///{path}")
     metadata.create_all(engine)
+    for table in (*segment_tables(), *superseded_segment_tables()):  # declared apart: derived from the engine's
+        table.create(engine)
     engine.dispose()
     with duckdb.connect(str(path)) as con:
         con.executemany("INSERT INTO meta VALUES (?, ?)",

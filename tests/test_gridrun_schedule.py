@@ -11,6 +11,7 @@ from gridrun.driver import decide
 from gridrun.schedule import RunQueue, ScheduleError, WorkerPlan, model_key, run_cost
 from gridrun.spec import PlannedRun, parse_grid
 from store.writer import StoredRun
+from streaming_llm import RunResult
 
 GRID = """
 name: models
@@ -120,7 +121,7 @@ def test_progress_lines_rates_and_eta():
     progress = Progress(planned, out=out, live=False)
     summary = {"ppl": 12.5, "tpot_ms_mean": 2.0, "timed_steps": 500, "wall_s": 1.5}
     now = datetime.now(UTC)
-    progress.finished(Outcome(strict, "done", 1, "host:1", "w0", now, 1.5, summary=summary))
+    progress.finished(Outcome(strict, "done", 1, "host:1", "w0", now, 1.5, result=RunResult(strict.config, summary)))
     progress.finished(Outcome(planned[1], "failed", 2, "host:1", "w0", now, 0.1, error="ValueError: bad\ntrace"))
     lines = out.getvalue().splitlines()
     assert lines[0].startswith(f"done   1/{len(planned)} {strict.run_hash} [a] streaming: ppl 12.500")

@@ -189,7 +189,7 @@ def two_run_store(tmp_path: Path, two_run_results) -> tuple[Path, Path, list[str
     with StoreWriter(store, code_version()) as writer:
         writer.register_grid(grid.name, grid_file, TWO_RUNS, grid.membership(), grid.configurations())
         for result in results:
-            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+            writer.record_done(result, worker="t",
                                attempts=1)
     return store, grid_file, [r.config.run_hash for r in results], sum(r.tokens.num_rows for r in results)
 
@@ -344,7 +344,7 @@ def test_a_read_only_segment_folder_is_refused_before_ray(tmp_path, capsys):
 def test_a_failed_segment_write_names_the_cause_not_a_full_disk(tmp_path, monkeypatch):
     import errno
 
-    import store.writer as writer_module
+    import store.segments as segments_module
     from store.writer import StoreError, StoreWriter
     from streaming_llm import evaluate
 
@@ -354,8 +354,8 @@ def test_a_failed_segment_write_names_the_cause_not_a_full_disk(tmp_path, monkey
         raise PermissionError(errno.EACCES, "Permission denied")
 
     with StoreWriter(tmp_path / "store.duckdb", "v1") as writer, pytest.raises(StoreError) as caught:
-        monkeypatch.setattr(writer_module, "_write_durably", refuse)
-        writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t", attempts=1)
+        monkeypatch.setattr(segments_module, "_write_durably", refuse)
+        writer.record_done(result, worker="t", attempts=1)
     assert "not writable" in str(caught.value) and "full" not in str(caught.value), caught.value
 
 

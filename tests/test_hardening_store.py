@@ -15,12 +15,13 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import store.sandbox as store_sandbox
 import store.writer as writer_module
 from gridrun.__main__ import main as gridrun_main
 from paper.__main__ import main as paper_main
 from store import queries
 from store.writer import StoreError, StoreWriter, read_runs
-from streaming_llm import RunConfig, evaluate
+from streaming_llm import RunConfig, RunResult, evaluate
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 BASE = {"model": "tiny-llama", "max_tokens": 200, "cap": 48, "sink": 4, "warmup": 2, "method": "streaming"}
@@ -49,7 +50,9 @@ def make_store(path: Path, result, copies: int = 1000) -> None:
     tokens = pa.concat_tables([result.tokens] * copies)
     with StoreWriter(path, "v1") as writer:
         writer.register_grid("g", Path("g.yaml"), GRID, [("main", result.config.run_hash)])
-        writer.record_done(result.config, result.summary, tokens, result.compactions, worker="t:1", attempts=1)
+        writer.record_done(
+            RunResult(result.config, result.summary, {"tokens": tokens, "compactions": result.compactions}),
+            worker="t:1", attempts=1)
 
 
 def damage(path: Path, table: str) -> None:
@@ -92,7 +95,7 @@ def test_a_symlink_or_another_spelling_is_the_same_store_and_the_link_stays_a_li
             with pytest.raises(StoreError, match="being written by another gridrun"):
                 StoreWriter(spelling, "v1").open()
     with StoreWriter(link, "v1") as writer:
-        writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t", attempts=1)
+        writer.record_done(result, worker="t", attempts=1)
     assert link.is_symlink() and link.resolve() == real
     assert set(read_runs(real)) == {result.config.run_hash}
     assert others(tmp_path, keep="link.duckdb") == ["data", "sub"]
@@ -221,7 +224,7 @@ def test_a_full_disk_while_publishing_keeps_the_last_snapshot_and_leaves_nothing
         before = store.read_bytes()
         monkeypatch.setattr(writer_module, "_copy_file", full_disk_after(100_000))
         with pytest.raises(StoreError, match="full disk"):
-            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+            writer.record_done(result, worker="t",
                                attempts=1)
         # The published catalog is the last one; the run's segment, never referenced by it, is never read.
         assert store.read_bytes() == before and not list(tmp_path.glob(".store.duckdb.publish-*"))
@@ -272,6 +275,6 @@ def test_sql_box_stops_a_statement_at_its_time_limit(tmp_path, result):
 def test_sql_box_stops_a_statement_at_its_memory_limit(tmp_path, result, monkeypatch):
     store = tmp_path / "store.duckdb"
     make_store(store, result, copies=1)
-    monkeypatch.setattr(queries, "SQL_BOX_MEMORY", "64MB")
+    monkeypatch.setattr(store_sandbox, "SQL_BOX_MEMORY", "64MB")
     with pytest.raises(queries.QueryLimit, match="memory limit"):
         queries.run_user_sql(store, "SELECT list(range) FROM range(50000000)")

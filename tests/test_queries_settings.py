@@ -39,7 +39,7 @@ def store(tmp_path_factory, tiny_models) -> tuple[Path, dict]:
     with StoreWriter(path, results[0].summary["environment"]["code_version"]) as writer:
         writer.register_grid("g", Path("g.yaml"), "name: g\n", [("main", r.config.run_hash) for r in results])
         for result in results:
-            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
+            writer.record_done(result, worker="test:1",
                                attempts=1)
     return path, runs
 
@@ -98,7 +98,7 @@ def test_a_setting_with_only_parallel_runs_has_quality_and_no_timing(tmp_path, t
     with StoreWriter(path, results[0].summary["environment"]["code_version"]) as writer:
         writer.register_grid("g", Path("g.yaml"), "name: g\n", [("main", r.config.run_hash) for r in results])
         for result in results:
-            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+            writer.record_done(result, worker="t",
                                attempts=1)
     with queries.connect(path) as con:
         row = queries.setting_table(con, "g").iloc[0]
@@ -117,7 +117,7 @@ def test_delta_against_a_strided_baseline_is_paired_on_its_steps(tmp_path, tiny_
     with StoreWriter(path, base[0].summary["environment"]["code_version"]) as writer:
         writer.register_grid("g", Path("g.yaml"), "name: g\n", [("main", r.config.run_hash) for r in base + lazy])
         for result in base + lazy:
-            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+            writer.record_done(result, worker="t",
                                attempts=1)
     deltas = []
     for b, x in zip(base, lazy, strict=True):
@@ -145,7 +145,7 @@ def test_a_quantized_setting_is_paired_with_its_float_setting_on_the_same_tokens
     with StoreWriter(path, results[0].summary["environment"]["code_version"]) as writer:
         writer.register_grid("g", Path("g.yaml"), "name: g\n", [("quantization", r.config.run_hash) for r in results])
         for result in results:
-            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="t",
+            writer.record_done(result, worker="t",
                                attempts=1)
     with queries.connect(path) as con:
         table = queries.setting_table(con, "g").set_index("kv_quant")

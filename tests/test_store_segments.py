@@ -24,7 +24,7 @@ from fixtures_store import _synthetic_tokens, create_store, insert_run
 from store import queries
 from store.schema import SCHEMA_VERSION, segments_folder
 from store.writer import StoreError, StoreWriter, read_runs
-from streaming_llm import RunConfig
+from streaming_llm import RunConfig, RunResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = {"ppl": 10.0, "tpot_ms_mean": 2.0, "environment": {"code_version": "v1", "device": "cpu"}}
@@ -40,7 +40,9 @@ def run(index: int, steps: int, seed: int = 0) -> tuple[RunConfig, pa.Table, pa.
 
 def record(writer: StoreWriter, index: int, steps: int) -> RunConfig:
     config, tokens, compactions = run(index, steps)
-    writer.record_done(config, SUMMARY, tokens, compactions, worker="t:1", attempts=1)
+    writer.record_done(
+        RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions}),
+        worker="t:1", attempts=1)
     return config
 
 
@@ -188,7 +190,9 @@ def test_a_rerun_replaces_the_current_rows_and_keeps_the_earlier_as_superseded(t
     with StoreWriter(store, "v1") as writer:
         config = record(writer, 0, 3000)
         _, tokens, compactions = run(0, 3000, seed=7)
-        writer.record_done(config, SUMMARY, tokens, compactions, worker="t:2", attempts=2)
+        writer.record_done(
+            RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions}),
+            worker="t:2", attempts=2)
     with queries.connect(store) as con:
         assert con.execute("SELECT count(*), sum(nll) FROM tokens").fetchall() == [
             (3000, pytest.approx(float(np.sum(tokens.column("nll").to_numpy()))))]

@@ -26,7 +26,7 @@ def results():
 
 
 def record(writer: StoreWriter, result, attempts: int = 1) -> None:
-    writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
+    writer.record_done(result, worker="test:1",
                        attempts=attempts)
 
 
@@ -196,10 +196,8 @@ def test_generation_run_is_stored_with_its_forwards(tmp_path):
     result = evaluate(config)
     path = tmp_path / "store.duckdb"
     with StoreWriter(path, "v1") as writer:
-        writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
-                           attempts=1, forward_rows=result.forwards)
-        writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
-                           attempts=1, forward_rows=result.forwards)  # a rerun supersedes, never mixes
+        writer.record_done(result, worker="test:1", attempts=1)
+        writer.record_done(result, worker="test:1", attempts=1)  # a rerun supersedes, never mixes
     with duckdb.connect(str(path), read_only=True) as con:
         row = con.execute("SELECT mode, spec, num_draft, generated_tokens, generated_hash, acceptance_rate, "
                           "verify_forwards FROM runs WHERE run_hash = ?", [config.run_hash]).fetchone()
