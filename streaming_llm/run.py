@@ -54,6 +54,7 @@ class RunResult:
     tokens: pa.Table
     compactions: pa.Table
     forwards: pa.Table | None = None  # generation runs: one row per verification forward (streaming_llm.generate)
+    trials: pa.Table | None = None  # task runs: one row per trial (streaming_llm.task_run.TRIAL_SCHEMA)
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""The task protocol (streaming_llm.task_run) on tiny random models: the parallel path equals the stepwise one
+(answers, answer NLLs, spans), the cache holds the needle tokens the schedule says, the stepwise fork leaves the cache
+as the answer pass found it, and rows and summary agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streaming_llm import RunConfig, evaluate
+from streaming_llm.task_run import TRIAL_SCHEMA, make_task_target, run_trial, task_instances
+from tests.conftest import TEST_DEVICE
+
+BASE = dict(model="tiny-llama", mode="task", task="passkey", context_tokens=420, depths=[0.2, 0.95], trials=1,
+            attn_implementation="eager", device=TEST_DEVICE)
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(method="dense"),
+    dict(cap=96, compress_every=16),
+    dict(window=40, sink=4, overlap=4, refresh=3, refresh_policy="middle", slack=6, compress_every=4, max_drop=3),
+])
+def test_parallel_equals_stepwise(tiny_models, knobs):
+    loaded = tiny_models["tiny-llama"]
+    stepwise = evaluate(RunConfig(**BASE, **knobs), loaded)
+    parallel = evaluate(RunConfig(**BASE, **knobs, protocol="parallel", chunk=64), loaded)
+    for name in ("answer", "retained", "kv_len", "instance_hash", "needle_start", "distance", "score"):
+        assert stepwise.trials.column(name).to_pylist() == parallel.trials.column(name).to_pylist(), name
+    np.testing.assert_allclose(stepwise.trials.column("answer_nll").to_numpy(),
+                               parallel.trials.column("answer_nll").to_numpy(), rtol=0, atol=1e-4)
+    assert stepwise.summary["kv_len_max"] == parallel.summary["kv_len_max"]
+
+
+def test_rows_and_summary(tiny_models):
+    config = RunConfig(**(BASE | dict(trials=2)), cap=96, protocol="parallel", chunk=64)
+    result = evaluate(config, tiny_models["tiny-llama"])
+    trials = result.trials
+    assert trials.schema == TRIAL_SCHEMA and trials.num_rows == 4
+    assert trials.column("depth").to_pylist() == [0.2, 0.2, 0.95, 0.95]
+    assert trials.column("trial").to_pylist() == [0, 1, 0, 1]
+    assert result.summary["trial_count"] == 4
+    assert result.summary["accuracy"] == pytest.approx(np.mean(trials.column("score").to_numpy()))
+    assert result.summary["answer_nll_mean"] == pytest.approx(np.mean(trials.column("answer_nll").to_numpy()))
+    retained = trials.column("retained").to_pylist()
+    needle = [e - s for s, e in zip(trials.column("needle_start").to_pylist(), trials.column("needle_end").to_pylist(),
+                                    strict=True)]
+    assert retained[:2] == [0, 0]  # depth 0.2 of 420 tokens: far behind a cap of 96
+    assert retained[2:] == needle[2:]  # right before the question: all held
+    assert result.summary["kv_len_max"] <= 96
+    # The instance hashes regenerate: the same trials from the same config.
+    again = [instance.instance_hash for _, instance in task_instances(config, tiny_models["tiny-llama"].tokenizer)]
+    assert again == trials.column("instance_hash").to_pylist()
+
+
+def test_the_stepwise_fork_leaves_the_question_state_as_it_was(tiny_models):
+    """The answer pass runs on a deep copy: generating afterwards gives what generating without that pass gives."""
+    loaded = tiny_models["tiny-llama"]
+    config = RunConfig(**BASE, cap=80, compress_every=8, kv_quant="int8", kv_quant_group=16)
+    _, instance = task_instances(config, loaded.tokenizer)[1]
+    with_fork = run_trial(config, loaded, make_task_target(loaded, config), instance)
+    target = make_task_target(loaded, config)
+    import torch
+
+    with torch.inference_mode():
+        ids = list(instance.prompt_ids)
+        logits = target.forward_block(torch.tensor([ids]))
+        generated = [int(logits[-1].argmax())]
+        while len(generated) < instance.generate_tokens:
+            generated.append(int(target.forward_block(torch.tensor([generated[-1:]]))[-1].argmax()))
+    names = TRIAL_SCHEMA.names[3:]
+    assert dict(zip(names, with_fork, strict=True))["answer"] == loaded.tokenizer.decode(generated)
+
+
+def test_a_task_file_runs_through_the_protocol(tiny_models, tmp_path):
+    import json
+
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(json.dumps({"context": f"filler {i} " * 30, "question": "Which number?",
+                                        "answers": [str(i)]}) + "\n" for i in range(3)))
+    config = RunConfig(model="tiny-llama", mode="task", task_file=str(path), context_tokens=200, trials=3,
+                       method="dense", protocol="parallel", device=TEST_DEVICE)
+    result = evaluate(config, tiny_models["tiny-llama"])
+    assert result.trials.num_rows == 3
+    assert result.trials.column("retained").to_pylist() == [None] * 3
+    assert result.trials.column("expected").to_pylist() == ["0", "1", "2"]
+    assert np.isfinite(result.summary["answer_nll_mean"])
