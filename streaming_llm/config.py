@@ -499,8 +499,17 @@ def _task_defaults(config: RunConfig) -> dict[str, Any]:
 
 def _depths_as_tuple(data: dict[str, Any]) -> dict[str, Any]:
     """depths from YAML / JSON is a list of numbers: held as a tuple of floats (frozen, hashable), in the order
-    given, so that [0.5, 1] and (0.5, 1.0) are one configuration."""
+    given, so that [0.5, 1] and (0.5, 1.0) are one configuration. One number is a list of one (a grid measurement's
+    list expands to one run per value), and a flag's text "0.1,0.5" the list it spells."""
     depths = data.get("depths")
+    if type(depths) in (int, float):
+        depths = [depths]
+    elif isinstance(depths, str):
+        try:
+            depths = [float(part) for part in depths.split(",")]
+        except ValueError:
+            raise ConfigError(f"depths = {depths!r}: numbers in [0, 1] separated by commas (e.g. 0.1,0.5,0.9)"
+                              ) from None
     if not isinstance(depths, list | tuple):
         return data
     if not all(type(d) in (int, float) for d in depths):

@@ -218,6 +218,10 @@ def test_task_config_normalises_its_knobs_and_defaults():
     # depths and trials are how much is measured, not the setting
     assert given.setting_hash == RunConfig(mode="task", task="passkey", context_tokens=512, method="dense",
                                            depths=[0.25], trials=3).setting_hash
+    # One number (a grid measurement's list expands per value) and a flag's text are lists too.
+    assert RunConfig(mode="task", task="passkey", context_tokens=512, method="dense", depths=0.5).depths == (0.5,)
+    assert RunConfig(mode="task", task="passkey", context_tokens=512, method="dense", depths="0,0.5,1").run_hash == (
+        given.run_hash)
     filed = RunConfig(mode="task", task_file="x.jsonl", context_tokens=512, method="dense", depths=[0.3])
     assert filed.depths is None and filed.haystack is None and filed.trials == 10
 
@@ -227,6 +231,7 @@ def test_task_config_normalises_its_knobs_and_defaults():
     (dict(depths=[]), "at least one"),
     (dict(depths=[0.5, 0.5]), "repeat"),
     (dict(depths=["deep"]), "numbers"),
+    (dict(depths="0.1;0.5"), "commas"),
     (dict(context_tokens=None), "needs context_tokens"),
     (dict(context_tokens=10), "raise context_tokens"),
     (dict(trials=0), "trials"),
