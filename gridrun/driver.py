@@ -229,7 +229,8 @@ class GridRunner:
                                f"{self.code_version}: its results are stored as stale; install the same code on "
                                "every node\n")
             writer.record_done(config, outcome.summary, outcome.tokens, outcome.compactions,
-                               worker=outcome.worker or "", attempts=attempts, forward_rows=outcome.forwards)
+                               worker=outcome.worker or "", attempts=attempts, forward_rows=outcome.forwards,
+                               trial_rows=outcome.trials)
             return produced_by == self.code_version
         writer.record_failed(config, outcome.error or "unknown error", worker=outcome.worker,
                              attempts=attempts, started_at=outcome.started_at)

@@ -48,6 +48,10 @@ def run_cost(config: RunConfig) -> float:
     if config.mode == "generate":
         # A forward per generated token (fewer with drafts, whose own steps roughly make up for it), prompt aside.
         steps = config.new_tokens * (2 if config.spec in ("draft", "self_stream") else 1)
+    if config.mode == "task":
+        # Each trial feeds its prompt (about context_tokens) through a fresh cache: no cache work shared across trials.
+        assert config.context_tokens is not None and config.trials is not None
+        steps = config.context_tokens * config.trials * (len(config.depths) if config.depths else 1)
     if config.protocol == "parallel":
         # A token of a chunked forward costs about a tenth of a cached step here; a scored recompute step is a
         # forward of up to cap tokens (bench/parallel_eval.py).
@@ -76,6 +80,7 @@ class Outcome:
     tokens: Any = None  # pyarrow.Table
     compactions: Any = None
     forwards: Any = None  # generation runs: one row per verification forward
+    trials: Any = None  # task runs: one row per trial
     error: str | None = None
 
 
@@ -345,7 +350,7 @@ class Scheduler:
         if value["status"] == "done":
             return Outcome(run, "done", attempts, worker, slot.name, started_at, value["seconds"],
                            summary=value["summary"], tokens=value["tokens"], compactions=value["compactions"],
-                           forwards=value.get("forwards"))
+                           forwards=value.get("forwards"), trials=value.get("trials"))
         return Outcome(run, "failed", attempts, worker, slot.name, started_at, value["seconds"], error=value["error"])
 
 

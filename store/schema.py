@@ -3,12 +3,13 @@
 Tables: grids, experiments (grid <-> run membership), configurations (every configuration an experiment lists and
 the run that computes it: equivalent configurations share one), runs (one row per run hash, i.e. per computation:
 knobs of the configuration that was run as typed columns, config JSON, status, summary, environment), tokens (one row
-per step), compactions (one row per event), forwards (generation runs: one row per verification forward), meta, and
-superseded_* (earlier results of a hash, kept when it is rerun). Since schema 4 the per-step tables and their
-superseded_* live in per-run Parquet segments read through views (see "Segments" at the end). Views for shell users:
-run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. The per-token, per-compaction and
-per-forward columns mirror streaming_llm.evaluate's TOKEN_SCHEMA / COMPACTION_SCHEMA and streaming_llm.generate's
-GENERATION_TOKEN_SCHEMA / FORWARD_SCHEMA. This module only declares; store/writer.py writes.
+per step), compactions (one row per event), forwards (generation runs: one row per verification forward), trials
+(task runs: one row per trial), meta, and superseded_* (earlier results of a hash, kept when it is rerun). Since
+schema 4 the per-step tables and their superseded_* live in per-run Parquet segments read through views (see
+"Segments" at the end). Views for shell users: run_summaries, current_runs, experiment_runs, configuration_runs,
+group_summaries. The per-token, per-compaction, per-forward and per-trial columns mirror streaming_llm.evaluate's
+TOKEN_SCHEMA / COMPACTION_SCHEMA, streaming_llm.generate's GENERATION_TOKEN_SCHEMA / FORWARD_SCHEMA and
+streaming_llm.task_run's TRIAL_SCHEMA. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ KNOB_COLUMNS = [
     Column("kv_quant_residual", Integer, nullable=False),
     Column("kv_quant_sinks", String, nullable=False),
     Column("weight_quant", String, nullable=False),
+    # Retrieval tasks (mode task; null in every other run, whose config holds no task knobs).
+    Column("task", String),
+    Column("context_tokens", Integer),
+    Column("depths", String),  # JSON list of the depths, as config_json holds it: "[0.1, 0.5, 0.9]"
+    Column("trials", Integer),  # instances per depth (the trials table has one row per instance)
+    Column("haystack", String),
+    Column("task_file", String),
 ]
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
@@ -159,6 +167,10 @@ SUMMARY_COLUMNS = [
     Column("kv_bytes_per_token", Double),  # kv_cache_peak_bytes / entries the cache had room for
     Column("weights_bytes", BigInteger),  # parameters + buffers after weight_quant
     Column("weights_bytes_float", BigInteger),  # the same before it
+    # Task runs (null in the others): over the trials table's rows
+    Column("trial_count", Integer),
+    Column("accuracy", Double),  # mean RULER score (string_match_all)
+    Column("answer_nll_mean", Double),  # mean teacher-forced NLL per token of the gold answers
 ]
 
 runs = Table(
@@ -251,6 +263,27 @@ forwards = Table(
 )
 
 
+# Task runs: one row per trial (streaming_llm.task_run.TRIAL_SCHEMA).
+trials = Table(
+    "trials", metadata,
+    Column("run_hash", String, nullable=False),
+    Column("task", String, nullable=False),
+    Column("depth", Double),  # null for a task file's rows
+    Column("trial", Integer, nullable=False),
+    Column("needle_start", Integer),  # the needle's token span [start, end) in the prompt
+    Column("needle_end", Integer),
+    Column("distance", Integer),  # tokens from the needle's end to the question's start
+    Column("question_start", Integer, nullable=False),
+    Column("answer", Text, nullable=False),  # the greedy output, decoded
+    Column("expected", Text, nullable=False),
+    Column("score", Double, nullable=False),  # RULER string_match_all
+    Column("answer_nll", Double, nullable=False),
+    Column("retained", Integer),  # needle tokens the cache held when the question started (from the schedule)
+    Column("kv_len", Integer),  # attention span of the question's first token
+    Column("instance_hash", String, nullable=False),
+)
+
+
 def _superseded(table: Table) -> Table:
     """A copy of `table` for results replaced by a rerun (new code version, or --force): kept, never mixed in."""
     columns = [Column(c.name, c.type, nullable=True) for c in table.columns]
@@ -261,7 +294,8 @@ superseded_runs = _superseded(runs)
 superseded_tokens = _superseded(tokens)
 superseded_compactions = _superseded(compactions)
 superseded_forwards = _superseded(forwards)
-RESULT_TABLES = (runs, tokens, compactions, forwards)  # the tables a run's result spans, keyed by run_hash
+superseded_trials = _superseded(trials)
+RESULT_TABLES = (runs, tokens, compactions, forwards, trials)  # the tables a run's result spans, keyed by run_hash
 _OWN_KNOBS = ", ".join(f'c."{name}" AS "{name}"' for name in (*(c.name for c in KNOB_COLUMNS), *CONFIGURATION_OWN))
 _GROUP_KNOBS = ", ".join(f'any_value("{c.name}") AS "{c.name}"' for c in KNOB_COLUMNS if c.name != "repeat")
 
@@ -296,8 +330,8 @@ VIEWS = {
 # <store>.segments/<table>/run_hash=<hash>/segment=<id>/data.parquet (written under a temporary name, renamed, then
 # referenced by runs.segment in the catalog). The catalog's views read the files its runs rows reference, and only
 # those: a segment whose catalog was never published (a killed writer) or a superseded one is never read as current.
-SEGMENT_TABLES = (tokens, compactions, forwards)
-SUPERSEDED_SEGMENT_TABLES = (superseded_tokens, superseded_compactions, superseded_forwards)
+SEGMENT_TABLES = (tokens, compactions, forwards, trials)
+SUPERSEDED_SEGMENT_TABLES = (superseded_tokens, superseded_compactions, superseded_forwards, superseded_trials)
 CATALOG_TABLES = tuple(t for t in metadata.sorted_tables if t not in (*SEGMENT_TABLES, *SUPERSEDED_SEGMENT_TABLES))
 SEGMENTS_SUFFIX = ".segments"  # the segment folder of store X is X.segments, beside it
 SEGMENT_FILE = "data.parquet"

@@ -62,6 +62,7 @@ from .schema import (
     sql_string,
     superseded_runs,
     tokens,
+    trials,
     unsafe_segment_path,
 )
 from .verify import catalog_views, segment_file_names, segment_problem
@@ -536,10 +537,12 @@ class StoreWriter:
         self._publish()
 
     def record_done(self, config: RunConfig, summary: dict[str, Any], token_rows: pa.Table, compaction_rows: pa.Table,
-                    *, worker: str, attempts: int, forward_rows: pa.Table | None = None) -> None:
+                    *, worker: str, attempts: int, forward_rows: pa.Table | None = None,
+                    trial_rows: pa.Table | None = None) -> None:
         """A finished run, whole, in one transaction; earlier results of its hash move to superseded_*.
-        `forward_rows`: a generation run's verification forwards."""
-        for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows)):
+        `forward_rows`: a generation run's verification forwards; `trial_rows`: a task run's trials."""
+        for table, rows in ((tokens, token_rows), (compactions, compaction_rows), (forwards, forward_rows),
+                            (trials, trial_rows)):
             if rows is None:
                 continue
             missing = set(rows.column_names) - {column.name for column in table.columns}
@@ -549,7 +552,7 @@ class StoreWriter:
                     f"lacks: declare them in the {table.name} table and bump SCHEMA_VERSION"
                 )
         row = run_row(config, summary, status="done", error=None, attempts=attempts, worker=worker)
-        self._replace(config.run_hash, row, token_rows, compaction_rows, forward_rows)
+        self._replace(config.run_hash, row, token_rows, compaction_rows, forward_rows, trial_rows)
 
     def record_failed(self, config: RunConfig, error: str, *, worker: str | None, attempts: int,
                       started_at: datetime | None) -> None:
@@ -558,22 +561,25 @@ class StoreWriter:
         self._replace(config.run_hash, row, None, None)
 
     def _replace(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
-                 compaction_rows: pa.Table | None, forward_rows: pa.Table | None = None) -> None:
+                 compaction_rows: pa.Table | None, forward_rows: pa.Table | None = None,
+                 trial_rows: pa.Table | None = None) -> None:
         try:
-            self._commit_run(run_hash, row, token_rows, compaction_rows, forward_rows)
+            self._commit_run(run_hash, row, token_rows, compaction_rows, forward_rows, trial_rows)
         except duckdb.Error as exc:
             raise StoreError(f"--store {self.path}: recording run {run_hash} failed ({_first_line(exc)}; a full "
                              "disk?): the runs recorded before it are kept; free space, then rerun") from exc
         self._publish()
 
     def _commit_run(self, run_hash: str, row: dict[str, Any], token_rows: pa.Table | None,
-                    compaction_rows: pa.Table | None, forward_rows: pa.Table | None) -> None:
+                    compaction_rows: pa.Table | None, forward_rows: pa.Table | None,
+                    trial_rows: pa.Table | None = None) -> None:
         """The run's segment files first (invisible until the catalog that names them is published), then its runs
         row in one catalog transaction; an earlier done result's row moves to superseded_runs with its segment."""
         if not _SAFE_NAME.fullmatch(run_hash):
             raise StoreError(f"run hash {run_hash!r} is not a file-name-safe hash: the store names segments by it")
         parts = [(table, rows) for table, rows in ((tokens, token_rows), (compactions, compaction_rows),
-                                                   (forwards, forward_rows)) if rows is not None and rows.num_rows]
+                                                   (forwards, forward_rows), (trials, trial_rows))
+                 if rows is not None and rows.num_rows]
         segment = uuid.uuid4().hex[:16] if parts else None
         files = [f"{table.name}/run_hash={run_hash}/segment={segment}/{SEGMENT_FILE}" for table, _ in parts]
         written, digest = 0, hashlib.blake2b(digest_size=16)
@@ -804,12 +810,19 @@ def run_row(config: RunConfig, summary: dict[str, Any], *, status: str, error: s
         "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
         "status": status, "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
-        **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
+        **knob_values(normalised),
         **{column.name: summary.get(column.name) for column in SUMMARY_COLUMNS},
         "started_at": _timestamp(summary.get("started_at")), "ended_at": _timestamp(summary.get("ended_at")),
         "code_version": environment.get("code_version", "unknown"), "git_commit": environment.get("git_commit"),
         "environment_json": json.dumps(environment, sort_keys=True), "worker": worker,
     }
+
+
+def knob_values(normalised: dict[str, Any]) -> dict[str, Any]:
+    """The knob columns of a normalised configuration: a knob it does not hold (the task knobs outside task runs) is
+    null, and a list (depths) its JSON text."""
+    values = {column.name: normalised.get(column.name) for column in KNOB_COLUMNS}
+    return {name: json.dumps(value) if isinstance(value, list) else value for name, value in values.items()}
 
 
 def configuration_row(grid: str, experiment: str, config: RunConfig) -> dict[str, Any]:
@@ -824,7 +837,7 @@ def configuration_row(grid: str, experiment: str, config: RunConfig) -> dict[str
         "grid": grid, "experiment": experiment, "config_hash": config.config_hash,
         "config_group_hash": config.config_group_hash, "run_hash": config.run_hash,
         "config_json": json.dumps(normalised, sort_keys=True),
-        **{column.name: normalised[column.name] for column in KNOB_COLUMNS}, **own,
+        **knob_values(normalised), **own,
     }
 
 
@@ -835,7 +848,7 @@ def failed_row(config: RunConfig, error: str, code_version: str, *, attempts: in
         "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
         "status": "failed", "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
-        **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
+        **knob_values(normalised),
         "started_at": started_at, "ended_at": datetime.now(UTC), "code_version": code_version, "worker": worker,
     }
 

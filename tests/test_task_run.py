@@ -10,6 +10,7 @@ import pytest
 from streaming_llm import RunConfig, evaluate
 from streaming_llm.task_run import TRIAL_SCHEMA, make_task_target, run_trial, task_instances
 from tests.conftest import TEST_DEVICE
+from tests.test_gridrun_e2e import ray_local  # noqa: F401 (a fixture)
 
 BASE = dict(model="tiny-llama", mode="task", task="passkey", context_tokens=420, depths=[0.2, 0.95], trials=1,
             attn_implementation="eager", device=TEST_DEVICE)
@@ -84,3 +85,71 @@ def test_a_task_file_runs_through_the_protocol(tiny_models, tmp_path):
     assert result.trials.column("retained").to_pylist() == [None] * 3
     assert result.trials.column("expected").to_pylist() == ["0", "1", "2"]
     assert np.isfinite(result.summary["answer_nll_mean"])
+
+
+# --- through the grid and the store -----------------------------------------------------------------------------------
+TASK_GRID = """
+name: tasks
+base: {model: tiny-llama, mode: task, task: passkey, context_tokens: 420, depths: [0.2, 0.95], trials: 2,
+       protocol: parallel, chunk: 64}
+experiments:
+  cache:
+    runs: [{method: dense}, {method: streaming, cap: 96}]
+  scored:
+    runs: [{method: streaming, cap: 96, max_tokens: 300}]
+"""
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_task_grid_stores_its_trials_joined_to_its_runs(tmp_path):
+    from tests.test_gridrun_e2e import query, run_grid, write_grid
+
+    grid_path, store = write_grid(tmp_path, TASK_GRID), tmp_path / "store.duckdb"
+    report, out = run_grid(grid_path, store, workers=1)
+    assert report.complete and report.done == 2, out  # max_tokens is not read by a task run: the same run
+    runs = query(store, "SELECT run_hash, method, task, context_tokens, depths, trials, haystack, trial_count, "
+                        "accuracy, answer_nll_mean FROM runs WHERE status = 'done' ORDER BY method")
+    assert [row[1:8] for row in runs] == [("dense", "passkey", 420, "[0.2, 0.95]", 2, "noise", 4),
+                                          ("streaming", "passkey", 420, "[0.2, 0.95]", 2, "noise", 4)]
+    assert query(store, "SELECT count(*) FROM tokens") == [(0,)]
+    rows = query(store, "SELECT r.method, t.depth, t.trial, t.retained, t.needle_end - t.needle_start, t.answer_nll, "
+                        "t.score, t.instance_hash FROM trials t JOIN runs r USING (run_hash) "
+                        "ORDER BY r.method, t.depth, t.trial")
+    assert len(rows) == 8
+    dense, streaming = rows[:4], rows[4:]
+    assert all(row[3] == row[4] for row in dense)  # dense holds every needle token
+    assert [row[3] for row in streaming[:2]] == [0, 0]  # far behind a cap of 96
+    assert [row[7] for row in dense] == [row[7] for row in streaming]  # the same instances
+    for run_hash, *_, accuracy, nll in runs:
+        stored = query(store, "SELECT avg(score), avg(answer_nll) FROM trials WHERE run_hash = ?", [run_hash])
+        assert stored[0] == pytest.approx((accuracy, nll))
+
+    # The stored trials are evaluate()'s.
+    config = RunConfig(model="tiny-llama", mode="task", task="passkey", context_tokens=420, depths=[0.2, 0.95],
+                       trials=2, protocol="parallel", chunk=64, cap=96)
+    assert config.run_hash in {row[0] for row in runs}
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        direct = evaluate(config)
+    finally:
+        torch.set_num_threads(threads)
+    stored = query(store, "SELECT answer, answer_nll, retained FROM trials WHERE run_hash = ? ORDER BY depth, trial",
+                   [config.run_hash])
+    assert [row[0] for row in stored] == direct.trials.column("answer").to_pylist()
+    np.testing.assert_allclose([row[1] for row in stored], direct.trials.column("answer_nll").to_numpy(),
+                               rtol=1e-6)  # float32 forwards, another process
+    assert [row[2] for row in stored] == direct.trials.column("retained").to_pylist()
+
+
+def test_the_progress_digest_reads_task_knobs_of_task_runs_only():
+    from gridrun.progress import KnobDigest
+
+    score = RunConfig(model="tiny-llama", cap=64)
+    tasks = [RunConfig(model="tiny-llama", mode="task", task=task, context_tokens=512, cap=64)
+             for task in ("passkey", "niah")]
+    digest = KnobDigest([score, *tasks])
+    assert "task=niah" in digest.describe(tasks[1]) or "task=passkey" in digest.describe(tasks[0])
+    assert "task" not in digest.describe(score)
