@@ -143,6 +143,35 @@ def test_a_task_grid_stores_its_trials_joined_to_its_runs(tmp_path):
                                rtol=1e-6)  # float32 forwards, another process
     assert [row[2] for row in stored] == direct.trials.column("retained").to_pylist()
 
+    # The query layer: accuracy per configuration and depth, with its Wilson interval, from the trials rows.
+    from store import queries
+    from store.stats import wilson_interval
+
+    with queries.connect(store) as con:
+        table = queries.retrieval_table(con, "tasks")
+        pooled = queries.retrieval_table(con, "tasks", by_depth=False)
+        assert queries.retrieval_table(con, "tasks", experiments=["nothing"]).empty
+    assert len(table) == 4 and len(pooled) == 2
+    assert sorted(table.method) == ["dense", "dense", "streaming", "streaming"]
+    assert set(table.trials) == {2} and set(pooled.trials) == {4} and set(table.trials_per_depth) == {2}
+    for row in table.itertuples():
+        scores = query(store, "SELECT t.score, t.answer_nll, t.retained FROM trials t JOIN runs r USING (run_hash) "
+                              "WHERE r.method = ? AND t.depth = ?", [row.method, row.depth])
+        assert row.accuracy == pytest.approx(np.mean([s[0] for s in scores]))
+        assert row.answer_nll == pytest.approx(np.mean([s[1] for s in scores]))
+        assert row.retained == pytest.approx(np.mean([s[2] for s in scores]))
+        assert (row.accuracy_low, row.accuracy_high) == pytest.approx(wilson_interval(sum(s[0] for s in scores), 2))
+    streaming_far = table[(table.method == "streaming") & (table.depth == 0.2)].iloc[0]
+    assert streaming_far.retained == 0
+
+
+def test_wilson_intervals_of_hand_made_proportions():
+    from store.stats import wilson_interval
+
+    assert wilson_interval(9, 10) == pytest.approx((0.5958, 0.9821), abs=1e-4)  # Wilson's 95 % interval for 9/10
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+
 
 def test_the_progress_digest_reads_task_knobs_of_task_runs_only():
     from gridrun.progress import KnobDigest
