@@ -81,6 +81,9 @@ class RunConfig(BaseModel):
     up to `ngram_max`, `draft` from `draft_model` or the target's first `draft_layers` layers, `self_stream`: the
     target over a strict streaming cache of `draft_cap`) `num_draft` tokens at a time and verified by the target in
     one forward. `max_tokens` too is read by score mode only.
+    Retrieval tasks (`mode: task`, see streaming_llm.task_run): `trials` instances of `task` per needle depth in
+    `depths`, each `context_tokens` tokens (prompt plus gold answer) over the `haystack`, or the rows of `task_file`;
+    `seed` picks the instances; greedy answers through the run's cache.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -133,8 +136,8 @@ class RunConfig(BaseModel):
     kv_quant_residual: int = 0
     kv_quant_sinks: Literal["quantized", "full"] = "full"
     weight_quant: Literal["none", "int8", "int8_dynamic", "int4"] = "none"
-    # Retrieval tasks (mode task, streaming_llm.task_run); unset (None) in every other mode, so no other run's identity
-    # holds them. See TASK_DOC.
+    # Retrieval tasks (mode task, streaming_llm.task_run; docs/engine.md, "Retrieval tasks"); unset (None) in every
+    # other mode, so no other run's identity holds them.
     task: Literal["passkey", "niah", "niah_multikey", "vt"] | None = None
     context_tokens: int | None = None
     depths: tuple[float, ...] | None = None

@@ -32,6 +32,19 @@ def test_parallel_equals_stepwise(tiny_models, knobs):
     assert stepwise.summary["kv_len_max"] == parallel.summary["kv_len_max"]
 
 
+def test_recompute_with_a_window_over_the_whole_prompt_equals_dense(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    dense = evaluate(RunConfig(**BASE, method="dense"), loaded)
+    recompute = evaluate(RunConfig(**BASE, method="recompute", cap=512), loaded)
+    narrow = evaluate(RunConfig(**BASE, method="recompute", cap=64), loaded)
+    assert recompute.trials.column("answer").to_pylist() == dense.trials.column("answer").to_pylist()
+    np.testing.assert_allclose(recompute.trials.column("answer_nll").to_numpy(),
+                               dense.trials.column("answer_nll").to_numpy(), rtol=0, atol=1e-4)
+    assert recompute.trials.column("retained").to_pylist() == dense.trials.column("retained").to_pylist()
+    assert narrow.trials.column("retained").to_pylist()[0] == 0  # depth 0.2: far behind a window of 64
+    assert narrow.trials.column("kv_len").to_pylist() == [64, 64]
+
+
 def test_rows_and_summary(tiny_models):
     config = RunConfig(**(BASE | dict(trials=2)), cap=96, protocol="parallel", chunk=64)
     result = evaluate(config, tiny_models["tiny-llama"])
