@@ -283,9 +283,6 @@ class RunConfig(BaseModel):
         if self.method == "recompute" and self.protocol == "parallel":
             raise ConfigError("mode task with method recompute runs stepwise (each generated token recomputes its "
                               "window): use protocol stepwise")
-        if self.method == "recompute" and self.context_tokens > 0 and self.cap is not None and self.cap < 2:
-            raise ConfigError(f"cap = {self.cap} < 2: a recompute window must hold the question's last token and "
-                              "one before it")
 
     def _check_generation(self) -> None:
         if self.protocol != "stepwise":
