@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from streaming_llm import RunConfig
-from streaming_llm.config import KNOBS_USED_BY, knobs_in
+from streaming_llm.config import KNOBS_USED_BY, TASK_KNOBS, knobs_in
 
 from .schedule import Outcome, Slot, run_cost
 from .spec import PlannedRun
@@ -160,12 +160,14 @@ class KnobDigest:
         knobs = config.normalised()
         shown = [
             f"{key}={knobs[key]}" for key, common in self.common_values.items()
-            if knobs[key] != common and _reads(config, key)
+            if _reads(config, key) and knobs[key] != common
         ]
         return " ".join([config.method, *shown])
 
 
 def _reads(config: RunConfig, key: str) -> bool:
+    if key in TASK_KNOBS:  # held by task runs only (normalised() of the others has no such key)
+        return config.mode == "task"
     return key not in knobs_in("cache") or key in KNOBS_USED_BY[config.method]
 
 

@@ -49,6 +49,10 @@ def run_cost(config: RunConfig) -> float:
     if config.mode == "generate":
         # A forward per generated token (fewer with drafts, whose own steps roughly make up for it), prompt aside.
         steps = config.new_tokens * (2 if config.spec in ("draft", "self_stream") else 1)
+    if config.mode == "task":
+        # Each trial feeds its prompt (about context_tokens) through a fresh cache: no cache work shared across trials.
+        assert config.context_tokens is not None and config.trials is not None
+        steps = config.context_tokens * config.trials * (len(config.depths) if config.depths else 1)
     if config.protocol == "parallel":
         # A token of a chunked forward costs about a tenth of a cached step here; a scored recompute step is a
         # forward of up to cap tokens (bench/parallel_eval.py).

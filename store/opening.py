@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import TypeVar
 
 import duckdb
+from sqlalchemy import BigInteger, Boolean, DateTime, Double, Integer, String, Text
 
 from store.schema import (
     APPLICATION_ID,
     MIGRATES_FROM,
     SCHEMA_VERSION,
+    q,
     runs,
     segment_tables,
     segments_folder,
     superseded_runs,
+    superseded_segment_tables,
     unsafe_segment_path,
 )
 from store.segments import catalog_views, scan_segments, segment_problem, unlisted_segments
@@ -90,6 +93,7 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
             check_length(con, path, size)
             _check_is_store(con, path)
             folder = _point_segments(con, path)
+            _declare_new_tables(con)
             if sandbox:
                 from store.sandbox import SQL_BOX_MEMORY, SQL_BOX_THREADS  # the box's limits, declared with the box
 
@@ -159,6 +163,23 @@ def _point_segments(con: duckdb.DuckDBPyConnection, path: Path) -> Path:
     for name, sql in catalog_views(con, folder).items():
         con.execute(f"CREATE OR REPLACE TEMPORARY VIEW {name} AS {sql}")
     return folder
+
+
+_SQL_NAMES = {String: "VARCHAR", Text: "VARCHAR", Integer: "INTEGER", BigInteger: "BIGINT", Double: "DOUBLE",
+              Boolean: "BOOLEAN", DateTime: "TIMESTAMPTZ"}
+
+
+def _declare_new_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """A per-step table declared since the store's last writer (a store of an older gridrun, never opened by this
+    one's writer) has no view in its catalog: it reads as empty here, with its declared columns, rather than as an
+    error; the next writer creates it for real."""
+    views = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    for table in (*segment_tables(), *superseded_segment_tables()):
+        if table.name in views:
+            continue
+        columns = ", ".join(f"CAST(NULL AS {_SQL_NAMES[type(column.type)]}) AS {q(column.name)}"
+                            for column in table.columns)
+        con.execute(f"CREATE TEMPORARY VIEW {table.name} AS SELECT {columns} WHERE false")
 
 
 def _is_damage(exc: duckdb.Error) -> bool:

@@ -29,7 +29,7 @@ from store.sandbox import (  # noqa: F401
     run_user_sql,
 )
 from store.schema import CONFIGURATION_OWN, KNOB_COLUMNS, q
-from store.stats import t_half_width
+from store.stats import t_half_width, wilson_interval
 from streaming_llm.config import knobs_in
 
 # Knobs a sweep or a chart can vary (RunConfig fields, `repeat` aside: repeats are aggregated, never a knob).
@@ -692,3 +692,36 @@ def speculation_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Se
     params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
               "experiments": list(experiments) if experiments is not None else None}
     return con.execute(sql, params).df()
+
+
+def retrieval_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequence[str] | None = None,
+                    by_depth: bool = True, include_stale: bool = False) -> pd.DataFrame:
+    """One row per task configuration of `grid`'s done runs (repeats pooled), and per needle depth with `by_depth`
+    (depth null for a task file's rows, and in every row without it): its knobs, `trials` (rows of the trials table:
+    the interval's n, not the knob of that name, which is renamed `trials_per_depth`), `accuracy` (mean RULER score)
+    with its Wilson 95 % interval (`accuracy_low`, `accuracy_high`; a fractional score counts as that share of a
+    success), the mean teacher-forced `answer_nll`, and the needle's mean `retained` tokens and `distance`."""
+    knobs = ", ".join(f"any_value(m.{q(k)}) AS {q(k)}" for k in KNOBS if k != "trials")
+    depth = "t.depth" if by_depth else "NULL::DOUBLE"
+    sql = f"""
+        WITH members AS ({_members_sql("grid = $grid")})
+        SELECT m.group_hash, {knobs}, any_value(m.trials) AS trials_per_depth, {depth} AS depth,
+            list_distinct(flatten(list(m.experiments))) AS experiments, bool_or(m.stale) AS stale,
+            count(*) AS trials, sum(t.score) AS correct, avg(t.score) AS accuracy, avg(t.answer_nll) AS answer_nll,
+            avg(t.retained) AS retained, avg(t.distance) AS distance,
+            avg(t.needle_end - t.needle_start) AS needle_tokens
+        FROM members m JOIN trials t USING (run_hash)
+        WHERE m.status = 'done' AND m.mode = 'task' AND ($include_stale OR NOT m.stale)
+        GROUP BY m.group_hash, {depth}
+        HAVING $experiments IS NULL OR list_has_any(list_distinct(flatten(list(m.experiments))), $experiments)
+        ORDER BY any_value(m.task), any_value(m.context_tokens), any_value(m.method), any_value(m.cap),
+            any_value(m.compress_every), m.group_hash, {depth}
+    """
+    params = {"cv": current_code_version(), "grid": grid, "include_stale": include_stale,
+              "experiments": list(experiments) if experiments is not None else None}
+    frame = con.execute(sql, params).df()
+    intervals = [wilson_interval(float(c), int(n)) for c, n in zip(frame["correct"], frame["trials"], strict=True)]
+    frame["accuracy_low"] = [low for low, _ in intervals]
+    frame["accuracy_high"] = [high for _, high in intervals]
+    return frame
+

@@ -40,7 +40,7 @@ def run_row(config: RunConfig, summary: dict[str, Any], *, status: str, error: s
         "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
         "status": status, "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
-        **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
+        **knob_values(normalised),
         **{column.name: summary.get(column.name) for column in SUMMARY_COLUMNS},
         "started_at": _timestamp(summary.get("started_at")), "ended_at": _timestamp(summary.get("ended_at")),
         "code_version": environment.get("code_version", "unknown"), "git_commit": environment.get("git_commit"),
@@ -60,7 +60,7 @@ def configuration_row(grid: str, experiment: str, config: RunConfig) -> dict[str
         "grid": grid, "experiment": experiment, "config_hash": config.config_hash,
         "config_group_hash": config.config_group_hash, "run_hash": config.run_hash,
         "config_json": json.dumps(normalised, sort_keys=True),
-        **{column.name: normalised[column.name] for column in KNOB_COLUMNS}, **own,
+        **knob_values(normalised), **own,
     }
 
 
@@ -71,7 +71,7 @@ def failed_row(config: RunConfig, error: str, code_version: str, *, attempts: in
         "run_hash": config.run_hash, "group_hash": config.group_hash, "setting_hash": config.setting_hash,
         "status": "failed", "error": error,
         "attempts": attempts, "config_json": json.dumps(normalised, sort_keys=True),
-        **{column.name: normalised[column.name] for column in KNOB_COLUMNS},
+        **knob_values(normalised),
         "started_at": started_at, "ended_at": datetime.now(UTC), "code_version": code_version, "worker": worker,
     }
 
@@ -80,3 +80,10 @@ def _timestamp(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     return datetime.fromisoformat(value)
+
+
+def knob_values(normalised: dict[str, Any]) -> dict[str, Any]:
+    """The knob columns of a normalised configuration: a knob it does not hold (the task knobs outside task runs) is
+    null, and a list (depths) its JSON text."""
+    values = {column.name: normalised.get(column.name) for column in KNOB_COLUMNS}
+    return {name: json.dumps(value) if isinstance(value, list | tuple) else value for name, value in values.items()}

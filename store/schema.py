@@ -7,8 +7,8 @@ per step), compactions (one row per event), forwards (generation runs: one row p
 superseded_* (earlier results of a hash, kept when it is rerun). Since schema 4 the per-step tables and their
 superseded_* live in per-run Parquet segments read through views (see "Segments" at the end). Views for shell users:
 run_summaries, current_runs, experiment_runs, configuration_runs, group_summaries. Derived, never mirrored by hand:
-the knob columns from RunConfig's fields, the per-step tables (tokens, compactions, forwards, and any the engine
-registers) from streaming_llm.results.STEP_TABLES. This module only declares; store/writer.py writes.
+the knob columns from RunConfig's fields, the per-step tables (tokens, compactions, forwards, trials, and any the
+engine registers) from streaming_llm.results.STEP_TABLES. This module only declares; store/writer.py writes.
 """
 
 from __future__ import annotations
@@ -96,9 +96,12 @@ def _value_types(annotation: Any) -> set[type]:
 
 def _knob_column_type(name: str, annotation: Any) -> type:
     """The SQL type of a RunConfig field: int -> Integer (its bound, knob_bound, fits INT32), float -> Double, bool ->
-    Boolean, str or a Literal of strings -> String."""
+    Boolean, str or a Literal of strings -> String, a tuple -> String (its JSON text)."""
     kinds = _value_types(annotation)
-    column = {bool: Boolean, int: Integer, float: Double, str: String}.get(kinds.pop()) if len(kinds) == 1 else None
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if get_origin(kind) is tuple:
+        return String  # a list knob (depths): its JSON text, as config_json holds it ("[0.1, 0.5]")
+    column = {bool: Boolean, int: Integer, float: Double, str: String}.get(kind)
     if column is None:
         raise TypeError(f"RunConfig.{name}: {annotation!r} has no store column type; use int, float, bool, str or a "
                         "Literal of one of them (or add its type to store/schema.py _knob_column_type)")
@@ -162,6 +165,10 @@ SUMMARY_COLUMNS = [
     Column("kv_bytes_per_token", Double),  # kv_cache_peak_bytes / entries the cache had room for
     Column("weights_bytes", BigInteger),  # parameters + buffers after weight_quant
     Column("weights_bytes_float", BigInteger),  # the same before it
+    # Task runs (null in the others): over the trials table's rows
+    Column("trial_count", Integer),
+    Column("accuracy", Double),  # mean RULER score (string_match_all)
+    Column("answer_nll_mean", Double),  # mean teacher-forced NLL per token of the gold answers
 ]
 
 runs = Table(

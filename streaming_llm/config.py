@@ -33,6 +33,7 @@ KNOB_GROUPS: dict[str, str] = {
     "speculation": "the draft kind (spec) and its details: a generation run's reference differs in these only",
     "draft": "details of a draft kind (spec); which one reads which: DRAFT_KNOBS_USED_BY",
     "measurement": "how a setting is measured, not what it is: RunConfig.setting_hash leaves these out",
+    "task": "read by mode task only (retrieval instances): unset (None) in every other run, whose identity lacks them",
 }
 
 
@@ -81,6 +82,7 @@ KNOB_BOUNDS: dict[str, int] = {
     "chunk": 1 << 22, "score_stride": 1 << 22,
     "prompt_tokens": 1 << 22, "new_tokens": 1 << 22, "num_draft": 1 << 12, "ngram_max": 1 << 12,
     "draft_layers": 1 << 12, "draft_cap": 1 << 14, "kv_quant_group": 1 << 16, "kv_quant_residual": 1 << 14,
+    "context_tokens": 1 << 20, "trials": 1 << 16,
 }
 # Below this a temperature samples as greedy decoding does, and logits / temperature overflows float64 (the
 # probabilities become NaN) from about 1e-304 on: 0 is how greedy decoding is asked for.
@@ -111,6 +113,9 @@ class RunConfig(BaseModel):
     up to `ngram_max`, `draft` from `draft_model` or the target's first `draft_layers` layers, `self_stream`: the
     target over a strict streaming cache of `draft_cap`) `num_draft` tokens at a time and verified by the target in
     one forward. `max_tokens` too is read by score mode only.
+    Retrieval tasks (`mode: task`, see streaming_llm.task_run): `trials` instances of `task` per needle depth in
+    `depths`, each `context_tokens` tokens (prompt plus gold answer) over the `haystack`, or the rows of `task_file`;
+    `seed` picks the instances; greedy answers through the run's cache.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -146,7 +151,7 @@ class RunConfig(BaseModel):
     repeat: int = 0
 
     # Generation and speculative decoding (streaming_llm.generate / streaming_llm.speculative); see GENERATION_DOC.
-    mode: Literal["score", "generate"] = "score"
+    mode: Literal["score", "generate", "task"] = "score"
     prompt_tokens: Annotated[int, Groups("generation")] = 64
     new_tokens: Annotated[int, Groups("generation")] = 128
     temperature: Annotated[float, Groups("generation")] = 0.0
@@ -164,25 +169,40 @@ class RunConfig(BaseModel):
     kv_quant_residual: Annotated[int, _KV_QUANT_DETAIL] = 0
     kv_quant_sinks: Annotated[Literal["quantized", "full"], _KV_QUANT_DETAIL] = "full"
     weight_quant: Annotated[Literal["none", "int8", "int8_dynamic", "int4"], Groups("quant")] = "none"
+    # Retrieval tasks (mode task, streaming_llm.task_run; docs/engine.md, "Retrieval tasks"); unset (None) in every
+    # other mode, so no other run's identity holds them.
+    task: Annotated[Literal["passkey", "niah", "niah_multikey", "vt"] | None, Groups("task")] = None
+    context_tokens: Annotated[int | None, Groups("task")] = None
+    depths: Annotated[tuple[float, ...] | None, Groups("task", "measurement")] = None
+    trials: Annotated[int | None, Groups("task", "measurement")] = None
+    haystack: Annotated[Literal["noise", "text"] | None, Groups("task")] = None
+    task_file: Annotated[str | None, Groups("task")] = None
 
     @model_validator(mode="wrap")
     @classmethod
     def _normalise(cls, data: Any, handler) -> RunConfig:
-        """Validate every given knob, then reset those the method does not read (and cap_mode without a cap)."""
+        """Validate every given knob, then reset those the method does not read (and cap_mode without a cap); a task
+        run's unset task knobs take their task-mode defaults (TASK_DEFAULTS)."""
         if isinstance(data, dict):
             _check_bounds(data)  # before any check that simulates the schedule: its cost grows with the values
+            data = _depths_as_tuple(data)
         validated = handler(data)
         _check_signs(validated)  # on every knob given, even those the method ignores: a negative value is a mistake
         ignored = _ignored_knobs(validated)
         ignored += _ignored_generation_knobs(validated)
-        if not any(k in validated.model_fields_set for k in ignored):
+        ignored += _ignored_task_knobs(validated)
+        defaults = _task_defaults(validated)
+        if not defaults and not any(k in validated.model_fields_set for k in ignored):
             return validated
-        return handler({k: v for k, v in validated.model_dump().items() if k not in ignored})
+        content = {k: v for k, v in validated.model_dump().items() if k not in ignored}
+        return handler(content | defaults)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.mode == "generate":
             self._check_generation()
+        elif self.mode == "task":
+            self._check_task()
         elif self.max_tokens < 2:
             raise ConfigError(f"max_tokens = {self.max_tokens} < 2: a run needs at least one token to predict")
         if self.mode == "score" and self.prefill >= self.max_tokens:
@@ -262,6 +282,41 @@ class RunConfig(BaseModel):
         else:
             _ = self.policy  # derives the window (arithmetic), raising if none fits
 
+    def _check_task(self) -> None:
+        if self.task is None and self.task_file is None:
+            raise ConfigError(f"mode task needs task ({', '.join(TASKS)}) or task_file (a JSONL of {{context, "
+                              "question, answers}})")
+        if self.task is not None and self.task_file is not None:
+            raise ConfigError("mode task reads task (generated instances) or task_file (a file's rows), not both: "
+                              "drop one")
+        if self.context_tokens is None:
+            raise ConfigError("mode task needs context_tokens: the prompt plus the gold answer, in tokens (a task "
+                              "file's longer rows lose their middle to fit)")
+        if self.context_tokens < MIN_CONTEXT_TOKENS:
+            raise ConfigError(f"context_tokens = {self.context_tokens} < {MIN_CONTEXT_TOKENS}: the header, needle, "
+                              "question and answer alone take about that many; raise context_tokens")
+        assert self.trials is not None  # _task_defaults sets it
+        if self.trials < 1:
+            raise ConfigError(f"trials = {self.trials} < 1: run at least one instance per depth")
+        if self.task is not None:
+            assert self.depths is not None
+            if not self.depths:
+                raise ConfigError("depths = []: give at least one needle depth (fractions of the haystack before "
+                                  "the needle, e.g. [0.1, 0.5, 0.9])")
+            bad = [d for d in self.depths if not 0.0 <= d <= 1.0]  # NaN fails both comparisons
+            if bad:
+                raise ConfigError(f"depths {bad} outside [0, 1]: a depth is the fraction of the haystack before the "
+                                  "needle (0 = at its start, 1 = right before the question)")
+            if len(set(self.depths)) != len(self.depths):
+                raise ConfigError(f"depths {list(self.depths)} repeat a depth: list each once (raise trials for more "
+                                  "instances per depth)")
+        if self.temperature != 0.0:
+            raise ConfigError(f"temperature = {self.temperature}: mode task decodes greedily (RULER's protocol); "
+                              "use temperature 0")
+        if self.method == "recompute" and self.protocol == "parallel":
+            raise ConfigError("mode task with method recompute runs stepwise (each generated token recomputes its "
+                              "window): use protocol stepwise")
+
     def _check_generation(self) -> None:
         if self.protocol != "stepwise":
             raise ConfigError(f"protocol = {self.protocol} with mode generate: generation has its own protocol (one "
@@ -329,15 +384,24 @@ class RunConfig(BaseModel):
 
     def normalised(self) -> dict[str, Any]:
         """The configuration's content: every field, in a fixed order, irrelevant knobs at their defaults (what the run
-        computes is `identity()`)."""
-        return self.model_dump(mode="json")
+        computes is `identity()`). The task knobs appear in task runs only: every other run's content (and hash) is
+        what it was before they existed."""
+        content = self.model_dump(mode="json")
+        if self.mode != "task":
+            for knob in TASK_KNOBS:
+                del content[knob]
+        return content
 
     @cached_property
     def schedule_fingerprint(self) -> str | None:
         """The hash of the kept token indices at every step of this run's stream (streaming only; see
-        `policy.schedule_fingerprint`)."""
+        `policy.schedule_fingerprint`). A task run's stream is its prompt plus the generated tokens: at most
+        context_tokens + ANSWER_SLACK_TOKENS tokens, fed from an empty cache."""
         if self.method != "streaming":
             return None
+        if self.mode == "task":
+            assert self.context_tokens is not None
+            return schedule_fingerprint(self.policy, self.context_tokens + ANSWER_SLACK_TOKENS + 1, 0)
         return schedule_fingerprint(self.policy, self.max_tokens, self.prefill)
 
     def identity(self) -> dict[str, Any]:
@@ -440,12 +504,67 @@ def _ignored_generation_knobs(config: RunConfig) -> list[str]:
     """The generation knobs `config` does not read, reset to their defaults by the normalisation."""
     if config.mode == "score":
         return list(GENERATION_KNOBS)
+    if config.mode == "task":  # greedy (temperature 0, checked), no drafts; seed picks the instances
+        return [k for k in GENERATION_KNOBS if k not in ("seed", "temperature")]
     used = DRAFT_KNOBS_USED_BY[config.spec]
     ignored = [k for k in DRAFT_KNOBS if k not in used]
     if config.temperature == 0.0:
         ignored.append("seed")  # greedy decoding draws nothing
     # The prompt is fed as if token by token (one block where the target verifies blocks): no prefill forward.
     return ["max_tokens", "prefill", *ignored]
+
+
+# Retrieval tasks (mode task): knobs read by that mode only, unset (None) elsewhere; a task run's unset ones get these.
+TASK_KNOBS = knobs_in("task")
+TASK_DEFAULTS: dict[str, Any] = {"depths": (0.1, 0.5, 0.9), "trials": 10, "haystack": "noise"}
+MIN_CONTEXT_TOKENS = 64
+ANSWER_SLACK_TOKENS = 8  # generated tokens per trial beyond the gold answer's (streaming_llm.tasks uses it)
+TASKS = ("passkey", "niah", "niah_multikey", "vt")
+# What a task run reads of the rest: the model, the cache under test (method, policy, kv_quant, weight_quant), the
+# protocol and chunk, seed (which instances) and repeat. The text knobs (its haystack is `haystack`), the stream
+# lengths and timing knobs of score mode, and the generation knobs are not read.
+TASK_IGNORED = ("dataset", "text_file", "dataset_source", "sample", "max_tokens", "prefill", "warmup",
+                "prompt_tokens", "new_tokens", "spec", *DRAFT_KNOBS)
+
+
+def _ignored_task_knobs(config: RunConfig) -> list[str]:
+    """Outside task mode, the task knobs; in it, the knobs it does not read (and depths / haystack with a task_file,
+    whose rows have neither)."""
+    if config.mode != "task":
+        return list(TASK_KNOBS)
+    ignored = list(TASK_IGNORED)
+    if config.task_file is not None:
+        ignored += ["depths", "haystack"]
+    return ignored
+
+
+def _task_defaults(config: RunConfig) -> dict[str, Any]:
+    """A task run's unset task knobs at their defaults (depths and haystack only for generated instances)."""
+    if config.mode != "task":
+        return {}
+    wanted = {k: v for k, v in TASK_DEFAULTS.items() if config.task_file is None or k == "trials"}
+    return {k: v for k, v in wanted.items() if getattr(config, k) is None}
+
+
+def _depths_as_tuple(data: dict[str, Any]) -> dict[str, Any]:
+    """depths from YAML / JSON is a list of numbers: held as a tuple of floats (frozen, hashable), in the order
+    given, so that [0.5, 1] and (0.5, 1.0) are one configuration. One number is a list of one (a grid measurement's
+    list expands to one run per value), and a flag's text "0.1,0.5" the list it spells."""
+    depths = data.get("depths")
+    if type(depths) in (int, float):
+        depths = [depths]
+    elif isinstance(depths, str):
+        try:
+            depths = [float(part) for part in depths.split(",")]
+        except ValueError:
+            raise ConfigError(f"depths = {depths!r}: numbers in [0, 1] separated by commas (e.g. 0.1,0.5,0.9)"
+                              ) from None
+    if not isinstance(depths, list | tuple):
+        return data
+    if not all(type(d) in (int, float) for d in depths):
+        raise ConfigError(f"depths = {depths!r}: a list of numbers in [0, 1] (fractions of the haystack before the "
+                          "needle)")
+    return {**data, "depths": tuple(float(d) for d in depths)}
 
 
 def _check_signs(config: RunConfig) -> None:

@@ -1,5 +1,6 @@
-"""The public entry point: `evaluate(config)` runs the protocol of `config.mode` (score.py or generate.py) and returns
-its RunResult. It only dispatches: the protocols, the run kernel (run.py), the steppers and the loading live elsewhere.
+"""The public entry point: `evaluate(config)` runs the protocol of `config.mode` (score.py, generate.py or
+task_run.py) and returns its RunResult. It only dispatches: the protocols, the run kernel (run.py), the steppers and
+the loading live elsewhere.
 
 The names that callers imported from this module before it was split are still importable here (re-exported).
 """
@@ -14,6 +15,7 @@ from .models import DTYPES, LoadedModel, check_model_knobs, load_model, resolve_
 from .run import COMPACTION_SCHEMA, TOKEN_SCHEMA, RunResult
 from .score import score
 from .steppers import STEPPERS, DenseStepper, RecomputeStepper, Stepper, StreamingStepper, kv_quant_spec
+from .task_run import task_run
 from .text import TokenStream
 
 __all__ = [
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 RunProtocol = Callable[[RunConfig, LoadedModel | None, TokenStream | None], RunResult]
-MODES: dict[str, RunProtocol] = {"score": score, "generate": generate}
+MODES: dict[str, RunProtocol] = {"score": score, "generate": generate, "task": task_run}
 
 
 def evaluate(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStream | None = None) -> RunResult:

@@ -46,6 +46,11 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def decode(self, ids) -> str:
+        """The bytes as UTF-8 text; a byte sequence cut inside a character reads as U+FFFD (a generated answer may
+        end anywhere)."""
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
 
 @dataclass(frozen=True)
 class RandomModelSpec:

@@ -48,6 +48,24 @@ FORWARD_SCHEMA = pa.schema([
     ("latency_ms", pa.float64()),
 ])
 
+# Task runs (streaming_llm.task_run): one row per retrieval trial.
+TRIAL_SCHEMA = pa.schema([
+    ("task", pa.string()),  # passkey | niah | niah_multikey | vt | file
+    ("depth", pa.float64()),  # fraction of the haystack before the needle; null for a task file's rows
+    ("trial", pa.int32()),  # index of the instance at its depth (its seed: seed << 16 | trial)
+    ("needle_start", pa.int32()),  # the needle's token span [start, end) in the prompt; null for task-file rows
+    ("needle_end", pa.int32()),
+    ("distance", pa.int32()),  # tokens from the needle's end to the question's start
+    ("question_start", pa.int32()),  # stream index of the question's first token (= context length)
+    ("answer", pa.string()),  # the greedy output, decoded
+    ("expected", pa.string()),  # the reference answers, joined by spaces
+    ("score", pa.float64()),  # RULER string_match_all: fraction of the references found in `answer`
+    ("answer_nll", pa.float64()),  # mean NLL per token of the gold answer, teacher-forced after the question
+    ("retained", pa.int32()),  # needle tokens the cache holds when the question starts (from the schedule)
+    ("kv_len", pa.int32()),  # attention span of the question's first token
+    ("instance_hash", pa.string()),  # tasks.TaskInstance.instance_hash: regenerate the trial and compare
+])
+
 
 def stored(schema: pa.Schema, nullable: tuple[str, ...] = ()) -> pa.Schema:
     """`schema` as a stored table declares it: every column NOT NULL but those in `nullable`."""
@@ -64,6 +82,8 @@ STEP_TABLES: dict[str, pa.Schema] = {
     "tokens": stored(GENERATION_TOKEN_SCHEMA, nullable=("latency_ms", "compaction_ms", "forward")),
     "compactions": stored(COMPACTION_SCHEMA, nullable=("compaction_ms",)),  # null in parallel runs, which time nothing
     "forwards": stored(FORWARD_SCHEMA),  # generation runs: one row per verification forward
+    # Task runs: one row per trial; a task file's rows have no depth or needle, dense/recompute spans aside.
+    "trials": stored(TRIAL_SCHEMA, nullable=("depth", "needle_start", "needle_end", "distance", "retained", "kv_len")),
 }
 
 
@@ -87,3 +107,8 @@ class RunResult:
     def forwards(self) -> pa.Table | None:
         """Generation runs: one row per verification forward (streaming_llm.generate); None for score runs."""
         return self.tables.get("forwards")
+
+    @property
+    def trials(self) -> pa.Table | None:
+        """Task runs: one row per retrieval trial (streaming_llm.task_run); None for the other modes."""
+        return self.tables.get("trials")

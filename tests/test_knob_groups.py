@@ -28,8 +28,9 @@ def test_groups_are_the_lists_they_replace() -> None:
     assert tuple(config.DRAFT_KNOBS) == ("num_draft", "ngram_max", "draft_model", "draft_layers", "draft_cap")
     assert tuple(config.GENERATION_KNOBS) == ("prompt_tokens", "new_tokens", "temperature", "seed", "spec",
                                        *config.DRAFT_KNOBS)
+    # and the task runs' depths and trials, which came with mode task after the lists moved
     assert set(queries.MEASUREMENT_KNOBS) == {"sample", "protocol", "chunk", "score_stride", "max_tokens", "prefill",
-                                              "warmup"}
+                                              "warmup", "depths", "trials"}
     assert tuple(queries.QUANT_KNOBS) == ("kv_quant", "kv_quant_group", "kv_quant_residual", "kv_quant_sinks",
                                    "weight_quant")
     assert tuple(queries.SPECULATION_KNOBS) == ("spec", *config.DRAFT_KNOBS)

@@ -15,7 +15,7 @@ from store.segments import segment_arrow_schema
 from store.writer import StoreError, StoreWriter
 from streaming_llm import RunResult, results
 
-TRIALS = pa.schema([  # what a retrieval protocol might return: one row per trial
+PROBES = pa.schema([  # what a new protocol might return: one row per probe
     pa.field("trial", pa.int32(), nullable=False),
     pa.field("depth", pa.float64(), nullable=False),
     pa.field("needle_id", pa.int64()),
@@ -35,30 +35,30 @@ def test_store_tables_are_the_engine_schemas() -> None:
 
 
 def test_a_table_registered_in_the_engine_is_stored_and_queryable(tmp_path, monkeypatch) -> None:
-    monkeypatch.setitem(results.STEP_TABLES, "trials", TRIALS)
-    trials = next(table for table in segment_tables() if table.name == "trials")
-    assert [type(c.type) for c in trials.columns[1:]] == [Integer, Double, BigInteger, Boolean]
+    monkeypatch.setitem(results.STEP_TABLES, "probes", PROBES)
+    probes = next(table for table in segment_tables() if table.name == "probes")
+    assert [type(c.type) for c in probes.columns[1:]] == [Integer, Double, BigInteger, Boolean]
     config, tokens, compactions = run(0, 300)
     rows = pa.table({"trial": pa.array([0, 1, 2], pa.int32()), "depth": [0.0, 0.5, 1.0], "needle_id": [7, None, 9],
-                     "correct": [True, False, True]}, schema=TRIALS)
+                     "correct": [True, False, True]}, schema=PROBES)
     store = tmp_path / "store.duckdb"
     with StoreWriter(store, "v1") as writer:
         writer.register_grid("g", tmp_path / "g.yaml", "name: g", [("main", config.run_hash)])
-        writer.record_done(RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions, "trials": rows}),
+        writer.record_done(RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions, "probes": rows}),
                            worker="t:1", attempts=1)
-        # A rerun of the same hash: the first result moves to superseded_trials, as the built-in tables' do.
+        # A rerun of the same hash: the first result moves to superseded_probes, as the built-in tables' do.
         writer.record_done(RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions,
-                                                       "trials": rows.slice(0, 2)}), worker="t:1", attempts=1)
+                                                       "probes": rows.slice(0, 2)}), worker="t:1", attempts=1)
     with queries.connect(store) as con:
-        stored = con.execute("SELECT run_hash, trial, depth, needle_id, correct FROM trials ORDER BY trial").fetchall()
+        stored = con.execute("SELECT run_hash, trial, depth, needle_id, correct FROM probes ORDER BY trial").fetchall()
         assert stored == [(config.run_hash, 0, 0.0, 7, True), (config.run_hash, 1, 0.5, None, False)]
-        assert con.execute("SELECT count(*) FROM superseded_trials").fetchone()[0] == 3
+        assert con.execute("SELECT count(*) FROM superseded_probes").fetchone()[0] == 3
         assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == tokens.num_rows  # the others unchanged
         kinds = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
-                                 "WHERE table_name = 'trials'").fetchall())
+                                 "WHERE table_name = 'probes'").fetchall())
         assert kinds == {"trial": "INTEGER", "depth": "DOUBLE", "needle_id": "BIGINT", "correct": "BOOLEAN",
                          "run_hash": "VARCHAR"}
-    frame, _ = queries.run_user_sql(store, "SELECT avg(CAST(correct AS INTEGER)) AS accuracy FROM trials")
+    frame, _ = queries.run_user_sql(store, "SELECT avg(CAST(correct AS INTEGER)) AS accuracy FROM probes")
     assert frame.accuracy.iloc[0] == pytest.approx(0.5)
 
 
@@ -66,4 +66,21 @@ def test_a_table_the_engine_does_not_declare_is_refused(tmp_path) -> None:
     config, tokens, compactions = run(0, 50)
     with StoreWriter(tmp_path / "store.duckdb", "v1") as writer, pytest.raises(StoreError, match="STEP_TABLES"):
         writer.record_done(RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions,
-                                                       "trials": pa.table({"trial": [0]})}), worker="t", attempts=1)
+                                                       "probes": pa.table({"trial": [0]})}), worker="t", attempts=1)
+
+
+def test_a_store_older_than_a_declared_table_reads_it_as_empty(tmp_path, monkeypatch) -> None:
+    """A store whose last writer predates a table (say, trials) is read with that table empty, its columns declared,
+    not as an error; its next writer creates the table for real."""
+    config, tokens, compactions = run(0, 50)
+    store = tmp_path / "store.duckdb"
+    with StoreWriter(store, "v1") as writer:
+        writer.register_grid("g", tmp_path / "g.yaml", "name: g", [("main", config.run_hash)])
+        writer.record_done(RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions}),
+                           worker="t:1", attempts=1)
+    monkeypatch.setitem(results.STEP_TABLES, "probes", PROBES)  # declared after the store was written
+    with queries.connect(store) as con:
+        assert con.execute("SELECT count(*) FROM probes").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM superseded_probes").fetchone()[0] == 0
+        assert [row[0] for row in con.execute("DESCRIBE probes").fetchall()] == ["run_hash", *PROBES.names]
+        assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == tokens.num_rows

@@ -1,0 +1,173 @@
+"""The retrieval-task protocol (`mode: task`): per trial, the context through the cache under test, then the question,
+the teacher-forced NLL of the gold answer and a greedy answer, both from the cache state the question left.
+
+`task_run(config)` reads top to bottom like the protocol and returns a RunResult whose `trials` table holds one row per
+trial (TRIAL_SCHEMA) and whose summary holds the accuracy and the mean answer NLL. `protocol: stepwise` feeds the run's
+own stepper one token per forward (steppers.StepwiseTarget; the reference, and the only path of kv_quant and
+recompute); `parallel` feeds blocks of `chunk` tokens through parallel.BlockStepper (streaming) or HF's DynamicCache
+(dense), exact as if fed one at a time. The gold answer's pass is forked from the question's state: a block target
+rewinds it, the stepwise target is deep-copied (its cache tensors, not the model). It writes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig
+from .models import LoadedModel, is_random
+from .results import COMPACTION_SCHEMA, TOKEN_SCHEMA, TRIAL_SCHEMA, RunResult
+from .run import start_run
+from .steppers import BlockTarget, DenseBlockTarget, StepwiseTarget, StreamingBlockTarget
+from .tasks import TaskInstance, file_instances, make_instance, needle_retained, string_match_all
+from .text import TokenStream
+
+SEED_SHIFT = 16  # instance seed = config.seed << 16 | trial (trials is at most 1 << 16: config.KNOB_BOUNDS)
+
+
+def task_run(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStream | None = None) -> RunResult:
+    """Run a `mode: task` configuration; `loaded` may be reused across runs (`stream` is not read: the haystack is
+    built per instance)."""
+    if config.mode != "task":
+        raise ValueError(f"task_run() runs mode task; this config has mode {config.mode}: call evaluate()")
+    run = start_run(config, loaded, stream, 1, "context_tokens")
+    instances = task_instances(config, run.loaded.tokenizer)
+    rows: dict[str, list] = {name: [] for name in TRIAL_SCHEMA.names}
+    spans: list[int] = []
+    kv_storage = None
+    with run.measuring(), torch.inference_mode():
+        for trial, instance in instances:
+            target = make_task_target(run.loaded, config)
+            row = run_trial(config, run.loaded, target, instance)
+            spans.extend(step.kv_len for step in target.trace)
+            for name, value in zip(TRIAL_SCHEMA.names, (instance.task, instance.depth, trial, *row), strict=True):
+                rows[name].append(value)
+            kv_storage = target.kv_storage()
+    trials = pa.table(rows, schema=TRIAL_SCHEMA)
+    summary = _summary(config, run.loaded, instances, trials, spans, kv_storage)
+    return run.finish(summary, {"tokens": TOKEN_SCHEMA.empty_table(), "compactions": COMPACTION_SCHEMA.empty_table(),
+                                "trials": trials})
+
+
+def task_instances(config: RunConfig, tokenizer) -> list[tuple[int, TaskInstance]]:
+    """(trial index, instance) per trial, depth by depth; a task file's first `trials` rows."""
+    assert config.trials is not None and config.context_tokens is not None
+    if config.task_file is not None:
+        return list(enumerate(file_instances(tokenizer, config.task_file, config.trials, config.context_tokens)))
+    assert config.task is not None and config.depths is not None and config.haystack is not None
+    return [(trial, make_instance(tokenizer, config.task, config.context_tokens, depth,
+                                  (config.seed << SEED_SHIFT) | trial, config.haystack))
+            for depth in config.depths for trial in range(config.trials)]
+
+
+def make_task_target(loaded: LoadedModel, config: RunConfig) -> BlockTarget:
+    """A fresh cache under test: the run's own stepper (stepwise), or a block target (parallel)."""
+    if config.protocol == "stepwise":
+        return StepwiseTarget(loaded, config)
+    if config.method == "dense":
+        return DenseBlockTarget(loaded, config)
+    return StreamingBlockTarget(loaded, config)
+
+
+@torch.inference_mode()
+def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, instance: TaskInstance) -> tuple:
+    """One trial through `target` (a fresh one): the TRIAL_SCHEMA values from needle_start on."""
+    device = loaded.device
+    context, question, answer = instance.context_ids, instance.question_ids, instance.answer_ids
+    _feed(target, context, config.chunk, device)
+    retained = _retained(config, instance)
+    if isinstance(target, StreamingBlockTarget) and instance.needle_start is not None:
+        held = set(target.kept_tokens())
+        actual = sum(token in held for token in range(instance.needle_start, instance.needle_end))
+        if actual != retained:
+            raise RuntimeError(f"internal error: the cache holds {actual} needle tokens, the schedule says {retained}")
+    question_start = len(target.trace)
+    _feed(target, question[:-1], config.chunk, device)
+
+    # The gold answer, teacher-forced from the question's last token: a fork of the state, then dropped.
+    forced = [question[-1], *answer[:-1]]
+    if isinstance(target, StepwiseTarget):
+        fork = copy.deepcopy(target, memo={id(loaded.model): loaded.model, id(config): config})
+        forced_logits = fork.forward_block(_ids(forced, device))
+        del fork
+        logits = target.forward_block(_ids(forced[:1], device))
+    else:
+        forced_logits = target.forward_block(_ids(forced, device))
+        target.rewind(len(forced) - 1)
+        logits = forced_logits[:1]
+    answer_nll = float(_nll(forced_logits, answer).mean())
+    kv_len = target.trace[question_start].kv_len if question_start < len(target.trace) else None
+
+    generated = [int(logits[-1].argmax())]
+    while len(generated) < instance.generate_tokens:
+        logits = target.forward_block(_ids(generated[-1:], device))
+        generated.append(int(logits[-1].argmax()))
+    text = loaded.tokenizer.decode(generated)
+    score = string_match_all(text, instance.answers)
+    return (instance.needle_start, instance.needle_end, instance.distance, instance.question_start, text,
+            instance.expected, score, answer_nll, retained, kv_len, instance.instance_hash)
+
+
+def _retained(config: RunConfig, instance: TaskInstance) -> int | None:
+    if instance.needle_start is None or instance.needle_end is None:
+        return None
+    policy = config.policy if config.method == "streaming" else None
+    cap = config.cap if config.method == "recompute" else None
+    return needle_retained(policy, instance.question_start, instance.needle_start, instance.needle_end, cap)
+
+
+def _feed(target: BlockTarget, ids: tuple[int, ...], chunk: int, device: torch.device) -> None:
+    """`ids` through `target`, in blocks of `chunk` (a block target) or as the stepwise target takes them."""
+    if not ids:
+        return
+    size = len(ids) if isinstance(target, StepwiseTarget) else chunk
+    for first in range(0, len(ids), size):
+        target.forward_block(_ids(ids[first : first + size], device))
+
+
+def _ids(tokens, device: torch.device) -> torch.Tensor:
+    return torch.tensor([list(tokens)], dtype=torch.long, device=device)
+
+
+def _nll(logits: torch.Tensor, targets: tuple[int, ...]) -> np.ndarray:
+    index = torch.tensor(targets, device=logits.device)
+    return F.cross_entropy(logits[: len(targets)].float(), index, reduction="none").double().cpu().numpy()
+
+
+def _summary(config: RunConfig, loaded: LoadedModel, instances: list[tuple[int, TaskInstance]], trials: pa.Table,
+             spans: list[int], kv_storage: tuple[int, int] | None) -> dict:
+    scores = trials.column("score").to_numpy()
+    nll = trials.column("answer_nll").to_numpy()
+    if not np.all(np.isfinite(nll)):
+        raise FloatingPointError("a gold answer's NLL is not finite: the run's numbers are meaningless; check dtype / "
+                                 "weight_quant / kv_quant")
+    digest = hashlib.sha256("".join(instance.instance_hash for _, instance in instances).encode())
+    policy = config.policy if config.method == "streaming" else None
+    source = config.task_file if config.task_file is not None else f"{config.task}:{config.haystack}"
+    return {
+        "run_hash": config.run_hash,
+        "method": config.method,
+        "model": config.model,
+        "random_weights": is_random(config.model),
+        "text_id": f"task:{source}",
+        "token_hash": digest.hexdigest()[:16],  # of every instance's hash, in order: the same trials
+        "protocol": config.protocol,
+        "trial_count": trials.num_rows,
+        "accuracy": float(scores.mean()),
+        "answer_nll_mean": float(nll.mean()),
+        "kv_len_max": max(spans),
+        "kv_len_mean": float(np.mean(spans)),
+        "kv_cache_peak_bytes": kv_storage[0] if kv_storage else None,
+        "kv_bytes_per_token": kv_storage[0] / kv_storage[1] if kv_storage else None,
+        "weights_bytes": int(loaded.quantization["weights_bytes"]) if loaded.quantization else None,
+        "weights_bytes_float": int(loaded.quantization["weights_bytes_float"]) if loaded.quantization else None,
+        "window": policy.window if policy else None,
+        "soft_capacity": policy.soft_capacity if policy else None,
+        "hard_capacity": policy.hard_capacity if policy else None,
+        "device": str(loaded.device),
+    }
