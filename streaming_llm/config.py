@@ -132,6 +132,10 @@ class RunConfig(BaseModel):
     kv_quant_residual: int = 0
     kv_quant_sinks: Literal["quantized", "full"] = "full"
     weight_quant: Literal["none", "int8", "int8_dynamic", "int4"] = "none"
+    # How the streaming cache is laid out and whether its decode step is compiled (docs/engine.md, "Ring layout and
+    # compile"); hashed only away from these defaults (HASHED_WHEN_SET), so that earlier runs keep their identity.
+    layout: Literal["compact", "ring"] = "compact"
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
 
     @model_validator(mode="wrap")
     @classmethod
@@ -180,7 +184,32 @@ class RunConfig(BaseModel):
         if self.method == "streaming":
             self._check_streaming()
         self._check_kv_quant()
+        self._check_layout_and_compile()
         return self
+
+    def _check_layout_and_compile(self) -> None:
+        """What the ring layout and the compiled step support so far; what needs the machine (a CUDA device, the C++
+        compiler inductor needs on a CPU) is checked by `check_compile_environment` before the model loads."""
+        if self.layout == "ring":
+            supported = (("method", "streaming"), ("protocol", "stepwise"), ("mode", "score"), ("kv_quant", "none"))
+            for knob, wanted in supported:
+                if getattr(self, knob) == wanted:
+                    continue
+                value = getattr(self, knob)
+                raise ConfigError(
+                    f"layout ring with {knob} = {value}: the ring layout is implemented (and proven exact) for the "
+                    f"streaming cache of the stepwise score protocol without kv_quant; set {knob} {wanted} or "
+                    "layout compact"
+                )
+        if self.compile != "none" and self.layout != "ring":
+            raise ConfigError(
+                f"compile = {self.compile} with layout {self.layout}: the compact cache changes its length (a tensor "
+                "shape) at every step and compaction, so a compiled step would recompile at every one; use layout "
+                "ring (fixed shapes), or compile none"
+            )
+        if self.compile == "reduce-overhead" and self.device == "cpu":
+            raise ConfigError("compile = reduce-overhead captures CUDA graphs: device cpu has none; use compile "
+                              "default on a CPU, or device cuda")
 
     def _check_kv_quant(self) -> None:
         """What can be checked without the model; kv_quant_group | head_dim is checked against the model's config
@@ -371,7 +400,12 @@ def _ignored_knobs(config: RunConfig) -> list[str]:
     return ignored
 
 
+# Knobs added after runs were stored: at their default they are left out of every hash, so those runs keep theirs.
+HASHED_WHEN_SET: dict[str, str] = {"layout": "compact", "compile": "none"}
+
+
 def _content_hash(content: dict[str, Any]) -> str:
+    content = {k: v for k, v in content.items() if k not in HASHED_WHEN_SET or v != HASHED_WHEN_SET[k]}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
