@@ -112,6 +112,10 @@ KNOB_COLUMNS = [
     Column("kv_quant_residual", Integer, nullable=False),
     Column("kv_quant_sinks", String, nullable=False),
     Column("weight_quant", String, nullable=False),
+    # Cache layout (compact | ring) and compiled decode (none | default | reduce-overhead); null in rows written
+    # before they existed (read as compact, none).
+    Column("layout", String),
+    Column("compile", String),
 ]
 
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
@@ -159,6 +163,7 @@ SUMMARY_COLUMNS = [
     Column("kv_bytes_per_token", Double),  # kv_cache_peak_bytes / entries the cache had room for
     Column("weights_bytes", BigInteger),  # parameters + buffers after weight_quant
     Column("weights_bytes_float", BigInteger),  # the same before it
+    Column("compile_s", Double),  # compile: the first compiled step's wall time (a warmup step, not in TPOT)
 ]
 
 runs = Table(
