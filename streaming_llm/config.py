@@ -207,6 +207,9 @@ class RunConfig(BaseModel):
                 "shape) at every step and compaction, so a compiled step would recompile at every one; use layout "
                 "ring (fixed shapes), or compile none"
             )
+        if self.compile != "none" and self.warmup < 1:
+            raise ConfigError(f"compile = {self.compile} with warmup = 0: the first decode step compiles (seconds) "
+                              "and would be timed in TPOT; set warmup 1 or more")
         if self.compile == "reduce-overhead" and self.device == "cpu":
             raise ConfigError("compile = reduce-overhead captures CUDA graphs: device cpu has none; use compile "
                               "default on a CPU, or device cuda")

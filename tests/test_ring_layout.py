@@ -5,10 +5,12 @@ refusals, and hashes unchanged where the knobs stay at their defaults."""
 
 from __future__ import annotations
 
+import duckdb
 import numpy as np
 import pytest
 import torch
 
+from store.writer import StoreWriter
 from streaming_llm import ConfigError, LoadedModel, RunConfig, evaluate
 from streaming_llm import run as run_module
 from streaming_llm.compat import cache_kwargs
@@ -182,17 +184,34 @@ def test_the_recompilation_count_catches_a_cache_that_changes_shapes(tiny_models
     assert compactions >= 20 and graphs > 0
 
 
-def test_a_ring_step_compiled_by_inductor_gives_the_eager_compact_nlls(tiny_models):
-    """The real backend (inductor, a C++ compiler on a CPU): the compiled ring run equals the eager compact one, and
-    its first compiled step's time is recorded as compile_s."""
+@pytest.fixture(scope="module")
+def compiled_runs(tiny_models):
+    """An eager compact run and the same run compiled by the real backend (inductor: a C++ compiler on a CPU)."""
     loaded = tiny_models["tiny-llama"]
     base = knobs(loaded, max_tokens=90, prefill=20, rope_mode="realign", **POLICIES["lazy"])
-    compact = evaluate(RunConfig(**base), loaded=loaded)
-    compiled = evaluate(RunConfig(**base, layout="ring", compile="default"), loaded=loaded)
+    return (evaluate(RunConfig(**base), loaded=loaded),
+            evaluate(RunConfig(**base, layout="ring", compile="default"), loaded=loaded))
+
+
+def test_a_ring_step_compiled_by_inductor_gives_the_eager_compact_nlls(compiled_runs):
+    """The compiled ring run equals the eager compact one, and its first compiled step's time is compile_s."""
+    compact, compiled = compiled_runs
     assert compare(compact, compiled) < 1e-4
     assert compiled.summary["compile_s"] > 0
     latency = compiled.tokens.column("latency_ms").to_numpy(zero_copy_only=False)[20:]
     assert latency[0] > 1000 * compiled.summary["compile_s"] * 0.5  # the compiling step is the first, a warmup one
+
+
+def test_layout_compile_and_compile_s_reach_the_store(tmp_path, compiled_runs):
+    path = tmp_path / "store.duckdb"
+    with StoreWriter(path, "v1") as writer:
+        for result in compiled_runs:
+            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
+                               attempts=1)
+    with duckdb.connect(str(path), read_only=True) as con:
+        rows = [con.execute("SELECT layout, compile, compile_s FROM runs WHERE run_hash = ?",
+                            [result.config.run_hash]).fetchall()[0] for result in compiled_runs]
+    assert rows == [("compact", "none", None), ("ring", "default", compiled_runs[1].summary["compile_s"])]
 
 
 # --- the knobs ------------------------------------------------------------------------------------------------------
@@ -203,6 +222,7 @@ def test_a_ring_step_compiled_by_inductor_gives_the_eager_compact_nlls(tiny_mode
     (dict(layout="ring", kv_quant="int8"), "layout ring with kv_quant = int8"),
     (dict(compile="default"), "compile = default with layout compact"),
     (dict(layout="ring", compile="reduce-overhead", device="cpu"), "device cpu has none"),
+    (dict(layout="ring", compile="default", warmup=0), "would be timed in TPOT"),
 ])
 def test_unsupported_combinations_are_refused_in_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as error:
