@@ -240,7 +240,7 @@ class StepwiseTarget:
     """
 
     def __init__(self, loaded: LoadedModel, config: RunConfig):
-        self.stepper: Stepper = STEPPERS[config.method](loaded, config)
+        self.stepper: Stepper = make_stepper(loaded, config)
         self.config = config
         self.trace: list[StepTrace] = []
 

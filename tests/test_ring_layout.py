@@ -124,6 +124,21 @@ def test_ring_without_anchored_copies_would_be_caught(tiny_models):
     assert compare(realign, unanchored) > 100 * TOLERANCE
 
 
+@pytest.mark.parametrize("rope_mode", ROPE_MODES)
+@pytest.mark.parametrize("prompt_tokens", [20, 90])  # one prompt forward; a prompt fed token by token (compactions)
+def test_ring_generates_the_compact_caches_greedy_ids(tiny_models, rope_mode, prompt_tokens):
+    loaded = tiny_models["tiny-llama"]
+    base = knobs(loaded, mode="generate", prompt_tokens=prompt_tokens, new_tokens=80, rope_mode=rope_mode,
+                 **POLICIES["refresh"])
+    compact = evaluate(RunConfig(**base), loaded=loaded)
+    ring = evaluate(RunConfig(**base, layout="ring"), loaded=loaded)
+    assert ring.summary["generated_hash"] == compact.summary["generated_hash"]
+    assert ring.tokens.column("kv_len").equals(compact.tokens.column("kv_len"))
+    assert ring.tokens.column("evicted").to_numpy().sum() > 0
+    nll = [result.tokens.column("nll").to_numpy() for result in (compact, ring)]
+    assert np.abs(nll[0] - nll[1]).max() < TOLERANCE
+
+
 # --- no recompilation after warm-up ---------------------------------------------------------------------------------
 class CountingBackend:
     """A torch.compile backend that counts the graphs dynamo hands it and runs them as traced."""
@@ -218,7 +233,7 @@ def test_layout_compile_and_compile_s_reach_the_store(tmp_path, compiled_runs):
 @pytest.mark.parametrize("extra, message", [
     (dict(layout="ring", method="dense"), "layout ring with method = dense"),
     (dict(layout="ring", protocol="parallel"), "layout ring with protocol = parallel"),
-    (dict(layout="ring", mode="generate"), "layout ring with mode = generate"),
+    (dict(layout="ring", mode="generate", spec="prompt_lookup"), "layout ring with spec = prompt_lookup"),
     (dict(layout="ring", kv_quant="int8"), "layout ring with kv_quant = int8"),
     (dict(compile="default"), "compile = default with layout compact"),
     (dict(layout="ring", compile="reduce-overhead", device="cpu"), "device cpu has none"),
