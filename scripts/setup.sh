@@ -41,3 +41,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   esac
   echo "$want" > "$stamp"
 fi
+
+# torch.compile on a CPU (a run with compile: default) builds its kernels with a C++ compiler: g++ where none is.
+if ! command -v g++ >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q g++ >/dev/null || echo "setup: apt-get install g++ failed: compiled runs on a CPU are refused" >&2
+  else
+    echo "setup: no C++ compiler on PATH: runs with compile on a CPU are refused until g++ is installed" >&2
+  fi
+fi

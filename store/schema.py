@@ -169,6 +169,7 @@ SUMMARY_COLUMNS = [
     Column("trial_count", Integer),
     Column("accuracy", Double),  # mean RULER score (string_match_all)
     Column("answer_nll_mean", Double),  # mean teacher-forced NLL per token of the gold answers
+    Column("compile_s", Double),  # compile: the first compiled step's wall time (a warmup step, not in TPOT)
 ]
 
 runs = Table(

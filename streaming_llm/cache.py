@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .policy import CompactionPlan, CompactionSchedule, StreamingPolicy
 from .rope import RotaryGeometry
-from .storage import KVQuantSpec, KVStorage, Move, QuantizedStorage, make_storage, moves_of
+from .storage import KVQuantSpec, KVStorage, Move, QuantizedStorage, RingStorage, make_storage, moves_of
 
 __all__ = ["KVQuantSpec", "Move", "StreamingCache", "StreamingLayer", "moves_of"]
 
@@ -90,13 +90,15 @@ class StreamingCache(Cache):
     """
 
     def __init__(self, policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str = "realign",
-                 kv_quant: KVQuantSpec | None = None, storage: KVStorage | None = None):
+                 kv_quant: KVQuantSpec | None = None, storage: KVStorage | None = None, layout: str = "compact"):
         if storage is not None and kv_quant is not None:
             raise ValueError("StreamingCache takes a kv_quant spec or a storage, not both: the storage decides the "
                              "format")
         if storage is None:
-            storage = make_storage(policy, geometry, num_layers, rope_mode, kv_quant)
+            storage = make_storage(policy, geometry, num_layers, rope_mode, kv_quant, layout)
         self.storage = storage
+        # A ring cache keeps fixed shapes: its host work is in begin_step / finish_step, its update is tensors only.
+        self.ring = isinstance(storage, RingStorage)
         self.rope_mode = rope_mode
         self.geometry = geometry
         self.policy = policy
@@ -148,6 +150,8 @@ class StreamingCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ring:
+            return self.storage.update(layer_idx, key_states, value_states)
         if layer_idx == 0:
             self.compact_pending()
             # Grown between steps (doubling), so that every layer can hold the step's entries.
@@ -164,6 +168,26 @@ class StreamingCache(Cache):
         self.last_span = self.layers[-1].length
         self.storage.end_step(self.last_span)
         self.last_plan = self.pending = self.schedule.step(self.last_span)
+
+    # --- the ring layout's step: host work around a forward whose shapes never change --------------------------------
+    def begin_step(self, count: int) -> torch.Tensor:
+        """Before a ring cache's forward of `count` tokens (at `next_positions(count)`): apply the pending
+        compaction and place the step's entries; the attention mask the forward must take (`attention_mask=`)."""
+        if not self.ring:
+            raise RuntimeError("begin_step drives a ring cache (layout ring); a compact cache steps inside update()")
+        self.compact_pending()
+        length = self.layers[0].length
+        if self.storage.reserve(length + count, length):  # a prefill longer than the ring: before any decode step
+            self._bind_layers()
+        mask = self.storage.begin_step(length, self.tokens_seen, count)
+        self.step_offset = self.tokens_seen - length
+        return mask
+
+    def finish_step(self, count: int) -> None:
+        """After a ring cache's forward: every layer holds the step's entries; the schedule decides the compaction."""
+        for layer in self.layers:
+            layer.length += count
+        self._end_step(count)
 
     def compact_pending(self) -> None:
         """Apply the compaction decided at the end of the last step to every layer now (no-op if none is due)."""

@@ -177,6 +177,10 @@ class RunConfig(BaseModel):
     trials: Annotated[int | None, Groups("task", "measurement")] = None
     haystack: Annotated[Literal["noise", "text"] | None, Groups("task")] = None
     task_file: Annotated[str | None, Groups("task")] = None
+    # How the streaming cache is laid out and whether its decode step is compiled (docs/engine.md, "Ring layout and
+    # compile"); hashed only away from these defaults (HASHED_WHEN_SET), so that earlier runs keep their identity.
+    layout: Literal["compact", "ring"] = "compact"
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
 
     @model_validator(mode="wrap")
     @classmethod
@@ -232,7 +236,35 @@ class RunConfig(BaseModel):
         if self.method == "streaming":
             self._check_streaming()
         self._check_kv_quant()
+        self._check_layout_and_compile()
         return self
+
+    def _check_layout_and_compile(self) -> None:
+        """What the ring layout and the compiled step support so far; what needs the machine (a CUDA device, the C++
+        compiler inductor needs on a CPU) is checked by `check_compile_environment` before the model loads."""
+        if self.layout == "ring":
+            supported = (("method", "streaming"), ("protocol", "stepwise"), ("spec", "none"), ("kv_quant", "none"))
+            for knob, wanted in supported:
+                if getattr(self, knob) == wanted:
+                    continue
+                value = getattr(self, knob)
+                raise ConfigError(
+                    f"layout ring with {knob} = {value}: the ring layout is implemented (and proven exact) for the "
+                    "streaming cache fed one token per forward (stepwise scoring, generation with spec none) without "
+                    f"kv_quant; set {knob} {wanted} or layout compact"
+                )
+        if self.compile != "none" and self.layout != "ring":
+            raise ConfigError(
+                f"compile = {self.compile} with layout {self.layout}: the compact cache changes its length (a tensor "
+                "shape) at every step and compaction, so a compiled step would recompile at every one; use layout "
+                "ring (fixed shapes), or compile none"
+            )
+        if self.compile != "none" and self.warmup < 1:
+            raise ConfigError(f"compile = {self.compile} with warmup = 0: the first decode step compiles (seconds) "
+                              "and would be timed in TPOT; set warmup 1 or more")
+        if self.compile == "reduce-overhead" and self.device == "cpu":
+            raise ConfigError("compile = reduce-overhead captures CUDA graphs: device cpu has none; use compile "
+                              "default on a CPU, or device cuda")
 
     def _check_kv_quant(self) -> None:
         """What can be checked without the model; kv_quant_group | head_dim is checked against the model's config
@@ -313,6 +345,9 @@ class RunConfig(BaseModel):
         if self.temperature != 0.0:
             raise ConfigError(f"temperature = {self.temperature}: mode task decodes greedily (RULER's protocol); "
                               "use temperature 0")
+        if self.compile != "none":
+            raise ConfigError(f"compile = {self.compile} with mode task: a task run measures recall, not time (its "
+                              "decode is never timed); use compile none")
         if self.method == "recompute" and self.protocol == "parallel":
             raise ConfigError("mode task with method recompute runs stepwise (each generated token recomputes its "
                               "window): use protocol stepwise")
@@ -483,7 +518,12 @@ def _ignored_knobs(config: RunConfig) -> list[str]:
     return ignored
 
 
+# Knobs added after runs were stored: at their default they are left out of every hash, so those runs keep theirs.
+HASHED_WHEN_SET: dict[str, str] = {"layout": "compact", "compile": "none"}
+
+
 def _content_hash(content: dict[str, Any]) -> str:
+    content = {k: v for k, v in content.items() if k not in HASHED_WHEN_SET or v != HASHED_WHEN_SET[k]}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -109,7 +109,9 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale:
     x = keys[..., :rotary_dim].float()
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[..., :half], sin[..., :half]  # both halves hold the same angles (HF's cat((freqs, freqs)))
-    if torch.is_grad_enabled() and x.requires_grad:  # out= refuses autograd: the plain formula (a model in training)
+    # out= refuses autograd (a model in training) and breaks a torch.compile graph: there, the plain formula (the
+    # compiler fuses its temporaries away).
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     else:
         # x * cos + rotate_half(x) * sin, written half by half into one buffer: every step of an exact-mode or

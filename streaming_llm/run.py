@@ -5,6 +5,7 @@ environment). A protocol (score.py, generate.py) steps the model in between; thi
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ import torch
 from .config import RunConfig
 from .environment import fingerprint
 from .measure import peak_memory_bytes, reset_peak_memory
-from .models import LoadedModel, is_random
+from .models import LoadedModel, is_random, resolve_device
 from .results import COMPACTION_SCHEMA, TOKEN_SCHEMA, RunResult  # noqa: F401  (the protocols import them from here)
 from .text import TokenStream, load_stream
 
@@ -75,6 +76,7 @@ def start_run(config: RunConfig, loaded: LoadedModel | None, stream: TokenStream
     `stream_tokens` tokens of text (`stream` when given), which the knob named `length_knob` asks for."""
     started_at = datetime.now(UTC)
     wall_start = time.perf_counter()
+    check_compile_environment(config)
     if loaded is None or not loaded.serves(config):
         loaded = LoadedModel.load(config)
     if stream is None:
@@ -83,6 +85,21 @@ def start_run(config: RunConfig, loaded: LoadedModel | None, stream: TokenStream
     if len(stream.ids) < stream_tokens:
         raise ValueError(f"the token stream has {len(stream.ids)} ids < {length_knob} = {stream_tokens}")
     return Run(config, loaded, stream, started_at, wall_start)
+
+
+def check_compile_environment(config: RunConfig) -> None:
+    """What a compiled run needs from this machine, checked before the model loads: CUDA for reduce-overhead (CUDA
+    graphs), and on a CPU the C++ compiler inductor builds its kernels with."""
+    if config.compile == "none":
+        return
+    device = resolve_device(config.device)
+    if config.compile == "reduce-overhead" and device.type != "cuda":
+        raise RuntimeError(f"compile = reduce-overhead captures CUDA graphs, and this run's device is {device.type}: "
+                           "use compile default on a CPU, or run on a CUDA device")
+    if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        raise RuntimeError(f"compile = {config.compile} on a CPU needs a C++ compiler (torch.compile's inductor builds "
+                           "its kernels with one) and none is on PATH: install g++ (scripts/setup.sh does: "
+                           "apt-get install g++), or use compile none")
 
 
 def check_finite(tokens: pa.Table) -> None:

@@ -20,7 +20,7 @@ from .measure import Stopwatch
 from .models import LoadedModel
 from .parallel import BlockStepper, recompute_blocks
 from .run import COMPACTION_SCHEMA, TOKEN_SCHEMA, RunResult, nan_to_null, start_run
-from .steppers import STEPPERS
+from .steppers import make_stepper
 from .text import TokenStream
 
 
@@ -39,6 +39,7 @@ def score(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStr
 
     tokens, compactions = record.table(), record.compaction_table()
     summary = run.summarise(tokens, compactions, prefill_ms, kv_storage)
+    summary["compile_s"] = record.compile_s  # the first compiled step's wall time (a warmup step, never in TPOT)
     summary["eval_tokens_per_s"] = tokens.num_rows / scoring_s
     return run.finish(summary, {"tokens": tokens, "compactions": compactions})
 
@@ -46,7 +47,7 @@ def score(config: RunConfig, loaded: LoadedModel | None = None, stream: TokenStr
 def _score_stepwise(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, record: _Recorder):
     """Prefill in one forward, then one token per forward, each timed. Returns (prefill_ms, the cache's measured
     (peak bytes, entries))."""
-    stepper = STEPPERS[config.method](loaded, config)
+    stepper = make_stepper(loaded, config)
     clock = Stopwatch(loaded.device)
     prefill_ms = 0.0
     if config.prefill:
@@ -73,6 +74,7 @@ def _score_stepwise(config: RunConfig, loaded: LoadedModel, ids: torch.Tensor, r
                    latency=forward_ms + compaction_ms, compaction=compaction_ms, span=span,
                    evicted=plan.evicted if plan else 0, prefill=False)
         record.compaction(step, plan, compaction_ms)
+    record.compile_s = getattr(stepper, "compile_s", None)
     return prefill_ms, stepper.kv_storage()
 
 
@@ -125,6 +127,7 @@ class _Recorder:
         }
         self.count = 0
         self.compactions: list[tuple] = []
+        self.compile_s: float | None = None
 
     def row(self, *, step, position, token, target, nll, latency, compaction, span, evicted, prefill) -> None:
         values = (step, position, int(token), int(target), nll, latency, compaction, span, evicted > 0, evicted,

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from .cache import StreamingCache
 from .compat import cache_kwargs
 from .config import RunConfig
+from .measure import Stopwatch
 from .models import LoadedModel, check_model_knobs
 from .parallel import BlockStepper, StepTrace
 from .policy import CompactionPlan
@@ -129,6 +130,63 @@ class StreamingStepper(DenseStepper):
         return self.cache.peak_nbytes, self.cache.capacity
 
 
+class RingStepper(StreamingStepper):
+    """The streaming cache in the ring layout (`layout: ring`, storage.RingStorage): the cache's host work in
+    `begin_step` / `finish_step` around a forward whose shapes never change, so that it can be compiled (`compile`:
+    torch.compile of the one-token forward; a prefill stays eager). `compile_s`: the first compiled forward's wall
+    time (compilation included), None when nothing was compiled; `backend` overrides inductor (tests count graphs)."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig, backend=None):
+        self.model = loaded.model
+        architecture = loaded.model.config
+        self.cache = StreamingCache(config.policy, RotaryGeometry.of(loaded.model), architecture.num_hidden_layers,
+                                    config.rope_mode, layout="ring")
+        heads = architecture.num_attention_heads
+        kv_heads = getattr(architecture, "num_key_value_heads", None) or heads
+        head_dim = getattr(architecture, "head_dim", None) or architecture.hidden_size // heads
+        like = torch.empty((1, kv_heads, 0, head_dim), dtype=loaded.model.dtype, device=loaded.device)
+        self.cache.allocate(like, like)  # before the first forward: every step's shapes are known from the start
+        self._last_position = -1
+        self.clock = Stopwatch(loaded.device)
+        self.compile_s: float | None = None
+        self.decode = _eager_forward if config.compile == "none" else compiled_forward(config.compile, backend)
+
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        count = input_ids.shape[-1]
+        mask = self.cache.begin_step(count)
+        positions = self.cache.next_positions(count, input_ids.device)
+        self._last_position = self.cache.last_position
+        forward = self.decode if count == 1 and not all_logits else _eager_forward
+        first_compiled = forward is not _eager_forward and self.compile_s is None
+        if first_compiled:
+            self.clock.start()
+        with self.cache.rotary_table(self.model):
+            logits = forward(self.model, self.cache, input_ids, positions, mask, all_logits)
+        if first_compiled:
+            self.compile_s = self.clock.stop() / 1000
+        self.cache.finish_step(count)
+        return logits
+
+
+def _eager_forward(model, cache, input_ids, positions, mask, all_logits: bool) -> torch.Tensor:
+    out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
+                logits_to_keep=0 if all_logits else 1, **cache_kwargs(cache))
+    return out.logits[0]
+
+
+def compiled_forward(mode: str, backend=None):
+    """A ring cache's one-token forward under torch.compile (`mode` default or reduce-overhead; or `backend`).
+
+    Dynamo's compiled code is cached per function and guarded on the cache object: a new run's cache recompiles,
+    and past the recompile limit dynamo would fall back to eager without a word, so every compiled run starts from
+    an empty cache (one run at a time per process, as gridrun's actors run them).
+    """
+    torch._dynamo.reset()
+    if backend is not None:
+        return torch.compile(_eager_forward, backend=backend, dynamic=False)
+    return torch.compile(_eager_forward, mode=mode, dynamic=False)
+
+
 def kv_quant_spec(config: RunConfig, architecture) -> KVQuantSpec | None:
     """The cache's quantization for `config`, after the check that needs the model: kv_quant_group | head_dim."""
     if config.kv_quant == "none":
@@ -166,6 +224,13 @@ STEPPERS: dict[str, type[Stepper]] = {
 }
 
 
+def make_stepper(loaded: LoadedModel, config: RunConfig) -> Stepper:
+    """The stepper of `config`: its method's, in the ring layout where `layout` is ring."""
+    if config.layout == "ring":
+        return RingStepper(loaded, config)
+    return STEPPERS[config.method](loaded, config)
+
+
 # --- the generation targets -----------------------------------------------------------------------------------------
 class StepwiseTarget:
     """The run's own stepper (dense, streaming or recompute), one token per forward, as the score protocol steps it.
@@ -175,7 +240,7 @@ class StepwiseTarget:
     """
 
     def __init__(self, loaded: LoadedModel, config: RunConfig):
-        self.stepper: Stepper = STEPPERS[config.method](loaded, config)
+        self.stepper: Stepper = make_stepper(loaded, config)
         self.config = config
         self.trace: list[StepTrace] = []
 

@@ -602,10 +602,227 @@ class QuantizedStorage:
 
 
 def make_storage(policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str,
-                 kv_quant: KVQuantSpec | None) -> KVStorage:
-    """The storage of a cache in `rope_mode`: quantized with a `kv_quant` spec, else float in that mode's frame."""
+                 kv_quant: KVQuantSpec | None, layout: str = "compact") -> KVStorage:
+    """The storage of a cache in `rope_mode`: quantized with a `kv_quant` spec, else float in that mode's frame;
+    `layout` ring: the RingStorage (float only)."""
     if rope_mode not in FLOAT_STORAGES:
         raise ValueError(f"rope_mode '{rope_mode}' is unknown (known: {', '.join(FLOAT_STORAGES)})")
+    if layout not in ("compact", "ring"):
+        raise ValueError(f"layout '{layout}' is unknown (known: compact, ring)")
+    if layout == "ring":
+        if kv_quant is not None:
+            raise ValueError("layout ring stores float entries: kv_quant with the ring layout is not implemented; "
+                             "use layout compact with kv_quant")
+        return RingStorage(policy, geometry, num_layers, rope_mode)
     if kv_quant is not None:
         return QuantizedStorage(kv_quant, policy, geometry, rope_mode, num_layers)
     return FLOAT_STORAGES[rope_mode](geometry, num_layers)
+
+
+# --- ring -------------------------------------------------------------------------------------------------------------
+class RingStorage:
+    """Float keys and values in fixed-capacity buffers that never move: `layout: ring`.
+
+    Every entry is stored once, as the model rotated it at its stream index (queries too: `positions_by_stream`),
+    in a free physical slot; a compaction only rewrites the host's slot map (`slot_of`: the physical slot of each of
+    the cache's slots) and the validity mask. Attention reads the whole buffer under an additive mask, so every step
+    of a run has the same shapes (what torch.compile and CUDA graphs need). A recent entry's rotary distance to the
+    query is then the true one, t - j, which is what every RoPE mode attends; only the anchored entries (the cache's
+    first sink + refresh slots) sit at slot distance in realign / exact, so each step writes rotated copies of them
+    (from the stored keys, one rotation: no drift) into `anchors` extra slots past the ring and masks their originals.
+    Angles are float64 (`rotary_table`), so a stream at index 200,000 is rotated as accurately as one at 0.
+
+    Host bookkeeping happens in `begin_step` (outside any compiled region); `update` does tensor work only, on index,
+    angle and mask buffers whose shapes never change. It never decides what to keep: the cache's schedule does.
+    """
+
+    positions_by_stream = True
+
+    def __init__(self, policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str):
+        self.policy = policy
+        self.geometry = geometry
+        self.num_layers = num_layers
+        self.anchors_by_slot = rope_mode != "absolute"
+        self.anchors = policy.sink + policy.refresh if self.anchors_by_slot else 0
+        self.capacity = 0
+        self.peak_nbytes = 0
+        self.keys: torch.Tensor | None = None  # [layers, batch, kv_heads, capacity + anchors, head_dim]
+        self.values: torch.Tensor | None = None
+        self.slot_of = np.zeros(0, dtype=np.int64)  # physical slot of each cache slot
+        self.position = np.zeros(0, dtype=np.int64)  # stream index of the entry in each physical slot
+        self.valid = np.zeros(0, dtype=bool)  # physical ring slots holding a live entry
+        self.free: list[int] = []  # physical ring slots holding no entry, lowest last (popped first)
+        self.length = 0
+        # Static device buffers, rewritten in place by begin_step.
+        self.mask: torch.Tensor | None = None  # [1, 1, 1, capacity + anchors], additive
+        self.decode_slots: torch.Tensor | None = None  # [1] the physical slot of a decode step's entry
+        self.write_slots: torch.Tensor | None = None  # [count] physical slots of the step's entries
+        self.anchor_source: torch.Tensor | None = None  # [anchors] physical slots of the anchored entries
+        self.anchor_cos: torch.Tensor | None = None  # [anchors, rotary_dim] rotation of their copies
+        self.anchor_sin: torch.Tensor | None = None
+
+    # --- buffers ----------------------------------------------------------------------------------------------------
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        shape = (self.num_layers, *key_states.shape[:2], capacity + self.anchors, key_states.shape[-1])
+        # Zeros, not empty: masked slots are still multiplied, and uninitialised memory may hold NaN.
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros((*shape[:-1], value_states.shape[-1]))
+        device = self.keys.device
+        self.mask = torch.zeros((1, 1, 1, capacity + self.anchors), dtype=self.keys.dtype, device=device)
+        self.decode_slots = torch.zeros(1, dtype=torch.long, device=device)
+        self.write_slots = self.decode_slots
+        self.anchor_source = torch.zeros(self.anchors, dtype=torch.long, device=device)
+        self.anchor_cos = torch.ones((self.anchors, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.anchor_sin = torch.zeros((self.anchors, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.slot_of = np.zeros(capacity, dtype=np.int64)
+        self.position = np.zeros(capacity, dtype=np.int64)
+        self.valid = np.zeros(capacity, dtype=bool)
+        self.free = list(range(capacity - 1, -1, -1))
+        self.capacity = capacity
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+
+    def reserve(self, needed: int, length: int) -> bool:
+        """Room for `needed` live entries: a larger ring (a new shape: only ever before the decode steps, for a
+        prefill longer than the policy's capacity). Entries keep their physical slots."""
+        if needed <= self.capacity:
+            return False
+        old_capacity, old_keys, old_values = self.capacity, self.keys, self.values
+        slot_of, position, valid, free = self.slot_of, self.position, self.valid, self.free
+        capacity = _grown(old_capacity, needed)
+        self.allocate(old_keys[0][..., :0, :], old_values[0][..., :0, :], capacity)
+        for new, old in ((self.keys, old_keys), (self.values, old_values)):
+            new[..., :old_capacity, :] = old[..., :old_capacity, :]
+        self.slot_of[:old_capacity] = slot_of
+        self.position[:old_capacity] = position
+        self.valid[:old_capacity] = valid
+        self.free = list(range(capacity - 1, old_capacity - 1, -1)) + free
+        return True
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values) if t is not None]
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.keys[layer], self.values[layer]
+
+    # --- a step: host plan, then tensor work ----------------------------------------------------------------------
+    def begin_step(self, length: int, first_token: int, count: int) -> torch.Tensor:
+        """Place the step's `count` entries (stream indices first_token, ...) after the cache's `length` slots and
+        write the static buffers; the additive attention mask [1, 1, count, capacity + anchors] its forward takes."""
+        if length != self.length:
+            raise RuntimeError(f"internal error: ring storage holds {self.length} entries, the cache {length}")
+        slots = np.array([self.free.pop() for _ in range(count)], dtype=np.int64)
+        self.slot_of[length : length + count] = slots
+        self.position[slots] = np.arange(first_token, first_token + count)
+        # Attended by the step's queries: the entries before it, the step's own, and the anchored copies that
+        # replace anchored entries not where the query attends them (their originals masked).
+        attended = np.concatenate((self.valid, np.zeros(self.anchors, dtype=bool)))
+        attended[slots] = True
+        offset = first_token - length  # the step's stream index - slot
+        anchored = min(length, self.anchors)
+        source = np.zeros(self.anchors, dtype=np.int64)
+        shifts = np.zeros(self.anchors, dtype=np.int64)
+        if anchored:
+            source[:anchored] = self.slot_of[:anchored]
+            shifts[:anchored] = np.arange(anchored) + offset - self.position[source[:anchored]]
+            moved = np.flatnonzero(shifts[:anchored])
+            attended[source[moved]] = False
+            attended[self.capacity + moved] = True
+        self.valid[slots] = True
+        if self.anchors:
+            cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), self.keys.device, precise=True)
+            self.anchor_cos.copy_(cos)
+            self.anchor_sin.copy_(sin)
+            self.anchor_source.copy_(torch.from_numpy(source))
+        minimum = torch.finfo(self.keys.dtype).min
+        if count == 1:
+            self.decode_slots.copy_(torch.from_numpy(slots))
+            self.write_slots = self.decode_slots
+            self.mask.copy_(torch.from_numpy(np.where(attended, 0.0, minimum)))
+            mask = self.mask
+        else:  # a prefill: causal among its own entries (a mask of its own shape, outside the compiled decode step)
+            self.write_slots = torch.from_numpy(slots).to(self.keys.device)
+            allowed = np.repeat(attended[None, :], count, axis=0)
+            for query in range(count - 1):
+                allowed[query, slots[query + 1 :]] = False
+            mask = torch.from_numpy(np.where(allowed, 0.0, minimum)).to(self.keys.device, self.keys.dtype)[None, None]
+        self.length = length + count
+        return mask
+
+    def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's entries of `layer` at its slots and return the whole buffers (the mask hides the rest).
+        Tensor work only, on the static buffers: this is what a compiled decode step traces."""
+        if layer == 0 and self.anchors:
+            self.write_anchor_copies()
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.write_slots, key_states)
+        values.index_copy_(2, self.write_slots, value_states)
+        return keys, values
+
+    def write_anchor_copies(self) -> None:
+        """The anchored entries of every layer, rotated by their shifts, into the anchor slots (masked where the
+        shift is 0: there the original is attended)."""
+        ring = self.capacity
+        originals = self.keys.index_select(3, self.anchor_source)
+        self.keys[..., ring:, :] = rotate_keys(originals, self.anchor_cos, self.anchor_sin)
+        self.values[..., ring:, :] = self.values.index_select(3, self.anchor_source)
+
+    # --- between steps: the schedule's compaction, on the host only ---------------------------------------------------
+    def move(self, move: Move) -> None:
+        target, source = move.slices()
+        self.slot_of[target] = self.slot_of[source].copy()
+
+    def compacted(self, length_after: int) -> None:
+        """The cache's slots [0, length_after) hold the kept entries: every other physical slot is free."""
+        kept = np.zeros(self.capacity, dtype=bool)
+        kept[self.slot_of[:length_after]] = True
+        self.free = [int(slot) for slot in np.flatnonzero(~kept)[::-1]]
+        self.valid = kept
+        self.length = length_after
+
+    def truncate(self, length: int) -> None:
+        dropped = self.slot_of[length : self.length]
+        self.valid[dropped] = False
+        self.free.extend(int(slot) for slot in dropped[::-1])
+        self.length = length
+
+    def start_step(self, first_slot: int, first_token: int, count: int, last_position: int) -> None:
+        raise RuntimeError("a ring StreamingCache steps through begin_step / finish_step (steppers.RingStepper)")
+
+    def end_step(self, length: int) -> None:
+        return None
+
+    def rotary_table(self, model: torch.nn.Module) -> AbstractContextManager:
+        """Queries and keys at their stream index: float64 angles in realign / exact (as QuantizedStorage)."""
+        return precise_rotary(model, self.geometry) if self.anchors_by_slot else nullcontext()
+
+    # --- the contract's reads, in the cache's slot order (between steps; tests, inspection) ------------------------
+    def attend(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("a ring StreamingCache steps through begin_step / finish_step (steppers.RingStepper)")
+
+    def cache_slots(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the cache's slots [0, length) of `layer` in its order, keys as stored (stream index)."""
+        index = torch.from_numpy(self.slot_of[:length]).to(self.keys.device)
+        return self.keys[layer].index_select(2, index), self.values[layer].index_select(2, index)
+
+    def keys_to_attend(self, layer: int, length: int, tokens_seen: int) -> torch.Tensor:
+        keys = self.cache_slots(layer, length)[0]
+        anchored = self.anchored_keys(length, tokens_seen - length, keys.device)
+        if anchored is not False:
+            keys[..., : anchored.shape[-2], :] = anchored[layer]
+        return keys
+
+    def values_to_attend(self, layer: int, length: int) -> torch.Tensor:
+        return self.cache_slots(layer, length)[1]
+
+    def anchored_keys(self, length: int, offset: int, device: torch.device) -> torch.Tensor | bool:
+        count = min(length, self.anchors)
+        if count == 0:
+            return False
+        source = self.slot_of[:count]
+        shifts = np.arange(count) + offset - self.position[source]
+        if not shifts.any():
+            return False
+        cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
+        return rotate_keys(self.keys.index_select(3, torch.from_numpy(source).to(device)), cos, sin)
+
