@@ -32,6 +32,20 @@ def test_parallel_equals_stepwise(tiny_models, knobs):
     assert stepwise.summary["kv_len_max"] == parallel.summary["kv_len_max"]
 
 
+@pytest.mark.parametrize("rope_mode", ["realign", "exact", "absolute"])
+def test_ring_layout_equals_compact(tiny_models, rope_mode):
+    """A task run over the ring layout (stepwise) answers as the compact cache does: the same answers, spans and
+    retained tokens, answer NLLs within 1e-5."""
+    loaded = tiny_models["tiny-llama"]
+    knobs = dict(window=40, sink=4, refresh=3, refresh_policy="middle", compress_every=8, rope_mode=rope_mode)
+    compact = evaluate(RunConfig(**BASE, **knobs), loaded)
+    ring = evaluate(RunConfig(**BASE, **knobs, layout="ring"), loaded)
+    for name in ("answer", "retained", "kv_len", "instance_hash", "score"):
+        assert ring.trials.column(name).to_pylist() == compact.trials.column(name).to_pylist(), name
+    np.testing.assert_allclose(ring.trials.column("answer_nll").to_numpy(),
+                               compact.trials.column("answer_nll").to_numpy(), rtol=0, atol=1e-5)
+
+
 def test_recompute_with_a_window_over_the_whole_prompt_equals_dense(tiny_models):
     loaded = tiny_models["tiny-llama"]
     dense = evaluate(RunConfig(**BASE, method="dense"), loaded)
@@ -195,3 +209,10 @@ def test_the_progress_digest_reads_task_knobs_of_task_runs_only():
     digest = KnobDigest([score, *tasks])
     assert "task=niah" in digest.describe(tasks[1]) or "task=passkey" in digest.describe(tasks[0])
     assert "task" not in digest.describe(score)
+
+
+def test_compile_is_refused_in_task_mode():
+    from streaming_llm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compile = default with mode task"):
+        RunConfig(**BASE, cap=96, layout="ring", compile="default")
