@@ -212,7 +212,5 @@ def test_the_progress_digest_reads_task_knobs_of_task_runs_only():
 
 
 def test_compile_is_refused_in_task_mode():
-    from streaming_llm.config import ConfigError
-
-    with pytest.raises(ConfigError, match="compile = default with mode task"):
+    with pytest.raises(ValueError, match="compile = default with mode task"):
         RunConfig(**BASE, cap=96, layout="ring", compile="default")
