@@ -221,8 +221,7 @@ def test_layout_compile_and_compile_s_reach_the_store(tmp_path, compiled_runs):
     path = tmp_path / "store.duckdb"
     with StoreWriter(path, "v1") as writer:
         for result in compiled_runs:
-            writer.record_done(result.config, result.summary, result.tokens, result.compactions, worker="test:1",
-                               attempts=1)
+            writer.record_done(result, worker="test:1", attempts=1)
     with duckdb.connect(str(path), read_only=True) as con:
         rows = [con.execute("SELECT layout, compile, compile_s FROM runs WHERE run_hash = ?",
                             [result.config.run_hash]).fetchall()[0] for result in compiled_runs]
