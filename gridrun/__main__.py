@@ -15,10 +15,10 @@ from .interrupt import EXIT_INTERRUPTED, hold_signals, stop_on_signals, stopping
 if __name__ == "__main__":
     hold_signals()  # a signal during the imports below is noted, then stops the command as main starts
 
+from store.opening import verify_segments
 from store.queries import (
-    StoreError,  # the writer's StoreError too: a reader's (store/segments.py verify_segments) is this one
+    StoreError,  # the writer's StoreError too: a reader's (store/opening.py verify_segments) is this one
 )
-from store.segments import verify_segments
 from store.writer import DEFAULT_STORE, StoreWriter, check_writable, read_runs
 
 from .driver import (

@@ -11,7 +11,7 @@ from paper import figures, gather, tables
 from paper.gather import ExportError  # noqa: F401  (the CLI's error, raised here)
 from paper.latex import MissingNumber
 from store import queries
-from store.segments import verify_segments
+from store.opening import verify_segments
 
 # What an export writes only for some grids: removed from the output folder when this grid has none, so that a folder
 # exported from another grid before never mixes its tables into this one's.

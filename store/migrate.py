@@ -16,14 +16,13 @@ import duckdb
 import pyarrow as pa
 from sqlalchemy.schema import CreateTable
 
-from streaming_llm.config import RunConfig
-
 from .opening import NO_EXTENSIONS, read_meta
 from .schema import (
     APPLICATION_ID,
     CATALOG_TABLES,
     SCHEMA_VERSION,
     VIEWS,
+    added_column_value,
     q,
     runs,
     segment_tables,
@@ -39,17 +38,6 @@ def dialect():
     import duckdb_engine
 
     return duckdb_engine.Dialect()
-
-
-def _knob_default(name: str) -> str:
-    """A knob column added to an older store: its rows were run at the knob's default (layout compact, compile none:
-    the only behaviour there was), so they hold it, and compare equal to new rows at that default. A knob whose
-    default is None (the task knobs) stays null."""
-    field = RunConfig.model_fields.get(name)
-    if field is None or field.default is None or not isinstance(field.default, str | int | float):
-        return ""
-    value = f"'{field.default}'" if isinstance(field.default, str) else repr(field.default)
-    return f" DEFAULT {value}"
 
 
 def create_schema(con: duckdb.DuckDBPyConnection, segments: Path, code_version: str) -> bool:
@@ -75,7 +63,9 @@ def create_schema(con: duckdb.DuckDBPyConnection, segments: Path, code_version: 
         for column in table.columns:
             if column.name not in present:
                 kind = column.type.compile(dialect=dialect())
-                con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{_knob_default(column.name)}')
+                value = added_column_value(column.name)
+                default = f" DEFAULT {value}" if value is not None else ""
+                con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}')
     moved = move_to_segments(con, segments, existing)
     for table in segment_tables():
         write_schema_segment(segments, table)

@@ -12,8 +12,9 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,8 +23,10 @@ from sqlalchemy import BigInteger, Boolean, DateTime, Double, Integer, String, T
 
 from store.schema import (
     APPLICATION_ID,
+    CATALOG_TABLES,
     MIGRATES_FROM,
     SCHEMA_VERSION,
+    added_column_value,
     q,
     runs,
     segment_tables,
@@ -67,14 +70,23 @@ def signature(path: Path | str) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
+@dataclass(frozen=True)
+class Sandbox:
+    """A connection for SQL typed by a user: DuckDB's memory limit and thread count (the SQL box, store/sandbox.py,
+    declares the values)."""
+
+    memory_limit: str
+    threads: int
+
+
 @contextmanager
-def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
+def connect(path: Path | str, *, attempts: int = 20, sandbox: Sandbox | None = None):
     """A read-only connection, retried while a writer holds the file or a snapshot is being swapped in.
 
-    `sandbox` also turns off every file-system access (COPY TO, ATTACH, read_csv, extensions) but reading the
-    store's own segment folder, and locks the configuration, for SQL typed by a user. A store moved or copied since
-    its last writer (its catalog's views name the old segment folder) is read where it lies: temporary views over the
-    folder beside it shadow the catalog's for this connection.
+    `sandbox` sets its limits and turns off every file-system access (COPY TO, ATTACH, read_csv, extensions) but
+    reading the store's own segment folder, and locks the configuration, for SQL typed by a user. A store moved or
+    copied since its last writer (its catalog's views name the old segment folder) is read where it lies: temporary
+    views over the folder beside it shadow the catalog's for this connection.
     """
     path = Path(path)
     if not path.is_file():
@@ -94,15 +106,13 @@ def connect(path: Path | str, *, attempts: int = 20, sandbox: bool = False):
             _check_is_store(con, path)
             folder = _point_segments(con, path)
             _declare_new_tables(con)
-            if sandbox:
-                from store.sandbox import SQL_BOX_MEMORY, SQL_BOX_THREADS  # the box's limits, declared with the box
-
+            if sandbox is not None:
                 # allowed_directories can only be set once the database runs; temp_directory and it only while
                 # external access is on.
-                con.execute("SET memory_limit = $value", {"value": SQL_BOX_MEMORY})
+                con.execute("SET memory_limit = $value", {"value": sandbox.memory_limit})
                 # A thread per core reserves a stack and a malloc arena each: on a many-core host they would use up the
                 # box's address-space headroom (store/sandbox.py) before any query ran.
-                con.execute("SET threads = $value", {"value": SQL_BOX_THREADS})
+                con.execute("SET threads = $value", {"value": sandbox.threads})
                 con.execute("SET temp_directory = ''")
                 con.execute("SET allowed_directories = $folders", {"folders": [f"{folder}/"]})
                 con.execute("SET enable_external_access = false")
@@ -170,16 +180,30 @@ _SQL_NAMES = {String: "VARCHAR", Text: "VARCHAR", Integer: "INTEGER", BigInteger
 
 
 def _declare_new_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """A per-step table declared since the store's last writer (a store of an older gridrun, never opened by this
-    one's writer) has no view in its catalog: it reads as empty here, with its declared columns, rather than as an
-    error; the next writer creates it for real."""
+    """A store whose last writer predates a per-step table (trials, say) or a column (a knob declared since) is read
+    as if migrated, rather than failing: the table as an empty temporary view with its declared columns, a catalog
+    table as a temporary view over the stored one plus the missing columns at what its rows hold
+    (schema.added_column_value). The next writer migrates the store for real."""
+    database = con.execute("SELECT current_database()").fetchone()[0]
     views = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     for table in (*segment_tables(), *superseded_segment_tables()):
-        if table.name in views:
+        if table.name not in views:
+            columns = ", ".join(f"CAST(NULL AS {_SQL_NAMES[type(column.type)]}) AS {q(column.name)}"
+                                for column in table.columns)
+            con.execute(f"CREATE TEMPORARY VIEW {table.name} AS SELECT {columns} WHERE false")
+    present: dict[str, set[str]] = {}
+    for table_name, column in con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_catalog = $db AND "
+            "table_schema = 'main'", {"db": database}).fetchall():
+        present.setdefault(table_name, set()).add(column)
+    for table in CATALOG_TABLES:
+        if table.name not in present:
             continue
-        columns = ", ".join(f"CAST(NULL AS {_SQL_NAMES[type(column.type)]}) AS {q(column.name)}"
-                            for column in table.columns)
-        con.execute(f"CREATE TEMPORARY VIEW {table.name} AS SELECT {columns} WHERE false")
+        missing = [column for column in table.columns if column.name not in present[table.name]]
+        if missing:
+            added = ", ".join(f"CAST({added_column_value(column.name) or 'NULL'} AS {_SQL_NAMES[type(column.type)]}) "
+                              f"AS {q(column.name)}" for column in missing)
+            con.execute(f"CREATE TEMPORARY VIEW {table.name} AS SELECT *, {added} FROM {q(database)}.main.{table.name}")
 
 
 def _is_damage(exc: duckdb.Error) -> bool:
@@ -423,3 +447,26 @@ def check_segments(con: duckdb.DuckDBPyConnection, segments: Path, name: Path) -
                 f"--store {name} is damaged (a segment corrupt, truncated or missing): run {key[0]}'s "
                 f"segment {key[1]} in {segments} {problem}; it was left untouched: restore the store file "
                 "and its .segments folder together, or rerun into a new --store")
+
+
+def verify_segments(path: Path | str, run_hashes: Iterable[str] | None = None) -> int:
+    """Check every segment the store's runs rows name (of `run_hashes`, when given) against the sizes and digests its
+    writer recorded; raise store.opening.StoreError naming the first damaged run, in one line. Returns how many
+    segments were checked. Reads every byte of them once."""
+    path = Path(path)
+    wanted = set(run_hashes) if run_hashes is not None else None
+    with connect(path) as con:
+        rows = con.execute("SELECT run_hash, segment, segment_files, segment_bytes, segment_digest FROM runs "
+                           "WHERE segment IS NOT NULL ORDER BY run_hash").fetchall()
+    folder = segments_folder(path.resolve())
+    checked = 0
+    for run_hash, segment, listed, size, digest in rows:
+        if wanted is not None and run_hash not in wanted:
+            continue
+        problem = segment_problem(folder, run_hash, segment, json.loads(listed), size, digest)  # connect: listed
+        if problem:
+            raise StoreError(f"{path} is damaged: run {run_hash}'s segment {segment} in {folder} {problem}; no number "
+                             "was read from it: restore the store file and its .segments folder together, or rerun "
+                             "the grid into a new --store")
+        checked += 1
+    return checked

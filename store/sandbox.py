@@ -3,8 +3,8 @@ parsed and run in a child process whose address space is limited (RLIMIT_AS) and
 limit, so that no statement, however it allocates (DuckDB's list functions allocate outside its buffer manager) or
 however long it takes to parse, takes the reader's process down.
 
-It never writes: the child opens the store through store.opening.connect(sandbox=True) and checks the statement with
-check_read_only. Rows come back through a pipe.
+It never writes: the child opens the store through store.opening.connect with its Sandbox limits and checks the
+statement with check_read_only. Rows come back through a pipe.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+
+from store import opening
+from store.opening import Sandbox, connect
 
 SQL_BOX_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
 
@@ -172,7 +175,7 @@ def _child(path: str, sql: str, limit: int, memory: str, sender) -> None:
     """Runs in the child: limit the address space, then check, parse and run the statement; send rows or an error."""
     try:
         _limit_address_space(_parse_bytes(memory) + ADDRESS_SPACE_HEADROOM)
-        sender.send(("rows", _run(path, sql, limit)))
+        sender.send(("rows", _run(path, sql, limit, memory)))
     except MemoryError:
         _send_error(sender, (__name__, "QueryLimit", f"stopped at the SQL box's memory limit ({memory}): "
                              "aggregate before joining, filter on run_hash, or run it in duckdb -readonly"))
@@ -182,17 +185,15 @@ def _child(path: str, sql: str, limit: int, memory: str, sender) -> None:
         sender.close()
 
 
-def _run(path: str, sql: str, limit: int) -> tuple[list[str], list, bool]:
-    from store.opening import connect
-
+def _run(path: str, sql: str, limit: int, memory: str) -> tuple[list[str], list, bool]:
     try:
         check_read_only(sql)  # parsing a long statement can itself reach the limit
-        with connect(path, sandbox=True) as con:
+        with connect(path, sandbox=Sandbox(memory, SQL_BOX_THREADS)) as con:
             result = con.execute(sql)
             rows = result.fetchmany(limit + 1)
             columns = [column[0] for column in result.description or []]
     except duckdb.OutOfMemoryException:
-        raise QueryLimit(f"stopped at the SQL box's memory limit ({SQL_BOX_MEMORY}): aggregate before joining, "
+        raise QueryLimit(f"stopped at the SQL box's memory limit ({memory}): aggregate before joining, "
                          "filter on run_hash, or run it in duckdb -readonly") from None
     payload = (columns, rows[:limit], len(rows) > limit)
     if len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)) > RESULT_BYTES:
@@ -209,8 +210,6 @@ def _send_error(sender, error: tuple[str, str, str]) -> None:
 
 def _rebuild(module: str, name: str, message: str) -> BaseException:
     """The child's exception as the reader's: the box's own classes and DuckDB's keep their class."""
-    from store import opening
-
     namespaces = {__name__: sys.modules[__name__], "store.opening": opening, "duckdb": duckdb, "_duckdb": duckdb}
     namespace = namespaces.get(module) or (duckdb if module.startswith("duckdb") else None)
     kind = getattr(namespace, name, None) if namespace is not None else None

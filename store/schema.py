@@ -120,6 +120,23 @@ def knob_columns(config_class: type[RunConfig] = RunConfig) -> list[Column]:
 
 KNOB_COLUMNS = knob_columns()
 
+
+def added_column_value(name: str) -> str | None:
+    """What the rows of an older store hold in a knob column declared since (as a SQL literal; None: null): the
+    writer's migration adds the column with it as DEFAULT, and a reader of a store no writer has migrated yet shadows
+    the table with it. Its rows were run at the knob's default (layout compact, compile none: the only behaviour
+    there was), so they hold that and compare equal to new rows at the default; a knob whose default is None (the
+    task knobs) stays null."""
+    field = RunConfig.model_fields.get(name)
+    if field is None or field.default is None or not isinstance(field.default, str | int | float):
+        return None
+    return sql_literal(field.default)
+
+
+def sql_literal(value: str | int | float) -> str:
+    """`value` as a SQL literal."""
+    return f"'{sql_string(value)}'" if isinstance(value, str) else repr(value)
+
 # Summary columns: the scalar keys of RunResult.summary (environment goes to environment_json).
 SUMMARY_COLUMNS = [
     Column("text_id", String),

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
@@ -26,7 +25,6 @@ from .schema import (
     SEGMENT_FILE,
     segment_tables,
     segment_views,
-    segments_folder,
     stored_arrow_type,
 )
 
@@ -229,28 +227,3 @@ def segment_problem(folder: Path, run_hash: str, segment: str, files: list[str],
     if digest is not None and combined.hexdigest() != digest:
         return "holds other bytes than recorded (bit-flipped, or swapped with another run's?)"
     return None
-
-
-def verify_segments(path: Path | str, run_hashes: Iterable[str] | None = None) -> int:
-    """Check every segment the store's runs rows name (of `run_hashes`, when given) against the sizes and digests its
-    writer recorded; raise store.opening.StoreError naming the first damaged run, in one line. Returns how many
-    segments were checked. Reads every byte of them once."""
-    from .opening import StoreError, connect  # opening reads the views' file lists from here
-
-    path = Path(path)
-    wanted = set(run_hashes) if run_hashes is not None else None
-    with connect(path) as con:
-        rows = con.execute("SELECT run_hash, segment, segment_files, segment_bytes, segment_digest FROM runs "
-                           "WHERE segment IS NOT NULL ORDER BY run_hash").fetchall()
-    folder = segments_folder(path.resolve())
-    checked = 0
-    for run_hash, segment, listed, size, digest in rows:
-        if wanted is not None and run_hash not in wanted:
-            continue
-        problem = segment_problem(folder, run_hash, segment, json.loads(listed), size, digest)  # connect: listed
-        if problem:
-            raise StoreError(f"{path} is damaged: run {run_hash}'s segment {segment} in {folder} {problem}; no number "
-                             "was read from it: restore the store file and its .segments folder together, or rerun "
-                             "the grid into a new --store")
-        checked += 1
-    return checked

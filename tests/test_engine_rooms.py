@@ -72,6 +72,41 @@ def test_the_engine_imports_one_way():
     assert "evaluate" not in set().union(*(graph[module] for module in graph if module != "__main__"))
 
 
+def package_imports(package: str) -> dict[str, set[str]]:
+    """For each module of `package` (a folder of the project, sub-packages included), the package's modules it imports
+    (relative or absolute, at the top or inside a function), as dotted names inside the package."""
+    root = PACKAGE.parent / package
+    modules = {".".join(path.relative_to(root).with_suffix("").parts): path for path in sorted(root.rglob("*.py"))}
+    modules = {name.removesuffix(".__init__") if name != "__init__" else "": path for name, path in modules.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name.split(".") if path.name != "__init__.py" else [*name.split("."), "__init__"]
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = [part for part in here[: len(here) - node.level] if part]
+                    module = ".".join([*base, *([node.module] if node.module else [])])
+                    targets = [module, *(f"{module}.{alias.name}".strip(".") for alias in node.names)]
+                elif node.module and (node.module == package or node.module.startswith(package + ".")):
+                    module = node.module.removeprefix(package).lstrip(".")
+                    targets = [module, *(f"{module}.{alias.name}".strip(".") for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name.removeprefix(package).lstrip(".") for alias in node.names
+                           if alias.name.startswith(package + ".")]
+            imported.update(target for target in targets if target in modules)
+        graph[name] = imported - {name}
+    return graph
+
+
+@pytest.mark.parametrize("package", ["streaming_llm", "store", "gridrun", "paper", "dashboard"])
+def test_every_package_imports_one_way(package):
+    graph = package_imports(package)
+    graph.pop("", None)  # a package's front door may import its rooms; no room imports it
+    assert find_circle(graph) is None, f"import circle in {package}/: {' -> '.join(find_circle(graph))}"
+
+
 def test_find_circle_finds_one():
     assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_circle({"a": {"b"}, "b": set()}) is None

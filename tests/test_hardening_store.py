@@ -20,6 +20,7 @@ import store.writer as writer_module
 from gridrun.__main__ import main as gridrun_main
 from paper.__main__ import main as paper_main
 from store import queries
+from store.opening import Sandbox
 from store.writer import StoreError, StoreWriter, read_runs
 from streaming_llm import RunConfig, RunResult, evaluate
 
@@ -166,7 +167,7 @@ def test_a_sqlite_file_is_refused_without_fetching_an_extension(tmp_path):
 def test_reader_connections_never_autoload_or_install_extensions(tmp_path, result):
     store = tmp_path / "store.duckdb"
     make_store(store, result, copies=1)
-    for sandbox in (False, True):
+    for sandbox in (None, Sandbox("1GB", 2)):
         with queries.connect(store, sandbox=sandbox) as con:
             settings = con.execute("SELECT current_setting('autoload_known_extensions'), "
                                    "current_setting('autoinstall_known_extensions')").fetchall()

@@ -84,3 +84,27 @@ def test_a_store_older_than_a_declared_table_reads_it_as_empty(tmp_path, monkeyp
         assert con.execute("SELECT count(*) FROM superseded_probes").fetchone()[0] == 0
         assert [row[0] for row in con.execute("DESCRIBE probes").fetchall()] == ["run_hash", *PROBES.names]
         assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == tokens.num_rows
+
+
+def test_a_store_older_than_a_declared_knob_column_reads_and_migrates_it_at_the_knobs_default(tmp_path) -> None:
+    """A store written before a knob existed (layout, a task knob) is read as if migrated, the old rows at the knob's
+    default (null where the default is None), in the catalog views too; its next writer adds the columns so."""
+    import duckdb
+
+    config, tokens, compactions = run(0, 50)
+    store = tmp_path / "store.duckdb"
+    with StoreWriter(store, "v1") as writer:
+        writer.register_grid("g", tmp_path / "g.yaml", "name: g", [("main", config.run_hash)])
+        writer.record_done(RunResult(config, SUMMARY, {"tokens": tokens, "compactions": compactions}),
+                           worker="t:1", attempts=1)
+    with duckdb.connect(str(store)) as con:  # as an older gridrun wrote it: no layout or task column yet
+        for table in ("runs", "configurations", "superseded_runs"):
+            con.execute(f"ALTER TABLE {table} DROP COLUMN layout")
+            con.execute(f"ALTER TABLE {table} DROP COLUMN task")
+    with queries.connect(store) as con:
+        assert queries.run_table(con, "g", True)[["layout", "task"]].values.tolist() == [["compact", None]]
+        assert con.execute("SELECT layout, task FROM run_summaries").fetchall() == [("compact", None)]
+    with StoreWriter(store, "v1"):
+        pass  # the migration
+    with duckdb.connect(str(store), read_only=True) as con:
+        assert con.execute("SELECT layout, task FROM main.runs").fetchall() == [("compact", None)]
