@@ -58,6 +58,31 @@ def quantization(groups: pd.DataFrame) -> plt.Figure:
     return figure
 
 
+def needle(cells: pd.DataFrame) -> plt.Figure:
+    """Accuracy against the tokens from the needle's start to the question, one series per setting with its Wilson 95 %
+    interval, and the caches' spans as rules: the window W (dashed) and the most recent tokens held just before a
+    compaction (dotted; lazy's W + R). Series are offset a few tokens apart so that equal points stay visible."""
+    figure, axes = plt.subplots(figsize=(SIZE[0], SIZE[1] * 1.25))
+    cells = cells[cells.distance.notna()]
+    settings = list(dict.fromkeys(cells.setting))
+    spread = 0.004 * float(cells.distance.max() + cells.needle_tokens.max())
+    for index, setting in enumerate(settings):
+        block = cells[cells.setting == setting].sort_values("distance")
+        x = block.distance + block.needle_tokens + (index - (len(settings) - 1) / 2) * spread
+        errors = [block.accuracy - block.accuracy_low, block.accuracy_high - block.accuracy]
+        axes.errorbar(x, block.accuracy, yerr=errors, marker="o", markersize=3.5, capsize=2, linewidth=1,
+                      label=f"{setting} (n={_n_range(block.trials)})")
+    for column, style, what in (("span_window", "--", "window W"), ("span_recent_max", ":", "W + R (before a cut)")):
+        for value in sorted(cells[column].dropna().unique()):
+            axes.axvline(value, color="gray", linestyle=style, linewidth=0.8)
+            axes.annotate(f"{what} = {int(value)}", (value, 1.02), xycoords=("data", "axes fraction"), fontsize=6,
+                          rotation=90, ha="right", va="bottom")
+    axes.set(xlabel="tokens from the needle's start to the question", ylabel="accuracy (Wilson 95 % interval)",
+             ylim=(-0.05, 1.05))
+    axes.legend(fontsize=6, loc="lower left")
+    return figure
+
+
 def _save(figure: plt.Figure, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
     for path in paths:
