@@ -72,11 +72,18 @@ def needle(cells: pd.DataFrame) -> plt.Figure:
         errors = [block.accuracy - block.accuracy_low, block.accuracy_high - block.accuracy]
         axes.errorbar(x, block.accuracy, yerr=errors, marker="o", markersize=3.5, capsize=2, linewidth=1,
                       label=f"{setting} (n={_n_range(block.trials)})")
-    for column, style, what in (("span_window", "--", "window W"), ("span_recent_max", ":", "W + R (before a cut)")):
-        for value in sorted(cells[column].dropna().unique()):
+    spans: dict[float, str] = {}
+    rules = (("span_window", "--", "window W"), ("span_recent_max", ":", "W + R - 1 (before a cut)"))
+    for column, style, what in rules:
+        values = sorted(cells[column].dropna().unique())
+        for value in values:
             axes.axvline(value, color="gray", linestyle=style, linewidth=0.8)
-            axes.annotate(f"{what} = {int(value)}", (value, 1.02), xycoords=("data", "axes fraction"), fontsize=6,
-                          rotation=90, ha="right", va="bottom")
+            spans.setdefault(float(value), str(int(value)))
+        if values:
+            axes.plot([], [], color="gray", linestyle=style, linewidth=0.8, label=what)
+    for value, text in spans.items():  # one number per rule's position, however many caches share it
+        axes.annotate(text, (value, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                      textcoords="offset points", fontsize=6, ha="center", va="bottom", color="gray")
     axes.set(xlabel="tokens from the needle's start to the question", ylabel="accuracy (Wilson 95 % interval)",
              ylim=(-0.05, 1.05))
     axes.legend(fontsize=6, loc="lower left")
