@@ -29,7 +29,7 @@ EXPECTED = {
     "Settings": (0, []),
     "Long stream": (1, ["perplexity of the block (log scale)"]),
     "Speculation": (2, ["generated tokens/s", "acceptance rate"]),
-    "Retrieval": (2, ["needle depth", "tokens from the needle's start to the question"]),
+    "Retrieval": (2, ["needle depth", "tokens, needle start to question"]),
     "SQL": (0, []),
 }
 # Per chart, read from Vega's SVG: its drawn marks, its text, and the height its y-axis labels span in pixels (a

@@ -35,13 +35,16 @@ def render(source: data.Source) -> None:
                alt.Tooltip("distance:Q", format=".0f")]
     st.subheader("Needle in a haystack")
     heat = alt.Chart(table).encode(
-        x=alt.X("context_tokens:O", title="context tokens"),
+        x=alt.X("context_tokens:O", title="context tokens", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("depth_label:O", title="needle depth", sort="descending"),
     )
     cells = heat.mark_rect().encode(
         color=alt.Color("accuracy:Q", scale=alt.Scale(domain=[0, 1], scheme="redyellowgreen"), title="accuracy"),
         tooltip=tooltip)
-    labels = heat.mark_text(fontSize=11).encode(text=alt.Text("accuracy:Q", format=".0%"))
+    labels = heat.mark_text(fontSize=11).encode(
+        text=alt.Text("accuracy:Q", format=".0%"),
+        # Readable on the scheme's dark ends (red at 0, green at 1), dark on its light middle.
+        color=alt.condition("datum.accuracy < 0.25 || datum.accuracy > 0.8", alt.value("white"), alt.value("black")))
     heatmap = (alt.layer(cells, labels).properties(width=110, height=160)
                .facet(column=alt.Column("setting:N", title=None, sort=settings)))
     st.altair_chart(heatmap, width="content")
@@ -49,7 +52,7 @@ def render(source: data.Source) -> None:
                "95 % interval and n. Depth: the fraction of the haystack before the needle.")
 
     st.subheader("Accuracy against the needle's distance")
-    base = alt.Chart(table).encode(x=alt.X("needle_from:Q", title="tokens from the needle's start to the question"))
+    base = alt.Chart(table).encode(x=alt.X("needle_from:Q", title="tokens, needle start to question"))
     points = base.mark_point(filled=True, size=50).encode(
         y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])), color="task:N", tooltip=tooltip)
     bars = base.mark_rule().encode(y="accuracy_low:Q", y2="accuracy_high:Q", color="task:N")
@@ -59,7 +62,7 @@ def render(source: data.Source) -> None:
                 .facet(column=alt.Column("setting:N", title=None, sort=settings)))
     st.altair_chart(distance, width="content")
     st.caption("Bars: Wilson 95 % intervals. Dashed rule: the window W (recent tokens a compaction keeps); dotted: the "
-               "most recent tokens the cache holds just before a compaction (lazy's W + R). A needle whose start lies "
+               "most recent tokens the cache holds just before a compaction (W + R - 1). A needle whose start lies "
                "left of the rule is held whole when the question starts; none for dense (no eviction).")
 
     st.subheader("Trials of one cell")
