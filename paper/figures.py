@@ -61,7 +61,8 @@ def quantization(groups: pd.DataFrame) -> plt.Figure:
 def needle(cells: pd.DataFrame) -> plt.Figure:
     """Accuracy against the tokens from the needle's start to the question, one series per setting with its Wilson 95 %
     interval, and the caches' spans as rules: the window W (dashed) and the most recent tokens held just before a
-    compaction (dotted; lazy's W + R). Series are offset a few tokens apart so that equal points stay visible."""
+    compaction (dotted; W + R - 1). Points, not lines: no accuracy is measured between two depths. Series are offset a
+    few tokens apart so that equal points stay visible."""
     figure, axes = plt.subplots(figsize=(SIZE[0], SIZE[1] * 1.25))
     cells = cells[cells.distance.notna()]
     settings = list(dict.fromkeys(cells.setting))
@@ -70,7 +71,7 @@ def needle(cells: pd.DataFrame) -> plt.Figure:
         block = cells[cells.setting == setting].sort_values("distance")
         x = block.distance + block.needle_tokens + (index - (len(settings) - 1) / 2) * spread
         errors = [block.accuracy - block.accuracy_low, block.accuracy_high - block.accuracy]
-        axes.errorbar(x, block.accuracy, yerr=errors, marker="o", markersize=3.5, capsize=2, linewidth=1,
+        axes.errorbar(x, block.accuracy, yerr=errors, marker="o", markersize=3.5, capsize=2, linestyle="none",
                       label=f"{setting} (n={_n_range(block.trials)})")
     spans: dict[float, str] = {}
     rules = (("span_window", "--", "window W"), ("span_recent_max", ":", "W + R - 1 (before a cut)"))
