@@ -45,8 +45,10 @@ def render(source: data.Source) -> None:
         text=alt.Text("accuracy:Q", format=".0%"),
         # Readable on the scheme's dark ends (red at 0, green at 1), dark on its light middle.
         color=alt.condition("datum.accuracy < 0.25 || datum.accuracy > 0.8", alt.value("white"), alt.value("black")))
-    heatmap = (alt.layer(cells, labels).properties(width=110, height=160)
-               .facet(column=alt.Column("setting:N", title=None, sort=settings)))
+    # Long setting names (refresh, kv_quant) are cut at the panel's width rather than run into the next panel's.
+    header = alt.Header(labelLimit=170)
+    heatmap = (alt.layer(cells, labels).properties(width=170, height=160)
+               .facet(column=alt.Column("setting:N", title=None, sort=settings, header=header)))
     st.altair_chart(heatmap, width="content")
     st.caption("Accuracy: the mean RULER score (string_match_all) of the greedy answers; the tooltip gives its Wilson "
                "95 % interval and n. Depth: the fraction of the haystack before the needle.")
@@ -59,7 +61,7 @@ def render(source: data.Source) -> None:
     window = base.mark_rule(strokeDash=[4, 3], color="gray").encode(x="span_window:Q")
     recent = base.mark_rule(strokeDash=[1, 3], color="gray").encode(x="span_recent_max:Q")
     distance = (alt.layer(bars, points, window, recent).properties(width=200, height=180)
-                .facet(column=alt.Column("setting:N", title=None, sort=settings)))
+                .facet(column=alt.Column("setting:N", title=None, sort=settings, header=alt.Header(labelLimit=200))))
     st.altair_chart(distance, width="content")
     st.caption("Bars: Wilson 95 % intervals. Dashed rule: the window W (recent tokens a compaction keeps); dotted: the "
                "most recent tokens the cache holds just before a compaction (W + R - 1). A needle whose start lies "
