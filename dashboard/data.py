@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from store import queries
+from store import queries, retrieval
 
 Signature = tuple[int, int, int]
 # Short names of knobs in labels, as the study writes them.
@@ -81,6 +81,17 @@ def spikes(path: Path, signature: Signature, run_hashes: tuple[str, ...],
 @st.cache_data(max_entries=64, show_spinner=False)
 def speculation_table(path: Path, signature: Signature, grid: str, include_stale: bool) -> pd.DataFrame:
     return queries.read(path, lambda con: queries.speculation_table(con, grid, None, include_stale))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def retrieval_table(path: Path, signature: Signature, grid: str, include_stale: bool) -> pd.DataFrame:
+    return queries.read(path, lambda con: retrieval.retrieval_cells(con, grid, None, include_stale))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def retrieval_trials(path: Path, signature: Signature, grid: str, group_hash: str, depth: float | None,
+                     include_stale: bool) -> pd.DataFrame:
+    return queries.read(path, lambda con: retrieval.trial_rows(con, grid, group_hash, depth, include_stale))
 
 
 def with_labels(frame: pd.DataFrame) -> pd.DataFrame:

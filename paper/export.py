@@ -15,18 +15,21 @@ from store.opening import verify_segments
 
 # What an export writes only for some grids: removed from the output folder when this grid has none, so that a folder
 # exported from another grid before never mixes its tables into this one's.
-OPTIONAL_OUTPUTS = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png")
+OPTIONAL_OUTPUTS = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png", "retrieval.tex",
+                    "needle.pdf", "needle.png")
 
 
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
     """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`, and
-    speculative.tex / quantization.tex (+ figure) where the grid has those experiments."""
+    speculative.tex / quantization.tex (+ figure) / retrieval.tex (+ needle figure) where the grid has those
+    experiments."""
     verify_segments(store)  # no published number from a segment other than its writer recorded (StoreError)
     with queries.connect(store) as con:
         grid = gather.resolve_grid(con, grid, store)
         gather.check_complete(con, grid, include_stale)
         gathered = gather.gather(con, grid, include_stale)
         quant = gather.gather_quantization(con, grid, include_stale)
+        cells = gather.gather_retrieval(con, grid, include_stale)
     try:
         texts = {
             "tables.tex": tables.main_table(gathered),
@@ -39,11 +42,14 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
             texts["speculative.tex"] = tables.speculative_table(gathered)
         if quant is not None:
             texts["quantization.tex"] = tables.quantization_table(*quant)
+        if cells is not None:
+            texts["retrieval.tex"] = tables.retrieval_table(cells)
     except MissingNumber as missing:
         raise ExportError(f"grid {grid}: {missing}; nothing was written") from None
     out.mkdir(parents=True, exist_ok=True)
     # First, before anything is written: an export that fails halfway never leaves another grid's tables beside these.
-    planned = {*texts, *(("quantization.pdf", "quantization.png") if quant is not None else ())}
+    planned = {*texts, *(("quantization.pdf", "quantization.png") if quant is not None else ()),
+               *(("needle.pdf", "needle.png") if cells is not None else ())}
     for name in OPTIONAL_OUTPUTS:
         if name not in planned:
             (out / name).unlink(missing_ok=True)
@@ -54,4 +60,6 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
     written += figures.write_all(gathered, out)
     if quant is not None:
         written += figures.save(figures.quantization(quant[0]), out / "quantization")
+    if cells is not None:
+        written += figures.save(figures.needle(cells), out / "needle")
     return written

@@ -58,6 +58,39 @@ def quantization(groups: pd.DataFrame) -> plt.Figure:
     return figure
 
 
+def needle(cells: pd.DataFrame) -> plt.Figure:
+    """Accuracy against the tokens from the needle's start to the question, one series per setting with its Wilson 95 %
+    interval, and the caches' spans as rules: the window W (dashed) and the most recent tokens held just before a
+    compaction (dotted; W + R - 1). Points, not lines: no accuracy is measured between two depths. Series are offset a
+    few tokens apart so that equal points stay visible."""
+    figure, axes = plt.subplots(figsize=(SIZE[0], SIZE[1] * 1.25))
+    cells = cells[cells.distance.notna()]
+    settings = list(dict.fromkeys(cells.setting))
+    spread = 0.004 * float(cells.distance.max() + cells.needle_tokens.max())
+    for index, setting in enumerate(settings):
+        block = cells[cells.setting == setting].sort_values("distance")
+        x = block.distance + block.needle_tokens + (index - (len(settings) - 1) / 2) * spread
+        errors = [block.accuracy - block.accuracy_low, block.accuracy_high - block.accuracy]
+        axes.errorbar(x, block.accuracy, yerr=errors, marker="o", markersize=3.5, capsize=2, linestyle="none",
+                      label=f"{setting} (n={_n_range(block.trials)})")
+    spans: dict[float, str] = {}
+    rules = (("span_window", "--", "window W"), ("span_recent_max", ":", "W + R - 1 (before a cut)"))
+    for column, style, what in rules:
+        values = sorted(cells[column].dropna().unique())
+        for value in values:
+            axes.axvline(value, color="gray", linestyle=style, linewidth=0.8)
+            spans.setdefault(float(value), str(int(value)))
+        if values:
+            axes.plot([], [], color="gray", linestyle=style, linewidth=0.8, label=what)
+    for value, text in spans.items():  # one number per rule's position, however many caches share it
+        axes.annotate(text, (value, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                      textcoords="offset points", fontsize=6, ha="center", va="bottom", color="gray")
+    axes.set(xlabel="tokens from the needle's start to the question", ylabel="accuracy (Wilson 95 % interval)",
+             ylim=(-0.05, 1.05))
+    axes.legend(fontsize=6, loc="lower left")
+    return figure
+
+
 def _save(figure: plt.Figure, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
     for path in paths:

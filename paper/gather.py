@@ -11,7 +11,7 @@ import duckdb
 import pandas as pd
 
 from paper.labels import LADDER_RUNGS, ladder_rung, method_name, row_label
-from store import queries
+from store import queries, retrieval
 from store.queries import StepRange
 
 MAIN = "main"
@@ -31,6 +31,8 @@ REQUIRED = {MAIN: "tables.tex, profile.tex and the figures", LADDER: "ablations.
 SPECULATIVE = "speculative"
 # Optional: when the grid has them, quantization.tex and its figure (failed configurations are rows, with reasons).
 QUANT_EXPERIMENTS = ("quantization", "quantization_sinks")
+# Optional: when the grid has it, retrieval.tex and needle.pdf/.png (mode task: accuracy per setting, length, depth).
+RETRIEVAL = "retrieval"
 SPIKE_RADIUS = 16  # steps either side of a compaction in the NLL-around-compactions figure
 
 
@@ -71,7 +73,7 @@ def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: boo
     present = set(queries.experiment_names(con, grid))
     problems = [f"experiment {name}: not in grid {grid} (needed for {need})"
                 for name, need in REQUIRED.items() if name not in present]
-    needed = [name for name in (*REQUIRED, SPECULATIVE) if name in present]
+    needed = [name for name in (*REQUIRED, SPECULATIVE, RETRIEVAL) if name in present]
     for row in queries.missing_runs(con, grid, needed, include_stale).itertuples():
         why = "stale (made by other evaluation code; rerun the grid, or pass --include-stale)" if row.stale \
             else row.status + (f": {str(row.error).splitlines()[0]}" if isinstance(row.error, str) else "")
@@ -91,8 +93,10 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
     problems = []
     if SPECULATIVE in needed:
         problems += _speculative_problems(queries.speculation_table(con, grid, [SPECULATIVE], include_stale))
+    if RETRIEVAL in needed and queries.retrieval_table(con, grid, [RETRIEVAL], False, include_stale).empty:
+        problems.append(f"experiment {RETRIEVAL}: no trials (its runs must be mode: task)")
     for name in needed:
-        if name == SPECULATIVE:
+        if name in (SPECULATIVE, RETRIEVAL):
             continue
         groups = queries.setting_table(con, grid, [name], include_stale)
         # The long-stream figure is quality only: no TPOT, no baseline (recompute past 8k positions is not the point).
@@ -192,6 +196,15 @@ def gather_quantization(con: duckdb.DuckDBPyConnection, grid: str,
     runs = queries.run_table(con, grid, include_stale)
     failed = runs[(runs.status == "failed") & runs.run_hash.isin(missing.run_hash)]
     return groups, failed
+
+
+def gather_retrieval(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> pd.DataFrame | None:
+    """The retrieval experiment's cells (queries.retrieval_table per configuration and depth) with each one's plain
+    `setting` label and the cache's span (`span_window`, `span_recent_max`: store.retrieval.cache_spans), or None when
+    the grid has no such experiment (check_complete has refused a run of it that is not done, and no trials)."""
+    if RETRIEVAL not in queries.experiment_names(con, grid):
+        return None
+    return retrieval.retrieval_cells(con, grid, [RETRIEVAL], include_stale)
 
 
 def sawtooth_window(steps: StepRange, compress_every: int, cap: int) -> StepRange:

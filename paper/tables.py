@@ -288,3 +288,34 @@ def _quant_label(row) -> str:
     kv = escape(row.kv_quant) if row.kv_quant == "none" or row.kv_quant_sinks == "full" else \
         f"{escape(row.kv_quant)}, sinks quantized"
     return f"KV {kv}; weights {escape(row.weight_quant)}"
+
+
+def retrieval_table(cells: pd.DataFrame) -> str:
+    """The retrieval experiment: per setting, context length and needle depth, the accuracy with its Wilson 95 %
+    interval, the mean answer NLL, the needle's distance and retained tokens, and n (trials)."""
+    table = Table(
+        columns=[("Setting", "p{4.2cm}"), ("Ctx", "r"), ("Depth", "r"), ("Dist.", "r"), ("Ret.", "r"),
+                 ("Accuracy [95 \\% CI]", "l"), ("Ans. NLL", "r"), ("$n$", "r")],
+        label="tab:retrieval",
+        caption=("What the cache recalls: the passkey (or the task named) recovered by greedy generation after the "
+                 "context went through each cache, per needle depth (the fraction of the haystack before it). Dist.: "
+                 "tokens from the needle's end to the question; Ret.: the needle's tokens the cache still held when "
+                 "the question started (mean, from the schedule); accuracy: mean RULER score with its Wilson 95 \\% "
+                 "interval over the $n$ trials; Ans.\\ NLL: mean teacher-forced NLL of the gold answer (nats per "
+                 "token)."))
+    for setting, block in cells.groupby("setting", sort=False):
+        rows, notes = [], []
+        for row in block.itertuples():
+            what = f"configuration {row.group_hash} at depth {row.depth}"
+            depth = "file" if pd.isna(row.depth) else f"{row.depth:g}"
+            retained = "--" if pd.isna(row.retained) else number(row.retained, 0, what=f"retained of {what}")
+            distance = "--" if pd.isna(row.distance) else number(row.distance, 0, what=f"distance of {what}")
+            accuracy = (f"${number(row.accuracy, 2, what=f'accuracy of {what}')}$ "
+                        f"[{number(row.accuracy_low, 2, what=f'interval of {what}')}, "
+                        f"{number(row.accuracy_high, 2, what=f'interval of {what}')}]")
+            rows.append(["", str(row.context_tokens), depth, distance, retained, accuracy,
+                         f"${number(row.answer_nll, 2, what=f'answer NLL of {what}')}$", str(row.trials)])
+            notes.append(f"group {row.group_hash}")
+        rows[0][0] = escape(setting) + (STALE_MARK if block.stale.any() else "")
+        table.add_panel(None, rows, notes)
+    return table.render()

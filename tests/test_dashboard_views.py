@@ -17,7 +17,7 @@ from dashboard.views import VIEWS
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 CHARTS = {"Runs": 0, "Settings": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2,
-          "Long stream": 1, "SQL": 0, "Speculation": 2}
+          "Long stream": 1, "SQL": 0, "Speculation": 2, "Retrieval": 2}
 
 
 @pytest.fixture(scope="module")

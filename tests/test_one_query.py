@@ -56,6 +56,22 @@ def test_dashboard_and_paper_read_every_setting_from_one_query(paper_store):
     same(everything[everything.setting_hash.isin(gathered.all_groups.setting_hash)], gathered.all_groups, NUMBERS)
 
 
+def test_dashboard_and_paper_read_the_retrieval_cells_from_one_query(paper_store):
+    """The Retrieval view's cells and the paper's retrieval table and needle figure: the same numbers, every cell."""
+    path, grid = paper_store
+    with queries.connect(path) as con:
+        paper = gather.gather_retrieval(con, grid, include_stale=False)
+    shown = data.retrieval_table(path, queries.signature(path), grid, False)
+    assert paper is not None and len(paper) == len(shown) >= 8
+    keys = ["group_hash", "depth"]
+    shown, paper = shown.sort_values(keys).reset_index(drop=True), paper.sort_values(keys).reset_index(drop=True)
+    assert list(shown.setting) == list(paper.setting)
+    for column in ("trials", "accuracy", "accuracy_low", "accuracy_high", "answer_nll", "retained", "distance",
+                   "span_window", "span_recent_max"):
+        assert np.allclose(shown[column].to_numpy(dtype=float), paper[column].to_numpy(dtype=float),
+                           rtol=1e-12, atol=0, equal_nan=True), column
+
+
 def test_main_effects_have_intervals_over_the_five_plays(paper_store):
     path, grid = paper_store
     with queries.connect(path) as con:

@@ -21,8 +21,8 @@ from paper.gather import ExportError
 from paper.tables import quantization_table
 
 TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex",
-             "quantization.tex", "findings.tex")
-FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream", "quantization")
+             "quantization.tex", "findings.tex", "retrieval.tex")
+FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream", "quantization", "needle")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -269,17 +269,18 @@ def test_a_grid_without_the_optional_experiments_exports_without_their_tables(st
     files an earlier export of another grid left in the folder are removed, never mixed in, and the paper has no
     section for them (where the full grid's has both)."""
     copy = damaged_copy(store, tmp_path, f"DELETE FROM experiments WHERE grid = '{PAPER_GRID}' AND experiment IN "
-                                         "('speculative', 'quantization', 'quantization_sinks')")
+                                         "('speculative', 'quantization', 'quantization_sinks', 'retrieval')")
     out = tmp_path / "generated"
     shutil.copytree(exported, out)  # the folder as the full grid's export left it
-    optional = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png")
+    optional = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png", "retrieval.tex",
+                "needle.pdf", "needle.png")
     assert all((out / name).is_file() for name in optional)
     written = export(copy, PAPER_GRID, out)
     assert not any((out / name).exists() for name in optional)
     assert {path.name for path in written} >= {"tables.tex", "ablations.tex", "sweeps.tex", "figures.tex"}
     assert (out / "tables.tex").read_text() == (exported / "tables.tex").read_text()
     require("pdflatex")
-    optional_labels = ("tab:speculative", "tab:quantization", "fig:quantization")
+    optional_labels = ("tab:speculative", "tab:quantization", "fig:quantization", "tab:retrieval", "fig:needle")
     full = paper_labels(exported, tmp_path / "full")
     assert "tab:main" in full and all(label in full for label in optional_labels)
     scores_only = paper_labels(out, tmp_path / "scores-only")
@@ -386,3 +387,51 @@ def test_failed_quantization_configurations_are_rows_with_their_reason(store):
     line = next(line for line in text.splitlines() if "failed" in line and "% run" in line)
     assert "weight\\_quant = int4 cannot run on cpu" in line and "Traceback" not in line
     assert line.count("---") == 6  # a row, not a number
+
+
+def wilson(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval, written out here (not store.stats') to check the table's."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_retrieval_numbers_equal_the_store(exported, store):
+    """Every row of retrieval.tex (one per task configuration and depth): accuracy, its Wilson interval, the answer
+    NLL, distance, retained and n equal the trials table's rows of that configuration's done runs, by plain SQL."""
+    with duckdb.connect(str(store), read_only=True) as con:
+        expected = con.execute("""
+            SELECT c.config_group_hash AS group_hash, t.depth, count(*) AS n, sum(t.score) AS correct,
+                avg(t.answer_nll) AS nll, avg(t.retained) AS retained, avg(t.distance) AS distance
+            FROM (SELECT DISTINCT config_group_hash, run_hash FROM configurations
+                  WHERE grid = $grid AND experiment = 'retrieval') c
+            JOIN runs r USING (run_hash) JOIN trials t USING (run_hash)
+            WHERE r.status = 'done' GROUP BY ALL
+        """, {"grid": PAPER_GRID}).df()
+    found = []
+    for line in (exported / "retrieval.tex").read_text().splitlines():
+        if " % group " in line:
+            body, group = line.split(r" \\ % group ")
+            found.append((group.strip(), [cell.removeprefix("\\raggedright ") for cell in body.split(" & ")]))
+    assert len(found) == len(expected) >= 6, (found, expected)
+    for group, cells in found:
+        row = expected[(expected.group_hash == group) & np.isclose(expected.depth, float(cells[2]))]
+        assert len(row) == 1, (group, cells)
+        row = row.iloc[0]
+        low, high = wilson(row.correct, int(row.n))
+        assert cells[1] and close(cells[3], [row.distance], 0) and close(cells[4], [row.retained], 0), cells
+        assert close(cells[5], [row.correct / row.n, low, high], 2), (cells, row.to_dict())
+        assert close(cells[6], [row.nll], 2) and cells[7] == str(int(row.n)), cells
+
+
+def test_a_failed_retrieval_run_stops_the_export(store, tmp_path):
+    with duckdb.connect(str(store), read_only=True) as con:
+        broken = con.execute("SELECT min(run_hash) FROM experiments WHERE grid = ? AND experiment = 'retrieval'",
+                             [PAPER_GRID]).fetchone()[0]
+    copy = damaged_copy(store, tmp_path, f"UPDATE runs SET status = 'failed', error = 'killed' WHERE run_hash = "
+                                         f"'{broken}'")
+    out = tmp_path / "generated"
+    with pytest.raises(ExportError, match=f"experiment retrieval: run {broken} \\([a-z]+\\) failed: killed"):
+        export(copy, PAPER_GRID, out)
+    assert not out.exists()

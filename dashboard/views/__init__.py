@@ -1,6 +1,6 @@
 """The dashboard's views, one module each, every one a `render(source)` that reads through dashboard.data only."""
 
-from . import detail, longstream, runs, settings, speculation, spikes, sql, sweeps, tradeoff
+from . import detail, longstream, retrieval, runs, settings, speculation, spikes, sql, sweeps, tradeoff
 
 VIEWS = {
     "Runs": runs.render,
@@ -11,5 +11,6 @@ VIEWS = {
     "Compaction spikes": spikes.render,
     "Long stream": longstream.render,
     "Speculation": speculation.render,
+    "Retrieval": retrieval.render,
     "SQL": sql.render,
 }
