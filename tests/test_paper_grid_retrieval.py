@@ -1,6 +1,6 @@
 """grids/paper.yaml's retrieval experiment holds the cells its description promises: at least 10 trials each, the
 needle beyond every window at depth 0.5 (the schedule keeps none of it under strict, all of it under dense) and
-inside strict's window at 0.78 and 0.9, on the embedded model's own tokenizer; int4 keys on the stepwise path."""
+inside strict's window at 0.78 and 0.9, on the embedded model's own tokenizer."""
 
 from __future__ import annotations
 
@@ -29,5 +29,4 @@ def test_retrieval_cells_put_the_needle_where_the_grid_says():
     assert retained[("streaming", 1, 0, "none", 0.78)] == retained[("streaming", 1, 0, "none", 0.9)] == {1.0}
     assert retained[("streaming", 64, 0, "none", 0.9)] == {1.0}
     assert ("streaming", 64, 0, "none", 0.78) in retained and ("streaming", 64, 32, "none", 0.5) in retained
-    int4 = [c for c in configs if c.kv_quant == "int4"]
-    assert len(int4) == 1 and int4[0].protocol == "stepwise" and int4[0].depths == (0.9,)
+    assert all(c.protocol == "parallel" for c in configs)  # stepwise (kv_quant) trials cost minutes each here
