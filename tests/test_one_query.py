@@ -62,7 +62,7 @@ def test_dashboard_and_paper_read_the_retrieval_cells_from_one_query(paper_store
     with queries.connect(path) as con:
         paper = gather.gather_retrieval(con, grid, include_stale=False)
     shown = data.retrieval_table(path, queries.signature(path), grid, False)
-    assert paper is not None and len(paper) == len(shown) >= 8
+    assert paper is not None and len(paper) == len(shown) >= 7  # the cells of grids/paper.yaml's retrieval
     keys = ["group_hash", "depth"]
     shown, paper = shown.sort_values(keys).reset_index(drop=True), paper.sort_values(keys).reset_index(drop=True)
     assert list(shown.setting) == list(paper.setting)
