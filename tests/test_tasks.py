@@ -244,3 +244,20 @@ def test_bad_task_configs_are_refused_by_name(knobs, message):
     base = dict(mode="task", task="passkey", context_tokens=512, method="dense")
     with pytest.raises((ConfigError, ValueError), match=message):
         RunConfig.from_dict(base | knobs)
+
+
+def test_repeat_is_not_read_in_task_mode_so_repeats_are_one_run(tmp_path):
+    # A task run is deterministic (instances from the seed, greedy answers): a repeat would count the same trials twice.
+    base = dict(mode="task", task="passkey", context_tokens=512, method="dense")
+    assert RunConfig(**base, repeat=2).repeat == 0
+    assert RunConfig(**base, repeat=2).run_hash == RunConfig(**base).run_hash
+    assert RunConfig(cap=256, repeat=2).run_hash != RunConfig(cap=256).run_hash  # still read by a timed score run
+    from gridrun.spec import load_grid
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: t\nbase: {mode: task, task: passkey, context_tokens: 512, trials: 2, repeats: 3}\n"
+                    "experiments:\n  cache:\n    runs: [{method: dense}, {method: streaming, cap: 96}]\n"
+                    "  timing:\n    runs: [{method: streaming, cap: 96, mode: score, max_tokens: 300}]\n")
+    grid = load_grid(path)
+    assert sorted((run.config.mode, run.config.repeat) for run in grid.runs) == [
+        ("score", 0), ("score", 1), ("score", 2), ("task", 0), ("task", 0)]
