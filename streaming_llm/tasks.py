@@ -107,7 +107,18 @@ def string_match_part(output: str, references: Sequence[str]) -> float:
 
 # --- building instances ----------------------------------------------------------------------------------------------
 def _encode(tokenizer, text: str) -> tuple[int, ...]:
-    return tuple(int(i) for i in tokenizer.encode(text))
+    """A piece's ids without special tokens: pieces are joined as ids, and a BOS per piece would land mid-prompt."""
+    return tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
+
+
+def _bos(tokenizer) -> tuple[int, ...]:
+    """The BOS a tokenizer puts at the front of a text (Llama-like ones), once per prompt; () when it adds none
+    (SmolLM2's, the byte tokenizer)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return ()
+    ids = tokenizer.encode("a")
+    return (int(bos),) if len(ids) > 0 and int(ids[0]) == int(bos) else ()
 
 
 def _decode_one(tokenizer, token: int) -> str:
@@ -131,8 +142,9 @@ def _text(tokenizer, count: int, rng: random.Random) -> tuple[list[int], list[in
     from .text import load_stream  # the text's loading does I/O: only this haystack needs it
 
     offset = rng.randrange(TEXT_HAYSTACK_SPREAD * max(count, 1))
-    stream = load_stream(tokenizer, "shakespeare", offset + count)
-    ids = [int(i) for i in stream.ids[offset:]]
+    lead = len(_bos(tokenizer))  # the stream's own BOS, at its front: never part of a haystack
+    stream = load_stream(tokenizer, "shakespeare", lead + offset + count)
+    ids = [int(i) for i in stream.ids[lead + offset:]]
     newline_after: dict[int, bool] = {}
     starts = [0]
     for index, token in enumerate(ids[:-1]):
@@ -191,7 +203,7 @@ def make_instance(tokenizer, task: str, context_tokens: int, depth: float, seed:
         raise TaskError(f"depth = {depth} is outside [0, 1]: it is the fraction of the haystack before the needle")
     rng = random.Random(f"{task}:{context_tokens}:{depth!r}:{seed}:{haystack}")
     needle_texts, question_text, answers, gold = _needles(task, rng)
-    header = _encode(tokenizer, HEADERS[task])
+    header = _bos(tokenizer) + _encode(tokenizer, HEADERS[task])
     needles = [_encode(tokenizer, text) for text in needle_texts]
     question = _encode(tokenizer, question_text)
     answer = _encode(tokenizer, gold)
@@ -251,17 +263,19 @@ def file_instances(tokenizer, path: str, trials: int, context_tokens: int | None
             answers = [answers]
         if not answers or not all(isinstance(a, str) and a for a in answers):
             raise TaskError(f"task_file {path}, row {index}: answers must be a non-empty list of strings")
+        bos = _bos(tokenizer)
         context = _encode(tokenizer, row["context"])
         question = _encode(tokenizer, "\n" + row["question"])
         answer = _encode(tokenizer, " " + answers[0])
         if context_tokens is not None:
-            keep = context_tokens - len(question) - len(answer)
+            keep = context_tokens - len(bos) - len(question) - len(answer)
             if keep < 2:
                 raise TaskError(f"task_file {path}, row {index}: its question and answer take "
-                                f"{len(question) + len(answer)} tokens of context_tokens = {context_tokens}: raise "
-                                "context_tokens")
+                                f"{len(bos) + len(question) + len(answer)} tokens of context_tokens = "
+                                f"{context_tokens}: raise context_tokens")
             if len(context) > keep:
                 context = context[: keep // 2] + context[len(context) - (keep - keep // 2):]
+        context = bos + context
         instances.append(TaskInstance("file", None, index, context, question, answer, tuple(answers), None, None))
     return instances
 

@@ -261,3 +261,33 @@ def test_repeat_is_not_read_in_task_mode_so_repeats_are_one_run(tmp_path):
     grid = load_grid(path)
     assert sorted((run.config.mode, run.config.repeat) for run in grid.runs) == [
         ("score", 0), ("score", 1), ("score", 2), ("task", 0), ("task", 0)]
+
+
+class BosBytes(ByteTokenizer):
+    """The byte tokenizer as a Llama-like one: encode() puts a BOS (id 0, a byte no text here holds) in front."""
+
+    bos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([0] if add_special_tokens else []) + super().encode(text)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("haystack", ["noise", "text"])
+def test_a_tokenizer_that_adds_bos_gets_one_bos_at_the_front_only(task, haystack):
+    tokenizer = BosBytes()
+    instance = make_instance(tokenizer, task, 900, 0.5, 3, haystack)
+    ids = instance.prompt_ids + instance.answer_ids
+    assert len(ids) == 900
+    assert ids[0] == 0 and ids.count(0) == 1
+    assert instance.needle_start is not None and instance.needle_end is not None
+    assert BYTES.decode(instance.context_ids[instance.needle_start:instance.needle_end]).startswith(
+        (" The pass key", " One of the special", " VAR"))
+
+
+def test_a_task_file_row_gets_one_bos_at_the_front_only(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"context": "filler " * 200, "question": "Which?", "answers": ["7"]}) + "\n")
+    (instance,) = file_instances(BosBytes(), str(path), 1, 300)
+    ids = instance.prompt_ids + instance.answer_ids
+    assert len(ids) == 300 and ids[0] == 0 and ids.count(0) == 1
