@@ -283,8 +283,9 @@ def file_instances(tokenizer, path: str, trials: int, context_tokens: int | None
 # --- what the cache holds when the question starts -------------------------------------------------------------------
 def needle_retained(policy: StreamingPolicy | None, question_start: int, needle_start: int, needle_end: int,
                     recompute_cap: int | None = None) -> int:
-    """How many of the needle's tokens [needle_start, needle_end) the cache holds when the question's first token
-    (stream index `question_start`) is fed, the context having been fed one token per step from an empty cache.
+    """How many of the needle's tokens [needle_start, needle_end) the cache holds when the token at stream index
+    `question_start` is fed (the question's first: `retained`; its last, which predicts the first answer token:
+    `retained_at_answer`), the stream having been fed one token per step from an empty cache.
 
     `policy` None: dense (everything is held), or, with `recompute_cap`, the recompute window (the question's first
     query attends the cap - 1 tokens before it). Streaming: the schedule is replayed on slot indices of the needle's
