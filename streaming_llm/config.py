@@ -115,7 +115,9 @@ class RunConfig(BaseModel):
     one forward. `max_tokens` too is read by score mode only.
     Retrieval tasks (`mode: task`, see streaming_llm.task_run): `trials` instances of `task` per needle depth in
     `depths`, each `context_tokens` tokens (prompt plus gold answer) over the `haystack`, or the rows of `task_file`;
-    `seed` picks the instances; greedy answers through the run's cache.
+    `seed` picks the instances; greedy answers through the run's cache, scored by `task_metric` (`all`: RULER's
+    string_match_all, the default for generated tasks; `part`: string_match_part, any reference found, the default for
+    a task_file's QA rows).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -177,6 +179,7 @@ class RunConfig(BaseModel):
     trials: Annotated[int | None, Groups("task", "measurement")] = None
     haystack: Annotated[Literal["noise", "text"] | None, Groups("task")] = None
     task_file: Annotated[str | None, Groups("task")] = None
+    task_metric: Annotated[Literal["all", "part"] | None, Groups("task")] = None
     # How the streaming cache is laid out and whether its decode step is compiled (docs/engine.md, "Ring layout and
     # compile"); hashed only away from these defaults (HASHED_WHEN_SET), so that earlier runs keep their identity.
     layout: Literal["compact", "ring"] = "compact"
@@ -580,10 +583,12 @@ def _ignored_task_knobs(config: RunConfig) -> list[str]:
 
 
 def _task_defaults(config: RunConfig) -> dict[str, Any]:
-    """A task run's unset task knobs at their defaults (depths and haystack only for generated instances)."""
+    """A task run's unset task knobs at their defaults (depths and haystack only for generated instances; the metric
+    RULER scores each source with: string_match_all for generated tasks, string_match_part for a file's QA rows)."""
     if config.mode != "task":
         return {}
     wanted = {k: v for k, v in TASK_DEFAULTS.items() if config.task_file is None or k == "trials"}
+    wanted["task_metric"] = "all" if config.task_file is None else "part"
     return {k: v for k, v in wanted.items() if getattr(config, k) is None}
 
 

@@ -59,7 +59,7 @@ TRIAL_SCHEMA = pa.schema([
     ("question_start", pa.int32()),  # stream index of the question's first token (= context length)
     ("answer", pa.string()),  # the greedy output, decoded
     ("expected", pa.string()),  # the reference answers, joined by spaces
-    ("score", pa.float64()),  # RULER string_match_all: fraction of the references found in `answer`
+    ("score", pa.float64()),  # RULER's metric (task_metric): all = fraction of the references found, part = any
     ("answer_nll", pa.float64()),  # mean NLL per token of the gold answer, teacher-forced after the question
     ("retained", pa.int32()),  # needle tokens the cache holds when the question starts (from the schedule)
     ("kv_len", pa.int32()),  # attention span of the question's first token

@@ -24,9 +24,10 @@ from .models import LoadedModel, is_random
 from .results import COMPACTION_SCHEMA, TOKEN_SCHEMA, TRIAL_SCHEMA, RunResult
 from .run import start_run
 from .steppers import BlockTarget, DenseBlockTarget, StepwiseTarget, StreamingBlockTarget
-from .tasks import TaskInstance, file_instances, make_instance, needle_retained, string_match_all
+from .tasks import TaskInstance, file_instances, make_instance, needle_retained, string_match_all, string_match_part
 from .text import TokenStream
 
+METRICS = {"all": string_match_all, "part": string_match_part}  # config.task_metric -> RULER's scorer
 SEED_SHIFT = 16  # instance seed = config.seed << 16 | trial (trials is at most 1 << 16: config.KNOB_BOUNDS)
 
 
@@ -107,7 +108,7 @@ def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, insta
         logits = target.forward_block(_ids(generated[-1:], device))
         generated.append(int(logits[-1].argmax()))
     text = loaded.tokenizer.decode(generated)
-    score = string_match_all(text, instance.answers)
+    score = METRICS[config.task_metric](text, instance.answers)
     return (instance.needle_start, instance.needle_end, instance.distance, instance.question_start, text,
             instance.expected, score, answer_nll, retained, kv_len, instance.instance_hash, retained_at_answer)
 

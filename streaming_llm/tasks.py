@@ -55,7 +55,7 @@ class TaskInstance:
     context_ids: tuple[int, ...]
     question_ids: tuple[int, ...]
     answer_ids: tuple[int, ...]  # the gold continuation (answers joined), teacher-forced for answer_nll
-    answers: tuple[str, ...]  # references: the score is the fraction found in the output (string_match_all)
+    answers: tuple[str, ...]  # references: scored by the run's task_metric (string_match_all or _part)
     needle_start: int | None
     needle_end: int | None
 

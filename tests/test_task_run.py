@@ -157,6 +157,33 @@ def test_a_task_file_runs_through_the_protocol(tiny_models, tmp_path):
     assert np.isfinite(result.summary["answer_nll_mean"])
 
 
+def test_task_metric_defaults_by_source_and_scores_a_file_with_alternatives(tiny_models, tmp_path):
+    """RULER scores its QA rows (alternative answers) with string_match_part, its synthetic tasks with
+    string_match_all: task_metric defaults so, and either can be asked for."""
+    import json
+
+    from streaming_llm.tasks import string_match_all, string_match_part
+
+    assert RunConfig(**BASE, method="dense").task_metric == "all"
+    assert RunConfig(cap=256).task_metric is None and "task_metric" not in RunConfig(cap=256).normalised()
+    loaded = tiny_models["tiny-llama"]
+    path = tmp_path / "qa.jsonl"
+    knobs = dict(model="tiny-llama", mode="task", task_file=str(path), context_tokens=200, trials=1, method="dense",
+                 protocol="parallel", device=TEST_DEVICE)
+    path.write_text(json.dumps({"context": "filler 7 " * 30, "question": "Which number?", "answers": ["7"]}) + "\n")
+    answer = evaluate(RunConfig(**knobs), loaded).trials.column("answer").to_pylist()[0]
+    references = [answer[:2], "no such answer #"]  # one found in the greedy output, one not
+    path.write_text(json.dumps({"context": "filler 7 " * 30, "question": "Which number?", "answers": references})
+                    + "\n")
+    part = RunConfig(**knobs)
+    assert part.task_metric == "part" and part.run_hash != RunConfig(**knobs, task_metric="all").run_hash
+    scored = {metric: evaluate(RunConfig(**knobs, task_metric=metric), loaded).trials for metric in ("all", "part")}
+    assert scored["part"].column("answer").to_pylist() == scored["all"].column("answer").to_pylist()
+    output = scored["part"].column("answer").to_pylist()[0]
+    assert scored["part"].column("score").to_pylist() == [string_match_part(output, references)] == [1.0]
+    assert scored["all"].column("score").to_pylist() == [string_match_all(output, references)] == [0.5]
+
+
 # --- through the grid and the store -----------------------------------------------------------------------------------
 TASK_GRID = """
 name: tasks
