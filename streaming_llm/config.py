@@ -433,13 +433,15 @@ class RunConfig(BaseModel):
     @cached_property
     def schedule_fingerprint(self) -> str | None:
         """The hash of the kept token indices at every step of this run's stream (streaming only; see
-        `policy.schedule_fingerprint`). A task run's stream is its prompt plus the generated tokens: at most
-        context_tokens + ANSWER_SLACK_TOKENS tokens, fed from an empty cache."""
+        `policy.schedule_fingerprint`). A task run's stream is its prompt plus the generated tokens, fed from an empty
+        cache: at most context_tokens + the task's GENERATION_BUDGET (the prompt is context_tokens less the gold
+        answer, and the generation the budget or the gold answer + ANSWER_SLACK_TOKENS, which the budget exceeds)."""
         if self.method != "streaming":
             return None
         if self.mode == "task":
             assert self.context_tokens is not None
-            return schedule_fingerprint(self.policy, self.context_tokens + ANSWER_SLACK_TOKENS + 1, 0)
+            budget = GENERATION_BUDGET[self.task if self.task is not None else "file"]
+            return schedule_fingerprint(self.policy, self.context_tokens + max(budget, ANSWER_SLACK_TOKENS) + 1, 0)
         return schedule_fingerprint(self.policy, self.max_tokens, self.prefill)
 
     def identity(self) -> dict[str, Any]:
@@ -561,7 +563,10 @@ def _ignored_generation_knobs(config: RunConfig) -> list[str]:
 TASK_KNOBS = knobs_in("task")
 TASK_DEFAULTS: dict[str, Any] = {"depths": (0.1, 0.5, 0.9), "trials": 10, "haystack": "noise"}
 MIN_CONTEXT_TOKENS = 64
-ANSWER_SLACK_TOKENS = 8  # generated tokens per trial beyond the gold answer's (streaming_llm.tasks uses it)
+ANSWER_SLACK_TOKENS = 8  # generated tokens per trial beyond the gold answer's, at least (streaming_llm.tasks uses it)
+# Generated tokens per trial, at least (RULER's per-task budgets; a task file's QA answers, LongBench-like, get 64):
+# the budget or the gold answer + ANSWER_SLACK_TOKENS, whichever is larger. vt's answer lists every variable.
+GENERATION_BUDGET = {"passkey": 32, "niah": 32, "niah_multikey": 32, "vt": 30, "file": 64}
 TASKS = ("passkey", "niah", "niah_multikey", "vt")
 # What a task run reads of the rest: the model, the cache under test (method, policy, kv_quant, weight_quant), the
 # protocol and chunk, seed (which instances). The text knobs (its haystack is `haystack`), the stream lengths and

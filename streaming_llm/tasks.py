@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ANSWER_SLACK_TOKENS, TASKS
+from .config import ANSWER_SLACK_TOKENS, GENERATION_BUDGET, TASKS
 from .policy import CompactionSchedule, StreamingPolicy
 
 HAYSTACKS = ("noise", "text")
@@ -78,7 +78,8 @@ class TaskInstance:
 
     @property
     def generate_tokens(self) -> int:
-        return len(self.answer_ids) + ANSWER_SLACK_TOKENS
+        """The greedy answer's length: the task's budget (RULER's), or the gold answer plus some slack if longer."""
+        return max(GENERATION_BUDGET[self.task], len(self.answer_ids) + ANSWER_SLACK_TOKENS)
 
     @property
     def instance_hash(self) -> str:

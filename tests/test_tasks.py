@@ -9,7 +9,7 @@ import json
 import pytest
 
 from streaming_llm import RunConfig
-from streaming_llm.config import ConfigError
+from streaming_llm.config import GENERATION_BUDGET, ConfigError
 from streaming_llm.models import ByteTokenizer
 from streaming_llm.policy import CompactionSchedule, StreamingPolicy
 from streaming_llm.tasks import (
@@ -17,6 +17,7 @@ from streaming_llm.tasks import (
     NOISE_SENTENCES,
     TASKS,
     TaskError,
+    TaskInstance,
     file_instances,
     make_instance,
     needle_retained,
@@ -291,3 +292,21 @@ def test_a_task_file_row_gets_one_bos_at_the_front_only(tmp_path):
     (instance,) = file_instances(BosBytes(), str(path), 1, 300)
     ids = instance.prompt_ids + instance.answer_ids
     assert len(ids) == 300 and ids[0] == 0 and ids.count(0) == 1
+
+
+def test_the_generation_budget_is_the_tasks_and_the_schedule_fingerprint_covers_it():
+    # vt's answer lists every variable: the gold answer + 8 tokens cut it (RULER's budget for vt is 30).
+    for task in TASKS:
+        instance = make_instance(BYTES, task, 700, 0.5, 0)
+        assert instance.generate_tokens == max(GENERATION_BUDGET[task], len(instance.answer_ids) + 8)
+        assert instance.generate_tokens >= GENERATION_BUDGET[task]
+        # The stream a trial feeds (its prompt, then every generated token but the last) is within the fingerprint's.
+        assert len(instance.prompt_ids) + instance.generate_tokens <= 700 + GENERATION_BUDGET[task]
+    short = TaskInstance("vt", 0.5, 0, (1,) * 90, (2,) * 5, (3,) * 5, ("x",), 10, 20)
+    assert short.generate_tokens == 30
+    from streaming_llm.config import schedule_fingerprint
+
+    config = RunConfig(mode="task", task="vt", context_tokens=512, cap=96)
+    assert config.schedule_fingerprint == schedule_fingerprint(config.policy, 512 + 30 + 1, 0)
+    filed = RunConfig(mode="task", task_file="x.jsonl", context_tokens=512, cap=96)
+    assert filed.schedule_fingerprint == schedule_fingerprint(filed.policy, 512 + 64 + 1, 0)
