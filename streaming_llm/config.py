@@ -598,9 +598,12 @@ def _task_defaults(config: RunConfig) -> dict[str, Any]:
 
 
 def _depths_as_tuple(data: dict[str, Any]) -> dict[str, Any]:
-    """depths from YAML / JSON is a list of numbers: held as a tuple of floats (frozen, hashable), in the order
-    given, so that [0.5, 1] and (0.5, 1.0) are one configuration. One number is a list of one (a grid measurement's
-    list expands to one run per value), and a flag's text "0.1,0.5" the list it spells."""
+    """depths from YAML / JSON is a list of numbers: held as a sorted tuple of floats (frozen, hashable), -0.0 as 0.0,
+    so that [0.5, 1], (1.0, 0.5) and [0.5, 1.0] are one configuration (the trials of a depth do not depend on the
+    others). One number is a list of one (a grid measurement's list expands to one run per value), and a flag's text
+    "0.1,0.5" the list it spells. A task run's temperature 0 is held as 0.0, never -0.0 (another hash)."""
+    if data.get("mode") == "task" and type(data.get("temperature")) in (int, float) and data["temperature"] == 0:
+        data = {**data, "temperature": 0.0}
     depths = data.get("depths")
     if type(depths) in (int, float):
         depths = [depths]
@@ -615,7 +618,7 @@ def _depths_as_tuple(data: dict[str, Any]) -> dict[str, Any]:
     if not all(type(d) in (int, float) for d in depths):
         raise ConfigError(f"depths = {depths!r}: a list of numbers in [0, 1] (fractions of the haystack before the "
                           "needle)")
-    return {**data, "depths": tuple(float(d) for d in depths)}
+    return {**data, "depths": tuple(sorted(float(d) + 0.0 for d in depths))}  # + 0.0: -0.0 becomes 0.0
 
 
 def _check_signs(config: RunConfig) -> None:

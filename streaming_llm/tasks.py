@@ -202,6 +202,7 @@ def make_instance(tokenizer, task: str, context_tokens: int, depth: float, seed:
         raise TaskError(f"haystack = {haystack!r} is unknown (known: {', '.join(HAYSTACKS)})")
     if not 0.0 <= depth <= 1.0:
         raise TaskError(f"depth = {depth} is outside [0, 1]: it is the fraction of the haystack before the needle")
+    depth = float(depth) + 0.0  # the config's normalised value (-0.0 is 0.0): equal depths, equal instances
     rng = random.Random(f"{task}:{context_tokens}:{depth!r}:{seed}:{haystack}")
     needle_texts, question_text, answers, gold = _needles(task, rng)
     header = _bos(tokenizer) + _encode(tokenizer, HEADERS[task])

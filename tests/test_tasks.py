@@ -310,3 +310,18 @@ def test_the_generation_budget_is_the_tasks_and_the_schedule_fingerprint_covers_
     assert config.schedule_fingerprint == schedule_fingerprint(config.policy, 512 + 30 + 1, 0)
     filed = RunConfig(mode="task", task_file="x.jsonl", context_tokens=512, cap=96)
     assert filed.schedule_fingerprint == schedule_fingerprint(filed.policy, 512 + 64 + 1, 0)
+
+
+def test_depth_order_and_negative_zero_are_one_configuration():
+    base = dict(mode="task", task="passkey", context_tokens=512, method="dense")
+    assert RunConfig(**base, depths=[0.5, 0.1]).run_hash == RunConfig(**base, depths=[0.1, 0.5]).run_hash
+    assert RunConfig(**base, depths=[0.5, 0.1]).depths == (0.1, 0.5)
+    negative = RunConfig(**base, depths=[-0.0, 0.5])
+    assert negative.run_hash == RunConfig(**base, depths=[0, 0.5]).run_hash
+    assert str(negative.depths[0]) == "0.0"
+    assert make_instance(BYTES, "passkey", 700, -0.0, 1).instance_hash == make_instance(
+        BYTES, "passkey", 700, 0.0, 1).instance_hash
+    # Greedy decoding: temperature -0.0 is 0.0 in task mode (one hash), any other value refused.
+    zero = RunConfig(**base, temperature=-0.0)
+    assert str(zero.temperature) == "0.0" and zero.run_hash == RunConfig(**base).run_hash
+    assert RunConfig(**base, temperature=0).run_hash == RunConfig(**base).run_hash
