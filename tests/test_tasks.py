@@ -235,6 +235,10 @@ def test_task_config_normalises_its_knobs_and_defaults():
     (dict(depths="0.1;0.5"), "commas"),
     (dict(context_tokens=None), "needs context_tokens"),
     (dict(context_tokens=10), "raise context_tokens"),
+    (dict(context_tokens=90), "< 96, the passkey task's minimum.*raise context_tokens to 96"),
+    (dict(task="niah", context_tokens=100), "< 112, the niah task's minimum"),
+    (dict(task="niah_multikey", context_tokens=150), "< 200, the niah_multikey task's minimum"),
+    (dict(task="vt", context_tokens=199), "< 200, the vt task's minimum.*raise context_tokens to 200"),
     (dict(trials=0), "trials"),
     (dict(task=None), "needs task"),
     (dict(task_file="x.jsonl"), "not both"),
@@ -325,3 +329,18 @@ def test_depth_order_and_negative_zero_are_one_configuration():
     zero = RunConfig(**base, temperature=-0.0)
     assert str(zero.temperature) == "0.0" and zero.run_hash == RunConfig(**base).run_hash
     assert RunConfig(**base, temperature=0).run_hash == RunConfig(**base).run_hash
+
+
+def test_each_tasks_minimum_context_builds_with_the_embedded_tokenizer():
+    """The minimum config validation enforces is enough for every task, seed, depth and haystack tried."""
+    from streaming_llm.config import MIN_TASK_CONTEXT
+    from streaming_llm.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer("smollm2-135m")
+    except Exception as exc:  # the embedded model's package is absent
+        pytest.skip(f"embedded tokenizer unavailable: {exc}")
+    for task, haystack, depth, seed in itertools.product(TASKS, ("noise", "text"), (0.0, 1.0), range(100, 110)):
+        instance = make_instance(tokenizer, task, MIN_TASK_CONTEXT[task], depth, seed, haystack)
+        assert len(instance.prompt_ids) + len(instance.answer_ids) == MIN_TASK_CONTEXT[task]
+        RunConfig(mode="task", task=task, context_tokens=MIN_TASK_CONTEXT[task], method="dense")  # accepted
