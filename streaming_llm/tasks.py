@@ -20,9 +20,10 @@ from .policy import CompactionSchedule, StreamingPolicy
 
 HAYSTACKS = ("noise", "text")
 
-# RULER's noise haystack (and the passkey task's filler since Landmark Attention): the same sentences, repeated.
-NOISE_SENTENCES = ("The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
-                   " There and back again.")
+# RULER's noise haystack (and the passkey task's filler since Landmark Attention): the same sentences, repeated and
+# joined by a space as RULER joins them (each but the haystack's first is tokenised with its leading space).
+NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                   "There and back again.")
 HEADERS = {
     "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
                "quiz you about the important information there.\n",
@@ -128,11 +129,11 @@ def _decode_one(tokenizer, token: int) -> str:
 
 def _noise(tokenizer, count: int) -> tuple[list[int], list[int]]:
     """`count` ids of repeated noise sentences, and the sentence starts (where a needle may go)."""
-    sentences = [_encode(tokenizer, s) for s in NOISE_SENTENCES]
-    ids: list[int] = []
-    starts: list[int] = []
+    sentences = [_encode(tokenizer, " " + s) for s in NOISE_SENTENCES]
+    ids: list[int] = list(_encode(tokenizer, NOISE_SENTENCES[0]))  # right after the header's newline: no space
+    starts: list[int] = [0]
     while len(ids) < count:
-        for sentence in sentences:
+        for sentence in sentences[1:] + sentences[:1]:
             starts.append(len(ids))
             ids.extend(sentence)
     return ids[:count], [s for s in starts if s < count] + [count]  # the haystack's end: right before the question

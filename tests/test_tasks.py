@@ -344,3 +344,11 @@ def test_each_tasks_minimum_context_builds_with_the_embedded_tokenizer():
         instance = make_instance(tokenizer, task, MIN_TASK_CONTEXT[task], depth, seed, haystack)
         assert len(instance.prompt_ids) + len(instance.answer_ids) == MIN_TASK_CONTEXT[task]
         RunConfig(mode="task", task=task, context_tokens=MIN_TASK_CONTEXT[task], method="dense")  # accepted
+
+
+def test_the_noise_haystack_joins_its_sentences_with_a_space_as_ruler_does():
+    instance = make_instance(BYTES, "passkey", 1200, 1.0, 0)
+    haystack = BYTES.decode(instance.context_ids[len(BYTES.encode(HEADERS["passkey"])):instance.needle_start])
+    ruler = " ".join(NOISE_SENTENCES * 40)
+    assert haystack == ruler[: len(haystack)]
+    assert "again.The" not in haystack and haystack.count("again. The grass") >= 5
