@@ -699,8 +699,10 @@ def retrieval_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequ
     """One row per task configuration of `grid`'s done runs (repeats pooled), and per needle depth with `by_depth`
     (depth null for a task file's rows, and in every row without it): its knobs, `trials` (rows of the trials table:
     the interval's n, not the knob of that name, which is renamed `trials_per_depth`), `accuracy` (mean RULER score)
-    with its Wilson 95 % interval (`accuracy_low`, `accuracy_high`; a fractional score counts as that share of a
-    success), the mean teacher-forced `answer_nll`, and the needle's mean `retained` tokens and `distance`."""
+    with its Wilson 95 % interval (`accuracy_low`, `accuracy_high`; the interval treats a fractional score as that
+    share of a success: an approximation for vt's and multi-reference rows, whose scores are not Bernoulli), the mean
+    teacher-forced `answer_nll`, and the needle's mean `retained` tokens (when the question starts),
+    `retained_at_answer` (when the first answer token is predicted) and `distance`."""
     knobs = ", ".join(f"any_value(m.{q(k)}) AS {q(k)}" for k in KNOBS if k != "trials")
     depth = "t.depth" if by_depth else "NULL::DOUBLE"
     sql = f"""
@@ -708,7 +710,7 @@ def retrieval_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequ
         SELECT m.group_hash, {knobs}, any_value(m.trials) AS trials_per_depth, {depth} AS depth,
             list_distinct(flatten(list(m.experiments))) AS experiments, bool_or(m.stale) AS stale,
             count(*) AS trials, sum(t.score) AS correct, avg(t.score) AS accuracy, avg(t.answer_nll) AS answer_nll,
-            avg(t.retained) AS retained, avg(t.distance) AS distance,
+            avg(t.retained) AS retained, avg(t.retained_at_answer) AS retained_at_answer, avg(t.distance) AS distance,
             avg(t.needle_end - t.needle_start) AS needle_tokens
         FROM members m JOIN trials t USING (run_hash)
         WHERE m.status = 'done' AND m.mode = 'task' AND ($include_stale OR NOT m.stale)

@@ -115,7 +115,9 @@ class RunConfig(BaseModel):
     one forward. `max_tokens` too is read by score mode only.
     Retrieval tasks (`mode: task`, see streaming_llm.task_run): `trials` instances of `task` per needle depth in
     `depths`, each `context_tokens` tokens (prompt plus gold answer) over the `haystack`, or the rows of `task_file`;
-    `seed` picks the instances; greedy answers through the run's cache.
+    `seed` picks the instances; greedy answers through the run's cache, scored by `task_metric` (`all`: RULER's
+    string_match_all, the default for generated tasks; `part`: string_match_part, any reference found, the default for
+    a task_file's QA rows).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -177,6 +179,7 @@ class RunConfig(BaseModel):
     trials: Annotated[int | None, Groups("task", "measurement")] = None
     haystack: Annotated[Literal["noise", "text"] | None, Groups("task")] = None
     task_file: Annotated[str | None, Groups("task")] = None
+    task_metric: Annotated[Literal["all", "part"] | None, Groups("task")] = None
     # How the streaming cache is laid out and whether its decode step is compiled (docs/engine.md, "Ring layout and
     # compile"); hashed only away from these defaults (HASHED_WHEN_SET), so that earlier runs keep their identity.
     layout: Literal["compact", "ring"] = "compact"
@@ -327,6 +330,10 @@ class RunConfig(BaseModel):
         if self.context_tokens < MIN_CONTEXT_TOKENS:
             raise ConfigError(f"context_tokens = {self.context_tokens} < {MIN_CONTEXT_TOKENS}: the header, needle, "
                               "question and answer alone take about that many; raise context_tokens")
+        if self.task is not None and self.context_tokens < MIN_TASK_CONTEXT[self.task]:
+            raise ConfigError(f"context_tokens = {self.context_tokens} < {MIN_TASK_CONTEXT[self.task]}, the "
+                              f"{self.task} task's minimum: its header, needle(s), question and answer alone take "
+                              f"about that many tokens; raise context_tokens to {MIN_TASK_CONTEXT[self.task]} or more")
         assert self.trials is not None  # _task_defaults sets it
         if self.trials < 1:
             raise ConfigError(f"trials = {self.trials} < 1: run at least one instance per depth")
@@ -430,13 +437,15 @@ class RunConfig(BaseModel):
     @cached_property
     def schedule_fingerprint(self) -> str | None:
         """The hash of the kept token indices at every step of this run's stream (streaming only; see
-        `policy.schedule_fingerprint`). A task run's stream is its prompt plus the generated tokens: at most
-        context_tokens + ANSWER_SLACK_TOKENS tokens, fed from an empty cache."""
+        `policy.schedule_fingerprint`). A task run's stream is its prompt plus the generated tokens, fed from an empty
+        cache: at most context_tokens + the task's GENERATION_BUDGET (the prompt is context_tokens less the gold
+        answer, and the generation the budget or the gold answer + ANSWER_SLACK_TOKENS, which the budget exceeds)."""
         if self.method != "streaming":
             return None
         if self.mode == "task":
             assert self.context_tokens is not None
-            return schedule_fingerprint(self.policy, self.context_tokens + ANSWER_SLACK_TOKENS + 1, 0)
+            budget = GENERATION_BUDGET[self.task if self.task is not None else "file"]
+            return schedule_fingerprint(self.policy, self.context_tokens + max(budget, ANSWER_SLACK_TOKENS) + 1, 0)
         return schedule_fingerprint(self.policy, self.max_tokens, self.prefill)
 
     def identity(self) -> dict[str, Any]:
@@ -557,13 +566,22 @@ def _ignored_generation_knobs(config: RunConfig) -> list[str]:
 # Retrieval tasks (mode task): knobs read by that mode only, unset (None) elsewhere; a task run's unset ones get these.
 TASK_KNOBS = knobs_in("task")
 TASK_DEFAULTS: dict[str, Any] = {"depths": (0.1, 0.5, 0.9), "trials": 10, "haystack": "noise"}
-MIN_CONTEXT_TOKENS = 64
-ANSWER_SLACK_TOKENS = 8  # generated tokens per trial beyond the gold answer's (streaming_llm.tasks uses it)
+MIN_CONTEXT_TOKENS = 64  # a task file's rows: the question, the answer and some context
+# The smallest context_tokens each generated task builds in (header, needles, question, answer and a haystack with room
+# for niah_multikey's distractors), measured with the embedded tokenizer (SmolLM2's) over 40 seeds, both haystacks and
+# depths 0 / 0.5 / 1 (passkey 73, niah 94, niah_multikey 171, vt 164), with a margin for other seeds. A tokenizer
+# that spends more tokens on the same text (the tiny models' bytes) may still need more: tasks.TaskError says so.
+MIN_TASK_CONTEXT = {"passkey": 96, "niah": 112, "niah_multikey": 200, "vt": 200}
+ANSWER_SLACK_TOKENS = 8  # generated tokens per trial beyond the gold answer's, at least (streaming_llm.tasks uses it)
+# Generated tokens per trial, at least (RULER's per-task budgets; a task file's QA answers, LongBench-like, get 64):
+# the budget or the gold answer + ANSWER_SLACK_TOKENS, whichever is larger. vt's answer lists every variable.
+GENERATION_BUDGET = {"passkey": 32, "niah": 32, "niah_multikey": 32, "vt": 30, "file": 64}
 TASKS = ("passkey", "niah", "niah_multikey", "vt")
 # What a task run reads of the rest: the model, the cache under test (method, policy, kv_quant, weight_quant), the
-# protocol and chunk, seed (which instances) and repeat. The text knobs (its haystack is `haystack`), the stream
-# lengths and timing knobs of score mode, and the generation knobs are not read.
-TASK_IGNORED = ("dataset", "text_file", "dataset_source", "sample", "max_tokens", "prefill", "warmup",
+# protocol and chunk, seed (which instances). The text knobs (its haystack is `haystack`), the stream lengths and
+# timing knobs of score mode, the generation knobs, and `repeat` are not read: a task run is deterministic (its
+# instances follow the seed, its answers are greedy) and never timed, so a repeat would count the same trials again.
+TASK_IGNORED = ("repeat", "dataset", "text_file", "dataset_source", "sample", "max_tokens", "prefill", "warmup",
                 "prompt_tokens", "new_tokens", "spec", *DRAFT_KNOBS)
 
 
@@ -579,17 +597,22 @@ def _ignored_task_knobs(config: RunConfig) -> list[str]:
 
 
 def _task_defaults(config: RunConfig) -> dict[str, Any]:
-    """A task run's unset task knobs at their defaults (depths and haystack only for generated instances)."""
+    """A task run's unset task knobs at their defaults (depths and haystack only for generated instances; the metric
+    RULER scores each source with: string_match_all for generated tasks, string_match_part for a file's QA rows)."""
     if config.mode != "task":
         return {}
     wanted = {k: v for k, v in TASK_DEFAULTS.items() if config.task_file is None or k == "trials"}
+    wanted["task_metric"] = "all" if config.task_file is None else "part"
     return {k: v for k, v in wanted.items() if getattr(config, k) is None}
 
 
 def _depths_as_tuple(data: dict[str, Any]) -> dict[str, Any]:
-    """depths from YAML / JSON is a list of numbers: held as a tuple of floats (frozen, hashable), in the order
-    given, so that [0.5, 1] and (0.5, 1.0) are one configuration. One number is a list of one (a grid measurement's
-    list expands to one run per value), and a flag's text "0.1,0.5" the list it spells."""
+    """depths from YAML / JSON is a list of numbers: held as a sorted tuple of floats (frozen, hashable), -0.0 as 0.0,
+    so that [0.5, 1], (1.0, 0.5) and [0.5, 1.0] are one configuration (the trials of a depth do not depend on the
+    others). One number is a list of one (a grid measurement's list expands to one run per value), and a flag's text
+    "0.1,0.5" the list it spells. A task run's temperature 0 is held as 0.0, never -0.0 (another hash)."""
+    if data.get("mode") == "task" and type(data.get("temperature")) in (int, float) and data["temperature"] == 0:
+        data = {**data, "temperature": 0.0}
     depths = data.get("depths")
     if type(depths) in (int, float):
         depths = [depths]
@@ -604,7 +627,7 @@ def _depths_as_tuple(data: dict[str, Any]) -> dict[str, Any]:
     if not all(type(d) in (int, float) for d in depths):
         raise ConfigError(f"depths = {depths!r}: a list of numbers in [0, 1] (fractions of the haystack before the "
                           "needle)")
-    return {**data, "depths": tuple(float(d) for d in depths)}
+    return {**data, "depths": tuple(sorted(float(d) + 0.0 for d in depths))}  # + 0.0: -0.0 becomes 0.0
 
 
 def _check_signs(config: RunConfig) -> None:

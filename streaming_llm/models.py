@@ -43,7 +43,9 @@ class ByteTokenizer:
     name_or_path = "bytes"
     vocab_size = 256
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's bytes; `add_special_tokens` is accepted as HF tokenizers take it (bytes have no special
+        tokens, so it changes nothing)."""
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:

@@ -59,11 +59,14 @@ TRIAL_SCHEMA = pa.schema([
     ("question_start", pa.int32()),  # stream index of the question's first token (= context length)
     ("answer", pa.string()),  # the greedy output, decoded
     ("expected", pa.string()),  # the reference answers, joined by spaces
-    ("score", pa.float64()),  # RULER string_match_all: fraction of the references found in `answer`
+    ("score", pa.float64()),  # RULER's metric (task_metric): all = fraction of the references found, part = any
     ("answer_nll", pa.float64()),  # mean NLL per token of the gold answer, teacher-forced after the question
     ("retained", pa.int32()),  # needle tokens the cache holds when the question starts (from the schedule)
     ("kv_len", pa.int32()),  # attention span of the question's first token
     ("instance_hash", pa.string()),  # tasks.TaskInstance.instance_hash: regenerate the trial and compare
+    # needle tokens the cache holds when the first answer token is predicted: after the whole question (whose tokens
+    # keep evicting), at the question's last token (from the schedule)
+    ("retained_at_answer", pa.int32()),
 ])
 
 
@@ -83,7 +86,8 @@ STEP_TABLES: dict[str, pa.Schema] = {
     "compactions": stored(COMPACTION_SCHEMA, nullable=("compaction_ms",)),  # null in parallel runs, which time nothing
     "forwards": stored(FORWARD_SCHEMA),  # generation runs: one row per verification forward
     # Task runs: one row per trial; a task file's rows have no depth or needle, dense/recompute spans aside.
-    "trials": stored(TRIAL_SCHEMA, nullable=("depth", "needle_start", "needle_end", "distance", "retained", "kv_len")),
+    "trials": stored(TRIAL_SCHEMA, nullable=("depth", "needle_start", "needle_end", "distance", "retained", "kv_len",
+                                                      "retained_at_answer")),
 }
 
 

@@ -24,9 +24,10 @@ from .models import LoadedModel, is_random
 from .results import COMPACTION_SCHEMA, TOKEN_SCHEMA, TRIAL_SCHEMA, RunResult
 from .run import start_run
 from .steppers import BlockTarget, DenseBlockTarget, StepwiseTarget, StreamingBlockTarget
-from .tasks import TaskInstance, file_instances, make_instance, needle_retained, string_match_all
+from .tasks import TaskInstance, file_instances, make_instance, needle_retained, string_match_all, string_match_part
 from .text import TokenStream
 
+METRICS = {"all": string_match_all, "part": string_match_part}  # config.task_metric -> RULER's scorer
 SEED_SHIFT = 16  # instance seed = config.seed << 16 | trial (trials is at most 1 << 16: config.KNOB_BOUNDS)
 
 
@@ -80,14 +81,13 @@ def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, insta
     device = loaded.device
     context, question, answer = instance.context_ids, instance.question_ids, instance.answer_ids
     _feed(target, context, config.chunk, device)
-    retained = _retained(config, instance)
-    if isinstance(target, StreamingBlockTarget) and instance.needle_start is not None:
-        held = set(target.kept_tokens())
-        actual = sum(token in held for token in range(instance.needle_start, instance.needle_end))
-        if actual != retained:
-            raise RuntimeError(f"internal error: the cache holds {actual} needle tokens, the schedule says {retained}")
+    retained = _retained(config, instance, instance.question_start)
+    _check_held(target, instance, retained, "the question starts")
     question_start = len(target.trace)
     _feed(target, question[:-1], config.chunk, device)
+    # The question's last token predicts the first answer token: what it attends is what the whole question left.
+    retained_at_answer = _retained(config, instance, len(instance.prompt_ids) - 1)
+    _check_held(target, instance, retained_at_answer, "the first answer token is predicted")
 
     # The gold answer, teacher-forced from the question's last token: a fork of the state, then dropped.
     forced = [question[-1], *answer[:-1]]
@@ -108,17 +108,31 @@ def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, insta
         logits = target.forward_block(_ids(generated[-1:], device))
         generated.append(int(logits[-1].argmax()))
     text = loaded.tokenizer.decode(generated)
-    score = string_match_all(text, instance.answers)
+    score = METRICS[config.task_metric](text, instance.answers)
     return (instance.needle_start, instance.needle_end, instance.distance, instance.question_start, text,
-            instance.expected, score, answer_nll, retained, kv_len, instance.instance_hash)
+            instance.expected, score, answer_nll, retained, kv_len, instance.instance_hash, retained_at_answer)
 
 
-def _retained(config: RunConfig, instance: TaskInstance) -> int | None:
+def _retained(config: RunConfig, instance: TaskInstance, index: int) -> int | None:
+    """Needle tokens the cache holds when the token at stream index `index` is fed (from the schedule)."""
     if instance.needle_start is None or instance.needle_end is None:
         return None
     policy = config.policy if config.method == "streaming" else None
     cap = config.cap if config.method == "recompute" else None
-    return needle_retained(policy, instance.question_start, instance.needle_start, instance.needle_end, cap)
+    return needle_retained(policy, index, instance.needle_start, instance.needle_end, cap)
+
+
+def _check_held(target: BlockTarget, instance: TaskInstance, retained: int | None, when: str) -> None:
+    """The schedule's count against the needle tokens a block streaming cache really holds (its stream indices);
+    the stepwise StreamingCache keeps no stream index per entry, so it is checked through the parallel path's
+    equality with it (tests/test_task_run.py)."""
+    if not isinstance(target, StreamingBlockTarget) or instance.needle_start is None or instance.needle_end is None:
+        return
+    held = set(target.kept_tokens())
+    actual = sum(token in held for token in range(instance.needle_start, instance.needle_end))
+    if actual != retained:
+        raise RuntimeError(f"internal error: when {when}, the cache holds {actual} needle tokens, the schedule says "
+                           f"{retained}")
 
 
 def _feed(target: BlockTarget, ids: tuple[int, ...], chunk: int, device: torch.device) -> None:

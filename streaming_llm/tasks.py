@@ -15,14 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ANSWER_SLACK_TOKENS, TASKS
+from .config import ANSWER_SLACK_TOKENS, GENERATION_BUDGET, TASKS
 from .policy import CompactionSchedule, StreamingPolicy
 
 HAYSTACKS = ("noise", "text")
 
-# RULER's noise haystack (and the passkey task's filler since Landmark Attention): the same sentences, repeated.
-NOISE_SENTENCES = ("The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
-                   " There and back again.")
+# RULER's noise haystack (and the passkey task's filler since Landmark Attention): the same sentences, repeated and
+# joined by a space as RULER joins them (each but the haystack's first is tokenised with its leading space).
+NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                   "There and back again.")
 HEADERS = {
     "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
                "quiz you about the important information there.\n",
@@ -55,7 +56,7 @@ class TaskInstance:
     context_ids: tuple[int, ...]
     question_ids: tuple[int, ...]
     answer_ids: tuple[int, ...]  # the gold continuation (answers joined), teacher-forced for answer_nll
-    answers: tuple[str, ...]  # references: the score is the fraction found in the output (string_match_all)
+    answers: tuple[str, ...]  # references: scored by the run's task_metric (string_match_all or _part)
     needle_start: int | None
     needle_end: int | None
 
@@ -78,7 +79,8 @@ class TaskInstance:
 
     @property
     def generate_tokens(self) -> int:
-        return len(self.answer_ids) + ANSWER_SLACK_TOKENS
+        """The greedy answer's length: the task's budget (RULER's), or the gold answer plus some slack if longer."""
+        return max(GENERATION_BUDGET[self.task], len(self.answer_ids) + ANSWER_SLACK_TOKENS)
 
     @property
     def instance_hash(self) -> str:
@@ -107,7 +109,18 @@ def string_match_part(output: str, references: Sequence[str]) -> float:
 
 # --- building instances ----------------------------------------------------------------------------------------------
 def _encode(tokenizer, text: str) -> tuple[int, ...]:
-    return tuple(int(i) for i in tokenizer.encode(text))
+    """A piece's ids without special tokens: pieces are joined as ids, and a BOS per piece would land mid-prompt."""
+    return tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
+
+
+def _bos(tokenizer) -> tuple[int, ...]:
+    """The BOS a tokenizer puts at the front of a text (Llama-like ones), once per prompt; () when it adds none
+    (SmolLM2's, the byte tokenizer)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return ()
+    ids = tokenizer.encode("a")
+    return (int(bos),) if len(ids) > 0 and int(ids[0]) == int(bos) else ()
 
 
 def _decode_one(tokenizer, token: int) -> str:
@@ -116,11 +129,11 @@ def _decode_one(tokenizer, token: int) -> str:
 
 def _noise(tokenizer, count: int) -> tuple[list[int], list[int]]:
     """`count` ids of repeated noise sentences, and the sentence starts (where a needle may go)."""
-    sentences = [_encode(tokenizer, s) for s in NOISE_SENTENCES]
-    ids: list[int] = []
-    starts: list[int] = []
+    sentences = [_encode(tokenizer, " " + s) for s in NOISE_SENTENCES]
+    ids: list[int] = list(_encode(tokenizer, NOISE_SENTENCES[0]))  # right after the header's newline: no space
+    starts: list[int] = [0]
     while len(ids) < count:
-        for sentence in sentences:
+        for sentence in sentences[1:] + sentences[:1]:
             starts.append(len(ids))
             ids.extend(sentence)
     return ids[:count], [s for s in starts if s < count] + [count]  # the haystack's end: right before the question
@@ -131,8 +144,9 @@ def _text(tokenizer, count: int, rng: random.Random) -> tuple[list[int], list[in
     from .text import load_stream  # the text's loading does I/O: only this haystack needs it
 
     offset = rng.randrange(TEXT_HAYSTACK_SPREAD * max(count, 1))
-    stream = load_stream(tokenizer, "shakespeare", offset + count)
-    ids = [int(i) for i in stream.ids[offset:]]
+    lead = len(_bos(tokenizer))  # the stream's own BOS, at its front: never part of a haystack
+    stream = load_stream(tokenizer, "shakespeare", lead + offset + count)
+    ids = [int(i) for i in stream.ids[lead + offset:]]
     newline_after: dict[int, bool] = {}
     starts = [0]
     for index, token in enumerate(ids[:-1]):
@@ -189,9 +203,10 @@ def make_instance(tokenizer, task: str, context_tokens: int, depth: float, seed:
         raise TaskError(f"haystack = {haystack!r} is unknown (known: {', '.join(HAYSTACKS)})")
     if not 0.0 <= depth <= 1.0:
         raise TaskError(f"depth = {depth} is outside [0, 1]: it is the fraction of the haystack before the needle")
+    depth = float(depth) + 0.0  # the config's normalised value (-0.0 is 0.0): equal depths, equal instances
     rng = random.Random(f"{task}:{context_tokens}:{depth!r}:{seed}:{haystack}")
     needle_texts, question_text, answers, gold = _needles(task, rng)
-    header = _encode(tokenizer, HEADERS[task])
+    header = _bos(tokenizer) + _encode(tokenizer, HEADERS[task])
     needles = [_encode(tokenizer, text) for text in needle_texts]
     question = _encode(tokenizer, question_text)
     answer = _encode(tokenizer, gold)
@@ -251,17 +266,19 @@ def file_instances(tokenizer, path: str, trials: int, context_tokens: int | None
             answers = [answers]
         if not answers or not all(isinstance(a, str) and a for a in answers):
             raise TaskError(f"task_file {path}, row {index}: answers must be a non-empty list of strings")
+        bos = _bos(tokenizer)
         context = _encode(tokenizer, row["context"])
         question = _encode(tokenizer, "\n" + row["question"])
         answer = _encode(tokenizer, " " + answers[0])
         if context_tokens is not None:
-            keep = context_tokens - len(question) - len(answer)
+            keep = context_tokens - len(bos) - len(question) - len(answer)
             if keep < 2:
                 raise TaskError(f"task_file {path}, row {index}: its question and answer take "
-                                f"{len(question) + len(answer)} tokens of context_tokens = {context_tokens}: raise "
-                                "context_tokens")
+                                f"{len(bos) + len(question) + len(answer)} tokens of context_tokens = "
+                                f"{context_tokens}: raise context_tokens")
             if len(context) > keep:
                 context = context[: keep // 2] + context[len(context) - (keep - keep // 2):]
+        context = bos + context
         instances.append(TaskInstance("file", None, index, context, question, answer, tuple(answers), None, None))
     return instances
 
@@ -269,8 +286,9 @@ def file_instances(tokenizer, path: str, trials: int, context_tokens: int | None
 # --- what the cache holds when the question starts -------------------------------------------------------------------
 def needle_retained(policy: StreamingPolicy | None, question_start: int, needle_start: int, needle_end: int,
                     recompute_cap: int | None = None) -> int:
-    """How many of the needle's tokens [needle_start, needle_end) the cache holds when the question's first token
-    (stream index `question_start`) is fed, the context having been fed one token per step from an empty cache.
+    """How many of the needle's tokens [needle_start, needle_end) the cache holds when the token at stream index
+    `question_start` is fed (the question's first: `retained`; its last, which predicts the first answer token:
+    `retained_at_answer`), the stream having been fed one token per step from an empty cache.
 
     `policy` None: dense (everything is held), or, with `recompute_cap`, the recompute window (the question's first
     query attends the cap - 1 tokens before it). Streaming: the schedule is replayed on slot indices of the needle's

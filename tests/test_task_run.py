@@ -25,7 +25,8 @@ def test_parallel_equals_stepwise(tiny_models, knobs):
     loaded = tiny_models["tiny-llama"]
     stepwise = evaluate(RunConfig(**BASE, **knobs), loaded)
     parallel = evaluate(RunConfig(**BASE, **knobs, protocol="parallel", chunk=64), loaded)
-    for name in ("answer", "retained", "kv_len", "instance_hash", "needle_start", "distance", "score"):
+    for name in ("answer", "retained", "retained_at_answer", "kv_len", "instance_hash", "needle_start", "distance",
+                 "score"):
         assert stepwise.trials.column(name).to_pylist() == parallel.trials.column(name).to_pylist(), name
     np.testing.assert_allclose(stepwise.trials.column("answer_nll").to_numpy(),
                                parallel.trials.column("answer_nll").to_numpy(), rtol=0, atol=1e-4)
@@ -80,6 +81,48 @@ def test_rows_and_summary(tiny_models):
     assert again == trials.column("instance_hash").to_pylist()
 
 
+def test_retained_at_answer_counts_what_the_question_evicted(tiny_models):
+    """A needle wholly inside a cap of 96 when the question starts loses tokens to the question's own ones before the
+    first answer token is predicted: `retained_at_answer` says so, `retained` (at the question's start) cannot."""
+    from streaming_llm.tasks import needle_retained
+
+    loaded = tiny_models["tiny-llama"]
+    for protocol in ("parallel", "stepwise"):
+        config = RunConfig(**(BASE | dict(depths=[0.9])), cap=96, protocol=protocol, chunk=64)
+        trials = evaluate(config, loaded).trials
+        (start,), (end,) = trials.column("needle_start").to_pylist(), trials.column("needle_end").to_pylist()
+        (retained,) = trials.column("retained").to_pylist()
+        (at_answer,) = trials.column("retained_at_answer").to_pylist()
+        _, instance = task_instances(config, loaded.tokenizer)[0]
+        assert retained == end - start  # all of it when the question starts
+        assert 0 < at_answer < retained  # the question's tokens evicted its first ones
+        assert at_answer == needle_retained(config.policy, len(instance.prompt_ids) - 1, start, end)
+    dense = evaluate(RunConfig(**(BASE | dict(depths=[0.9])), method="dense"), loaded).trials
+    assert dense.column("retained_at_answer").to_pylist() == dense.column("retained").to_pylist()
+
+
+@pytest.mark.parametrize("wrong_at", ["question", "answer"])
+def test_the_runtime_check_of_retained_fires_on_a_wrong_count(tiny_models, monkeypatch, wrong_at):
+    """The parallel path compares the schedule's counts with the needle tokens its cache really holds, at the
+    question's start and when the first answer token is predicted: a wrong count at either is refused."""
+    from streaming_llm import task_run
+
+    loaded = tiny_models["tiny-llama"]
+    config = RunConfig(**(BASE | dict(depths=[0.9])), cap=96, protocol="parallel", chunk=64)
+    _, instance = task_instances(config, loaded.tokenizer)[0]
+    wrong_index = instance.question_start if wrong_at == "question" else len(instance.prompt_ids) - 1
+    right = task_run._retained
+
+    def off_by_one(config, instance, index):
+        value = right(config, instance, index)
+        return value + 1 if index == wrong_index else value
+
+    monkeypatch.setattr(task_run, "_retained", off_by_one)
+    when = "the question starts" if wrong_at == "question" else "the first answer token"
+    with pytest.raises(RuntimeError, match=when):
+        run_trial(config, loaded, make_task_target(loaded, config), instance)
+
+
 def test_the_stepwise_fork_leaves_the_question_state_as_it_was(tiny_models):
     """The answer pass runs on a deep copy: generating afterwards gives what generating without that pass gives."""
     loaded = tiny_models["tiny-llama"]
@@ -112,6 +155,33 @@ def test_a_task_file_runs_through_the_protocol(tiny_models, tmp_path):
     assert result.trials.column("retained").to_pylist() == [None] * 3
     assert result.trials.column("expected").to_pylist() == ["0", "1", "2"]
     assert np.isfinite(result.summary["answer_nll_mean"])
+
+
+def test_task_metric_defaults_by_source_and_scores_a_file_with_alternatives(tiny_models, tmp_path):
+    """RULER scores its QA rows (alternative answers) with string_match_part, its synthetic tasks with
+    string_match_all: task_metric defaults so, and either can be asked for."""
+    import json
+
+    from streaming_llm.tasks import string_match_all, string_match_part
+
+    assert RunConfig(**BASE, method="dense").task_metric == "all"
+    assert RunConfig(cap=256).task_metric is None and "task_metric" not in RunConfig(cap=256).normalised()
+    loaded = tiny_models["tiny-llama"]
+    path = tmp_path / "qa.jsonl"
+    knobs = dict(model="tiny-llama", mode="task", task_file=str(path), context_tokens=200, trials=1, method="dense",
+                 protocol="parallel", device=TEST_DEVICE)
+    path.write_text(json.dumps({"context": "filler 7 " * 30, "question": "Which number?", "answers": ["7"]}) + "\n")
+    answer = evaluate(RunConfig(**knobs), loaded).trials.column("answer").to_pylist()[0]
+    references = [answer[:2], "no such answer #"]  # one found in the greedy output, one not
+    path.write_text(json.dumps({"context": "filler 7 " * 30, "question": "Which number?", "answers": references})
+                    + "\n")
+    part = RunConfig(**knobs)
+    assert part.task_metric == "part" and part.run_hash != RunConfig(**knobs, task_metric="all").run_hash
+    scored = {metric: evaluate(RunConfig(**knobs, task_metric=metric), loaded).trials for metric in ("all", "part")}
+    assert scored["part"].column("answer").to_pylist() == scored["all"].column("answer").to_pylist()
+    output = scored["part"].column("answer").to_pylist()[0]
+    assert scored["part"].column("score").to_pylist() == [string_match_part(output, references)] == [1.0]
+    assert scored["all"].column("score").to_pylist() == [string_match_all(output, references)] == [0.5]
 
 
 # --- through the grid and the store -----------------------------------------------------------------------------------
@@ -182,11 +252,13 @@ def test_a_task_grid_stores_its_trials_joined_to_its_runs(tmp_path):
     assert sorted(table.method) == ["dense", "dense", "streaming", "streaming"]
     assert set(table.trials) == {2} and set(pooled.trials) == {4} and set(table.trials_per_depth) == {2}
     for row in table.itertuples():
-        scores = query(store, "SELECT t.score, t.answer_nll, t.retained FROM trials t JOIN runs r USING (run_hash) "
-                              "WHERE r.method = ? AND t.depth = ?", [row.method, row.depth])
+        scores = query(store, "SELECT t.score, t.answer_nll, t.retained, t.retained_at_answer FROM trials t "
+                              "JOIN runs r USING (run_hash) WHERE r.method = ? AND t.depth = ?",
+                       [row.method, row.depth])
         assert row.accuracy == pytest.approx(np.mean([s[0] for s in scores]))
         assert row.answer_nll == pytest.approx(np.mean([s[1] for s in scores]))
         assert row.retained == pytest.approx(np.mean([s[2] for s in scores]))
+        assert row.retained_at_answer == pytest.approx(np.mean([s[3] for s in scores]))
         assert (row.accuracy_low, row.accuracy_high) == pytest.approx(wilson_interval(sum(s[0] for s in scores), 2))
     streaming_far = table[(table.method == "streaming") & (table.depth == 0.2)].iloc[0]
     assert streaming_far.retained == 0

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from streaming_llm import RunConfig
-from streaming_llm.config import ConfigError
+from streaming_llm.config import GENERATION_BUDGET, ConfigError
 from streaming_llm.models import ByteTokenizer
 from streaming_llm.policy import CompactionSchedule, StreamingPolicy
 from streaming_llm.tasks import (
@@ -17,6 +17,7 @@ from streaming_llm.tasks import (
     NOISE_SENTENCES,
     TASKS,
     TaskError,
+    TaskInstance,
     file_instances,
     make_instance,
     needle_retained,
@@ -234,6 +235,10 @@ def test_task_config_normalises_its_knobs_and_defaults():
     (dict(depths="0.1;0.5"), "commas"),
     (dict(context_tokens=None), "needs context_tokens"),
     (dict(context_tokens=10), "raise context_tokens"),
+    (dict(context_tokens=90), "< 96, the passkey task's minimum.*raise context_tokens to 96"),
+    (dict(task="niah", context_tokens=100), "< 112, the niah task's minimum"),
+    (dict(task="niah_multikey", context_tokens=150), "< 200, the niah_multikey task's minimum"),
+    (dict(task="vt", context_tokens=199), "< 200, the vt task's minimum.*raise context_tokens to 200"),
     (dict(trials=0), "trials"),
     (dict(task=None), "needs task"),
     (dict(task_file="x.jsonl"), "not both"),
@@ -244,3 +249,106 @@ def test_bad_task_configs_are_refused_by_name(knobs, message):
     base = dict(mode="task", task="passkey", context_tokens=512, method="dense")
     with pytest.raises((ConfigError, ValueError), match=message):
         RunConfig.from_dict(base | knobs)
+
+
+def test_repeat_is_not_read_in_task_mode_so_repeats_are_one_run(tmp_path):
+    # A task run is deterministic (instances from the seed, greedy answers): a repeat would count the same trials twice.
+    base = dict(mode="task", task="passkey", context_tokens=512, method="dense")
+    assert RunConfig(**base, repeat=2).repeat == 0
+    assert RunConfig(**base, repeat=2).run_hash == RunConfig(**base).run_hash
+    assert RunConfig(cap=256, repeat=2).run_hash != RunConfig(cap=256).run_hash  # still read by a timed score run
+    from gridrun.spec import load_grid
+
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: t\nbase: {mode: task, task: passkey, context_tokens: 512, trials: 2, repeats: 3}\n"
+                    "experiments:\n  cache:\n    runs: [{method: dense}, {method: streaming, cap: 96}]\n"
+                    "  timing:\n    runs: [{method: streaming, cap: 96, mode: score, max_tokens: 300}]\n")
+    grid = load_grid(path)
+    assert sorted((run.config.mode, run.config.repeat) for run in grid.runs) == [
+        ("score", 0), ("score", 1), ("score", 2), ("task", 0), ("task", 0)]
+
+
+class BosBytes(ByteTokenizer):
+    """The byte tokenizer as a Llama-like one: encode() puts a BOS (id 0, a byte no text here holds) in front."""
+
+    bos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([0] if add_special_tokens else []) + super().encode(text)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("haystack", ["noise", "text"])
+def test_a_tokenizer_that_adds_bos_gets_one_bos_at_the_front_only(task, haystack):
+    tokenizer = BosBytes()
+    instance = make_instance(tokenizer, task, 900, 0.5, 3, haystack)
+    ids = instance.prompt_ids + instance.answer_ids
+    assert len(ids) == 900
+    assert ids[0] == 0 and ids.count(0) == 1
+    assert instance.needle_start is not None and instance.needle_end is not None
+    assert BYTES.decode(instance.context_ids[instance.needle_start:instance.needle_end]).startswith(
+        (" The pass key", " One of the special", " VAR"))
+
+
+def test_a_task_file_row_gets_one_bos_at_the_front_only(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"context": "filler " * 200, "question": "Which?", "answers": ["7"]}) + "\n")
+    (instance,) = file_instances(BosBytes(), str(path), 1, 300)
+    ids = instance.prompt_ids + instance.answer_ids
+    assert len(ids) == 300 and ids[0] == 0 and ids.count(0) == 1
+
+
+def test_the_generation_budget_is_the_tasks_and_the_schedule_fingerprint_covers_it():
+    # vt's answer lists every variable: the gold answer + 8 tokens cut it (RULER's budget for vt is 30).
+    for task in TASKS:
+        instance = make_instance(BYTES, task, 700, 0.5, 0)
+        assert instance.generate_tokens == max(GENERATION_BUDGET[task], len(instance.answer_ids) + 8)
+        assert instance.generate_tokens >= GENERATION_BUDGET[task]
+        # The stream a trial feeds (its prompt, then every generated token but the last) is within the fingerprint's.
+        assert len(instance.prompt_ids) + instance.generate_tokens <= 700 + GENERATION_BUDGET[task]
+    short = TaskInstance("vt", 0.5, 0, (1,) * 90, (2,) * 5, (3,) * 5, ("x",), 10, 20)
+    assert short.generate_tokens == 30
+    from streaming_llm.config import schedule_fingerprint
+
+    config = RunConfig(mode="task", task="vt", context_tokens=512, cap=96)
+    assert config.schedule_fingerprint == schedule_fingerprint(config.policy, 512 + 30 + 1, 0)
+    filed = RunConfig(mode="task", task_file="x.jsonl", context_tokens=512, cap=96)
+    assert filed.schedule_fingerprint == schedule_fingerprint(filed.policy, 512 + 64 + 1, 0)
+
+
+def test_depth_order_and_negative_zero_are_one_configuration():
+    base = dict(mode="task", task="passkey", context_tokens=512, method="dense")
+    assert RunConfig(**base, depths=[0.5, 0.1]).run_hash == RunConfig(**base, depths=[0.1, 0.5]).run_hash
+    assert RunConfig(**base, depths=[0.5, 0.1]).depths == (0.1, 0.5)
+    negative = RunConfig(**base, depths=[-0.0, 0.5])
+    assert negative.run_hash == RunConfig(**base, depths=[0, 0.5]).run_hash
+    assert str(negative.depths[0]) == "0.0"
+    assert make_instance(BYTES, "passkey", 700, -0.0, 1).instance_hash == make_instance(
+        BYTES, "passkey", 700, 0.0, 1).instance_hash
+    # Greedy decoding: temperature -0.0 is 0.0 in task mode (one hash), any other value refused.
+    zero = RunConfig(**base, temperature=-0.0)
+    assert str(zero.temperature) == "0.0" and zero.run_hash == RunConfig(**base).run_hash
+    assert RunConfig(**base, temperature=0).run_hash == RunConfig(**base).run_hash
+
+
+def test_each_tasks_minimum_context_builds_with_the_embedded_tokenizer():
+    """The minimum config validation enforces is enough for every task, seed, depth and haystack tried."""
+    from streaming_llm.config import MIN_TASK_CONTEXT
+    from streaming_llm.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer("smollm2-135m")
+    except Exception as exc:  # the embedded model's package is absent
+        pytest.skip(f"embedded tokenizer unavailable: {exc}")
+    for task, haystack, depth, seed in itertools.product(TASKS, ("noise", "text"), (0.0, 1.0), range(100, 110)):
+        instance = make_instance(tokenizer, task, MIN_TASK_CONTEXT[task], depth, seed, haystack)
+        assert len(instance.prompt_ids) + len(instance.answer_ids) == MIN_TASK_CONTEXT[task]
+        RunConfig(mode="task", task=task, context_tokens=MIN_TASK_CONTEXT[task], method="dense")  # accepted
+
+
+def test_the_noise_haystack_joins_its_sentences_with_a_space_as_ruler_does():
+    instance = make_instance(BYTES, "passkey", 1200, 1.0, 0)
+    haystack = BYTES.decode(instance.context_ids[len(BYTES.encode(HEADERS["passkey"])):instance.needle_start])
+    ruler = " ".join(NOISE_SENTENCES * 40)
+    assert haystack == ruler[: len(haystack)]
+    assert "again.The" not in haystack and haystack.count("again. The grass") >= 5
