@@ -93,10 +93,15 @@ class Progress:
                 speed = f"tpot {summary['tpot_ms_mean']:.1f} ms"
             else:  # a parallel run times no step: its speed is tokens scored per second
                 speed = f"{summary.get('eval_tokens_per_s', float('nan')):.0f} tok/s (parallel)"
+            if run.config.mode == "task":  # a task run scores answers, not tokens: its accuracy and answer NLL
+                result = (f"accuracy {summary.get('accuracy', float('nan')):.2f} over "
+                          f"{summary.get('trial_count', 0)} trials, answer NLL "
+                          f"{summary.get('answer_nll_mean', float('nan')):.3f}")
+            else:
+                result = f"ppl {summary.get('ppl', float('nan')):.3f}, {speed}"
             self.line(
                 f"done   {count} {run.run_hash} [{','.join(run.experiments)}] {self.describe(run.config)}: "
-                f"ppl {summary.get('ppl', float('nan')):.3f}, {speed}, "
-                f"{summary.get('wall_s', 0.0):.1f} s on {outcome.worker}"
+                f"{result}, {summary.get('wall_s', 0.0):.1f} s on {outcome.worker}"
             )
         else:
             self.failed += 1

@@ -2,9 +2,10 @@
 
 Import it alone and call it on a model: this package knows nothing of grids, Ray or the store.
 
-The rooms, in reading order: evaluate.py (the entry point: runs the protocol of `config.mode`), score.py and
-generate.py (the two protocols, each top to bottom), run.py (the run kernel both share: start, measure, checks,
-finish), steppers.py (how each method feeds the model), cache.py (StreamingCache), storage.py (float / quantized
+The rooms, in reading order: evaluate.py (the entry point: runs the protocol of `config.mode`), score.py,
+generate.py and task_run.py (the three protocols, each top to bottom; tasks.py builds and scores the retrieval
+instances task_run.py feeds), run.py (the run kernel all three share: start, measure, checks,
+finish), steppers.py (how each method feeds the model), cache.py (StreamingCache), storage.py (float / quantized / ring
 storage behind one contract), policy.py (the compaction schedule: pure integers). Beside them: config.py (RunConfig;
 knob groups declared on its fields), results.py (RunResult and STEP_TABLES, the per-run tables), models.py
 (loading), text.py, rope.py, quant.py, parallel.py (exact multi-token blocks), speculative.py (drafters), measure.py

@@ -11,7 +11,7 @@ from gridrun.driver import decide
 from gridrun.schedule import RunQueue, ScheduleError, WorkerPlan, model_key, run_cost
 from gridrun.spec import PlannedRun, parse_grid
 from store.writer import StoredRun
-from streaming_llm import RunResult
+from streaming_llm import RunConfig, RunResult
 
 GRID = """
 name: models
@@ -131,3 +131,21 @@ def test_progress_lines_rates_and_eta():
     expected = remaining * 1.5 / run_cost(strict.config)  # one worker: seconds per unit of cost, measured
     minutes, seconds = divmod(round(expected), 60)
     assert progress.eta() == f"{minutes}m{seconds:02d}s"
+
+
+def test_a_task_runs_progress_line_shows_its_accuracy_not_a_ppl():
+    import io
+    from datetime import UTC, datetime
+
+    from gridrun.progress import Progress
+    from gridrun.schedule import Outcome
+
+    config = RunConfig(model="tiny-llama", mode="task", task="passkey", context_tokens=420, depths=[0.5], trials=4,
+                       cap=96)
+    planned = [PlannedRun(config=config, experiments=("retrieval",))]
+    out = io.StringIO()
+    summary = {"accuracy": 0.75, "trial_count": 4, "answer_nll_mean": 0.5, "wall_s": 2.0}
+    Progress(planned, out=out, live=False).finished(
+        Outcome(planned[0], "done", 1, "host:1", "w0", datetime.now(UTC), 2.0, result=RunResult(config, summary)))
+    line = out.getvalue().splitlines()[0]
+    assert "accuracy 0.75 over 4 trials, answer NLL 0.500" in line and "ppl" not in line
