@@ -308,7 +308,8 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         done AS (
             SELECT *, $experiments IS NULL OR list_has_any(experiments, $experiments) AS selected,
                 {_POLICY_KEY} AS policy_key
-            FROM members WHERE status = 'done' AND mode IS DISTINCT FROM 'generate'  -- generation: speculation_table
+            -- generation runs: speculation_table; task runs: retrieval_table
+            FROM members WHERE status = 'done' AND coalesce(mode, 'score') = 'score'
                 AND ($include_stale OR NOT stale)
         ),
         per_sample AS (

@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from dashboard.views import VIEWS
 
 CHARTS = {"Runs": 0, "Settings": 0, "Trade-off": 1, "Sweeps": 1, "Run detail": 1, "Compaction spikes": 2,
-          "Long stream": 1, "SQL": 0, "Speculation": 0}  # the synthetic store holds no generation runs
+          "Long stream": 1, "SQL": 0, "Speculation": 0, "Retrieval": 0}  # no generation or task runs there
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 BUDGET_S = 2.0
 RUNS, STEPS = 50, 20_000

@@ -418,7 +418,7 @@ def test_sql_box_parse_out_of_memory_is_the_memory_limit_never_invalid_sql(empty
     from store import sandbox
 
     with pytest.raises(queries.QueryLimit, match="memory limit"):
-        sandbox._run(str(empty_store), "SELECT 1", 10)
+        sandbox._run(str(empty_store), "SELECT 1", 10, sandbox.SQL_BOX_MEMORY)
 
 
 def test_sql_box_errors_keep_their_kind(empty_store):

@@ -23,7 +23,8 @@ def test_retrieval_cells_put_the_needle_where_the_grid_says():
         kind = (config.method, config.compress_every, config.refresh, config.kv_quant)
         for _, instance in task_instances(config, tokenizer):
             needle = instance.needle_end - instance.needle_start
-            retained.setdefault((*kind, instance.depth), set()).add(_retained(config, instance) / needle)
+            held = _retained(config, instance, instance.question_start)
+            retained.setdefault((*kind, instance.depth), set()).add(held / needle)
     assert retained[("dense", 1, 0, "none", 0.5)] == {1.0}
     assert retained[("streaming", 1, 0, "none", 0.5)] == {0.0}  # beyond strict's window: none of it
     assert retained[("streaming", 1, 0, "none", 0.78)] == retained[("streaming", 1, 0, "none", 0.9)] == {1.0}
