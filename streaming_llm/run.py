@@ -157,7 +157,14 @@ def summarise(config: RunConfig, loaded: LoadedModel, stream: TokenStream, token
         "evicted_total": int(pc.sum(compactions.column("evicted")).as_py() or 0),
         "kv_len_max": int(spans.max()),
         "kv_len_mean": float(spans.mean()),
-        # Measured: the most bytes the cache's tensors held, and that over the entries they had room for.
+        **cache_and_model_summary(loaded, policy, kv_storage),
+    }
+
+
+def cache_and_model_summary(loaded: LoadedModel, policy, kv_storage: tuple[int, int] | None) -> dict[str, Any]:
+    """The summary keys every protocol reports of its cache and model: the most bytes the cache's tensors held (and
+    that over the entries they had room for), the weights' bytes, the policy's capacities and the device."""
+    return {
         "kv_cache_peak_bytes": kv_storage[0] if kv_storage else None,
         "kv_bytes_per_token": kv_storage[0] / kv_storage[1] if kv_storage else None,
         "weights_bytes": int(loaded.quantization["weights_bytes"]) if loaded.quantization else None,

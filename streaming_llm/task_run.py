@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .config import RunConfig
 from .models import LoadedModel, is_random
 from .results import COMPACTION_SCHEMA, TOKEN_SCHEMA, TRIAL_SCHEMA, RunResult
-from .run import start_run
+from .run import cache_and_model_summary, start_run
 from .steppers import BlockTarget, DenseBlockTarget, StepwiseTarget, StreamingBlockTarget
 from .tasks import TaskInstance, file_instances, make_instance, needle_retained, string_match_all, string_match_part
 from .text import TokenStream
@@ -176,12 +176,5 @@ def _summary(config: RunConfig, loaded: LoadedModel, instances: list[tuple[int, 
         "answer_nll_mean": float(nll.mean()),
         "kv_len_max": max(spans),
         "kv_len_mean": float(np.mean(spans)),
-        "kv_cache_peak_bytes": kv_storage[0] if kv_storage else None,
-        "kv_bytes_per_token": kv_storage[0] / kv_storage[1] if kv_storage else None,
-        "weights_bytes": int(loaded.quantization["weights_bytes"]) if loaded.quantization else None,
-        "weights_bytes_float": int(loaded.quantization["weights_bytes_float"]) if loaded.quantization else None,
-        "window": policy.window if policy else None,
-        "soft_capacity": policy.soft_capacity if policy else None,
-        "hard_capacity": policy.hard_capacity if policy else None,
-        "device": str(loaded.device),
+        **cache_and_model_summary(loaded, policy, kv_storage),
     }
