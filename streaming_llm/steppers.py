@@ -244,19 +244,18 @@ class StepwiseTarget:
         self.config = config
         self.trace: list[StepTrace] = []
 
-    def _one_forward_is_exact(self, count: int) -> bool:
+    @staticmethod
+    def one_forward_is_exact(config: RunConfig, count: int) -> bool:
         """Whether `count` first tokens in one causal forward equal `count` steps: no compaction (streaming) or
         window slide (recompute) would have fired before the last of them."""
-        if self.trace:
-            return False
-        if self.config.method == "streaming":
-            policy = self.config.policy
+        if config.method == "streaming":
+            policy = config.policy
             return count - policy.soft_capacity < policy.compress_every  # lengths 1..count - 1 never compact
-        return self.config.method == "dense" or count <= self.config.cap
+        return config.method == "dense" or count <= config.cap
 
     def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
         count = input_ids.shape[-1]
-        if count > 1 and self._one_forward_is_exact(count):
+        if count > 1 and not self.trace and self.one_forward_is_exact(self.config, count):
             logits = self.stepper.forward(input_ids, all_logits=True)
             plan = self.stepper.compact()
             self.trace.extend(StepTrace(i, i + 1, 0) for i in range(count - 1))

@@ -6,7 +6,10 @@ trial (TRIAL_SCHEMA) and whose summary holds the accuracy and the mean answer NL
 own stepper one token per forward (steppers.StepwiseTarget; the reference, and the only path of kv_quant and
 recompute); `parallel` feeds blocks of `chunk` tokens through parallel.BlockStepper (streaming) or HF's DynamicCache
 (dense), exact as if fed one at a time. The gold answer's pass is forked from the question's state: a block target
-rewinds it, the stepwise target is deep-copied (its cache tensors, not the model). It writes nothing.
+rewinds it, the stepwise target is deep-copied (its cache tensors, not the model). Trials that share a token prefix
+(the noise haystack before the needle, at one depth) share its pass: the prefix goes through one target, and each
+trial continues from a deep copy of it, fed exactly as a fresh target would be (the same blocks, the same forwards),
+so its numbers are those of a trial run from scratch (tests/test_task_run.py). It writes nothing.
 """
 
 from __future__ import annotations
@@ -42,13 +45,19 @@ def task_run(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     spans: list[int] = []
     kv_storage = None
     with run.measuring(), torch.inference_mode():
-        for trial, instance in instances:
-            target = make_task_target(run.loaded, config)
-            row = run_trial(config, run.loaded, target, instance)
-            spans.extend(step.kv_len for step in target.trace)
-            for name, value in zip(TRIAL_SCHEMA.names, (instance.task, instance.depth, trial, *row), strict=True):
-                rows[name].append(value)
-            kv_storage = target.kv_storage()
+        for group in _prefix_groups(instances):
+            shared = shared_prefix_length(config, [instance for _, instance in group])
+            prefix_target = make_task_target(run.loaded, config)
+            _feed(prefix_target, group[0][1].context_ids[:shared], config, len(group[0][1].context_ids),
+                  run.loaded.device)
+            for trial, instance in group:
+                target = _fork(prefix_target, run.loaded, config)
+                row = run_trial(config, run.loaded, target, instance, fed=shared)
+                spans.extend(step.kv_len for step in target.trace)
+                for name, value in zip(TRIAL_SCHEMA.names, (instance.task, instance.depth, trial, *row), strict=True):
+                    rows[name].append(value)
+                kv_storage = target.kv_storage()
+            del prefix_target
     trials = pa.table(rows, schema=TRIAL_SCHEMA)
     summary = _summary(config, run.loaded, instances, trials, spans, kv_storage)
     return run.finish(summary, {"tokens": TOKEN_SCHEMA.empty_table(), "compactions": COMPACTION_SCHEMA.empty_table(),
@@ -75,16 +84,57 @@ def make_task_target(loaded: LoadedModel, config: RunConfig) -> BlockTarget:
     return StreamingBlockTarget(loaded, config)
 
 
+def _prefix_groups(instances: list[tuple[int, TaskInstance]]) -> list[list[tuple[int, TaskInstance]]]:
+    """Consecutive trials of one depth (a task file's rows: one group), the candidates for a shared prefix."""
+    groups: list[list[tuple[int, TaskInstance]]] = []
+    for item in instances:
+        if groups and groups[-1][0][1].depth == item[1].depth:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def shared_prefix_length(config: RunConfig, instances: list[TaskInstance]) -> int:
+    """How many first context tokens every one of `instances` can take from one shared pass, fed as a fresh target
+    feeds them: the common prefix of their contexts, cut to whole blocks of `chunk` (a block target), or, stepwise,
+    0 where a context goes in one causal forward (a split would change that forward). 0 for a single trial."""
+    if len(instances) < 2:
+        return 0
+    first = instances[0].context_ids
+    common = min(len(instance.context_ids) for instance in instances)
+    for instance in instances[1:]:
+        ids = instance.context_ids
+        common = next((i for i in range(common) if ids[i] != first[i]), common)
+    if config.protocol == "stepwise":
+        if any(_one_forward(config, len(instance.context_ids)) for instance in instances):
+            return 0
+        return common
+    return common // config.chunk * config.chunk
+
+
+def _one_forward(config: RunConfig, count: int) -> bool:
+    """Whether a fresh stepwise target takes a first block of `count` tokens in one causal forward."""
+    return count > 1 and StepwiseTarget.one_forward_is_exact(config, count)
+
+
+def _fork(target: BlockTarget, loaded: LoadedModel, config: RunConfig) -> BlockTarget:
+    """A deep copy of `target`'s state (cache tensors, schedule, trace) sharing the model and the config."""
+    return copy.deepcopy(target, memo={id(loaded.model): loaded.model, id(config): config})
+
+
 @torch.inference_mode()
-def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, instance: TaskInstance) -> tuple:
-    """One trial through `target` (a fresh one): the TRIAL_SCHEMA values from needle_start on."""
+def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, instance: TaskInstance,
+              fed: int = 0) -> tuple:
+    """One trial through `target`, which holds the context's first `fed` tokens (a fresh one: 0, or a fork of a
+    shared prefix's target): the TRIAL_SCHEMA values from needle_start on."""
     device = loaded.device
     context, question, answer = instance.context_ids, instance.question_ids, instance.answer_ids
-    _feed(target, context, config.chunk, device)
+    _feed(target, context[fed:], config, len(context), device, fed)
     retained = _retained(config, instance, instance.question_start)
     _check_held(target, instance, retained, "the question starts")
     question_start = len(target.trace)
-    _feed(target, question[:-1], config.chunk, device)
+    _feed(target, question[:-1], config, len(question) - 1, device)
     # The question's last token predicts the first answer token: what it attends is what the whole question left.
     retained_at_answer = _retained(config, instance, len(instance.prompt_ids) - 1)
     _check_held(target, instance, retained_at_answer, "the first answer token is predicted")
@@ -92,7 +142,7 @@ def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, insta
     # The gold answer, teacher-forced from the question's last token: a fork of the state, then dropped.
     forced = [question[-1], *answer[:-1]]
     if isinstance(target, StepwiseTarget):
-        fork = copy.deepcopy(target, memo={id(loaded.model): loaded.model, id(config): config})
+        fork = _fork(target, loaded, config)
         forced_logits = fork.forward_block(_ids(forced, device))
         del fork
         logits = target.forward_block(_ids(forced[:1], device))
@@ -135,13 +185,23 @@ def _check_held(target: BlockTarget, instance: TaskInstance, retained: int | Non
                            f"{retained}")
 
 
-def _feed(target: BlockTarget, ids: tuple[int, ...], chunk: int, device: torch.device) -> None:
-    """`ids` through `target`, in blocks of `chunk` (a block target) or as the stepwise target takes them."""
+def _feed(target: BlockTarget, ids: tuple[int, ...], config: RunConfig, whole: int, device: torch.device,
+          fed: int = 0) -> None:
+    """`ids`, the tokens `fed` to `whole` of a piece (context or question) whose first `fed` are in `target`, fed as
+    a fresh target takes the whole piece: blocks of `chunk` from the piece's start (a block target); stepwise, one
+    forward for the whole piece where that is exact (fed 0), else one token per forward (a first block of one token
+    keeps a shared prefix off the one-forward path)."""
     if not ids:
         return
-    size = len(ids) if isinstance(target, StepwiseTarget) else chunk
-    for first in range(0, len(ids), size):
-        target.forward_block(_ids(ids[first : first + size], device))
+    if not isinstance(target, StepwiseTarget):
+        for first in range(fed, fed + len(ids), config.chunk):
+            target.forward_block(_ids(ids[first - fed : first - fed + config.chunk], device))
+        return
+    if not target.trace and not _one_forward(config, whole):
+        target.forward_block(_ids(ids[:1], device))
+        ids = ids[1:]
+    if ids:
+        target.forward_block(_ids(ids, device))
 
 
 def _ids(tokens, device: torch.device) -> torch.Tensor:

@@ -286,3 +286,53 @@ def test_the_progress_digest_reads_task_knobs_of_task_runs_only():
 def test_compile_is_refused_in_task_mode():
     with pytest.raises(ValueError, match="compile = default with mode task"):
         RunConfig(**BASE, cap=96, layout="ring", compile="default")
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(method="dense", protocol="parallel", chunk=64),
+    dict(cap=96, compress_every=16, protocol="parallel", chunk=64),
+    dict(window=40, sink=4, overlap=4, refresh=3, refresh_policy="middle", slack=6, compress_every=4, max_drop=3,
+         protocol="parallel", chunk=32),
+    dict(cap=96, compress_every=16),
+    dict(cap=80, compress_every=8, kv_quant="int4", kv_quant_group=16),
+    dict(method="recompute", cap=64),
+])
+def test_trials_sharing_a_prefix_equal_trials_run_from_scratch(tiny_models, monkeypatch, knobs):
+    """Trials of one depth share the noise haystack before the needle: fed once and forked, they give exactly the
+    numbers of trials fed from an empty cache (answers, answer NLLs bit for bit, spans, retained)."""
+    from streaming_llm import task_run
+
+    loaded = tiny_models["tiny-llama"]
+    config = RunConfig(**{**BASE, "trials": 3, "depths": [0.2, 0.9]}, **knobs)
+    instances = [instance for _, instance in task_instances(config, loaded.tokenizer)]
+    shared = [task_run.shared_prefix_length(config, part) for part in (instances[:3], instances[3:])]
+    assert shared[1] > shared[0] > 0  # the needle at 0.9 lies later: more of the haystack before it is shared
+    if config.protocol == "parallel":
+        assert all(length % config.chunk == 0 for length in shared)
+    assert shared[1] < min(instance.needle_end for instance in instances[3:])  # the pass keys differ
+    forked = evaluate(config, loaded)
+    monkeypatch.setattr(task_run, "shared_prefix_length", lambda config, instances: 0)
+    scratch = evaluate(config, loaded)
+    for name in TRIAL_SCHEMA.names:
+        assert forked.trials.column(name).to_pylist() == scratch.trials.column(name).to_pylist(), name
+    for key in ("kv_len_max", "kv_len_mean", "accuracy", "answer_nll_mean", "token_hash"):
+        assert forked.summary[key] == scratch.summary[key], key
+
+
+def test_no_prefix_is_shared_where_the_contexts_differ_or_one_forward_takes_them(tiny_models):
+    """The text haystack starts each trial at its own offset: only the task's header is in common, cut to whole
+    blocks. A stepwise context that one causal forward takes whole (dense) is not split."""
+    from streaming_llm import task_run
+
+    loaded = tiny_models["tiny-llama"]
+    text = RunConfig(**{**BASE, "trials": 3, "depths": [0.5]}, haystack="text", cap=96, compress_every=16,
+                     protocol="parallel", chunk=64)
+    instances = [instance for _, instance in task_instances(text, loaded.tokenizer)]
+    contexts = [instance.context_ids for instance in instances]
+    common = next(i for i in range(len(contexts[0])) if len({context[i] for context in contexts}) > 1)
+    assert common < instances[0].needle_start  # the haystacks differ before any needle
+    assert task_run.shared_prefix_length(text, instances) == common // text.chunk * text.chunk
+    dense = RunConfig(**{**BASE, "trials": 3, "depths": [0.5]}, method="dense")
+    instances = [instance for _, instance in task_instances(dense, loaded.tokenizer)]
+    assert task_run.shared_prefix_length(dense, instances) == 0
+    assert task_run.shared_prefix_length(dense, instances[:1]) == 0
