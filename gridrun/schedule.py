@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from store.opening import first_line
 from streaming_llm import RunConfig
+from streaming_llm.config import GENERATION_BUDGET
 from streaming_llm.known_noise import drop_messages
 
 from .spec import PlannedRun
@@ -50,9 +51,18 @@ def run_cost(config: RunConfig) -> float:
         # A forward per generated token (fewer with drafts, whose own steps roughly make up for it), prompt aside.
         steps = config.new_tokens * (2 if config.spec in ("draft", "self_stream") else 1)
     if config.mode == "task":
-        # Each trial feeds its prompt (about context_tokens) through a fresh cache: no cache work shared across trials.
+        # Trials of one depth share the haystack before the needle (fed once: streaming_llm.task_run); each then feeds
+        # the rest of its prompt, and generates its answer a forward per token (cached steps on either protocol).
         assert config.context_tokens is not None and config.trials is not None
-        steps = config.context_tokens * config.trials * (len(config.depths) if config.depths else 1)
+        context = config.context_tokens
+        tails = [context * (1 - depth) for depth in config.depths] if config.depths else [context]
+        fed = sum(context - tail + config.trials * tail for tail in tails)
+        decode = config.trials * len(tails) * GENERATION_BUDGET[config.task if config.task is not None else "file"]
+        # Stepwise, a context within the cap (or dense) goes in one causal forward (steppers.StepwiseTarget).
+        blocks = config.protocol == "parallel" or config.method == "dense" or context <= (config.cap or 0)
+        cost = (fed / PARALLEL_SPEEDUP if blocks else fed) + decode
+        # Dense attention reads the whole context at every token: 2.8x strict's time at 12,288 tokens (measured).
+        return cost * (1 + context / 6000) if config.method == "dense" else cost
     if config.protocol == "parallel":
         # A token of a chunked forward costs about a tenth of a cached step here; a scored recompute step is a
         # forward of up to cap tokens (bench/parallel_eval.py).
