@@ -50,13 +50,16 @@ def cache_spans(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool =
 
 
 def setting_label(row) -> str:
-    """'dense', 'strict (cap 256)', 'lazy R=64 (cap 256) refresh=8 middle', '... kv_quant=int4': how a retrieval
-    table's row (a task configuration) reads, in plain text, on the dashboard and in the paper."""
+    """'dense', 'strict (cap 256)', 'lazy R=64 (cap 256 soft)', 'lazy R=64 (cap 256) refresh=8 middle',
+    '... kv_quant=int4': how a retrieval table's row (a task configuration) reads, in plain text, on the dashboard and
+    in the paper; two configurations the label would merge are told apart by retrieval_cells."""
     if row["method"] != "streaming":
         label = str(row["method"])
     else:
         kind = "strict" if row["compress_every"] == 1 else f"lazy R={row['compress_every']}"
         budget = f"cap {row['cap']}" if pd.notna(row["cap"]) else f"window {row['window']}"
+        if row.get("cap_mode") == "soft" and pd.notna(row["cap"]):
+            budget += " soft"  # W = cap - S - slack, up to W + R held: another cache than the peak cap's
         label = f"{kind} ({budget})"
         for name in ("overlap", "refresh", "slack", "max_drop"):
             if pd.notna(row.get(name)) and row.get(name):
@@ -80,4 +83,15 @@ def retrieval_cells(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequ
     spans = cache_spans(con, grid, include_stale)[["group_hash", "window", "recent_max"]]
     cells = cells.merge(spans.rename(columns={"window": "span_window", "recent_max": "span_recent_max"}),
                         on="group_hash", how="left")
-    return cells.assign(setting=cells.apply(setting_label, axis=1))
+    return distinct_settings(cells.assign(setting=cells.apply(setting_label, axis=1)))
+
+
+def distinct_settings(cells: pd.DataFrame) -> pd.DataFrame:
+    """`cells` whose `setting` labels never put two configurations in one cell (setting, context_tokens, depth):
+    where knobs the label leaves out (a seed, a dtype, ...) tell them apart, their labels gain the configuration's
+    short hash."""
+    clash = cells.groupby(["setting", "context_tokens", "depth"], dropna=False)["group_hash"].transform("nunique") > 1
+    merged = cells["setting"].isin(set(cells.loc[clash, "setting"]))
+    cells = cells.copy()
+    cells.loc[merged, "setting"] = cells.loc[merged, "setting"] + " #" + cells.loc[merged, "group_hash"].str[:6]
+    return cells

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -49,7 +50,7 @@ def test_heatmap_distance_chart_and_one_cells_trials(store, monkeypatch):
     specs = [json.loads(chart.proto.spec) for chart in app.get("vega_lite_chart")]
     assert len(specs) == 2
     heat, distance = specs
-    assert heat["facet"]["column"]["field"] == "setting"
+    assert heat["facet"]["field"] == "setting" and heat["columns"] == 4  # panels wrap, four a row
     assert {layer["mark"]["type"] for layer in heat["spec"]["layer"]} == {"rect", "text"}
     cell = next(layer for layer in heat["spec"]["layer"] if layer["mark"]["type"] == "rect")
     assert cell["encoding"]["color"]["field"] == "accuracy"
@@ -68,8 +69,10 @@ def test_heatmap_distance_chart_and_one_cells_trials(store, monkeypatch):
 
     for setting in ("dense", "lazy R=16 (cap 64)"):
         app.selectbox(key="retrieval_setting").set_value(setting).run()
-        depth = app.selectbox(key="retrieval_depth").value
-        row = cells[(cells.setting == setting) & (cells.depth == float(depth))].iloc[0]
+        chosen = app.selectbox(key="retrieval_depth").value
+        tokens, depth = re.fullmatch(r"(\d+) tokens, depth ([0-9.]+)", chosen).groups()
+        row = cells[(cells.setting == setting) & (cells.depth == float(depth))
+                    & (cells.context_tokens == int(tokens))].iloc[0]
         shown = app.dataframe[0].value
         expected = raw_trials(store, row.group_hash, float(depth))
         assert len(shown) == len(expected) == row.trials == 2
@@ -93,3 +96,21 @@ def test_trial_rows_select_by_configuration_and_depth(store):
         assert len(retrieval.trial_rows(con, "smoke", row.group_hash, float(row.depth))) == row.trials
         assert retrieval.trial_rows(con, "smoke", row.group_hash, 0.123).empty
         assert retrieval.trial_rows(con, "smoke", row.group_hash, None).empty
+
+
+def test_labels_tell_apart_the_soft_cap_and_never_merge_two_configurations():
+    """setting_label names the soft cap (another cache than the peak cap's); two configurations the label cannot tell
+    apart (here: a seed) keep their own cells, by their short hashes, and the others keep their plain labels."""
+    import pandas as pd
+
+    base = dict(method="streaming", compress_every=64, cap=256, window=189, sink=4, cap_mode="peak", overlap=0,
+                refresh=0, refresh_policy="none", slack=0, max_drop=0, kv_quant="none", context_tokens=1024)
+    rows = [dict(base, group_hash="aaaaaaaa1", depth=0.5), dict(base, group_hash="bbbbbbbb2", depth=0.5),
+            dict(base, group_hash="cccccccc3", depth=0.5, cap_mode="soft"),
+            dict(base, group_hash="dddddddd4", depth=0.5, method="dense")]
+    cells = pd.DataFrame(rows)
+    labels = cells.apply(retrieval.setting_label, axis=1).tolist()
+    assert labels == ["lazy R=64 (cap 256)", "lazy R=64 (cap 256)", "lazy R=64 (cap 256 soft)", "dense"]
+    distinct = retrieval.distinct_settings(cells.assign(setting=labels))["setting"].tolist()
+    assert distinct == ["lazy R=64 (cap 256) #aaaaaa", "lazy R=64 (cap 256) #bbbbbb", "lazy R=64 (cap 256 soft)",
+                        "dense"]
