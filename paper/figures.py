@@ -61,18 +61,22 @@ def quantization(groups: pd.DataFrame) -> plt.Figure:
 def needle(cells: pd.DataFrame) -> plt.Figure:
     """Accuracy against the tokens from the needle's start to the question, one series per setting with its Wilson 95 %
     interval, and the caches' spans as rules: the window W (dashed) and the most recent tokens held just before a
-    compaction (dotted; W + R - 1). Points, not lines: no accuracy is measured between two depths. Series are offset a
-    few tokens apart so that equal points stay visible."""
-    figure, axes = plt.subplots(figsize=(SIZE[0], SIZE[1] * 1.25))
+    compaction (dotted; W + R - 1). Points, not lines: no accuracy is measured between two depths. Series (a setting at
+    a context length) are offset a few tokens apart so that equal points stay visible."""
     cells = cells[cells.distance.notna()]
-    settings = list(dict.fromkeys(cells.setting))
+    rows = (cells[["setting", "context_tokens"]].drop_duplicates().shape[0] + 3) // 2  # the legend's, two a row
+    figure, axes = plt.subplots(figsize=(SIZE[0], SIZE[1] * 1.25 + 0.16 * rows))
+    # A series is a setting at one context length: dense at 1,024 and at 12,288 tokens are two caches' stories.
+    series = list(dict.fromkeys(zip(cells.setting, cells.context_tokens, strict=True)))
+    several = {setting for setting, _ in series if sum(s == setting for s, _ in series) > 1}
     spread = 0.004 * float(cells.distance.max() + cells.needle_tokens.max())
-    for index, setting in enumerate(settings):
-        block = cells[cells.setting == setting].sort_values("distance")
-        x = block.distance + block.needle_tokens + (index - (len(settings) - 1) / 2) * spread
+    for index, (setting, tokens) in enumerate(series):
+        block = cells[(cells.setting == setting) & (cells.context_tokens == tokens)].sort_values("distance")
+        x = block.distance + block.needle_tokens + (index - (len(series) - 1) / 2) * spread
         errors = [block.accuracy - block.accuracy_low, block.accuracy_high - block.accuracy]
+        name = f"{setting}, {int(tokens):,} tokens" if setting in several else setting
         axes.errorbar(x, block.accuracy, yerr=errors, marker="o", markersize=3.5, capsize=2, linestyle="none",
-                      label=f"{setting} (n={_n_range(block.trials)})")
+                      label=f"{name} (n={_n_range(block.trials)})")
     spans: dict[float, str] = {}
     rules = (("span_window", "--", "window W"), ("span_recent_max", ":", "W + R - 1 (before a cut)"))
     for column, style, what in rules:
@@ -87,7 +91,9 @@ def needle(cells: pd.DataFrame) -> plt.Figure:
                       textcoords="offset points", fontsize=6, ha="center", va="bottom", color="gray")
     axes.set(xlabel="tokens from the needle's start to the question", ylabel="accuracy (Wilson 95 % interval)",
              ylim=(-0.05, 1.05))
-    axes.legend(fontsize=6, loc="lower left")
+    # Below the plot: inside it, the legend hid the points at accuracy 0.
+    axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    figure.tight_layout()
     return figure
 
 
