@@ -122,13 +122,14 @@ def storage_name(row) -> str:
 
 
 def ring_rows(gathered: Gathered, main: pd.DataFrame) -> pd.DataFrame:
-    """The layout and compile experiments' ring or compiled settings of the main table's streaming policies (same R,
-    cap, model, text and device as one of its rows), to show beside their compact rows."""
+    """The layout and compile experiments' ring or compiled settings of the main table's streaming policies (equal to
+    one of its rows in every knob but layout and compile: `storage_key`; same device and code), to show beside their
+    compact rows."""
     if gathered.storage is None:
         return main.iloc[:0]
     storage = gathered.storage
     other = storage[(storage.layout != "compact") | (storage.compile != "none")]
-    policies = main[main.method == "streaming"][["compress_every", "cap", "model", "dataset", "device_name"]]
+    policies = main[main.method == "streaming"][["storage_key", "device_name", "code_version"]]
     ring = other.merge(policies.drop_duplicates(), on=list(policies.columns))
     # eager before compiled, each after its compact row
     return ring.assign(_compiled=ring.compile != "none").sort_values(["_compiled", "compile"]).drop(columns="_compiled")
@@ -155,8 +156,8 @@ def main_table(gathered: Gathered) -> str:
             notes.append(f"setting {row.setting_hashes}")
             if row.method != "streaming":
                 continue
-            twins = ring[(ring.compress_every == row.compress_every) & (ring.cap == row.cap)
-                         & (ring.dataset == dataset) & (ring.device_name == device)]
+            twins = ring[(ring.storage_key == row.storage_key) & (ring.device_name == device)
+                         & (ring.code_version == row.code_version)]
             for twin in twins.itertuples():
                 what = f"setting {twin.setting_hash}"
                 rows.append([row_label(twin, ["compress_every", *knobs]) + storage_name(twin),

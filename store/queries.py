@@ -297,7 +297,8 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     float, on the same tokens: `delta_float_pct` (and `_std`, `_ci`, `_low`, `_high`, `_resolved`, `n_float_pairs`,
     `float_agree`), and `tpot_ratio`, its TPOT over the float setting's on the same tokens. A ring or compiled setting
     (layout, compile) is timed against its compact eager twin, the setting equal in every other knob at layout
-    compact and compile none, on the same tokens: `compact_ratio`, its TPOT over the twin's (NaN without one);
+    compact and compile none (the same `storage_key`), on the same tokens: `compact_ratio`, its TPOT over the twin's
+    (NaN without one);
     `compile_s` (and `_std`) is the mean over its timing repeats of the first compiled step's wall time (seconds, a
     warmup step: never in TPOT; NaN for an eager setting). `measurement` names the
     quality measurement in words (protocol, samples, tokens, prefill): ΔPPLs compare (and the Pareto frontier is drawn)
@@ -389,6 +390,7 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
         ),
         settings AS (
             SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale, any_value(policy_key) AS policy_key,
+                any_value(storage_key) AS storage_key,
                 list_distinct(flatten(list(experiments))) AS experiments,
                 list(run_hash ORDER BY protocol, sample, "repeat") AS all_run_hashes,
                 -- the computations it was measured by: settings with equal ones are equivalent (one set of runs)
