@@ -517,3 +517,14 @@ def test_a_failed_retrieval_run_stops_the_export(store, tmp_path):
     with pytest.raises(ExportError, match=f"experiment retrieval: run {broken} \\([a-z]+\\) failed: killed"):
         export(copy, PAPER_GRID, out)
     assert not out.exists()
+
+
+def test_a_compiled_run_without_compile_s_stops_the_export(store, tmp_path):
+    """layout.tex prints every compiled setting's compile time: a store whose compiled run lacks it (written by code
+    before the knob) is refused, naming the setting, rather than printed with a gap."""
+    copy = damaged_copy(store, tmp_path, "UPDATE runs SET compile_s = NULL WHERE compile <> 'none'")
+    out = tmp_path / "generated"
+    with pytest.raises(ExportError, match=r"experiment compile: setting \w+ \(layout ring, compile default\): "
+                                          "compiled, but no compile_s recorded"):
+        export(copy, PAPER_GRID, out)
+    assert not out.exists()
