@@ -28,6 +28,8 @@ METRIC_TITLES = {
     "kv_len_max": "largest kv_len",
     "kv_bytes_per_token": "KV bytes per cached token",
     "total_bytes": "KV cache peak + weights (bytes)",
+    "compact_ratio": "TPOT over the compact eager setting's (x)",
+    "compile_s": "compile time (s, first compiled step)",
 }
 TRADEOFF_X = ("tpot_ms", "kv_bytes_per_token", "total_bytes")  # what the trade-off view can put on its x axis
 # Per metric, the columns of setting_table that bound its bar: (low, high) directly, or a std to put either side.
@@ -37,6 +39,7 @@ METRIC_BOUNDS: dict[str, tuple[str, str] | str] = {
     "ppl": "ppl_std",
     "tpot_ms": "tpot_ms_std",
     "peak_memory_mib": "peak_memory_mib_std",
+    "compile_s": "compile_s_std",
 }
 BOUNDS_CAPTION = {
     "delta_ppl_pct": "Each point: the mean over text samples of the ΔPPL paired per sample with the recompute baseline "
@@ -49,6 +52,8 @@ BOUNDS_CAPTION = {
            "differ more than the settings do: compare ΔPPL, paired per text).",
     "tpot_ms": "Each point: the mean TPOT over stepwise timing repeats; bars: ± one standard deviation.",
     "peak_memory_mib": "Each point: the mean over timing repeats; bars: ± one standard deviation.",
+    "compile_s": "Each point: the mean over timing repeats of the first compiled step's wall time (a warmup step, "
+                 "never in TPOT); bars: ± one standard deviation.",
 }
 
 

@@ -15,14 +15,14 @@ from store.opening import verify_segments
 
 # What an export writes only for some grids: removed from the output folder when this grid has none, so that a folder
 # exported from another grid before never mixes its tables into this one's.
-OPTIONAL_OUTPUTS = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png", "retrieval.tex",
-                    "needle.pdf", "needle.png")
+OPTIONAL_OUTPUTS = ("layout.tex", "speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png",
+                    "retrieval.tex", "needle.pdf", "needle.png")
 
 
 def export(store: Path, grid: str | None, out: Path, include_stale: bool = False) -> list[Path]:
     """Write tables.tex, ablations.tex, sweeps.tex, profile.tex, figures.tex and the figures (PDF + PNG) to `out`, and
-    speculative.tex / quantization.tex (+ figure) / retrieval.tex (+ needle figure) where the grid has those
-    experiments."""
+    layout.tex / speculative.tex / quantization.tex (+ figure) / retrieval.tex (+ needle figure) where the grid has
+    those experiments."""
     verify_segments(store)  # no published number from a segment other than its writer recorded (StoreError)
     with queries.connect(store) as con:
         grid = gather.resolve_grid(con, grid, store)
@@ -38,6 +38,8 @@ def export(store: Path, grid: str | None, out: Path, include_stale: bool = False
             "profile.tex": tables.profile_table(gathered),
             "findings.tex": tables.findings_text(gathered),
         }
+        if gathered.storage is not None:
+            texts["layout.tex"] = tables.layout_table(gathered)
         if gathered.speculation is not None:
             texts["speculative.tex"] = tables.speculative_table(gathered)
         if quant is not None:

@@ -33,6 +33,9 @@ SPECULATIVE = "speculative"
 QUANT_EXPERIMENTS = ("quantization", "quantization_sinks")
 # Optional: when the grid has it, retrieval.tex and needle.pdf/.png (mode task: accuracy per setting, length, depth).
 RETRIEVAL = "retrieval"
+# Optional: when the grid has them, layout.tex (the ring layout and the compiled step, timing only: a ring setting's
+# quality is its compact twin's) and ring rows beside compact ones in the main table.
+LAYOUT_EXPERIMENTS = ("layout", "compile")
 SPIKE_RADIUS = 16  # steps either side of a compaction in the NLL-around-compactions figure
 
 
@@ -53,6 +56,8 @@ class Gathered:
     long_stream: pd.DataFrame  # block PPL per run of the long-stream experiment, with its label and block size
     # Generation configurations of the speculative experiment (queries.speculation_table); None without one.
     speculation: pd.DataFrame | None
+    # Settings of the layout and compile experiments (queries.setting_table: compact_ratio, compile_s); None without.
+    storage: pd.DataFrame | None = None
 
 
 def resolve_grid(con: duckdb.DuckDBPyConnection, grid: str | None, store: Path) -> str:
@@ -73,7 +78,7 @@ def check_complete(con: duckdb.DuckDBPyConnection, grid: str, include_stale: boo
     present = set(queries.experiment_names(con, grid))
     problems = [f"experiment {name}: not in grid {grid} (needed for {need})"
                 for name, need in REQUIRED.items() if name not in present]
-    needed = [name for name in (*REQUIRED, SPECULATIVE, RETRIEVAL) if name in present]
+    needed = [name for name in (*REQUIRED, SPECULATIVE, RETRIEVAL, *LAYOUT_EXPERIMENTS) if name in present]
     for row in queries.missing_runs(con, grid, needed, include_stale).itertuples():
         why = "stale (made by other evaluation code; rerun the grid, or pass --include-stale)" if row.stale \
             else row.status + (f": {str(row.error).splitlines()[0]}" if isinstance(row.error, str) else "")
@@ -95,8 +100,11 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
         problems += _speculative_problems(queries.speculation_table(con, grid, [SPECULATIVE], include_stale))
     if RETRIEVAL in needed and queries.retrieval_table(con, grid, [RETRIEVAL], False, include_stale).empty:
         problems.append(f"experiment {RETRIEVAL}: no trials (its runs must be mode: task)")
+    layout = [name for name in needed if name in LAYOUT_EXPERIMENTS]
+    if layout:
+        problems += _layout_problems(queries.setting_table(con, grid, layout, include_stale), grid)
     for name in needed:
-        if name in (SPECULATIVE, RETRIEVAL):
+        if name in (SPECULATIVE, RETRIEVAL, *LAYOUT_EXPERIMENTS):
             continue
         groups = queries.setting_table(con, grid, [name], include_stale)
         # The long-stream figure is quality only: no TPOT, no baseline (recompute past 8k positions is not the point).
@@ -120,6 +128,25 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
             kinds = {method_name(row) for row in groups.itertuples()}
             problems += [f"experiment {MAIN}: no {kind} configuration" for kind in ("Recompute", "Strict", "Lazy")
                          if kind not in kinds]
+    return problems
+
+
+def _layout_problems(settings: pd.DataFrame, grid: str) -> list[str]:
+    """Every setting of the layout experiments timed and with a baseline; a ring or compiled one beside its compact
+    eager twin (the same setting at layout compact, compile none, on the same tokens); a compiled one with compile_s."""
+    problems = []
+    for row in settings.itertuples():
+        what = f"experiment {row.experiments[0] if len(row.experiments) == 1 else '/'.join(row.experiments)}: " \
+               f"setting {row.setting_hash} (layout {row.layout}, compile {row.compile})"
+        if pd.isna(row.tpot_ms):
+            problems.append(f"{what} has no stepwise run, so no TPOT: measure it with the timing measurement")
+        elif pd.isna(row.speedup) and not row.is_baseline:
+            problems.append(f"{what}: no recompute baseline in grid {grid} with the same tokens, cap and device")
+        if (row.layout != "compact" or row.compile != "none") and pd.isna(row.compact_ratio):
+            problems.append(f"{what}: no compact eager twin (the same setting at layout compact, compile none, on "
+                            "the same tokens) to time it against: add layout compact to the experiment")
+        if row.compile != "none" and pd.isna(row.compile_s):
+            problems.append(f"{what}: compiled, but no compile_s recorded (made by code before the compile knob?)")
     return problems
 
 
@@ -161,10 +188,13 @@ def gather(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bool) -> Ga
     profile = profile.assign(setting_hash=profile.group_hash.map(by_timing))
     profile = profile.assign(label=profile.setting_hash.map(labels)).sort_values(
         "setting_hash", key=lambda column: column.map(order))
+    present = queries.experiment_names(con, grid)
     speculation = queries.speculation_table(con, grid, [SPECULATIVE], include_stale) \
-        if SPECULATIVE in queries.experiment_names(con, grid) else None
+        if SPECULATIVE in present else None
+    layout = [name for name in LAYOUT_EXPERIMENTS if name in present]
+    storage = queries.setting_table(con, grid, layout, include_stale) if layout else None
     return Gathered(grid, experiments, all_groups, profile, kv_series, spikes, long_stream_blocks(con, experiments),
-                    speculation)
+                    speculation, storage)
 
 
 def long_stream_blocks(con: duckdb.DuckDBPyConnection, experiments: dict[str, pd.DataFrame]) -> pd.DataFrame:

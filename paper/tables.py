@@ -104,20 +104,112 @@ def _caption(text: str, groups: pd.DataFrame, merged: bool = False) -> str:
             + (EQUIVALENT_NOTE if merged else ""))
 
 
+STORAGE_NOTE = (" Ring rows (layout and compile experiments) are timed only: the ring cache refuses the parallel "
+                "protocol, and its per-step NLLs equal the compact cache's (the engine's exactness tests), so its "
+                "PPL and $\\Delta$PPL are those of the compact row of the same policy (\\textit{as compact}); "
+                "compile: torch.compile of the decode step (its compile time, a warmup step never in TPOT, is in "
+                "Table~\\ref{tab:layout}).")
+AS_COMPACT = r"\textit{as compact}"
+
+
+def storage_name(row) -> str:
+    """', ring', ', ring, compiled (default)': how a setting's cache is stored and run, after its label ('' for the
+    compact eager cache, the study's)."""
+    parts = [escape(row.layout)] if row.layout != "compact" else []
+    if row.compile != "none":
+        parts.append(f"compiled ({escape(row.compile)})")
+    return "".join(f", {part}" for part in parts)
+
+
+def ring_rows(gathered: Gathered, main: pd.DataFrame) -> pd.DataFrame:
+    """The layout and compile experiments' ring or compiled settings of the main table's streaming policies (equal to
+    one of its rows in every knob but layout and compile: `storage_key`; same device and code), to show beside their
+    compact rows."""
+    if gathered.storage is None:
+        return main.iloc[:0]
+    storage = gathered.storage
+    other = storage[(storage.layout != "compact") | (storage.compile != "none")]
+    policies = main[main.method == "streaming"][["storage_key", "device_name", "code_version"]]
+    ring = other.merge(policies.drop_duplicates(), on=list(policies.columns))
+    # eager before compiled, each after its compact row
+    return ring.assign(_compiled=ring.compile != "none").sort_values(["_compiled", "compile"]).drop(columns="_compiled")
+
+
 def main_table(gathered: Gathered) -> str:
+    """The main results; where the grid times the ring layout (experiments layout and compile), each of the main
+    table's streaming policies is followed by its ring (and compiled) rows: their own TPOT, speedup and memory, their
+    quality the compact row's (rows beside compact, not a layout column: only timing differs between layouts, and
+    recompute has no layout)."""
     groups = _sorted(gathered.experiments[MAIN])
     knobs = [k for k in queries.varying_knobs(groups) if k not in ("method", "compress_every") and k not in
              queries.CONTEXT]
     merged = merge_equivalent(groups)
+    ring = ring_rows(gathered, groups)
     table = Table(columns=[*RESULT_COLUMNS, ("Peak mem. (MiB)", "r"), *N_COLUMNS], label="tab:main",
                   caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups,
-                                   merged.equivalents.any()))
+                                   merged.equivalents.any()) + (STORAGE_NOTE if not ring.empty else ""))
     for (dataset, device), block in merged.groupby(["dataset", "device_name"], sort=True):
-        rows = [[row_label(row, ["compress_every", *knobs]) + _equivalent(row), *result_cells(row),
-                 mean_std(row.peak_memory_mib, row.peak_memory_mib_std, row.n_repeats, 0,
-                          what=f"peak memory of {row.setting_hash}"), *n_cells(row)] for row in block.itertuples()]
-        table.add_panel(rf"\emph{{{escape(dataset)}}} ({escape(device)})", rows,
-                        [f"setting {row.setting_hashes}" for row in block.itertuples()])
+        rows, notes = [], []
+        for row in block.itertuples():
+            rows.append([row_label(row, ["compress_every", *knobs]) + _equivalent(row), *result_cells(row),
+                         _memory(row), *n_cells(row)])
+            notes.append(f"setting {row.setting_hashes}")
+            if row.method != "streaming":
+                continue
+            twins = ring[(ring.storage_key == row.storage_key) & (ring.device_name == device)
+                         & (ring.code_version == row.code_version)]
+            for twin in twins.itertuples():
+                what = f"setting {twin.setting_hash}"
+                rows.append([row_label(twin, ["compress_every", *knobs]) + storage_name(twin),
+                             mean_std(twin.tpot_ms, twin.tpot_ms_std, twin.n_repeats, 2, what=f"TPOT of {what}"),
+                             f"${number(twin.speedup, 2, what=f'speedup of {what}')}\\times$", AS_COMPACT,
+                             AS_COMPACT, _memory(twin), str(int(twin.n_repeats)), "--"])
+                notes.append(f"ring setting {twin.setting_hash}")
+        table.add_panel(rf"\emph{{{escape(dataset)}}} ({escape(device)})", rows, notes)
+    return table.render()
+
+
+def _memory(row) -> str:
+    return mean_std(row.peak_memory_mib, row.peak_memory_mib_std, row.n_repeats, 0,
+                    what=f"peak memory of {row.setting_hash}")
+
+
+def layout_table(gathered: Gathered) -> str:
+    """The layout and compile experiments: per setting, its storage and compile setting, TPOT, speedup over
+    recompute, TPOT over its compact eager twin's, compile time and peak memory (timing only: see STORAGE_NOTE)."""
+    settings = gathered.storage
+    assert settings is not None
+    devices = ", ".join(sorted({escape(d) for d in settings.device_name}))
+    table = Table(
+        columns=[("Policy", "l"), ("Layout", "l"), ("Compile", "l"), ("TPOT (ms)", "r"), ("Speedup", "r"),
+                 ("vs compact", "r"), ("Compile (s)", "r"), ("Peak mem. (MiB)", "r"), ("$n_r$", "r")],
+        label="tab:layout",
+        caption=("The cache's storage and the compiled decode step: compact (entries moved and re-rotated at every "
+                 "compaction, the study's) vs ring (fixed slots, nothing moved), eager or compiled with "
+                 "torch.compile. TPOT: mean $\\pm$ std over the $n_r$ stepwise timing repeats; speedup over the "
+                 "recompute baseline's TPOT; vs compact: TPOT over that of the same policy stored compact and run "
+                 "eager, on the same tokens; compile: the first compiled step's wall time (a warmup step, never in "
+                 "TPOT), mean $\\pm$ std over the repeats. Timing only: a ring setting's per-step NLLs equal the "
+                 f"compact cache's (the engine's exactness tests). Device: {devices}."))
+    ordered = settings.assign(_layout=settings.layout != "compact", _compiled=settings.compile != "none")
+    ordered = ordered.sort_values(["cap", "compress_every", "_layout", "_compiled", "compile"])
+    for _, block in ordered.groupby(["cap", "compress_every"], sort=False):
+        rows, notes = [], []
+        for row in block.itertuples():
+            what = f"setting {row.setting_hash}"
+            reference = row.layout == "compact" and row.compile == "none"
+            compile_s = "--" if row.compile == "none" else mean_std(
+                row.compile_s, row.compile_s_std, row.n_repeats, 1, what=f"compile time of {what}")
+            rows.append([
+                "", escape(row.layout), escape(row.compile),
+                mean_std(row.tpot_ms, row.tpot_ms_std, row.n_repeats, 2, what=f"TPOT of {what}"),
+                f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$",
+                r"\textit{ref.}" if reference else
+                f"${number(row.compact_ratio, 2, what=f'TPOT over compact of {what}')}\\times$",
+                compile_s, _memory(row), str(int(row.n_repeats))])
+            notes.append(f"setting {row.setting_hash}")
+        rows[0][0] = row_label(block.iloc[0], ["compress_every", "cap"])
+        table.add_panel(None, rows, notes)
     return table.render()
 
 

@@ -177,7 +177,7 @@ def run_table(con: duckdb.DuckDBPyConnection, grid: str | None = None, include_s
                     WHERE status = 'done' GROUP BY ALL)
         SELECT x.grid, array_to_string(x.experiments, ', ') AS experiments, x.run_hash, x.config_hash, x.group_hash,
             x.setting_hash, x.sharing, x.status, x.stale, {_KNOB_SELECT.replace("r.", "x.")}, x.ppl, x.tpot_ms_mean,
-            x.peak_memory_bytes / 2^20 AS peak_memory_mib, x.compaction_count, x.kv_len_max,
+            x.peak_memory_bytes / 2^20 AS peak_memory_mib, x.compaction_count, x.kv_len_max, x.compile_s,
             coalesce(rp.repeats, 0) AS repeats, x.device_name, x.code_version, x.ended_at, x.error
         FROM members x
         LEFT JOIN repeats rp ON rp.grid = x.grid AND rp.group_hash = x.group_hash AND rp.code_version = x.code_version
@@ -224,6 +224,15 @@ _FLOAT_MATCH = ("b.policy_key = x.policy_key AND b.grid = x.grid AND b.code_vers
                 "AND b.weight_quant = 'none' AND (x.kv_quant <> 'none' OR x.weight_quant <> 'none')")
 _POLICY_KEY = "md5(concat_ws('|', " + ", ".join(
     f"coalesce(CAST({q(k)} AS VARCHAR), '<null>')" for k in POLICY_KNOBS) + "))"
+# How the cache is stored and whether its decode step is compiled: a ring or compiled setting's timing reference is the
+# setting equal in every other knob at layout compact, compile none (its compact eager twin), on the same tokens.
+STORAGE_KNOBS: tuple[str, ...] = ("layout", "compile")
+_STORAGE_KEY = "md5(concat_ws('|', " + ", ".join(
+    f"coalesce(CAST({q(k)} AS VARCHAR), '<null>')" for k in SETTING_KNOBS if k not in STORAGE_KNOBS) + "))"
+_COMPACT_MATCH = ("c.storage_key = x.storage_key AND c.grid = x.grid AND c.code_version = x.code_version "
+                  "AND c.device_name IS NOT DISTINCT FROM x.device_name AND c.token_hash = x.token_hash "
+                  "AND c.prefill = x.prefill AND c.warmup = x.warmup "
+                  "AND (x.layout <> 'compact' OR x.compile <> 'none')")
 # The comparisons a setting is paired in: (name, how a reference sample matches, the order that picks one reference
 # run per pair: the densest scoring, the same protocol, then the smallest hash).
 _COMPARISONS = (
@@ -286,7 +295,12 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     one pair), `delta_ppl_low` / `delta_ppl_high` its bounds, `delta_ppl_resolved` whether it excludes zero.
     A quantized setting (kv_quant or weight_quant) is paired the same way with the setting equal in every other knob in
     float, on the same tokens: `delta_float_pct` (and `_std`, `_ci`, `_low`, `_high`, `_resolved`, `n_float_pairs`,
-    `float_agree`), and `tpot_ratio`, its TPOT over the float setting's on the same tokens. `measurement` names the
+    `float_agree`), and `tpot_ratio`, its TPOT over the float setting's on the same tokens. A ring or compiled setting
+    (layout, compile) is timed against its compact eager twin, the setting equal in every other knob at layout
+    compact and compile none (the same `storage_key`), on the same tokens: `compact_ratio`, its TPOT over the twin's
+    (NaN without one);
+    `compile_s` (and `_std`) is the mean over its timing repeats of the first compiled step's wall time (seconds, a
+    warmup step: never in TPOT; NaN for an eager setting). `measurement` names the
     quality measurement in words (protocol, samples, tokens, prefill): ΔPPLs compare (and the Pareto frontier is drawn)
     within one measurement, cap and weight quantization; `ppl_steps` says which steps its PPL is over (a strided
     recompute baseline scores every k-th only, so its PPL is not comparable with the others': its ΔPPL is 0).
@@ -300,14 +314,15 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     setting_knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_KNOBS if k not in SETTING_CONTEXT)
     context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_CONTEXT if k != "code_version")
     run_context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in (
-        "cap", "model", "dtype", "attn_implementation", "device_name", "weight_quant", "kv_quant", "policy_key"))
+        "cap", "model", "dtype", "attn_implementation", "device_name", "weight_quant", "kv_quant", "policy_key",
+        "layout", "compile", "storage_key"))
     key = "grid, setting_hash, code_version"
     paired = ",".join(_paired_sql(name, match, order, key) for name, match, order in _COMPARISONS)
     sql = f"""
         WITH members AS ({_members_sql("grid = $grid")}),
         done AS (
             SELECT *, $experiments IS NULL OR list_has_any(experiments, $experiments) AS selected,
-                {_POLICY_KEY} AS policy_key
+                {_POLICY_KEY} AS policy_key, {_STORAGE_KEY} AS storage_key
             -- generation runs: speculation_table; task runs: retrieval_table
             FROM members WHERE status = 'done' AND coalesce(mode, 'score') = 'score'
                 AND ($include_stale OR NOT stale)
@@ -346,6 +361,7 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 avg(compaction_count) AS compactions, avg(kv_len_max) AS kv_len_max,
                 avg(kv_bytes_per_token) AS kv_bytes_per_token, avg(kv_cache_peak_bytes) AS kv_cache_peak_bytes,
                 avg(weights_bytes) AS weights_bytes, avg(kv_cache_peak_bytes + weights_bytes) AS total_bytes,
+                avg(compile_s) AS compile_s, stddev_samp(compile_s) AS compile_s_std,
                 list(run_hash ORDER BY "repeat") AS run_hashes, any_value(token_hash) AS token_hash,
                 any_value(prefill) AS prefill, any_value(warmup) AS warmup, {run_context},
                 bool_or(selected) AS selected
@@ -356,7 +372,8 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
             FROM timings WHERE selected
         ),
         timing AS (
-            SELECT x.*, b.tpot_ms / x.tpot_ms AS speedup, x.tpot_ms / f.tpot_ms AS tpot_ratio
+            SELECT x.*, b.tpot_ms / x.tpot_ms AS speedup, x.tpot_ms / f.tpot_ms AS tpot_ratio,
+                x.tpot_ms / c.tpot_ms AS compact_ratio
             FROM (SELECT * EXCLUDE (preference) FROM own_timings WHERE preference = 1) x
             LEFT JOIN (SELECT * FROM timings WHERE method = '{BASELINE_METHOD}') b
                 ON {_BASELINE_MATCH} AND b.warmup = x.warmup
@@ -365,9 +382,15 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                            PARTITION BY grid, code_version, device_name, policy_key, token_hash, prefill, warmup
                            ORDER BY n_repeats DESC, group_hash) = 1) f
                 ON {_FLOAT_MATCH.replace("b.", "f.")} AND f.warmup = x.warmup
+            LEFT JOIN (SELECT * FROM timings WHERE layout = 'compact' AND compile = 'none'
+                       QUALIFY row_number() OVER (
+                           PARTITION BY grid, code_version, device_name, storage_key, token_hash, prefill, warmup
+                           ORDER BY n_repeats DESC, group_hash) = 1) c
+                ON {_COMPACT_MATCH}
         ),
         settings AS (
             SELECT {key}, {setting_knobs}, {context}, any_value(stale) AS stale, any_value(policy_key) AS policy_key,
+                any_value(storage_key) AS storage_key,
                 list_distinct(flatten(list(experiments))) AS experiments,
                 list(run_hash ORDER BY protocol, sample, "repeat") AS all_run_hashes,
                 -- the computations it was measured by: settings with equal ones are equivalent (one set of runs)
@@ -384,6 +407,7 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
                 coalesce(t.n_repeats, 0) AS n_repeats, t.tpot_ms, t.tpot_ms_std, t.speedup, t.tpot_ratio,
                 t.peak_memory_mib, t.peak_memory_mib_std, t.compactions, t.kv_len_max, t.kv_bytes_per_token,
                 t.kv_cache_peak_bytes, t.weights_bytes, t.total_bytes, t.group_hash AS timing_group_hash,
+                t.compact_ratio, t.compile_s, t.compile_s_std,
                 coalesce(t.run_hashes, s.all_run_hashes) AS run_hashes
             FROM settings s JOIN quality qu USING ({key})
             LEFT JOIN base_paired pa USING ({key}) LEFT JOIN float_paired fl USING ({key})

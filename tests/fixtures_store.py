@@ -36,6 +36,11 @@ PAPER_EXTRA_EXPERIMENTS = {
                      "runs": [{"compress_every": 1}, {"compress_every": 16}]},
     "quantization_sinks": {"base": {"method": "streaming", "kv_quant": "int4", "kv_quant_group": 8,
                                     "compress_every": 16}, "grid": {"kv_quant_sinks": ["full", "quantized"]}},
+    # The ring layout beside compact (main's timing runs, shared) and one compiled ring run (inductor: ~30-60 s here).
+    "layout": {"base": {"method": "streaming", "repeats": 2}, "grid": {"layout": ["compact", "ring"],
+                                                                      "compress_every": [1, 16]}},
+    "compile": {"base": {"method": "streaming", "layout": "ring", "compress_every": 16},
+                "grid": {"compile": ["none", "default"]}},
     "long_stream": {"base": {"protocol": "parallel", "max_tokens": 1200, "prefill": 0},
                     "runs": [{"method": "dense"}, {"method": "streaming", "sink": 0, "compress_every": 16},
                              {"method": "streaming", "compress_every": 1}, {"method": "streaming",
@@ -123,7 +128,9 @@ def smoke_store(tmp_path_factory) -> Path:
 # every measurement each grid has, at their own lengths: the quantization runs read other tokens than the timing ones).
 SHRUNK_GRIDS: dict[str, tuple[str, ...]] = {
     "paper": ("model=tiny-llama", "kv_quant_group=8"),  # every measurement at its own size: ~1.5 min
-    "gpu-smoke": ("model=tiny-llama", "device=cpu", "dtype=float32", "cap=128", "prefill=128", "max_tokens=200",
+    # gpu-smoke on a CPU: compile none (its reduce-overhead runs need CUDA graphs; their ring runs stay, eager)
+    "gpu-smoke": ("model=tiny-llama", "device=cpu", "compile=none", "dtype=float32", "cap=128", "prefill=128",
+                  "max_tokens=200",
                   "prompt_tokens=64", "new_tokens=32"),
 }
 
@@ -141,12 +148,13 @@ def shrunk_grid_store(tmp_path_factory, grid: str) -> tuple[Path, str]:
 
 
 def _paper_grid(folder: Path) -> Path:
-    from paper.gather import QUANT_EXPERIMENTS, REQUIRED
+    from paper.gather import LAYOUT_EXPERIMENTS, QUANT_EXPERIMENTS, REQUIRED
 
     spec = yaml.safe_load(SMOKE_GRID.read_text())
     spec["name"] = PAPER_GRID
     for name, experiment in PAPER_EXTRA_EXPERIMENTS.items():
-        if (name in REQUIRED or name in QUANT_EXPERIMENTS) and name not in spec["experiments"]:
+        wanted = name in REQUIRED or name in QUANT_EXPERIMENTS or name in LAYOUT_EXPERIMENTS
+        if wanted and name not in spec["experiments"]:
             spec["experiments"][name] = experiment
     path = folder / f"{PAPER_GRID}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -214,3 +214,76 @@ def test_speculation_charts_give_each_draft_kind_one_colour(store, monkeypatch):
         spec = json.loads(chart.proto.spec)
         domains.append(spec["spec"]["encoding"]["color"]["scale"]["domain"])
     assert len(domains) == 2 and domains[0] == domains[1] and "none" in domains[0], domains
+
+
+def paper_grid_view(store: Path, monkeypatch, view: str) -> AppTest:
+    monkeypatch.setenv("GRIDRUN_STORE", str(store))
+    app = AppTest.from_file(APP, default_timeout=60).run()
+    app.sidebar.selectbox[0].set_value("smoke-paper")
+    app.sidebar.radio[0].set_value(view).run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def widget(widgets, label: str):
+    return next(w for w in widgets if w.label == label)
+
+
+def test_runs_view_shows_and_filters_layout_and_compile(store, monkeypatch):
+    """The layout and compile experiments' runs: both knobs as columns and filters, compile_s of the compiled run."""
+    app = paper_grid_view(store, monkeypatch, "Runs")
+    every = app.dataframe[-1].value
+    assert {"layout", "compile", "compile_s"} <= set(every.columns)
+    assert set(every.layout) == {"compact", "ring"} and set(every["compile"]) == {"none", "default"}
+    widget(app.multiselect, "layout").set_value(["ring"]).run()
+    ring = app.dataframe[-1].value
+    assert len(ring) and (ring.layout == "ring").all() and len(ring) < len(every)
+    widget(app.multiselect, "compile").set_value(["default"]).run()
+    compiled = app.dataframe[-1].value
+    assert not app.exception and len(compiled) == 1 and compiled.compile_s.iloc[0] > 0
+    assert compiled.tpot_ms_mean.iloc[0] > 0 and compiled.layout.iloc[0] == "ring"
+    eager = every[every["compile"] == "none"]
+    assert eager.compile_s.isna().all()
+
+
+def test_settings_view_times_ring_settings_against_their_compact_twin(store, monkeypatch):
+    app = paper_grid_view(store, monkeypatch, "Settings")
+    app.multiselect[0].set_value(["layout", "compile"]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = app.dataframe[0].value
+    assert {"layout", "compile", "compact_ratio", "compile_s", "compile_s_std"} <= set(table.columns)
+    twins = table[(table.layout == "compact") & (table["compile"] == "none")]
+    others = table[(table.layout != "compact") | (table["compile"] != "none")]
+    assert len(twins) == 2 and len(others) == 3
+    assert twins.compact_ratio.isna().all() and others.compact_ratio.notna().all()
+    for row in others.itertuples():
+        twin = twins[twins.compress_every == row.compress_every].iloc[0]
+        assert row.compact_ratio == pytest.approx(row.tpot_ms / twin.tpot_ms)
+    assert (others.compile_s.notna() == (others["compile"] != "none")).all()
+
+
+def test_run_detail_shows_the_chosen_runs_layout_compile_and_compile_s(store, monkeypatch):
+    app = paper_grid_view(store, monkeypatch, "Run detail")
+    runs = app.multiselect[0]
+    assert any("compile=default" in label for label in runs.options)  # the label names the knob
+    with duckdb.connect(str(store), read_only=True) as con:
+        (compiled,) = con.execute("SELECT run_hash FROM runs WHERE compile = 'default'").fetchone()
+    runs.set_value([*runs.value, compiled]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    summary = app.dataframe[0].value
+    assert {"layout", "compile", "compile_s"} <= set(summary.columns) and len(summary) == len(runs.value)
+    row = summary[summary["compile"] == "default"].iloc[0]
+    assert row.layout == "ring" and row.compile_s > 0
+
+
+def test_sweeps_of_the_layout_and_compile_experiments(store, monkeypatch):
+    app = paper_grid_view(store, monkeypatch, "Sweeps")
+    app.selectbox[0].set_value("layout").run()
+    assert app.selectbox[1].value == "layout"  # the experiment's own knob, among the two its grid declares
+    app.selectbox[2].set_value("compact_ratio").run()
+    assert not app.exception and len(app.get("vega_lite_chart")) == 1
+    assert set(app.dataframe[0].value.layout) == {"ring"}  # the compact twins are the reference, not a point
+    app.selectbox[0].set_value("compile").run()
+    app.selectbox[2].set_value("compile_s").run()
+    drawn = app.dataframe[0].value
+    assert not app.exception and list(drawn["compile"]) == ["default"] and (drawn.compile_s > 0).all()

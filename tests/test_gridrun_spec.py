@@ -258,3 +258,53 @@ def test_gpu_smoke_is_the_main_comparison_at_the_study_size_on_cuda():
     assert {config.compress_every for config in main if config.method == "streaming"} == {1, 64}
     assert {(config.cap, config.device, config.dtype) for config in main} == {(2048, "cuda", "float16")}
     assert {config.protocol for config in main} == {"parallel", "stepwise"}
+
+
+@pytest.mark.parametrize("name, compiled, ends, compiled_repeats", [
+    ("paper.yaml", "default", {1, 128}, 1), ("paper-full.yaml", "reduce-overhead", {1, 512}, 3)])
+def test_paper_grids_time_the_ring_layout_and_the_compiled_step(name, compiled, ends, compiled_repeats):
+    """layout: compact vs ring at strict, lazy and the R sweep's ends; compile: ring eager vs compiled, strict and lazy.
+    Timing only (stepwise, the grid's timing measurement: ring refuses the parallel protocol), so each ring setting is
+    timed on the tokens of its compact twin, whose runs are main's and r_sweep's (shared, never run twice). On the CPU
+    a compiled run compiles for about a minute: paper.yaml's compile experiment times one repeat of each setting."""
+    grid = load_grid(ROOT / "grids" / name)
+    order = list(grid.experiments)
+    before = "quantization_sinks" if name == "paper.yaml" else "cap_mode"
+    assert order[order.index(before):order.index(before) + 4] == [before, "layout", "compile", "long_stream"]
+    timing = [run.config for run in grid.runs if "main" in run.experiments and run.config.protocol == "stepwise"]
+    measured = {(c.prefill, c.max_tokens, c.warmup) for c in timing}
+    for experiment in ("layout", "compile"):
+        runs = [run for run in grid.runs if experiment in run.experiments]
+        assert {run.config.protocol for run in runs} == {"stepwise"}
+        assert {(c.prefill, c.max_tokens, c.warmup) for c in (run.config for run in runs)} == measured
+        repeats = len({c.repeat for c in timing}) if experiment == "layout" else compiled_repeats
+        assert len({run.config.repeat for run in runs}) == repeats and len({c.repeat for c in timing}) >= 3
+    layout = {(run.config.layout, run.config.compress_every): run for run in grid.runs if "layout" in run.experiments}
+    assert {r for _, r in layout} == {1, 64} | ends and {kind for kind, _ in layout} == {"compact", "ring"}
+    assert len(layout) == 2 * len(ends | {64})
+    for (kind, r), run in layout.items():
+        assert run.config.compile == "none"
+        if kind == "compact":  # main's or r_sweep's own timing runs
+            assert {"main", "r_sweep"} & set(run.experiments), (r, run.experiments)
+    compile_runs = [run.config for run in grid.runs if "compile" in run.experiments]
+    assert {(c.layout, c.compile, c.compress_every) for c in compile_runs} == {
+        ("ring", kind, r) for kind in ("none", compiled) for r in (1, 64)}
+    # The eager ring runs of compile are layout's.
+    assert all("layout" in run.experiments for run in grid.runs
+               if "compile" in run.experiments and run.config.compile == "none")
+
+
+def test_gpu_smoke_times_the_ring_compiled_with_cuda_graphs_and_shrinks_to_a_cpu():
+    grid = load_grid(ROOT / "grids" / "gpu-smoke.yaml")
+    compile_runs = [run.config for run in grid.runs if "compile" in run.experiments]
+    assert {(c.layout, c.compile, c.compress_every) for c in compile_runs} == {
+        ("ring", kind, r) for kind in ("none", "reduce-overhead") for r in (1, 64)}
+    assert {(c.device, c.protocol, c.cap) for c in compile_runs} == {("cuda", "stepwise", 2048)}
+    # What the tests' CPU copy of it sets (tests/fixtures_store.py): reduce-overhead needs CUDA graphs, so the copy
+    # runs compile none; without it the grid is refused before any run starts, naming the knob.
+    from fixtures_store import SHRUNK_GRIDS
+
+    with pytest.raises(GridError, match="reduce-overhead captures CUDA graphs: device cpu has none"):
+        load_grid(ROOT / "grids" / "gpu-smoke.yaml", [s for s in SHRUNK_GRIDS["gpu-smoke"] if s != "compile=none"])
+    shrunk = load_grid(ROOT / "grids" / "gpu-smoke.yaml", list(SHRUNK_GRIDS["gpu-smoke"]))
+    assert {run.config.layout for run in shrunk.runs if "compile" in run.experiments} == {"ring"}

@@ -18,10 +18,10 @@ from fixtures_store import PAPER_GRID, ROOT, copy_store, smoke_store
 
 from paper.export import export
 from paper.gather import ExportError
-from paper.tables import quantization_table
+from paper.tables import STORAGE_NOTE, quantization_table
 
 TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex",
-             "quantization.tex", "findings.tex", "retrieval.tex")
+             "quantization.tex", "findings.tex", "retrieval.tex", "layout.tex")
 FIGURES = ("kv_len", "tradeoff", "nll_compactions", "long_stream", "quantization", "needle")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
@@ -164,6 +164,84 @@ def test_main_table_numbers_equal_the_store(exported, store):
             assert close(speedup, [group["speedup"]], 2) and check_delta(dppl, group), (label, group)
 
 
+def storage_groups(store: Path) -> dict[str, dict]:
+    """Per setting of the layout and compile experiments, by plain SQL over the runs: its layout, compile, R, TPOT
+    (mean, std, n over its done timing runs), speedup over the grid's recompute TPOT of the same model and cap, TPOT
+    over the compact eager setting's of the same R, and compile_s (mean, std)."""
+    with duckdb.connect(str(store), read_only=True) as con:
+        frame = con.execute("""
+            WITH chosen AS (SELECT DISTINCT setting_hash, config_group_hash FROM configurations
+                            WHERE grid = $grid AND experiment IN ('layout', 'compile')),
+            done AS (SELECT c.setting_hash, c.layout, c.compile, c.compress_every, c.model, c.cap, r.tpot_ms_mean,
+                         r.compile_s, r.peak_memory_bytes
+                     FROM (SELECT DISTINCT setting_hash, config_group_hash, run_hash, layout, compile, compress_every,
+                               model, cap FROM configurations WHERE grid = $grid) c
+                     JOIN chosen USING (setting_hash, config_group_hash) JOIN runs r USING (run_hash)
+                     WHERE r.status = 'done'),
+            base AS (SELECT c.model, c.cap, avg(r.tpot_ms_mean) AS base_tpot
+                     FROM (SELECT DISTINCT run_hash, model, cap FROM configurations
+                           WHERE grid = $grid AND method = 'recompute' AND protocol = 'stepwise') c
+                     JOIN runs r USING (run_hash) WHERE r.status = 'done' GROUP BY ALL),
+            settings AS (
+                SELECT setting_hash, any_value(layout) AS layout, any_value(compile) AS compile,
+                    any_value(compress_every) AS r, any_value(model) AS model, any_value(cap) AS cap, count(*) AS n,
+                    avg(tpot_ms_mean) AS tpot, stddev_samp(tpot_ms_mean) AS tpot_std,
+                    avg(compile_s) AS compile_s, stddev_samp(compile_s) AS compile_s_std,
+                    avg(peak_memory_bytes) / 1048576 AS mem, stddev_samp(peak_memory_bytes) / 1048576 AS mem_std
+                FROM done GROUP BY setting_hash)
+            SELECT s.*, b.base_tpot / s.tpot AS speedup, s.tpot / c.tpot AS compact_ratio
+            FROM settings s JOIN base b USING (model, cap)
+            LEFT JOIN settings c ON c.r = s.r AND c.cap = s.cap AND c.layout = 'compact' AND c.compile = 'none'
+        """, {"grid": PAPER_GRID}).df()
+    return {row.setting_hash: row._asdict() for row in frame.itertuples()}
+
+
+def test_main_table_shows_ring_rows_beside_their_compact_rows(exported, store):
+    """Each streaming policy of the main table is followed by its ring settings (eager, then compiled): their own
+    TPOT, speedup, memory and repeats, the compact row's quality (not measured again: the exactness tests)."""
+    expected = storage_groups(store)
+    lines = [line for line in (exported / "tables.tex").read_text().splitlines() if r" \\ % " in line]
+    ring = [i for i, line in enumerate(lines) if " % ring setting " in line]
+    assert len(ring) == 3, lines  # strict ring; lazy ring, eager and compiled (smoke-paper's layout and compile)
+    for index in ring:
+        body, setting = lines[index].split(r" \\ % ring setting ")
+        label, tpot, speedup, ppl, dppl, memory, repeats, samples = body.split(" & ")
+        group = expected[setting.strip()]
+        assert group["layout"] == "ring" and label.split(",")[1:2] == [" ring"]
+        assert (", compiled (default)" in label) == (group["compile"] == "default")
+        assert close(tpot, mean_std(group, "tpot"), 2) and close(speedup, [group["speedup"]], 2), (label, group)
+        assert close(memory, mean_std(group, "mem"), 0) and int(repeats) == group["n"] and samples == "--"
+        assert ppl == dppl == r"\textit{as compact}"
+        # after the compact row of its policy (or another ring row of it)
+        above = next(line for line in reversed(lines[:index]) if " % ring setting " not in line)
+        assert above.split(" & ")[0] == label.split(",")[0]
+    assert ring[1] + 1 == ring[2] and "compiled" not in lines[ring[1]] and "compiled" in lines[ring[2]]
+    assert "timed only" in (exported / "tables.tex").read_text()
+
+
+def test_layout_table_numbers_equal_the_store(exported, store):
+    """layout.tex: per setting of the layout and compile experiments, TPOT, speedup over recompute, TPOT over the
+    compact eager setting's of the same policy, compile time (compiled only) and n, from the runs themselves."""
+    expected = storage_groups(store)
+    found = rows(exported / "layout.tex")
+    assert set(found) == set(expected) and len(found) == 5
+    assert {(g["layout"], g["compile"]) for g in expected.values()} == {("compact", "none"), ("ring", "none"),
+                                                                        ("ring", "default")}
+    for setting, (policy, layout, compile_, tpot, speedup, ratio, compile_s, memory, n) in found.items():
+        group = expected[setting]
+        assert (layout, compile_) == (group["layout"], group["compile"])
+        assert close(tpot, mean_std(group, "tpot"), 2) and close(speedup, [group["speedup"]], 2), (setting, group)
+        assert close(memory, mean_std(group, "mem"), 0) and int(n) == group["n"]
+        if group["layout"] == "compact" and group["compile"] == "none":
+            assert ratio == r"\textit{ref.}" and compile_s == "--" and policy.startswith(("Strict", "Lazy"))
+            continue
+        assert close(ratio, [group["compact_ratio"]], 2), (setting, ratio, group)
+        if group["compile"] == "none":
+            assert compile_s == "--"
+        else:
+            assert close(compile_s, mean_std(group, "compile_s"), 1) and group["compile_s"] > 0
+
+
 @pytest.mark.parametrize("tex, experiments", [
     ("ablations.tex", ["ladder"]),
     ("sweeps.tex", ["r_sweep", "slack_sweep", "max_drop_sweep", "sink_sweep", "cap_mode"]),
@@ -269,18 +347,22 @@ def test_a_grid_without_the_optional_experiments_exports_without_their_tables(st
     files an earlier export of another grid left in the folder are removed, never mixed in, and the paper has no
     section for them (where the full grid's has both)."""
     copy = damaged_copy(store, tmp_path, f"DELETE FROM experiments WHERE grid = '{PAPER_GRID}' AND experiment IN "
-                                         "('speculative', 'quantization', 'quantization_sinks', 'retrieval')")
+                                         "('speculative', 'quantization', 'quantization_sinks', 'retrieval', "
+                                         "'layout', 'compile')")
     out = tmp_path / "generated"
     shutil.copytree(exported, out)  # the folder as the full grid's export left it
     optional = ("speculative.tex", "quantization.tex", "quantization.pdf", "quantization.png", "retrieval.tex",
-                "needle.pdf", "needle.png")
+                "needle.pdf", "needle.png", "layout.tex")
     assert all((out / name).is_file() for name in optional)
     written = export(copy, PAPER_GRID, out)
     assert not any((out / name).exists() for name in optional)
     assert {path.name for path in written} >= {"tables.tex", "ablations.tex", "sweeps.tex", "figures.tex"}
-    assert (out / "tables.tex").read_text() == (exported / "tables.tex").read_text()
+    # the main table without its ring rows (the layout experiments are gone), else the same
+    ringless = [line for line in (exported / "tables.tex").read_text().splitlines() if " % ring setting " not in line]
+    assert (out / "tables.tex").read_text().splitlines() == [line.replace(STORAGE_NOTE, "") for line in ringless]
     require("pdflatex")
-    optional_labels = ("tab:speculative", "tab:quantization", "fig:quantization", "tab:retrieval", "fig:needle")
+    optional_labels = ("tab:speculative", "tab:quantization", "fig:quantization", "tab:retrieval", "fig:needle",
+                       "tab:layout")
     full = paper_labels(exported, tmp_path / "full")
     assert "tab:main" in full and all(label in full for label in optional_labels)
     scores_only = paper_labels(out, tmp_path / "scores-only")
@@ -433,5 +515,16 @@ def test_a_failed_retrieval_run_stops_the_export(store, tmp_path):
                                          f"'{broken}'")
     out = tmp_path / "generated"
     with pytest.raises(ExportError, match=f"experiment retrieval: run {broken} \\([a-z]+\\) failed: killed"):
+        export(copy, PAPER_GRID, out)
+    assert not out.exists()
+
+
+def test_a_compiled_run_without_compile_s_stops_the_export(store, tmp_path):
+    """layout.tex prints every compiled setting's compile time: a store whose compiled run lacks it (written by code
+    before the knob) is refused, naming the setting, rather than printed with a gap."""
+    copy = damaged_copy(store, tmp_path, "UPDATE runs SET compile_s = NULL WHERE compile <> 'none'")
+    out = tmp_path / "generated"
+    with pytest.raises(ExportError, match=r"experiment compile: setting \w+ \(layout ring, compile default\): "
+                                          "compiled, but no compile_s recorded"):
         export(copy, PAPER_GRID, out)
     assert not out.exists()

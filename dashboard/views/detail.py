@@ -1,5 +1,5 @@
 """Run detail: per-token curves of one or several runs on one step axis (rolling NLL, latency with compactions marked,
-the measured kv_len sawtooth), downsampled in SQL. Reads only."""
+the measured kv_len sawtooth), downsampled in SQL, and the chosen runs' knobs and summary. Reads only."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from store.queries import StepRange
 # About one point per pixel of a wide chart: more only slows the browser down.
 POINTS = 800
 MARKS = 150
+# The chosen runs' own numbers and knobs under the curves: how each was stored, compiled and measured.
+SUMMARY = ["label", "method", "compress_every", "cap", "layout", "compile", "compile_s", "protocol", "tpot_ms_mean",
+           "ppl", "compaction_count", "kv_len_max", "peak_memory_mib", "device_name", "run_hash"]
 
 
 def render(source: data.Source) -> None:
@@ -39,6 +42,10 @@ def render(source: data.Source) -> None:
     st.caption(f"At most {POINTS} points per run, each summarising {steps.stride(POINTS)} consecutive step(s) (mean "
                f"latency, smallest and largest kv_len), and at most {MARKS} compaction marks per run: narrow the step "
                "range to see single steps.")
+    st.dataframe(runs.set_index("run_hash").loc[chosen].reset_index()[SUMMARY], hide_index=True, width="stretch",
+                 column_config={"compile_s": st.column_config.NumberColumn(
+                     "compile_s", format="%.1f", help="a compiled run's first compiled step (seconds): a warmup step, "
+                     "never in TPOT"), "tpot_ms_mean": st.column_config.NumberColumn(format="%.3f")})
 
 
 def default_runs(runs: pd.DataFrame, most: int = 3) -> list[str]:

@@ -9,8 +9,8 @@ import streamlit as st
 from dashboard import charts, data
 from store.queries import SETTING_KNOBS, sweep_knob
 
-METRICS = ["delta_ppl_pct", "delta_float_pct", "ppl", "tpot_ms", "speedup", "tpot_ratio", "peak_memory_mib",
-           "compactions", "kv_len_max"]
+METRICS = ["delta_ppl_pct", "delta_float_pct", "ppl", "tpot_ms", "speedup", "tpot_ratio", "compact_ratio",
+           "compile_s", "peak_memory_mib", "compactions", "kv_len_max"]
 # Over text samples; every other metric is over the timing repeats.
 COUNTS = {"delta_ppl_pct": "n_pairs", "delta_float_pct": "n_float_pairs", "ppl": "n_samples"}
 
