@@ -246,15 +246,15 @@ class RunConfig(BaseModel):
         """What the ring layout and the compiled step support so far; what needs the machine (a CUDA device, the C++
         compiler inductor needs on a CPU) is checked by `check_compile_environment` before the model loads."""
         if self.layout == "ring":
-            supported = (("method", "streaming"), ("protocol", "stepwise"), ("spec", "none"), ("kv_quant", "none"))
+            supported = (("method", "streaming"), ("protocol", "stepwise"), ("spec", "none"))
             for knob, wanted in supported:
                 if getattr(self, knob) == wanted:
                     continue
                 value = getattr(self, knob)
                 raise ConfigError(
                     f"layout ring with {knob} = {value}: the ring layout is implemented (and proven exact) for the "
-                    "streaming cache fed one token per forward (stepwise scoring, generation with spec none) without "
-                    f"kv_quant; set {knob} {wanted} or layout compact"
+                    "streaming cache fed one token per forward (stepwise scoring, generation with spec none); set "
+                    f"{knob} {wanted} or layout compact"
                 )
         if self.compile != "none" and self.method == "dense":
             raise ConfigError(

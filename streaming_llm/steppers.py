@@ -140,7 +140,7 @@ class RingStepper(StreamingStepper):
         self.model = loaded.model
         architecture = loaded.model.config
         self.cache = StreamingCache(config.policy, RotaryGeometry.of(loaded.model), architecture.num_hidden_layers,
-                                    config.rope_mode, layout="ring")
+                                    config.rope_mode, kv_quant_spec(config, architecture), layout="ring")
         heads = architecture.num_attention_heads
         kv_heads = getattr(architecture, "num_key_value_heads", None) or heads
         head_dim = getattr(architecture, "head_dim", None) or architecture.hidden_size // heads
