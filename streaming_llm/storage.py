@@ -4,6 +4,7 @@ when the cache is built (`make_storage`).
 - `FloatStorage` keeps keys and values in the model's dtype; its RoPE mode decides how keys are framed:
   `RealignedFloatStorage` (`realign`), `PreRopeFloatStorage` (`exact`), `FloatStorage` itself (`absolute`).
 - `QuantizedStorage` keeps int8 / int4 codes (`kv_quant`) of keys as the model rotated them at their stream index.
+- `RingStorage` / `QuantizedRingStorage` (`layout: ring`): the same entries in fixed slots that never move.
 A storage never decides what to keep: the cache's schedule does, and hands it the moves (`moves_of`) to apply.
 """
 
