@@ -133,8 +133,9 @@ class StreamingStepper(DenseStepper):
 class RingStepper(StreamingStepper):
     """The streaming cache in the ring layout (`layout: ring`: storage.RingStorage, QuantizedRingStorage with
     `kv_quant`): the cache's host work in `begin_step` / `finish_step` around a forward whose shapes never change, so
-    that it can be compiled (`compile`: torch.compile of the one-token forward; a prefill stays eager). `compile_s`: the first compiled forward's wall
-    time (compilation included), None when nothing was compiled; `backend` overrides inductor (tests count graphs)."""
+    that it can be compiled (`compile`: torch.compile of the one-token forward; a prefill stays eager). `compile_s`:
+    the first compiled forward's wall time (compilation included), None when nothing was compiled; `backend`
+    overrides inductor (tests count graphs)."""
 
     def __init__(self, loaded: LoadedModel, config: RunConfig, backend=None):
         self.model = loaded.model
