@@ -171,7 +171,7 @@ def main() -> None:
                 stepper.forward(ids[:, : args.capacity], all_logits=True)
                 stepper.compact()
                 cursor[key] = args.capacity
-                run(key, 2 * longest, None)
+                run(key, 2 if key[0] == "recompute" else 2 * longest, None)  # recompute has no compaction period
             else:
                 run(key, 2, None)
             if key[1] == "compiled":
