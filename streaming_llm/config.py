@@ -246,22 +246,31 @@ class RunConfig(BaseModel):
         """What the ring layout and the compiled step support so far; what needs the machine (a CUDA device, the C++
         compiler inductor needs on a CPU) is checked by `check_compile_environment` before the model loads."""
         if self.layout == "ring":
-            supported = (("method", "streaming"), ("protocol", "stepwise"), ("spec", "none"), ("kv_quant", "none"))
+            supported = (("method", "streaming"), ("protocol", "stepwise"), ("spec", "none"))
             for knob, wanted in supported:
                 if getattr(self, knob) == wanted:
                     continue
                 value = getattr(self, knob)
                 raise ConfigError(
                     f"layout ring with {knob} = {value}: the ring layout is implemented (and proven exact) for the "
-                    "streaming cache fed one token per forward (stepwise scoring, generation with spec none) without "
-                    f"kv_quant; set {knob} {wanted} or layout compact"
+                    "streaming cache fed one token per forward (stepwise scoring, generation with spec none); set "
+                    f"{knob} {wanted} or layout compact"
                 )
-        if self.compile != "none" and self.layout != "ring":
+        if self.compile != "none" and self.method == "dense":
+            raise ConfigError(
+                f"compile = {self.compile} with method dense: its cache grows by one entry (a tensor shape) at every "
+                "step, so a compiled step would recompile at every one; use method streaming with layout ring, "
+                "method recompute, or compile none"
+            )
+        if self.compile != "none" and self.method == "streaming" and self.layout != "ring":
             raise ConfigError(
                 f"compile = {self.compile} with layout {self.layout}: the compact cache changes its length (a tensor "
                 "shape) at every step and compaction, so a compiled step would recompile at every one; use layout "
                 "ring (fixed shapes), or compile none"
             )
+        if self.compile != "none" and self.protocol == "parallel":
+            raise ConfigError(f"compile = {self.compile} with protocol parallel: a parallel run times no step, so "
+                              "there is nothing to compile for; use protocol stepwise, or compile none")
         if self.compile != "none" and self.warmup < 1:
             raise ConfigError(f"compile = {self.compile} with warmup = 0: the first decode step compiles (seconds) "
                               "and would be timed in TPOT; set warmup 1 or more")

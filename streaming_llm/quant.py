@@ -18,14 +18,22 @@ WEIGHT_QUANT = ("none", "int8", "int8_dynamic", "int4")
 WEIGHT_INT4_GROUP = 32  # torchao's default group for int4 weights
 
 
+_TORCHAO: tuple | None = None
+
+
 def _torchao():
-    """torchao's primitives, imported on first use (its import costs ~2 s and logs optional-kernel warnings)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torchao.quantization as quantization
-        import torchao.quantization.quant_primitives as primitives
-        from torchao.prototype.mx_formats.kernels import pack_uint4, unpack_uint4
-    return quantization, primitives, pack_uint4, unpack_uint4
+    """torchao's primitives, imported on first use (its import costs ~2 s and logs optional-kernel warnings), then
+    kept: a compiled decode step that quantizes (the ring layout with kv_quant) traces this call, and dynamo breaks
+    the graph at `warnings.catch_warnings` (KVQuantizer.load imports them before any step)."""
+    global _TORCHAO
+    if _TORCHAO is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao.quantization as quantization
+            import torchao.quantization.quant_primitives as primitives
+            from torchao.prototype.mx_formats.kernels import pack_uint4, unpack_uint4
+        _TORCHAO = quantization, primitives, pack_uint4, unpack_uint4
+    return _TORCHAO
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,11 @@ class KVQuantizer:
     @property
     def quant_max(self) -> int:
         return (1 << self.bits) - 1
+
+    @staticmethod
+    def load() -> None:
+        """Import torchao's primitives now (outside any compiled region)."""
+        _torchao()
 
     def payload_dim(self, head_dim: int) -> int:
         return head_dim * self.bits // 8

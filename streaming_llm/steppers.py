@@ -131,16 +131,17 @@ class StreamingStepper(DenseStepper):
 
 
 class RingStepper(StreamingStepper):
-    """The streaming cache in the ring layout (`layout: ring`, storage.RingStorage): the cache's host work in
-    `begin_step` / `finish_step` around a forward whose shapes never change, so that it can be compiled (`compile`:
-    torch.compile of the one-token forward; a prefill stays eager). `compile_s`: the first compiled forward's wall
-    time (compilation included), None when nothing was compiled; `backend` overrides inductor (tests count graphs)."""
+    """The streaming cache in the ring layout (`layout: ring`: storage.RingStorage, QuantizedRingStorage with
+    `kv_quant`): the cache's host work in `begin_step` / `finish_step` around a forward whose shapes never change, so
+    that it can be compiled (`compile`: torch.compile of the one-token forward; a prefill stays eager). `compile_s`:
+    the first compiled forward's wall time (compilation included), None when nothing was compiled; `backend`
+    overrides inductor (tests count graphs)."""
 
     def __init__(self, loaded: LoadedModel, config: RunConfig, backend=None):
         self.model = loaded.model
         architecture = loaded.model.config
         self.cache = StreamingCache(config.policy, RotaryGeometry.of(loaded.model), architecture.num_hidden_layers,
-                                    config.rope_mode, layout="ring")
+                                    config.rope_mode, kv_quant_spec(config, architecture), layout="ring")
         heads = architecture.num_attention_heads
         kv_heads = getattr(architecture, "num_key_value_heads", None) or heads
         head_dim = getattr(architecture, "head_dim", None) or architecture.hidden_size // heads
@@ -149,7 +150,8 @@ class RingStepper(StreamingStepper):
         self._last_position = -1
         self.clock = Stopwatch(loaded.device)
         self.compile_s: float | None = None
-        self.decode = _eager_forward if config.compile == "none" else compiled_forward(config.compile, backend)
+        self.decode = (_eager_forward if config.compile == "none"
+                       else compiled_forward(_eager_forward, config.compile, backend))
 
     def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         count = input_ids.shape[-1]
@@ -174,8 +176,9 @@ def _eager_forward(model, cache, input_ids, positions, mask, all_logits: bool) -
     return out.logits[0]
 
 
-def compiled_forward(mode: str, backend=None):
-    """A ring cache's one-token forward under torch.compile (`mode` default or reduce-overhead; or `backend`).
+def compiled_forward(forward, mode: str, backend=None):
+    """`forward` (a ring cache's one-token forward, or the recompute baseline's full-window one) under torch.compile
+    (`mode` default or reduce-overhead; or `backend`), for fixed shapes only (`dynamic=False`).
 
     Dynamo's compiled code is cached per function and guarded on the cache object: a new run's cache recompiles,
     and past the recompile limit dynamo would fall back to eager without a word, so every compiled run starts from
@@ -183,8 +186,8 @@ def compiled_forward(mode: str, backend=None):
     """
     torch._dynamo.reset()
     if backend is not None:
-        return torch.compile(_eager_forward, backend=backend, dynamic=False)
-    return torch.compile(_eager_forward, mode=mode, dynamic=False)
+        return torch.compile(forward, backend=backend, dynamic=False)
+    return torch.compile(forward, mode=mode, dynamic=False)
 
 
 def kv_quant_spec(config: RunConfig, architecture) -> KVQuantSpec | None:
@@ -197,17 +200,38 @@ def kv_quant_spec(config: RunConfig, architecture) -> KVQuantSpec | None:
 
 
 class RecomputeStepper(DenseStepper):
-    """The sliding-window recompute baseline: each step re-runs the model without cache on the last `cap` tokens."""
+    """The sliding-window recompute baseline: each step re-runs the model without cache on the last `cap` tokens.
 
-    def __init__(self, loaded: LoadedModel, config: RunConfig):
+    With `compile`, the forward over a full window ([1, cap] tokens: the same shape at every step once the window has
+    filled) is compiled. The filling steps before it stay eager: their forward is the eager baseline's (n < cap
+    tokens, not a padded cap-token one, so a compiled run times them as an eager one does) and it changes shape at
+    every step. Compilation happens at the first decode step, a warmup step (the config requires warmup >= 1), on a
+    full window of placeholder ids whose logits are dropped; its wall time is `compile_s`, and no step the protocol
+    times compiles. `backend` overrides inductor (tests count graphs)."""
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig, backend=None):
         self.model = loaded.model
         self.window = config.cap
         self.context = torch.empty((1, 0), dtype=torch.long, device=loaded.device)
+        self.clock = Stopwatch(loaded.device)
+        self.compile_s: float | None = None
+        self.decode = None if config.compile == "none" else compiled_forward(_window_forward, config.compile, backend)
 
     def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        self.context = torch.cat((self.context, input_ids), dim=-1)[:, -self.window :]
-        out = self.model(input_ids=self.context, use_cache=False, logits_to_keep=0 if all_logits else 1)
-        return out.logits[0]
+        # A new tensor of the window's shape and strides (a slice of a longer one would have other strides: another
+        # compiled graph).
+        count = input_ids.shape[-1]
+        drop = max(0, self.context.shape[-1] + count - self.window)
+        self.context = torch.cat((self.context[:, drop:], input_ids[:, max(0, count - self.window) :]), dim=-1)
+        if self.decode is None or all_logits:
+            return _window_forward(self.model, self.context, all_logits)
+        if self.compile_s is None:
+            self.clock.start()
+            self.decode(self.model, torch.zeros((1, self.window), dtype=torch.long, device=self.context.device))
+            self.compile_s = self.clock.stop() / 1000
+        if self.context.shape[-1] < self.window:
+            return _window_forward(self.model, self.context)
+        return self.decode(self.model, self.context)
 
     def span(self) -> int:
         return self.context.shape[-1]
@@ -217,6 +241,11 @@ class RecomputeStepper(DenseStepper):
 
     def kv_storage(self) -> None:
         return None  # every step recomputes its window without a cache
+
+
+def _window_forward(model, context: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    out = model(input_ids=context, use_cache=False, logits_to_keep=0 if all_logits else 1)
+    return out.logits[0]
 
 
 STEPPERS: dict[str, type[Stepper]] = {

@@ -4,6 +4,7 @@ when the cache is built (`make_storage`).
 - `FloatStorage` keeps keys and values in the model's dtype; its RoPE mode decides how keys are framed:
   `RealignedFloatStorage` (`realign`), `PreRopeFloatStorage` (`exact`), `FloatStorage` itself (`absolute`).
 - `QuantizedStorage` keeps int8 / int4 codes (`kv_quant`) of keys as the model rotated them at their stream index.
+- `RingStorage` / `QuantizedRingStorage` (`layout: ring`): the same entries in fixed slots that never move.
 A storage never decides what to keep: the cache's schedule does, and hands it the moves (`moves_of`) to apply.
 """
 
@@ -360,6 +361,11 @@ class _Codes:
         for stored, part in zip(self.tensors(), self.quantizer.quantize(entries), strict=True):
             stored[layer][..., target, :] = part
 
+    def write_at(self, layer: int, slots: torch.Tensor, entries: torch.Tensor) -> None:
+        """Quantize `entries` [..., n, head_dim] into the n slots `slots` (an index tensor) of `layer`."""
+        for stored, part in zip(self.tensors(), self.quantizer.quantize(entries), strict=True):
+            stored[layer].index_copy_(-2, slots, part)
+
     def read_into(self, layer: int | slice, out: torch.Tensor, part: int | slice = slice(None)) -> None:
         """Slots [0, n) of `layer` (and `part` of the next axis: keys, values or both), dequantized into `out`
         [..., n, head_dim]."""
@@ -604,15 +610,14 @@ class QuantizedStorage:
 def make_storage(policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str,
                  kv_quant: KVQuantSpec | None, layout: str = "compact") -> KVStorage:
     """The storage of a cache in `rope_mode`: quantized with a `kv_quant` spec, else float in that mode's frame;
-    `layout` ring: the RingStorage (float only)."""
+    `layout` ring: the RingStorage (QuantizedRingStorage with a `kv_quant` spec)."""
     if rope_mode not in FLOAT_STORAGES:
         raise ValueError(f"rope_mode '{rope_mode}' is unknown (known: {', '.join(FLOAT_STORAGES)})")
     if layout not in ("compact", "ring"):
         raise ValueError(f"layout '{layout}' is unknown (known: compact, ring)")
     if layout == "ring":
         if kv_quant is not None:
-            raise ValueError("layout ring stores float entries: kv_quant with the ring layout is not implemented; "
-                             "use layout compact with kv_quant")
+            return QuantizedRingStorage(kv_quant, policy, geometry, num_layers, rope_mode)
         return RingStorage(policy, geometry, num_layers, rope_mode)
     if kv_quant is not None:
         return QuantizedStorage(kv_quant, policy, geometry, rope_mode, num_layers)
@@ -708,15 +713,35 @@ class RingStorage:
     def begin_step(self, length: int, first_token: int, count: int) -> torch.Tensor:
         """Place the step's `count` entries (stream indices first_token, ...) after the cache's `length` slots and
         write the static buffers; the additive attention mask [1, 1, count, capacity + anchors] its forward takes."""
-        if length != self.length:
-            raise RuntimeError(f"internal error: ring storage holds {self.length} entries, the cache {length}")
+        self._check_length(length)
         slots = np.array([self.free.pop() for _ in range(count)], dtype=np.int64)
         self.slot_of[length : length + count] = slots
         self.position[slots] = np.arange(first_token, first_token + count)
-        # Attended by the step's queries: the entries before it, the step's own, and the anchored copies that
+        self.valid[slots] = True
+        if count == 1:
+            self.decode_slots.copy_(torch.from_numpy(slots))
+            self.write_slots = self.decode_slots
+        else:
+            self.write_slots = torch.from_numpy(slots).to(self.keys.device)
+        mask = self._anchors_and_mask(slots, length, first_token, count)
+        self.length = length + count
+        return mask
+
+    def _check_length(self, length: int) -> None:
+        if length != self.length:
+            raise RuntimeError(f"internal error: ring storage holds {self.length} entries, the cache {length}")
+
+    @property
+    def stored_slots(self) -> int:
+        """Physical slots before the anchored copies (the ring)."""
+        return self.capacity
+
+    def _anchors_and_mask(self, slots: np.ndarray, length: int, first_token: int, count: int) -> torch.Tensor:
+        """After the step's entries are placed (`slots`, physical) and `valid` updated: the anchored copies' sources
+        and angles into their static buffers; the additive mask of the step's queries."""
+        # Attended by the step's queries: the live entries (the step's own included), and the anchored copies that
         # replace anchored entries not where the query attends them (their originals masked).
         attended = np.concatenate((self.valid, np.zeros(self.anchors, dtype=bool)))
-        attended[slots] = True
         offset = first_token - length  # the step's stream index - slot
         anchored = min(length, self.anchors)
         source = np.zeros(self.anchors, dtype=np.int64)
@@ -726,27 +751,21 @@ class RingStorage:
             shifts[:anchored] = np.arange(anchored) + offset - self.position[source[:anchored]]
             moved = np.flatnonzero(shifts[:anchored])
             attended[source[moved]] = False
-            attended[self.capacity + moved] = True
-        self.valid[slots] = True
+            attended[self.stored_slots + moved] = True
         if self.anchors:
-            cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), self.keys.device, precise=True)
+            cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), self.mask.device, precise=True)
             self.anchor_cos.copy_(cos)
             self.anchor_sin.copy_(sin)
             self.anchor_source.copy_(torch.from_numpy(source))
-        minimum = torch.finfo(self.keys.dtype).min
+        minimum = torch.finfo(self.mask.dtype).min
         if count == 1:
-            self.decode_slots.copy_(torch.from_numpy(slots))
-            self.write_slots = self.decode_slots
             self.mask.copy_(torch.from_numpy(np.where(attended, 0.0, minimum)))
-            mask = self.mask
-        else:  # a prefill: causal among its own entries (a mask of its own shape, outside the compiled decode step)
-            self.write_slots = torch.from_numpy(slots).to(self.keys.device)
-            allowed = np.repeat(attended[None, :], count, axis=0)
-            for query in range(count - 1):
-                allowed[query, slots[query + 1 :]] = False
-            mask = torch.from_numpy(np.where(allowed, 0.0, minimum)).to(self.keys.device, self.keys.dtype)[None, None]
-        self.length = length + count
-        return mask
+            return self.mask
+        # A prefill: causal among its own entries (a mask of its own shape, outside the compiled decode step).
+        allowed = np.repeat(attended[None, :], count, axis=0)
+        for query in range(count - 1):
+            allowed[query, slots[query + 1 :]] = False
+        return torch.from_numpy(np.where(allowed, 0.0, minimum)).to(self.mask.device, self.mask.dtype)[None, None]
 
     def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -826,3 +845,235 @@ class RingStorage:
         cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
         return rotate_keys(self.keys.index_select(3, torch.from_numpy(source).to(device)), cos, sin)
 
+
+
+class QuantizedRingStorage(RingStorage):
+    """`layout: ring` with `kv_quant`: the quantized entries as codes in fixed slots that never move.
+
+    Physical slots, one index space: [0, F) float entries (the `float_sinks` sinks kept in the model's dtype, then
+    `residual + 1` slots for the newest entries, the one of stream index t at float_sinks + t mod (residual + 1)),
+    then code slots (the first a scratch slot, never attended), then the anchored copies. Every entry is stored as the
+    model rotated it at its stream index (as QuantizedStorage and RingStorage do); an entry is quantized once, when it
+    ages out of the newest residual + 1 (at the start of the step after the one that made it the oldest of them: the
+    same entries a compact kv_quant cache holds as codes at every step), from its float copy into a free code slot,
+    and its codes never move or change: a compaction rewrites the host's slot map and the mask only. Codes depend on
+    the entry alone (groups along head_dim), so they equal the compact kv_quant cache's bit for bit.
+
+    A decode step's `update` does fixed-shape tensor work only: quantize one aging entry (into the scratch slot when
+    none ages), write the new entry's float copy, dequantize every code slot, rotate the anchored copies; the static
+    index buffers are written by `begin_step` on the host. A prefill (several entries) quantizes those already past
+    the newest residual + 1 right away, as the compact cache does, so its own queries attend them as codes.
+    """
+
+    def __init__(self, spec: KVQuantSpec, policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int,
+                 rope_mode: str):
+        if spec.residual > policy.window:
+            raise ValueError(f"kv_quant residual = {spec.residual} > window = {policy.window}: the float entries "
+                             "must be among those every compaction keeps; lower the residual")
+        super().__init__(policy, geometry, num_layers, rope_mode)
+        self.spec = spec
+        self.float_sinks = policy.sink if spec.full_sinks else 0
+        self.recent_slots = spec.residual + 1
+        self.float_slots = self.float_sinks + self.recent_slots  # F
+        self.codes: _Codes | None = None
+        self.floats: torch.Tensor | None = None  # [layers, 2, batch, kv_heads, F, head_dim], KEYS then VALUES
+        self.code_slots = 0  # code slots, the scratch one included
+        self.free_codes: list[int] = []  # physical indices of free code slots, lowest last
+        # Static buffers of a decode step: the aging entry's float slot and code slot, the new entry's float slot.
+        self.age_source: torch.Tensor | None = None
+        self.age_target: torch.Tensor | None = None
+        self.float_target: torch.Tensor | None = None
+        self.direct: tuple[torch.Tensor, torch.Tensor] | None = None  # a prefill's (entries, code slots) quantized now
+        self.step_count = 1
+
+    @property
+    def stored_slots(self) -> int:
+        return self.float_slots + self.code_slots
+
+    @property
+    def scratch(self) -> int:
+        return self.float_slots
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        if key_states.shape != value_states.shape:
+            raise ValueError(f"kv_quant stores keys and values alike: shapes {tuple(key_states.shape)} and "
+                             f"{tuple(value_states.shape)} differ")
+        self.spec.quantizer.load()
+        entries = torch.stack((key_states, value_states))
+        # As many code slots as the compact kv_quant cache (capacity - sinks - residual): the live entries never
+        # exceed the capacity, and the newest residual + 1 of them are floats at every step; one of them is scratch.
+        self.code_slots = max(2, capacity - self.float_sinks - self.spec.residual)
+        self.codes = _Codes(self.spec.quantizer, entries, self.num_layers, self.code_slots)
+        # Zeros, not empty: masked slots are still read, and uninitialised memory may hold NaN.
+        self.codes.scale.zero_()
+        self.codes.zero.zero_()
+        self.codes.payload.zero_()
+        self.floats = key_states.new_zeros((self.num_layers, *entries.shape[:-2], self.float_slots,
+                                            key_states.shape[-1]))
+        device = key_states.device
+        stored = self.float_slots + self.code_slots
+        self.mask = torch.zeros((1, 1, 1, stored + self.anchors), dtype=key_states.dtype, device=device)
+        # A decode step's three indices, one static buffer (its compiled forward reads them; CUDA graphs need their
+        # addresses fixed); a prefill points the step's indices at tensors of its own.
+        self.decode_indices = torch.zeros(3, dtype=torch.long, device=device)
+        self.decode_views = self.decode_indices.split(1)
+        self.age_source, self.age_target, self.float_target = self.decode_views
+        self.anchor_source = torch.zeros(self.anchors, dtype=torch.long, device=device)
+        self.anchor_cos = torch.ones((self.anchors, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.anchor_sin = torch.zeros((self.anchors, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.slot_of = np.zeros(capacity, dtype=np.int64)
+        self.position = np.zeros(stored, dtype=np.int64)
+        self.valid = np.zeros(stored, dtype=bool)
+        self.free_codes = list(range(stored - 1, self.scratch, -1))
+        self.capacity = capacity
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+
+    def reserve(self, needed: int, length: int) -> bool:
+        """Room for `needed` live entries (a prefill longer than the policy's capacity, before any decode step): more
+        code slots, appended after the others, so that every entry keeps its physical slot."""
+        if needed <= self.capacity:
+            return False
+        capacity = _grown(self.capacity, needed)
+        old_stored, old_codes = self.stored_slots, self.code_slots
+        code_slots = max(2, capacity - self.float_sinks - self.spec.residual)
+        self.codes.grow(code_slots, old_codes)
+        self.codes.scale[..., old_codes:, :] = 0
+        self.codes.zero[..., old_codes:, :] = 0
+        self.codes.payload[..., old_codes:, :] = 0
+        self.code_slots = code_slots
+        stored = self.stored_slots
+        self.mask = self.mask.new_zeros((1, 1, 1, stored + self.anchors))
+        self.slot_of = np.concatenate((self.slot_of, np.zeros(capacity - self.capacity, np.int64)))
+        self.position = np.concatenate((self.position, np.zeros(stored - old_stored, np.int64)))
+        self.valid = np.concatenate((self.valid, np.zeros(stored - old_stored, bool)))
+        self.free_codes = list(range(stored - 1, old_stored - 1, -1)) + self.free_codes
+        self.capacity = capacity
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+        return True
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.codes is None else [*self.codes.tensors(), self.floats]
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None  # held as codes: `update` dequantizes them
+
+    # --- a step: host plan, then tensor work ----------------------------------------------------------------------
+    def begin_step(self, length: int, first_token: int, count: int) -> torch.Tensor:
+        """Age the float entries that leave the newest residual + 1 into code slots, place the step's entries (float
+        sinks, then codes for a prefill's older ones, then the float slots), write the static buffers; the mask."""
+        self._check_length(length)
+        newest = length + count - self.recent_slots  # cache slots from here on are the newest residual + 1
+        held = self.slot_of[: max(0, min(length, newest))]
+        aging = np.flatnonzero((held >= self.float_sinks) & (held < self.float_slots))
+        sources = held[aging].copy()
+        targets = np.array([self._code_slot() for _ in aging], dtype=np.int64)
+        self.slot_of[aging] = targets
+        self.position[targets] = self.position[sources]
+        self.valid[sources] = False
+        self.valid[targets] = True
+        slots = np.zeros(count, dtype=np.int64)
+        for index in range(count):
+            cache_slot, token = length + index, first_token + index
+            if cache_slot < self.float_sinks:
+                slots[index] = cache_slot
+            elif cache_slot < newest:
+                slots[index] = self._code_slot()
+            else:
+                slots[index] = self.float_sinks + token % self.recent_slots
+                if self.valid[slots[index]]:
+                    raise RuntimeError(f"internal error: float slot {slots[index]} still holds an entry")
+        self.slot_of[length : length + count] = slots
+        self.position[slots] = np.arange(first_token, first_token + count)
+        self.valid[slots] = True
+        self._write_step_buffers(sources, targets, slots)
+        mask = self._anchors_and_mask(slots, length, first_token, count)
+        self.length = length + count
+        return mask
+
+    def _code_slot(self) -> int:
+        if not self.free_codes:
+            raise RuntimeError("internal error: the quantized ring has no free code slot")
+        return self.free_codes.pop()
+
+    def _write_step_buffers(self, sources: np.ndarray, targets: np.ndarray, slots: np.ndarray) -> None:
+        device = self.mask.device
+        to_floats = slots < self.float_slots
+        self.step_count = len(slots)
+        if len(slots) == 1 and len(sources) <= 1:  # a decode step: the static buffers its compiled forward reads
+            # Nothing ages: quantize float slot 0 into the scratch code slot (relative index 0), never attended.
+            indices = (sources[0], targets[0] - self.float_slots) if len(sources) else (0, 0)
+            self.decode_indices.copy_(torch.tensor((*indices, slots[0])))
+            self.age_source, self.age_target, self.float_target = self.decode_views
+            self.direct = None
+            return
+        index = np.arange(len(slots))
+        self.age_source = torch.from_numpy(sources).to(device)
+        self.age_target = torch.from_numpy(targets - self.float_slots).to(device)
+        self.float_target = torch.from_numpy(slots[to_floats]).to(device)
+        self.float_entries = torch.from_numpy(index[to_floats]).to(device)
+        self.direct = (torch.from_numpy(index[~to_floats]).to(device),
+                       torch.from_numpy(slots[~to_floats] - self.float_slots).to(device))
+
+    def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize the aging entries of `layer`, store the step's entries, and return every slot dequantized, with
+        the anchored copies after them (the mask hides the rest). Tensor work only."""
+        entries = torch.stack((key_states, value_states))
+        floats = self.floats[layer]
+        # The aging entry's float slot is the one the new entry takes: read before it is written.
+        if self.direct is None or len(self.age_source):
+            self.codes.write_at(layer, self.age_target, floats.index_select(-2, self.age_source))
+        if self.direct is None:
+            floats.index_copy_(-2, self.float_target, entries)
+        else:
+            floats.index_copy_(-2, self.float_target, entries.index_select(-2, self.float_entries))
+            if len(self.direct[0]):
+                self.codes.write_at(layer, self.direct[1], entries.index_select(-2, self.direct[0]))
+        stored = torch.cat((floats, self._dequantized(layer, floats.dtype)), dim=-2)
+        if self.anchors:
+            anchored = stored.index_select(-2, self.anchor_source)
+            copies = torch.stack((rotate_keys(anchored[KEYS], self.anchor_cos, self.anchor_sin), anchored[VALUES]))
+            stored = torch.cat((stored, copies), dim=-2)
+        return stored[KEYS], stored[VALUES]
+
+    def _dequantized(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """Every code slot of `layer`, keys and values, in `dtype`: [2, batch, kv_heads, code_slots, head_dim]."""
+        payload, scale, zero = (t[layer] for t in self.codes.tensors())
+        head_dim = self.floats.shape[-1]
+        out = torch.empty((*payload.shape[:-1], head_dim), dtype=dtype, device=payload.device)
+        self.codes.quantizer.dequantize_into(payload, scale, zero, out)
+        return out
+
+    # --- between steps: the schedule's compaction, on the host only ---------------------------------------------------
+    def compacted(self, length_after: int) -> None:
+        kept = np.zeros(self.stored_slots, dtype=bool)
+        kept[self.slot_of[:length_after]] = True
+        codes = np.flatnonzero(~kept[self.scratch + 1 :]) + self.scratch + 1
+        self.free_codes = [int(slot) for slot in codes[::-1]]
+        self.valid = kept
+        self.length = length_after
+
+    def truncate(self, length: int) -> None:
+        dropped = self.slot_of[length : self.length]
+        self.valid[dropped] = False
+        self.free_codes.extend(int(slot) for slot in dropped[::-1] if slot > self.scratch)
+        self.length = length
+
+    # --- the contract's reads, in the cache's slot order (between steps; tests, inspection) ------------------------
+    def cache_slots(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        stored = torch.cat((self.floats[layer], self._dequantized(layer, self.floats.dtype)), dim=-2)
+        index = torch.from_numpy(self.slot_of[:length]).to(stored.device)
+        entries = stored.index_select(-2, index)
+        return entries[KEYS], entries[VALUES]
+
+    def anchored_keys(self, length: int, offset: int, device: torch.device) -> torch.Tensor | bool:
+        count = min(length, self.anchors)
+        if count == 0:
+            return False
+        source = self.slot_of[:count]
+        shifts = np.arange(count) + offset - self.position[source]
+        if not shifts.any():
+            return False
+        cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
+        keys = torch.stack([self.cache_slots(layer, length)[0][..., :count, :] for layer in range(self.num_layers)])
+        return rotate_keys(keys, cos, sin)
