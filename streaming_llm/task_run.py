@@ -57,6 +57,7 @@ def task_run(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
                 for name, value in zip(TRIAL_SCHEMA.names, (instance.task, instance.depth, trial, *row), strict=True):
                     rows[name].append(value)
                 kv_storage = target.kv_storage()
+                del target  # before the next fork: the prefix, one trial and its copy would be live at once
             del prefix_target
     trials = pa.table(rows, schema=TRIAL_SCHEMA)
     summary = _summary(config, run.loaded, instances, trials, spans, kv_storage)
@@ -130,6 +131,9 @@ def run_trial(config: RunConfig, loaded: LoadedModel, target: BlockTarget, insta
     shared prefix's target): the TRIAL_SCHEMA values from needle_start on."""
     device = loaded.device
     context, question, answer = instance.context_ids, instance.question_ids, instance.answer_ids
+    if len(target.trace) != fed:
+        raise ValueError(f"run_trial: the target holds {len(target.trace)} tokens, fed = {fed}: pass a fresh target "
+                         "with fed 0, or a fork of the shared prefix's target with fed its length")
     _feed(target, context[fed:], config, len(context), device, fed)
     retained = _retained(config, instance, instance.question_start)
     _check_held(target, instance, retained, "the question starts")

@@ -32,6 +32,8 @@ def test_retrieval_cells_put_the_needle_where_the_grid_says():
     # (distance, held when the question starts, held when the answer starts): one value per cell (shared haystack)
     expected = {
         ("dense", 1, "peak", 0, "none", 1024, 0.5): (477, 25, 25),
+        ("dense", 1, "peak", 0, "none", 1024, 0.7): (285, 25, 25),
+        ("dense", 1, "peak", 0, "none", 1024, 0.76): (227, 25, 25),
         ("streaming", 1, "peak", 0, "none", 1024, 0.76): (227, 24, 14),
         ("streaming", 1, "peak", 0, "none", 1024, 0.78): (208, 25, 25),
         ("streaming", 64, "peak", 0, "none", 1024, 0.78): (208, 25, 25),

@@ -336,3 +336,11 @@ def test_no_prefix_is_shared_where_the_contexts_differ_or_one_forward_takes_them
     instances = [instance for _, instance in task_instances(dense, loaded.tokenizer)]
     assert task_run.shared_prefix_length(dense, instances) == 0
     assert task_run.shared_prefix_length(dense, instances[:1]) == 0
+
+
+def test_a_trial_refuses_a_target_that_does_not_hold_what_fed_says(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    config = RunConfig(**BASE, cap=96, compress_every=16, protocol="parallel", chunk=64)
+    _, instance = task_instances(config, loaded.tokenizer)[0]
+    with pytest.raises(ValueError, match="holds 0 tokens, fed = 64"):
+        run_trial(config, loaded, make_task_target(loaded, config), instance, fed=64)
