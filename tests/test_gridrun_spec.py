@@ -197,7 +197,12 @@ def test_paper_full_is_at_the_study_size():
     assert {config.cap for config in configs if config.window is None and config.method != "dense"} == {2048}
     # The overlap experiment's set-window runs: lazy's window at cap 2048, plus the overlap they test.
     assert {config.window for config in configs if config.window is not None} == {1980}
-    assert min(run.config.max_tokens for run in grid.runs if "long_stream" not in run.experiments) >= 20_000
+    assert min(run.config.max_tokens for run in grid.runs
+               if "long_stream" not in run.experiments and run.config.mode != "task") >= 20_000
+    # Retrieval at the study's size: more trials than make run's 10, a context past Pythia's 2,048 positions.
+    tasks = [run.config for run in grid.runs if "retrieval" in run.experiments]
+    assert tasks and min(config.trials for config in tasks) >= 100
+    assert {config.context_tokens for config in tasks} == {2048, 4096}
 
 
 def test_smoke_grid_uses_only_tiny_models():
