@@ -277,6 +277,11 @@ class RunConfig(BaseModel):
         if self.compile == "reduce-overhead" and self.device == "cpu":
             raise ConfigError("compile = reduce-overhead captures CUDA graphs: device cpu has none; use compile "
                               "default on a CPU, or device cuda")
+        if self.compile == "reduce-overhead" and self.warmup < 3:
+            # CUDA graph trees run a function once to warm up and record it at its next call: with fewer warmup
+            # steps the recording would be timed.
+            raise ConfigError(f"compile = reduce-overhead with warmup = {self.warmup}: CUDA graphs are recorded at "
+                              "the second compiled step and replayed from the third; set warmup 3 or more")
 
     def _check_kv_quant(self) -> None:
         """What can be checked without the model; kv_quant_group | head_dim is checked against the model's config

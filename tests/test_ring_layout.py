@@ -443,6 +443,7 @@ def test_the_compiled_recompute_baseline_gives_the_eager_one(tiny_models, mode):
     (dict(method="recompute", cap=64, compile="default", warmup=0), "would be timed in TPOT"),
     (dict(method="recompute", cap=64, layout="ring"), "layout ring with method = recompute"),
     (dict(layout="ring", compile="reduce-overhead", device="cpu"), "device cpu has none"),
+    (dict(layout="ring", compile="reduce-overhead", device="cuda", warmup=2), "set warmup 3 or more"),
     (dict(layout="ring", compile="default", warmup=0), "would be timed in TPOT"),
 ])
 def test_unsupported_combinations_are_refused_in_one_line(extra, message):
