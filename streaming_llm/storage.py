@@ -843,7 +843,11 @@ class RingStorage:
         if not shifts.any():
             return False
         cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
-        return rotate_keys(self.keys.index_select(3, torch.from_numpy(source).to(device)), cos, sin)
+        return rotate_keys(self._stored_anchor_keys(source, length, device), cos, sin)
+
+    def _stored_anchor_keys(self, source: np.ndarray, length: int, device: torch.device) -> torch.Tensor:
+        """The anchored entries' keys as stored, all layers, from their slots `source`."""
+        return self.keys.index_select(3, torch.from_numpy(source).to(device))
 
 
 
@@ -1066,14 +1070,7 @@ class QuantizedRingStorage(RingStorage):
         entries = stored.index_select(-2, index)
         return entries[KEYS], entries[VALUES]
 
-    def anchored_keys(self, length: int, offset: int, device: torch.device) -> torch.Tensor | bool:
-        count = min(length, self.anchors)
-        if count == 0:
-            return False
-        source = self.slot_of[:count]
-        shifts = np.arange(count) + offset - self.position[source]
-        if not shifts.any():
-            return False
-        cos, sin = self.geometry.cos_sin(torch.from_numpy(shifts), device, precise=True)
-        keys = torch.stack([self.cache_slots(layer, length)[0][..., :count, :] for layer in range(self.num_layers)])
-        return rotate_keys(keys, cos, sin)
+    def _stored_anchor_keys(self, source: np.ndarray, length: int, device: torch.device) -> torch.Tensor:
+        """Read through the slot map (floats and dequantized codes): the first entries in slot order."""
+        count = len(source)
+        return torch.stack([self.cache_slots(layer, length)[0][..., :count, :] for layer in range(self.num_layers)])
