@@ -246,15 +246,21 @@ class RunConfig(BaseModel):
         """What the ring layout and the compiled step support so far; what needs the machine (a CUDA device, the C++
         compiler inductor needs on a CPU) is checked by `check_compile_environment` before the model loads."""
         if self.layout == "ring":
-            supported = (("method", "streaming"), ("protocol", "stepwise"), ("spec", "none"))
+            supported = (("method", "streaming"), ("protocol", "stepwise"))
             for knob, wanted in supported:
                 if getattr(self, knob) == wanted:
                     continue
                 value = getattr(self, knob)
                 raise ConfigError(
                     f"layout ring with {knob} = {value}: the ring layout is implemented (and proven exact) for the "
-                    "streaming cache fed one token per forward (stepwise scoring, generation with spec none); set "
-                    f"{knob} {wanted} or layout compact"
+                    "streaming cache fed one token per forward (stepwise scoring, generation with spec none) or a "
+                    f"verified block of num_draft + 1 (spec prompt_lookup); set {knob} {wanted} or layout compact"
+                )
+            if self.mode == "generate" and self.spec not in ("none", "prompt_lookup"):
+                raise ConfigError(
+                    f"layout ring with spec = {self.spec}: the ring verifies drafts for spec prompt_lookup only (a "
+                    "model draft keeps a cache of its own in the compact layout); set spec prompt_lookup or none, or "
+                    "layout compact"
                 )
         if self.compile != "none" and self.method == "dense":
             raise ConfigError(

@@ -5,8 +5,9 @@ run's cache policy, drafted by `spec` and verified by the target one block per f
 (the prompt's, teacher-forced, then one per generated token, with the verification forward it came from), per-forward
 rows and a summary. The target is a `steppers.BlockTarget` (`forward_block(ids)` -> logits, `rewind(count)`, `trace`):
 `StepwiseTarget` (the run's own stepper, one token per forward: the reference, and spec none), `DenseBlockTarget`
-(HF's DynamicCache, cropped on rewind) or `StreamingBlockTarget` (parallel.BlockStepper: exact blocks across
-compactions, rewound state and schedule). The run's start and finish are the run kernel's (run.py). It writes nothing.
+(HF's DynamicCache, cropped on rewind), `StreamingBlockTarget` (parallel.BlockStepper: exact blocks across
+compactions, rewound state and schedule) or, in the ring layout, `RingBlockTarget` (blocks of one shape, k + 1).
+The run's start and finish are the run kernel's (run.py). It writes nothing.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from .parallel import StepTrace
 from .results import COMPACTION_SCHEMA, FORWARD_SCHEMA, GENERATION_TOKEN_SCHEMA, RunResult
 from .run import start_run
 from .speculative import Draft, make_drafter, verify
-from .steppers import DenseBlockTarget, StepwiseTarget, StreamingBlockTarget, make_target
+from .steppers import DenseBlockTarget, RingBlockTarget, StepwiseTarget, StreamingBlockTarget, make_target
 from .text import TokenStream
 
 __all__ = [  # the block targets live in steppers.py; named here too, where generation callers look for them
-    "FORWARD_SCHEMA", "GENERATION_TOKEN_SCHEMA", "DenseBlockTarget", "StepwiseTarget", "StreamingBlockTarget",
+    "FORWARD_SCHEMA", "GENERATION_TOKEN_SCHEMA", "DenseBlockTarget", "RingBlockTarget", "StepwiseTarget",
+    "StreamingBlockTarget",
     "generate", "generated_hash", "hf_generate", "make_target", "streaming_positions",
 ]
 
@@ -95,7 +97,7 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
     summary = run.summarise(tokens.drop_columns(["forward"]), compactions, prompt_ms, target.kv_storage())
     summary.update(_generation_summary(tokens, forwards, history[len(prompt) :], summary["tpot_ms_mean"]))
-    summary["compile_s"] = getattr(getattr(target, "stepper", None), "compile_s", None)
+    summary["compile_s"] = getattr(target, "compile_s", None)
     return run.finish(summary, {"tokens": tokens, "compactions": compactions, "forwards": forwards})
 
 

@@ -6,10 +6,13 @@ Steppers hold a model and a cache and nothing else: they never time, record or s
 
 from __future__ import annotations
 
+import copy
 from typing import Protocol
 
+import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from .cache import StreamingCache
 from .compat import cache_kwargs
@@ -17,10 +20,10 @@ from .config import RunConfig
 from .measure import Stopwatch
 from .models import LoadedModel, check_model_knobs
 from .parallel import BlockStepper, StepTrace
-from .policy import CompactionPlan
+from .policy import CompactionPlan, CompactionSchedule
 from .quant import kv_quantizer
 from .rope import RotaryGeometry
-from .storage import KVQuantSpec
+from .storage import KVQuantSpec, RingBlockStorage
 
 
 class Stepper(Protocol):
@@ -304,6 +307,11 @@ class StepwiseTarget:
         if count:
             raise ValueError(f"the stepwise target cannot rewind {count} tokens: drafts need a block target")
 
+    @property
+    def compile_s(self) -> float | None:
+        """The stepper's first compiled forward's wall time (None when nothing was compiled)."""
+        return getattr(self.stepper, "compile_s", None)
+
     def kv_storage(self) -> tuple[int, int] | None:
         return self.stepper.kv_storage()
 
@@ -349,10 +357,153 @@ class StreamingBlockTarget(BlockStepper):
         return sum(t.nbytes for t in storages), self.keys.shape[3]
 
 
+class RingBlockTarget:
+    """The streaming cache in the ring layout, verified a block per forward (`layout: ring` with `spec:
+    prompt_lookup`): every verification forward has one shape, [1, k + 1] tokens (k = `num_draft`), so that it can be
+    compiled (`compile`) once. A shorter draft is padded: the padding's entries go to free slots that no query
+    attends, each padding query attends its own entry only, and its logits are dropped.
+
+    The schedule runs on the host over the block's steps (storage.RingBlockStorage): each query's mask row is what the
+    stepwise cache attends at its step, compactions inside the block included, with the anchored copies its offset
+    needs. A rewind restores the slot map, schedule, length and trace of the accepted prefix (kept per step by the
+    replay); nothing on the device is copied back: the rejected entries' slots are free again, and masked. The prompt
+    goes in one eager causal forward when that is exact (StepwiseTarget.one_forward_is_exact), else in blocks of
+    k + 1. Compiled, the block forward is warmed up when the target is built (`compile_s`: that wall time, outside
+    the prompt's and every block's time); `backend` overrides inductor (tests count graphs).
+    Positions in the trace are stream indices, as RingStepper's.
+    """
+
+    PADDING_ID = 0  # any token id: its entry is never attended and its logits are dropped
+
+    def __init__(self, loaded: LoadedModel, config: RunConfig, backend=None):
+        self.model = loaded.model
+        self.config = config
+        self.block = config.num_draft + 1
+        architecture = loaded.model.config
+        self.storage = RingBlockStorage(config.policy, RotaryGeometry.of(loaded.model),
+                                        architecture.num_hidden_layers, config.rope_mode, self.block)
+        heads = architecture.num_attention_heads
+        kv_heads = getattr(architecture, "num_key_value_heads", None) or heads
+        head_dim = getattr(architecture, "head_dim", None) or architecture.hidden_size // heads
+        like = torch.empty((1, kv_heads, 0, head_dim), dtype=loaded.model.dtype, device=loaded.device)
+        policy = config.policy
+        # A block starts with at most H + R - 1 entries (the longest span is H + R) and adds k + 1 in slots free at
+        # its start; a prompt in one forward holds at most C + R entries.
+        self.storage.allocate(like, like, policy.hard_capacity + policy.compress_every + self.block)
+        self.cache = _RingBlockCache(self.storage)
+        self.schedule = CompactionSchedule(policy)
+        self.tokens_seen = 0
+        self.trace: list[StepTrace] = []
+        self._after: list[tuple[np.ndarray, CompactionSchedule]] = []  # per token of the last block: its state after
+        self.device = loaded.device
+        self.clock = Stopwatch(loaded.device)
+        self.compile_s: float | None = None
+        self.mode = config.compile
+        self.decode = _block_forward
+        if config.compile != "none":
+            self.decode = compiled_forward(_block_forward, config.compile, backend)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the block forward before the run starts (`compile_s`: its wall time), on a block of padding alone
+        that leaves the state as it was (its entries go to free slots, each query attends its own). A block's first
+        tokens would otherwise share its compilation in their latency, past `warmup` when the block is long. CUDA graph
+        trees warm up at the first call, record at the second and replay from the third: all three here."""
+        self.clock.start()
+        # Inference tensors, as the generation protocol's: a tensor made outside inference mode is another graph.
+        with torch.inference_mode(), self.storage.rotary_table(self.model):
+            ids = torch.full((1, self.block), self.PADDING_ID, dtype=torch.long, device=self.device)
+            positions = torch.arange(self.block, device=self.device).unsqueeze(0)
+            for _ in range(3 if self.mode == "reduce-overhead" else 1):
+                mask = self.storage.begin_block([], self.storage.claim(self.block), 0)
+                self.decode(self.model, self.cache, ids, positions, mask)
+        self.compile_s = self.clock.stop() / 1000
+
+    def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        count = input_ids.shape[-1]
+        if count > self.block:
+            if not self.trace and StepwiseTarget.one_forward_is_exact(self.config, count):
+                return self._forward(input_ids, count, _block_forward)
+            chunks = [self.forward_block(input_ids[:, i : i + self.block]) for i in range(0, count, self.block)]
+            return torch.cat(chunks)
+        # Always a new tensor: a slice of a longer one (a prompt's chunk) has other strides, another compiled graph.
+        padding = torch.full((1, self.block - count), self.PADDING_ID, dtype=input_ids.dtype, device=input_ids.device)
+        return self._forward(torch.cat((input_ids, padding), dim=-1), count, self.decode)
+
+    def _forward(self, input_ids: torch.Tensor, count: int, forward) -> torch.Tensor:
+        """The forward of `input_ids` [1, rows] whose first `count` tokens are real (the rest padding)."""
+        rows, first = input_ids.shape[-1], self.tokens_seen
+        storage = self.storage
+        slots = storage.claim(rows)
+        order = storage.slot_of[: storage.length].copy()
+        schedule = copy.copy(self.schedule)
+        views, after, trace = [], [], []
+        for i in range(count):
+            view = np.append(order, slots[i])
+            views.append(view)
+            plan = schedule.step(len(view))
+            order = view if plan is None else view[np.fromiter(plan.kept_slots, np.int64, plan.length_after)]
+            after.append((order, copy.copy(schedule)))
+            trace.append(StepTrace(first + i, len(view), plan.evicted if plan else 0))
+        mask = storage.begin_block(views, slots, first)
+        positions = torch.arange(first, first + rows, device=input_ids.device).unsqueeze(0)
+        with storage.rotary_table(self.model):
+            logits = forward(self.model, self.cache, input_ids, positions, mask)
+        if self.mode == "reduce-overhead":
+            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+        storage.settle(order)
+        self.schedule = schedule
+        self.tokens_seen = first + count
+        self.trace.extend(trace)
+        self._after = after
+        return logits[:count]
+
+    def rewind(self, count: int) -> None:
+        """Forget the newest `count` tokens of the last block: the state is that after its first n - count."""
+        if count == 0:
+            return
+        if not 0 < count < len(self._after):
+            raise ValueError(f"rewind({count}): only 0 <= count < the last block's {len(self._after)} tokens")
+        kept = len(self._after) - count
+        order, schedule = self._after[kept - 1]
+        self.storage.settle(order)
+        self.schedule = copy.copy(schedule)
+        self.tokens_seen -= count
+        del self.trace[len(self.trace) - count :]
+        self._after = self._after[:kept]
+
+    def kv_storage(self) -> tuple[int, int] | None:
+        """(bytes of the ring's tensors, the anchored copies included; entries it has room for)."""
+        return self.storage.peak_nbytes, self.storage.capacity
+
+
+class _RingBlockCache(Cache):
+    """The Cache a ring block's forward sees: each layer's update writes the block into the ring storage and returns
+    its whole buffers (the forward's mask says what each query attends)."""
+
+    def __init__(self, storage: RingBlockStorage):
+        super().__init__(layers=[])
+        self.storage = storage
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.storage.update(layer_idx, key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.storage.length
+
+
+def _block_forward(model, cache, input_ids, positions, mask) -> torch.Tensor:
+    out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, logits_to_keep=0,
+                **cache_kwargs(cache))
+    return out.logits[0]
+
+
 def make_target(loaded: LoadedModel, config: RunConfig) -> BlockTarget:
     """The target of a generation run: a block target when drafts are verified, else the run's own stepper."""
     if config.spec == "none":
         return StepwiseTarget(loaded, config)
     if config.method == "dense":
         return DenseBlockTarget(loaded, config)
+    if config.layout == "ring":
+        return RingBlockTarget(loaded, config)
     return StreamingBlockTarget(loaded, config)

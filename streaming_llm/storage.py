@@ -1074,3 +1074,129 @@ class QuantizedRingStorage(RingStorage):
         """Read through the slot map (floats and dequantized codes): the first entries in slot order."""
         count = len(source)
         return torch.stack([self.cache_slots(layer, length)[0][..., :count, :] for layer in range(self.num_layers)])
+
+
+class RingBlockStorage(RingStorage):
+    """The ring layout for blocks of `block` queries per forward (speculative verification: k + 1 tokens), each query
+    attending exactly what the stepwise cache holds at its step, compactions inside the block included.
+
+    Nothing moves on the ring, so a compaction inside a block is only a per-query mask row: the caller replays the
+    schedule over the block on the host and hands `begin_block` each query's view (the physical slots of the cache's
+    slots before it, in order). The block's entries go to slots that were free at its start, never to one a
+    compaction inside it frees (one forward writes them all at once); the ring is sized for it. An anchored entry's
+    shift depends on its query's offset (stream index - slot), which a compaction inside the block changes, and so
+    may the anchored set itself: the copies past the ring are one column per distinct (entry, shift) the block's
+    queries need, at most `anchors` per query, `anchors * block` in all. Each layer writes its copies after its
+    block's entries, so that a copy's source may be an entry of the block itself (a refresh token chosen inside it).
+    """
+
+    def __init__(self, policy: StreamingPolicy, geometry: RotaryGeometry, num_layers: int, rope_mode: str,
+                 block: int):
+        super().__init__(policy, geometry, num_layers, rope_mode)
+        self.block = block
+        self.copies = self.anchors * block
+        self.block_slots: torch.Tensor | None = None  # [block] static: the physical slots of a block's entries
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        columns = capacity + self.copies
+        shape = (self.num_layers, *key_states.shape[:2], columns, key_states.shape[-1])
+        # Zeros, not empty: masked slots are still multiplied, and uninitialised memory may hold NaN.
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros((*shape[:-1], value_states.shape[-1]))
+        device = self.keys.device
+        self.mask = torch.zeros((1, 1, self.block, columns), dtype=self.keys.dtype, device=device)
+        self.block_slots = torch.zeros(self.block, dtype=torch.long, device=device)
+        self.write_slots = self.block_slots
+        self.anchor_source = torch.zeros(self.copies, dtype=torch.long, device=device)
+        self.anchor_cos = torch.ones((self.copies, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.anchor_sin = torch.zeros((self.copies, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.slot_of = np.zeros(capacity, dtype=np.int64)
+        self.position = np.zeros(capacity, dtype=np.int64)
+        self.valid = np.zeros(capacity, dtype=bool)
+        self.free = list(range(capacity - 1, -1, -1))
+        self.capacity = capacity
+        self.length = 0
+        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+
+    def reserve(self, needed: int, length: int) -> bool:
+        if needed > self.capacity:
+            raise RuntimeError(f"internal error: a ring block storage of {self.capacity} slots was asked for {needed}")
+        return False
+
+    def claim(self, count: int) -> np.ndarray:
+        """`count` physical slots free now (lowest first), for a block's entries; they stay free (unattended) until
+        `settle` names them among the cache's."""
+        if count > len(self.free):
+            raise RuntimeError(f"internal error: the ring has {len(self.free)} free slots, a block needs {count}")
+        return np.array(self.free[: -count - 1 : -1], dtype=np.int64)
+
+    def begin_block(self, views: list[np.ndarray], slots: np.ndarray, first_token: int) -> torch.Tensor:
+        """Write the static buffers of a forward whose queries write their entries at `slots` (physical; stream
+        indices first_token, ...), query i attending `views[i]` (the cache's slots before it, then its own entry's)
+        for the first len(views) queries; the others are padding and attend their own entry only (no row is empty:
+        no NaN), which no query attends. The additive mask [1, 1, len(slots), ring + copies] the forward takes (the
+        static one for a block of `block` queries)."""
+        rows = len(slots)
+        self.position[slots[: len(views)]] = np.arange(first_token, first_token + len(views))
+        ring = self.capacity
+        attended = np.zeros((rows, ring + self.copies), dtype=bool)
+        copies: dict[tuple[int, int], int] = {}
+        for query, view in enumerate(views):
+            attended[query, view] = True
+            length = len(view) - 1  # the query's own entry is the last of its view
+            anchored = min(length, self.anchors)
+            if not anchored:
+                continue
+            source = view[:anchored]
+            shifts = np.arange(anchored) + (first_token + query - length) - self.position[source]
+            for moved in np.flatnonzero(shifts):
+                attended[query, source[moved]] = False
+                column = copies.setdefault((int(source[moved]), int(shifts[moved])), len(copies))
+                if column >= self.copies:
+                    raise RuntimeError(f"internal error: a block needs more than {self.copies} anchored copies")
+                attended[query, ring + column] = True
+        for query in range(len(views), rows):
+            attended[query, slots[query]] = True
+        if self.copies:
+            pairs = np.zeros((self.copies, 2), dtype=np.int64)
+            if copies:
+                pairs[: len(copies)] = np.array(list(copies), dtype=np.int64)
+            cos, sin = self.geometry.cos_sin(torch.from_numpy(pairs[:, 1]), self.mask.device, precise=True)
+            self.anchor_cos.copy_(cos)
+            self.anchor_sin.copy_(sin)
+            self.anchor_source.copy_(torch.from_numpy(pairs[:, 0]))
+        mask = np.where(attended, 0.0, torch.finfo(self.mask.dtype).min)
+        if rows == self.block:
+            self.block_slots.copy_(torch.from_numpy(slots))
+            self.write_slots = self.block_slots
+            self.mask.copy_(torch.from_numpy(mask)[None, None])
+            return self.mask
+        # A prompt in one forward (no anchored entry shifted: it starts the stream and no compaction precedes its last
+        # query): buffers of its own shape, outside the compiled block forward.
+        self.write_slots = torch.from_numpy(slots).to(self.keys.device)
+        return torch.from_numpy(mask).to(self.mask.device, self.mask.dtype)[None, None]
+
+    def settle(self, order: np.ndarray) -> None:
+        """The cache's slots hold the entries at physical slots `order`, in order; every other slot is free."""
+        self.slot_of[: len(order)] = order
+        self.length = len(order)
+        self.valid = np.zeros(self.capacity, dtype=bool)
+        self.valid[order] = True
+        self.free = [int(slot) for slot in np.flatnonzero(~self.valid)[::-1]]
+
+    def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the block's entries of `layer` at their slots, then its anchored copies (whose sources may be among
+        them); the whole buffers (the mask hides the rest). Tensor work only, on the static buffers."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.write_slots, key_states)
+        values.index_copy_(2, self.write_slots, value_states)
+        if self.copies:
+            ring = self.capacity
+            keys[..., ring:, :] = rotate_keys(keys.index_select(2, self.anchor_source), self.anchor_cos,
+                                              self.anchor_sin)
+            values[..., ring:, :] = values.index_select(2, self.anchor_source)
+        return keys, values
+
+    def begin_step(self, length: int, first_token: int, count: int) -> torch.Tensor:
+        raise RuntimeError("a ring block storage steps through begin_block (steppers.RingBlockTarget)")

@@ -435,7 +435,7 @@ def test_the_compiled_recompute_baseline_gives_the_eager_one(tiny_models, mode):
 @pytest.mark.parametrize("extra, message", [
     (dict(layout="ring", method="dense"), "layout ring with method = dense"),
     (dict(layout="ring", protocol="parallel"), "layout ring with protocol = parallel"),
-    (dict(layout="ring", mode="generate", spec="prompt_lookup"), "layout ring with spec = prompt_lookup"),
+    (dict(layout="ring", mode="generate", spec="draft", draft_layers=1), "layout ring with spec = draft"),
     (dict(compile="default"), "compile = default with layout compact"),
     (dict(method="dense", compile="default"), "compile = default with method dense"),
     (dict(method="recompute", cap=64, compile="default", protocol="parallel"), "compile = default with protocol "
