@@ -402,6 +402,11 @@ class RingBlockTarget:
         self.decode = _block_forward
         if config.compile != "none":
             self.decode = compiled_forward(_block_forward, config.compile, backend)
+            if self.device.type == "cuda":
+                # The buffers the forward reads and writes in place keep their addresses: CUDA graphs then capture
+                # them as they are instead of copying them in (and skipping the graph for a mutated input).
+                for buffer in self.storage.static_buffers():
+                    torch._dynamo.mark_static_address(buffer)
             self._warm_up()
 
     def _warm_up(self) -> None:
