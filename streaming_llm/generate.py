@@ -97,7 +97,7 @@ def generate(config: RunConfig, loaded: LoadedModel | None = None, stream: Token
     compactions = COMPACTION_SCHEMA.empty_table()  # not timed apart from the forward: see tokens.compacted/evicted
     summary = run.summarise(tokens.drop_columns(["forward"]), compactions, prompt_ms, target.kv_storage())
     summary.update(_generation_summary(tokens, forwards, history[len(prompt) :], summary["tpot_ms_mean"]))
-    summary["compile_s"] = getattr(target, "compile_s", None)
+    summary["compile_s"] = target.compile_s
     return run.finish(summary, {"tokens": tokens, "compactions": compactions, "forwards": forwards})
 
 

@@ -56,6 +56,7 @@ class BlockTarget(Protocol):
     `rewind` for the drafts it rejected. `trace` holds one StepTrace per token it holds."""
 
     trace: list[StepTrace]
+    compile_s: float | None  # the wall time of compiling its forward (warm-up included); None when none is compiled
 
     def forward_block(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] of the n tokens of `input_ids` [1, n]."""
@@ -319,6 +320,8 @@ class StepwiseTarget:
 class DenseBlockTarget:
     """No eviction, a block per forward over HF's DynamicCache; a rewind crops the rejected entries."""
 
+    compile_s = None  # eager only
+
     def __init__(self, loaded: LoadedModel, config: RunConfig):
         self.model = loaded.model
         self.cache = DynamicCache(config=loaded.model.config)
@@ -344,6 +347,8 @@ class DenseBlockTarget:
 class StreamingBlockTarget(BlockStepper):
     """A streaming cache verified a block per forward (streaming_llm.parallel): compactions inside the block are
     replayed per query, and a rewind restores the state, schedule and trace of the accepted prefix."""
+
+    compile_s = None  # eager only
 
     def __init__(self, loaded: LoadedModel, config: RunConfig):
         super().__init__(loaded.model, config.policy, config.rope_mode)
