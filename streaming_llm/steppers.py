@@ -156,6 +156,7 @@ class RingStepper(StreamingStepper):
         self.compile_s: float | None = None
         self.decode = (_eager_forward if config.compile == "none"
                        else compiled_forward(_eager_forward, config.compile, backend))
+        self.graphs = CudaGraphCheck(config.compile)
 
     def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         count = input_ids.shape[-1]
@@ -165,19 +166,57 @@ class RingStepper(StreamingStepper):
         forward = self.decode if count == 1 and not all_logits else _eager_forward
         first_compiled = forward is not _eager_forward and self.compile_s is None
         if first_compiled:
+            self.graphs.mark_static(self.cache.storage.device_buffers())
             self.clock.start()
         with self.cache.rotary_table(self.model):
             logits = forward(self.model, self.cache, input_ids, positions, mask, all_logits)
         if first_compiled:
             self.compile_s = self.clock.stop() / 1000
+            self.graphs.check_captured()
         self.cache.finish_step(count)
-        return logits
+        return self.graphs.own(logits) if forward is not _eager_forward else logits
 
 
 def _eager_forward(model, cache, input_ids, positions, mask, all_logits: bool) -> torch.Tensor:
     out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
                 logits_to_keep=0 if all_logits else 1, **cache_kwargs(cache))
     return out.logits[0]
+
+
+class CudaGraphCheck:
+    """What compile reduce-overhead (CUDA graph trees) needs around a compiled step, a no-op under other modes.
+
+    The buffers a step updates in place are marked static (else every replay copies them into the graph's own inputs,
+    the whole cache per step). torch.compile falls back to running without graphs when it cannot capture (a CPU tensor,
+    a mutated input it does not own...) with only a log line: a run timed so would be named reduce-overhead and measure
+    something else, so the fallback is an error. A replay overwrites its outputs, so logits a caller keeps (a block's
+    rows) are cloned.
+    """
+
+    def __init__(self, mode: str):
+        self.active = mode == "reduce-overhead"
+        self.skips_before = _cudagraph_skips()
+
+    def mark_static(self, buffers: list[torch.Tensor]) -> None:
+        if self.active:
+            for buffer in buffers:
+                torch._dynamo.mark_static_address(buffer)
+
+    def check_captured(self) -> None:
+        skipped = _cudagraph_skips() - self.skips_before
+        if self.active and skipped:
+            raise RuntimeError(f"compile = reduce-overhead: torch.compile skipped CUDA graphs for the decode step "
+                               f"({skipped} skip(s); TORCH_LOGS=perf_hints names the cause), so it would run and be "
+                               "timed without them; use compile default, or fix what the log names")
+
+    def own(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.clone() if self.active else logits
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def compiled_forward(forward, mode: str, backend=None):
@@ -220,6 +259,7 @@ class RecomputeStepper(DenseStepper):
         self.clock = Stopwatch(loaded.device)
         self.compile_s: float | None = None
         self.decode = None if config.compile == "none" else compiled_forward(_window_forward, config.compile, backend)
+        self.graphs = CudaGraphCheck(config.compile)
 
     def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         # A new tensor of the window's shape and strides (a slice of a longer one would have other strides: another
@@ -233,9 +273,10 @@ class RecomputeStepper(DenseStepper):
             self.clock.start()
             self.decode(self.model, torch.zeros((1, self.window), dtype=torch.long, device=self.context.device))
             self.compile_s = self.clock.stop() / 1000
+            self.graphs.check_captured()
         if self.context.shape[-1] < self.window:
             return _window_forward(self.model, self.context)
-        return self.decode(self.model, self.context)
+        return self.graphs.own(self.decode(self.model, self.context))
 
     def span(self) -> int:
         return self.context.shape[-1]

@@ -658,6 +658,7 @@ class RingStorage:
         self.valid = np.zeros(0, dtype=bool)  # physical ring slots holding a live entry
         self.free: list[int] = []  # physical ring slots holding no entry, lowest last (popped first)
         self.length = 0
+        self.decoding = False  # a one-token step ran: a compiled step may hold these buffers, they never change shape
         # Static device buffers, rewritten in place by begin_step.
         self.mask: torch.Tensor | None = None  # [1, 1, 1, capacity + anchors], additive
         self.decode_slots: torch.Tensor | None = None  # [1] the physical slot of a decode step's entry
@@ -691,6 +692,7 @@ class RingStorage:
         prefill longer than the policy's capacity). Entries keep their physical slots."""
         if needed <= self.capacity:
             return False
+        self._check_growable(needed)
         old_capacity, old_keys, old_values = self.capacity, self.keys, self.values
         slot_of, position, valid, free = self.slot_of, self.position, self.valid, self.free
         capacity = _grown(old_capacity, needed)
@@ -706,6 +708,15 @@ class RingStorage:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values) if t is not None]
 
+    def device_buffers(self) -> list[torch.Tensor]:
+        """Every tensor a decode step reads or writes in place (entries, mask, index and angle buffers): what CUDA
+        graphs must take as static inputs (torch._dynamo.mark_static_address), not copy at every replay."""
+        found = list(self.tensors())
+        for value in vars(self).values():
+            found.extend(item for item in (value if isinstance(value, (tuple, list)) else (value,))
+                         if isinstance(item, torch.Tensor))
+        return found
+
     def layer_views(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.keys[layer], self.values[layer]
 
@@ -714,6 +725,7 @@ class RingStorage:
         """Place the step's `count` entries (stream indices first_token, ...) after the cache's `length` slots and
         write the static buffers; the additive attention mask [1, 1, count, capacity + anchors] its forward takes."""
         self._check_length(length)
+        self.decoding |= count == 1
         slots = np.array([self.free.pop() for _ in range(count)], dtype=np.int64)
         self.slot_of[length : length + count] = slots
         self.position[slots] = np.arange(first_token, first_token + count)
@@ -726,6 +738,12 @@ class RingStorage:
         mask = self._anchors_and_mask(slots, length, first_token, count)
         self.length = length + count
         return mask
+
+    def _check_growable(self, needed: int) -> None:
+        if self.decoding:
+            raise RuntimeError(f"internal error: the ring would grow from {self.capacity} to hold {needed} entries "
+                               "after decoding began (a new shape under a compiled step); it is sized before the "
+                               "first decode step")
 
     def _check_length(self, length: int) -> None:
         if length != self.length:
@@ -937,6 +955,7 @@ class QuantizedRingStorage(RingStorage):
         code slots, appended after the others, so that every entry keeps its physical slot."""
         if needed <= self.capacity:
             return False
+        self._check_growable(needed)
         capacity = _grown(self.capacity, needed)
         old_stored, old_codes = self.stored_slots, self.code_slots
         code_slots = max(2, capacity - self.float_sinks - self.spec.residual)
@@ -966,6 +985,7 @@ class QuantizedRingStorage(RingStorage):
         """Age the float entries that leave the newest residual + 1 into code slots, place the step's entries (float
         sinks, then codes for a prefill's older ones, then the float slots), write the static buffers; the mask."""
         self._check_length(length)
+        self.decoding |= count == 1
         newest = length + count - self.recent_slots  # cache slots from here on are the newest residual + 1
         held = self.slot_of[: max(0, min(length, newest))]
         aging = np.flatnonzero((held >= self.float_sinks) & (held < self.float_slots))
