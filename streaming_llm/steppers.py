@@ -444,16 +444,13 @@ class RingBlockTarget:
         self.device = loaded.device
         self.clock = Stopwatch(loaded.device)
         self.compile_s: float | None = None
-        self.mode = config.compile
         self.decode = _block_forward
+        self.graphs = CudaGraphCheck(config.compile)
         if config.compile != "none":
             self.decode = compiled_forward(_block_forward, config.compile, backend)
-            if self.device.type == "cuda":
-                # The buffers the forward reads and writes in place keep their addresses: CUDA graphs then capture
-                # them as they are instead of copying them in (and skipping the graph for a mutated input).
-                for buffer in self.storage.static_buffers():
-                    torch._dynamo.mark_static_address(buffer)
+            self.graphs.mark_static(self.storage.device_buffers())
             self._warm_up()
+            self.graphs.check_captured()
 
     def _warm_up(self) -> None:
         """Compile the block forward before the run starts (`compile_s`: its wall time), on a block of padding alone
@@ -465,7 +462,7 @@ class RingBlockTarget:
         with torch.inference_mode(), self.storage.rotary_table(self.model):
             ids = torch.full((1, self.block), self.PADDING_ID, dtype=torch.long, device=self.device)
             positions = torch.arange(self.block, device=self.device).unsqueeze(0)
-            for _ in range(3 if self.mode == "reduce-overhead" else 1):
+            for _ in range(3 if self.graphs.active else 1):
                 mask = self.storage.begin_block([], self.storage.claim(self.block), 0)
                 self.decode(self.model, self.cache, ids, positions, mask)
         self.compile_s = self.clock.stop() / 1000
@@ -500,8 +497,8 @@ class RingBlockTarget:
         positions = torch.arange(first, first + rows, device=input_ids.device).unsqueeze(0)
         with storage.rotary_table(self.model):
             logits = forward(self.model, self.cache, input_ids, positions, mask)
-        if self.mode == "reduce-overhead":
-            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+        if forward is not _block_forward:
+            logits = self.graphs.own(logits)
         storage.settle(order)
         self.schedule = schedule
         self.tokens_seen = first + count

@@ -1143,11 +1143,6 @@ class RingBlockStorage(RingStorage):
             raise RuntimeError(f"internal error: a ring block storage of {self.capacity} slots was asked for {needed}")
         return False
 
-    def static_buffers(self) -> list[torch.Tensor]:
-        """Every tensor a block's forward reads or writes in place: their addresses never change."""
-        return [self.keys, self.values, self.mask, self.block_slots, self.anchor_source, self.anchor_cos,
-                self.anchor_sin]
-
     def claim(self, count: int) -> np.ndarray:
         """`count` physical slots free now (lowest first), for a block's entries; they stay free (unattended) until
         `settle` names them among the cache's."""

@@ -273,3 +273,23 @@ def test_what_the_ring_does_not_verify_is_refused_in_one_line(extra, message):
     with pytest.raises(ConfigError, match=message) as error:
         RunConfig.from_dict(dict(dict(sink=4, window=16, mode="generate", layout="ring"), **extra))
     assert "\n" not in str(error.value)
+
+
+def test_every_buffer_a_block_touches_is_marked_static_under_reduce_overhead(tiny_models):
+    """What CUDA graphs must take as static inputs (steppers.CudaGraphCheck marks them): the ring, its copies, the
+    block's mask, slots and angle buffers."""
+    from streaming_llm.steppers import CudaGraphCheck
+
+    loaded = tiny_models["tiny-llama"]
+    config = RunConfig(**knobs(loaded, prompt_tokens=30, new_tokens=10, spec="prompt_lookup", num_draft=NUM_DRAFT,
+                               layout="ring", **POLICIES["refresh"]))
+    target = RingBlockTarget(loaded, config)
+    with torch.inference_mode():
+        target.forward_block(torch.zeros((1, 3), dtype=torch.long, device=loaded.device))
+    storage = target.storage
+    buffers = {id(buffer) for buffer in storage.device_buffers()}
+    touched = [storage.keys, storage.values, storage.mask, storage.block_slots, storage.write_slots,
+               storage.anchor_source, storage.anchor_cos, storage.anchor_sin]
+    assert all(id(buffer) in buffers for buffer in touched) and storage.write_slots is storage.block_slots
+    CudaGraphCheck("reduce-overhead").mark_static(storage.device_buffers())
+    assert all(getattr(buffer, "_dynamo_static_input_type", None) == "unguarded" for buffer in touched)
