@@ -219,11 +219,11 @@ _BASELINE_MATCH = " AND ".join(f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k i
 # (compiled against compiled: a compiled step's TPOT over an eager recompute's would mix two settings), one per
 # setting (the most repeats, then the smallest group hash); none with its `compile`: no speedup, never another's.
 # The quality pairing (ΔPPL) ignores `compile`: a compiled step gives eager's NLLs.
-TIMING_BASELINE_KEYS: tuple[str, ...] = (*_BASELINE_KEYS, "warmup", "compile")
+_TIMING_BASELINE_KEYS: tuple[str, ...] = (*_BASELINE_KEYS, "warmup", "compile")
 _TIMING_BASELINE = (f"SELECT * FROM timings WHERE method = '{BASELINE_METHOD}' QUALIFY row_number() OVER ("
-                    f"PARTITION BY {', '.join(q(k) for k in TIMING_BASELINE_KEYS)} ORDER BY n_repeats DESC, group_hash)"
-                    " = 1")
-_TIMING_BASELINE_MATCH = " AND ".join(f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in TIMING_BASELINE_KEYS)
+                    f"PARTITION BY {', '.join(q(k) for k in _TIMING_BASELINE_KEYS)} "
+                    "ORDER BY n_repeats DESC, group_hash) = 1")
+_TIMING_BASELINE_MATCH = " AND ".join(f"b.{q(k)} IS NOT DISTINCT FROM x.{q(k)}" for k in _TIMING_BASELINE_KEYS)
 # The float reference of a quantized setting: every policy knob equal (policy_key), the same tokens and code.
 _FLOAT_MATCH = ("b.policy_key = x.policy_key AND b.grid = x.grid AND b.code_version = x.code_version "
                 "AND b.device_name IS NOT DISTINCT FROM x.device_name "
@@ -317,8 +317,8 @@ def setting_table(con: duckdb.DuckDBPyConnection, grid: str, experiments: Sequen
     Timing is a statistic over repeats of the setting's stepwise runs (`tpot_ms`, `tpot_ms_std`, `n_repeats`, speedup:
     the baseline's stepwise TPOT on the same tokens over this one's, the baseline run with the same `compile`: a
     compiled setting against the compiled recompute, an eager one against the eager; NaN without one, never the
-    other's); parallel runs never give a TPOT. A sample's PPL
-    is never averaged with another setting's. Generation runs are compared in speculation_table.
+    other's); parallel runs never give a TPOT. A sample's PPL is never averaged with another setting's. Generation
+    runs are compared in speculation_table.
     """
     setting_knobs = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_KNOBS if k not in SETTING_CONTEXT)
     context = ", ".join(f"any_value({q(k)}) AS {q(k)}" for k in SETTING_CONTEXT if k != "code_version")
