@@ -54,6 +54,9 @@ BOUNDS_CAPTION = {
     "peak_memory_mib": "Each point: the mean over timing repeats; bars: ± one standard deviation.",
     "compile_s": "Each point: the mean over timing repeats of the first compiled step's wall time (a warmup step, "
                  "never in TPOT); bars: ± one standard deviation.",
+    "speedup": "Each point: the recompute baseline's mean TPOT on the same tokens over the setting's, the baseline run "
+               "with the same compile (compiled against compiled: a compiled setting over the compiled recompute, an "
+               "eager one over the eager; no point without one).",
 }
 
 
@@ -121,7 +124,8 @@ def tradeoff(settings: pd.DataFrame, colour: str, x_metric: str = "tpot_ms", ref
                alt.Tooltip("tpot_ms_std:Q", format=".3f"), "n_repeats:Q",
                alt.Tooltip(f"{column}:Q", format="+.3f"), alt.Tooltip("y_low:Q", title="95 % low", format="+.3f"),
                alt.Tooltip("y_high:Q", title="95 % high", format="+.3f"), alt.Tooltip("pairs:Q", title="samples"),
-               alt.Tooltip("ppl:Q", format=".4f"), "ppl_steps:N", alt.Tooltip("speedup:Q", format=".2f")]
+               alt.Tooltip("ppl:Q", format=".4f"), "ppl_steps:N",
+               alt.Tooltip("speedup:Q", title="speedup (vs recompute, same compile)", format=".2f")]
     base = alt.Chart(frame)
     points = base.mark_point(filled=True, size=80).encode(
         x=x, y=y, color=alt.Color("colour:N", title=colour, scale=SCHEME, legend=SIDE_LEGEND),

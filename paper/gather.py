@@ -132,8 +132,9 @@ def _shape_problems(con: duckdb.DuckDBPyConnection, grid: str, include_stale: bo
 
 
 def _layout_problems(settings: pd.DataFrame, grid: str) -> list[str]:
-    """Every setting of the layout experiments timed and with a baseline; a ring or compiled one beside its compact
-    eager twin (the same setting at layout compact, compile none, on the same tokens); a compiled one with compile_s."""
+    """Every setting of the layout experiments timed and with a baseline (the recompute with its compile: compiled
+    against compiled); a ring or compiled one beside its compact eager twin (the same setting at layout compact,
+    compile none, on the same tokens); a compiled one with compile_s."""
     problems = []
     for row in settings.itertuples():
         what = f"experiment {row.experiments[0] if len(row.experiments) == 1 else '/'.join(row.experiments)}: " \
@@ -141,7 +142,10 @@ def _layout_problems(settings: pd.DataFrame, grid: str) -> list[str]:
         if pd.isna(row.tpot_ms):
             problems.append(f"{what} has no stepwise run, so no TPOT: measure it with the timing measurement")
         elif pd.isna(row.speedup) and not row.is_baseline:
-            problems.append(f"{what}: no recompute baseline in grid {grid} with the same tokens, cap and device")
+            # compiled against compiled (queries.setting_table): an eager recompute is never a compiled setting's
+            problems.append(f"{what}: no recompute baseline in grid {grid} with the same tokens, cap, device and "
+                            f"compile ({row.compile}): add method recompute at compile {row.compile} to the "
+                            "experiment, timed as it is")
         if (row.layout != "compact" or row.compile != "none") and pd.isna(row.compact_ratio):
             problems.append(f"{what}: no compact eager twin (the same setting at layout compact, compile none, on "
                             "the same tokens) to time it against: add layout compact to the experiment")

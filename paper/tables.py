@@ -109,7 +109,12 @@ STORAGE_NOTE = (" Ring rows (layout and compile experiments) are timed only: the
                 "PPL and $\\Delta$PPL are those of the compact row of the same policy (\\textit{as compact}); "
                 "compile: torch.compile of the decode step (its compile time, a warmup step never in TPOT, is in "
                 "Table~\\ref{tab:layout}).")
+# Where a compiled row is shown: which recompute its speedup is over (store.queries.setting_table pairs by `compile`).
+COMPILED_NOTE = (" A compiled row's speedup is over the compiled recompute's TPOT (compiled against compiled: the row "
+                 "\\textit{Recompute, compiled}, whose PPL is the eager recompute's, \\textit{as eager}), an eager "
+                 "row's over the eager recompute's.")
 AS_COMPACT = r"\textit{as compact}"
+AS_EAGER = r"\textit{as eager}"
 
 
 def storage_name(row) -> str:
@@ -122,14 +127,15 @@ def storage_name(row) -> str:
 
 
 def ring_rows(gathered: Gathered, main: pd.DataFrame) -> pd.DataFrame:
-    """The layout and compile experiments' ring or compiled settings of the main table's streaming policies (equal to
-    one of its rows in every knob but layout and compile: `storage_key`; same device and code), to show beside their
-    compact rows."""
+    """The layout and compile experiments' ring or compiled settings of the main table's streaming policies and of its
+    recompute baseline (equal to one of its rows in every knob but layout and compile: `storage_key`; same device and
+    code), to show beside their compact eager rows."""
     if gathered.storage is None:
         return main.iloc[:0]
     storage = gathered.storage
     other = storage[(storage.layout != "compact") | (storage.compile != "none")]
-    policies = main[main.method == "streaming"][["storage_key", "device_name", "code_version"]]
+    policies = main[main.method.isin(["streaming", queries.BASELINE_METHOD])][
+        ["storage_key", "device_name", "code_version"]]
     ring = other.merge(policies.drop_duplicates(), on=list(policies.columns))
     # eager before compiled, each after its compact row
     return ring.assign(_compiled=ring.compile != "none").sort_values(["_compiled", "compile"]).drop(columns="_compiled")
@@ -139,7 +145,8 @@ def main_table(gathered: Gathered) -> str:
     """The main results; where the grid times the ring layout (experiments layout and compile), each of the main
     table's streaming policies is followed by its ring (and compiled) rows: their own TPOT, speedup and memory, their
     quality the compact row's (rows beside compact, not a layout column: only timing differs between layouts, and
-    recompute has no layout)."""
+    recompute has no layout). A compiled recompute row follows the recompute row: the reference of the compiled rows'
+    speedups (compiled against compiled)."""
     groups = _sorted(gathered.experiments[MAIN])
     knobs = [k for k in queries.varying_knobs(groups) if k not in ("method", "compress_every") and k not in
              queries.CONTEXT]
@@ -147,24 +154,28 @@ def main_table(gathered: Gathered) -> str:
     ring = ring_rows(gathered, groups)
     table = Table(columns=[*RESULT_COLUMNS, ("Peak mem. (MiB)", "r"), *N_COLUMNS], label="tab:main",
                   caption=_caption(f"Main results (grid {escape(gathered.grid)}).", groups,
-                                   merged.equivalents.any()) + (STORAGE_NOTE if not ring.empty else ""))
+                                   merged.equivalents.any()) + (STORAGE_NOTE if not ring.empty else "")
+                  + (COMPILED_NOTE if (ring.compile != "none").any() else ""))
     for (dataset, device), block in merged.groupby(["dataset", "device_name"], sort=True):
         rows, notes = [], []
         for row in block.itertuples():
             rows.append([row_label(row, ["compress_every", *knobs]) + _equivalent(row), *result_cells(row),
                          _memory(row), *n_cells(row)])
             notes.append(f"setting {row.setting_hashes}")
-            if row.method != "streaming":
-                continue
             twins = ring[(ring.storage_key == row.storage_key) & (ring.device_name == device)
                          & (ring.code_version == row.code_version)]
             for twin in twins.itertuples():
                 what = f"setting {twin.setting_hash}"
-                rows.append([row_label(twin, ["compress_every", *knobs]) + storage_name(twin),
-                             mean_std(twin.tpot_ms, twin.tpot_ms_std, twin.n_repeats, 2, what=f"TPOT of {what}"),
-                             f"${number(twin.speedup, 2, what=f'speedup of {what}')}\\times$", AS_COMPACT,
-                             AS_COMPACT, _memory(twin), str(int(twin.n_repeats)), "--"])
-                notes.append(f"ring setting {twin.setting_hash}")
+                tpot = mean_std(twin.tpot_ms, twin.tpot_ms_std, twin.n_repeats, 2, what=f"TPOT of {what}")
+                if twin.is_baseline:  # the compiled recompute: the compiled rows' reference, the eager one's NLLs
+                    cells, note = [tpot, r"\textit{ref.}", AS_EAGER, r"\textit{ref.}"], "compiled setting"
+                else:
+                    cells = [tpot, f"${number(twin.speedup, 2, what=f'speedup of {what}')}\\times$", AS_COMPACT,
+                             AS_COMPACT]
+                    note = "ring setting"
+                rows.append([row_label(twin, ["compress_every", *knobs]) + storage_name(twin), *cells,
+                             _memory(twin), str(int(twin.n_repeats)), "--"])
+                notes.append(f"{note} {twin.setting_hash}")
         table.add_panel(rf"\emph{{{escape(dataset)}}} ({escape(device)})", rows, notes)
     return table.render()
 
@@ -175,8 +186,9 @@ def _memory(row) -> str:
 
 
 def layout_table(gathered: Gathered) -> str:
-    """The layout and compile experiments: per setting, its storage and compile setting, TPOT, speedup over
-    recompute, TPOT over its compact eager twin's, compile time and peak memory (timing only: see STORAGE_NOTE)."""
+    """The layout and compile experiments: per setting, its storage and compile setting, TPOT, speedup over the
+    recompute with the same compile (the recompute rows are the references), TPOT over its compact eager twin's,
+    compile time and peak memory (timing only: see STORAGE_NOTE)."""
     settings = gathered.storage
     assert settings is not None
     devices = ", ".join(sorted({escape(d) for d in settings.device_name}))
@@ -187,13 +199,16 @@ def layout_table(gathered: Gathered) -> str:
         caption=("The cache's storage and the compiled decode step: compact (entries moved and re-rotated at every "
                  "compaction, the study's) vs ring (fixed slots, nothing moved), eager or compiled with "
                  "torch.compile. TPOT: mean $\\pm$ std over the $n_r$ stepwise timing repeats; speedup over the "
-                 "recompute baseline's TPOT; vs compact: TPOT over that of the same policy stored compact and run "
-                 "eager, on the same tokens; compile: the first compiled step's wall time (a warmup step, never in "
+                 "TPOT of the recompute baseline run the same way (compiled against compiled: a compiled row's over "
+                 "the compiled recompute's, an eager row's over the eager one's); vs compact: TPOT over that of the "
+                 "same setting stored compact and run eager, on the same tokens; compile: the first compiled step's "
+                 "wall time (a warmup step, never in "
                  "TPOT), mean $\\pm$ std over the repeats. Timing only: a ring setting's per-step NLLs equal the "
                  f"compact cache's (the engine's exactness tests). Device: {devices}."))
-    ordered = settings.assign(_layout=settings.layout != "compact", _compiled=settings.compile != "none")
-    ordered = ordered.sort_values(["cap", "compress_every", "_layout", "_compiled", "compile"])
-    for _, block in ordered.groupby(["cap", "compress_every"], sort=False):
+    ordered = settings.assign(_layout=settings.layout != "compact", _compiled=settings.compile != "none",
+                              _method=settings.method.map(METHOD_ORDER).fillna(9))
+    ordered = ordered.sort_values(["_method", "cap", "compress_every", "_layout", "_compiled", "compile"])
+    for _, block in ordered.groupby(["_method", "cap", "compress_every"], sort=False):
         rows, notes = [], []
         for row in block.itertuples():
             what = f"setting {row.setting_hash}"
@@ -203,6 +218,7 @@ def layout_table(gathered: Gathered) -> str:
             rows.append([
                 "", escape(row.layout), escape(row.compile),
                 mean_std(row.tpot_ms, row.tpot_ms_std, row.n_repeats, 2, what=f"TPOT of {what}"),
+                r"\textit{ref.}" if row.is_baseline else
                 f"${number(row.speedup, 2, what=f'speedup of {what}')}\\times$",
                 r"\textit{ref.}" if reference else
                 f"${number(row.compact_ratio, 2, what=f'TPOT over compact of {what}')}\\times$",

@@ -386,6 +386,44 @@ class _Codes:
             setattr(self, name, new)
 
 
+class _LayerCodes:
+    """Quantized entries as `_Codes` holds them, but in one tensor per layer (payload, scale, zero point): what a
+    compiled ring step updates in place (RingStorage.keys says why not views of one base)."""
+
+    def __init__(self, quantizer: KVQuantizer, like: torch.Tensor, layers: int, capacity: int):
+        *lead, _, head_dim = like.shape
+        self.quantizer = quantizer
+        shapes = ((quantizer.payload_dim(head_dim), torch.uint8), (head_dim // quantizer.group, torch.float32),
+                  (head_dim // quantizer.group, torch.uint8))
+        # Zeros, not empty: masked slots are still read, and uninitialised memory may hold NaN.
+        self.payload, self.scale, self.zero = (
+            [torch.zeros((*lead, capacity, last), dtype=dtype, device=like.device) for _ in range(layers)]
+            for last, dtype in shapes)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.payload, *self.scale, *self.zero]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.payload[layer], self.scale[layer], self.zero[layer]
+
+    def write_at(self, layer: int, slots: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """Quantize `entries` [..., n, head_dim] into the n slots `slots` (an index tensor) of `layer`; what they
+        dequantize to, in the entries' dtype."""
+        parts = self.quantizer.quantize(entries)
+        for stored, part in zip(self.layer(layer), parts, strict=True):
+            stored.index_copy_(-2, slots, part)
+        dequantized = torch.empty_like(entries)
+        self.quantizer.dequantize_into(*parts, dequantized)
+        return dequantized
+
+    def grow(self, capacity: int, keep: int) -> None:
+        """Room for `capacity` slots; the first `keep` keep their codes, the new ones are zeros."""
+        for layers in (self.payload, self.scale, self.zero):
+            for index, old in enumerate(layers):
+                layers[index] = old.new_zeros((*old.shape[:-2], capacity, old.shape[-1]))
+                layers[index][..., :keep, :] = old[..., :keep, :]
+
+
 KEYS, VALUES = 0, 1  # the K / V axis of QuantizedStorage's tensors
 
 
@@ -651,8 +689,11 @@ class RingStorage:
         self.anchors = policy.sink + policy.refresh if self.anchors_by_slot else 0
         self.capacity = 0
         self.peak_nbytes = 0
-        self.keys: torch.Tensor | None = None  # [layers, batch, kv_heads, capacity + anchors, head_dim]
-        self.values: torch.Tensor | None = None
+        # One tensor per layer [batch, kv_heads, capacity + anchors, head_dim], never views of one [layers, ...] base:
+        # a compiled step that writes a view of a shared base copies the whole base per write (every layer's entries,
+        # at every layer: measured 100x slower under inductor), while a layer's own tensor is updated in place.
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
         self.slot_of = np.zeros(0, dtype=np.int64)  # physical slot of each cache slot
         self.position = np.zeros(0, dtype=np.int64)  # stream index of the entry in each physical slot
         self.valid = np.zeros(0, dtype=bool)  # physical ring slots holding a live entry
@@ -669,12 +710,12 @@ class RingStorage:
 
     # --- buffers ----------------------------------------------------------------------------------------------------
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
-        shape = (self.num_layers, *key_states.shape[:2], capacity + self.anchors, key_states.shape[-1])
+        shape = (*key_states.shape[:2], capacity + self.anchors)
         # Zeros, not empty: masked slots are still multiplied, and uninitialised memory may hold NaN.
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros((*shape[:-1], value_states.shape[-1]))
-        device = self.keys.device
-        self.mask = torch.zeros((1, 1, 1, capacity + self.anchors), dtype=self.keys.dtype, device=device)
+        self.keys = [key_states.new_zeros((*shape, key_states.shape[-1])) for _ in range(self.num_layers)]
+        self.values = [value_states.new_zeros((*shape, value_states.shape[-1])) for _ in range(self.num_layers)]
+        device = key_states.device
+        self.mask = torch.zeros((1, 1, 1, capacity + self.anchors), dtype=key_states.dtype, device=device)
         self.decode_slots = torch.zeros(1, dtype=torch.long, device=device)
         self.write_slots = self.decode_slots
         self.anchor_source = torch.zeros(self.anchors, dtype=torch.long, device=device)
@@ -697,8 +738,9 @@ class RingStorage:
         slot_of, position, valid, free = self.slot_of, self.position, self.valid, self.free
         capacity = _grown(old_capacity, needed)
         self.allocate(old_keys[0][..., :0, :], old_values[0][..., :0, :], capacity)
-        for new, old in ((self.keys, old_keys), (self.values, old_values)):
-            new[..., :old_capacity, :] = old[..., :old_capacity, :]
+        for new_layers, old_layers in ((self.keys, old_keys), (self.values, old_values)):
+            for new, old in zip(new_layers, old_layers, strict=True):
+                new[..., :old_capacity, :] = old[..., :old_capacity, :]
         self.slot_of[:old_capacity] = slot_of
         self.position[:old_capacity] = position
         self.valid[:old_capacity] = valid
@@ -706,7 +748,7 @@ class RingStorage:
         return True
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values) if t is not None]
+        return [*self.keys, *self.values]
 
     def device_buffers(self) -> list[torch.Tensor]:
         """Every tensor a decode step reads or writes in place (entries, mask, index and angle buffers): what CUDA
@@ -734,7 +776,7 @@ class RingStorage:
             self.decode_slots.copy_(torch.from_numpy(slots))
             self.write_slots = self.decode_slots
         else:
-            self.write_slots = torch.from_numpy(slots).to(self.keys.device)
+            self.write_slots = torch.from_numpy(slots).to(self.mask.device)
         mask = self._anchors_and_mask(slots, length, first_token, count)
         self.length = length + count
         return mask
@@ -789,20 +831,19 @@ class RingStorage:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the step's entries of `layer` at its slots and return the whole buffers (the mask hides the rest).
         Tensor work only, on the static buffers: this is what a compiled decode step traces."""
-        if layer == 0 and self.anchors:
-            self.write_anchor_copies()
         keys, values = self.keys[layer], self.values[layer]
+        if self.anchors:
+            self.write_anchor_copies(keys, values)
         keys.index_copy_(2, self.write_slots, key_states)
         values.index_copy_(2, self.write_slots, value_states)
         return keys, values
 
-    def write_anchor_copies(self) -> None:
-        """The anchored entries of every layer, rotated by their shifts, into the anchor slots (masked where the
-        shift is 0: there the original is attended)."""
+    def write_anchor_copies(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A layer's anchored entries, rotated by their shifts, into its anchor slots (masked where the shift is 0:
+        there the original is attended). Read before the step's entries are written, as every layer's are."""
         ring = self.capacity
-        originals = self.keys.index_select(3, self.anchor_source)
-        self.keys[..., ring:, :] = rotate_keys(originals, self.anchor_cos, self.anchor_sin)
-        self.values[..., ring:, :] = self.values.index_select(3, self.anchor_source)
+        keys[..., ring:, :] = rotate_keys(keys.index_select(2, self.anchor_source), self.anchor_cos, self.anchor_sin)
+        values[..., ring:, :] = values.index_select(2, self.anchor_source)
 
     # --- between steps: the schedule's compaction, on the host only ---------------------------------------------------
     def move(self, move: Move) -> None:
@@ -839,7 +880,7 @@ class RingStorage:
 
     def cache_slots(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the cache's slots [0, length) of `layer` in its order, keys as stored (stream index)."""
-        index = torch.from_numpy(self.slot_of[:length]).to(self.keys.device)
+        index = torch.from_numpy(self.slot_of[:length]).to(self.mask.device)
         return self.keys[layer].index_select(2, index), self.values[layer].index_select(2, index)
 
     def keys_to_attend(self, layer: int, length: int, tokens_seen: int) -> torch.Tensor:
@@ -864,8 +905,10 @@ class RingStorage:
         return rotate_keys(self._stored_anchor_keys(source, length, device), cos, sin)
 
     def _stored_anchor_keys(self, source: np.ndarray, length: int, device: torch.device) -> torch.Tensor:
-        """The anchored entries' keys as stored, all layers, from their slots `source`."""
-        return self.keys.index_select(3, torch.from_numpy(source).to(device))
+        """The anchored entries' keys as stored, all layers [layers, batch, kv_heads, count, head_dim], from their
+        slots `source`."""
+        index = torch.from_numpy(source).to(device)
+        return torch.stack([keys.index_select(2, index) for keys in self.keys])
 
 
 
@@ -897,8 +940,8 @@ class QuantizedRingStorage(RingStorage):
         self.float_sinks = policy.sink if spec.full_sinks else 0
         self.recent_slots = spec.residual + 1
         self.float_slots = self.float_sinks + self.recent_slots  # F
-        self.codes: _Codes | None = None
-        self.floats: torch.Tensor | None = None  # [layers, 2, batch, kv_heads, F, head_dim], KEYS then VALUES
+        self.codes: _LayerCodes | None = None
+        self.floats: list[torch.Tensor] = []  # per layer [2, batch, kv_heads, F, head_dim], KEYS then VALUES
         self.code_slots = 0  # code slots, the scratch one included
         self.free_codes: list[int] = []  # physical indices of free code slots, lowest last
         # Static buffers of a decode step: the aging entry's float slot and code slot, the new entry's float slot.
@@ -925,13 +968,9 @@ class QuantizedRingStorage(RingStorage):
         # As many code slots as the compact kv_quant cache (capacity - sinks - residual): the live entries never
         # exceed the capacity, and the newest residual + 1 of them are floats at every step; one of them is scratch.
         self.code_slots = max(2, capacity - self.float_sinks - self.spec.residual)
-        self.codes = _Codes(self.spec.quantizer, entries, self.num_layers, self.code_slots)
-        # Zeros, not empty: masked slots are still read, and uninitialised memory may hold NaN.
-        self.codes.scale.zero_()
-        self.codes.zero.zero_()
-        self.codes.payload.zero_()
-        self.floats = key_states.new_zeros((self.num_layers, *entries.shape[:-2], self.float_slots,
-                                            key_states.shape[-1]))
+        self.codes = _LayerCodes(self.spec.quantizer, entries, self.num_layers, self.code_slots)
+        self.floats = [key_states.new_zeros((*entries.shape[:-2], self.float_slots, key_states.shape[-1]))
+                       for _ in range(self.num_layers)]
         device = key_states.device
         stored = self.float_slots + self.code_slots
         self.mask = torch.zeros((1, 1, 1, stored + self.anchors), dtype=key_states.dtype, device=device)
@@ -960,9 +999,6 @@ class QuantizedRingStorage(RingStorage):
         old_stored, old_codes = self.stored_slots, self.code_slots
         code_slots = max(2, capacity - self.float_sinks - self.spec.residual)
         self.codes.grow(code_slots, old_codes)
-        self.codes.scale[..., old_codes:, :] = 0
-        self.codes.zero[..., old_codes:, :] = 0
-        self.codes.payload[..., old_codes:, :] = 0
         self.code_slots = code_slots
         stored = self.stored_slots
         self.mask = self.mask.new_zeros((1, 1, 1, stored + self.anchors))
@@ -975,7 +1011,7 @@ class QuantizedRingStorage(RingStorage):
         return True
 
     def tensors(self) -> list[torch.Tensor]:
-        return [] if self.codes is None else [*self.codes.tensors(), self.floats]
+        return [] if self.codes is None else [*self.codes.tensors(), *self.floats]
 
     def layer_views(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None  # held as codes: `update` dequantizes them
@@ -1044,16 +1080,22 @@ class QuantizedRingStorage(RingStorage):
         the anchored copies after them (the mask hides the rest). Tensor work only."""
         entries = torch.stack((key_states, value_states))
         floats = self.floats[layer]
+        # The code slots are dequantized as they were before this step, and the entries quantized now are written
+        # into that copy too (the same numbers a read-back gives): the step never reads codes it wrote, which inductor
+        # (torch 2.13, CPU) orders wrongly when each layer's codes are a tensor of their own.
+        codes = self._dequantized(layer, floats.dtype)
         # The aging entry's float slot is the one the new entry takes: read before it is written.
         if self.direct is None or len(self.age_source):
-            self.codes.write_at(layer, self.age_target, floats.index_select(-2, self.age_source))
+            aged = self.codes.write_at(layer, self.age_target, floats.index_select(-2, self.age_source))
+            codes.index_copy_(-2, self.age_target, aged)
         if self.direct is None:
             floats.index_copy_(-2, self.float_target, entries)
         else:
             floats.index_copy_(-2, self.float_target, entries.index_select(-2, self.float_entries))
             if len(self.direct[0]):
-                self.codes.write_at(layer, self.direct[1], entries.index_select(-2, self.direct[0]))
-        stored = torch.cat((floats, self._dequantized(layer, floats.dtype)), dim=-2)
+                direct = self.codes.write_at(layer, self.direct[1], entries.index_select(-2, self.direct[0]))
+                codes.index_copy_(-2, self.direct[1], direct)
+        stored = torch.cat((floats, codes), dim=-2)
         if self.anchors:
             anchored = stored.index_select(-2, self.anchor_source)
             copies = torch.stack((rotate_keys(anchored[KEYS], self.anchor_cos, self.anchor_sin), anchored[VALUES]))
@@ -1062,8 +1104,8 @@ class QuantizedRingStorage(RingStorage):
 
     def _dequantized(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         """Every code slot of `layer`, keys and values, in `dtype`: [2, batch, kv_heads, code_slots, head_dim]."""
-        payload, scale, zero = (t[layer] for t in self.codes.tensors())
-        head_dim = self.floats.shape[-1]
+        payload, scale, zero = self.codes.layer(layer)
+        head_dim = self.floats[layer].shape[-1]
         out = torch.empty((*payload.shape[:-1], head_dim), dtype=dtype, device=payload.device)
         self.codes.quantizer.dequantize_into(payload, scale, zero, out)
         return out
@@ -1085,7 +1127,7 @@ class QuantizedRingStorage(RingStorage):
 
     # --- the contract's reads, in the cache's slot order (between steps; tests, inspection) ------------------------
     def cache_slots(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        stored = torch.cat((self.floats[layer], self._dequantized(layer, self.floats.dtype)), dim=-2)
+        stored = torch.cat((self.floats[layer], self._dequantized(layer, self.floats[layer].dtype)), dim=-2)
         index = torch.from_numpy(self.slot_of[:length]).to(stored.device)
         entries = stored.index_select(-2, index)
         return entries[KEYS], entries[VALUES]

@@ -36,11 +36,12 @@ PAPER_EXTRA_EXPERIMENTS = {
                      "runs": [{"compress_every": 1}, {"compress_every": 16}]},
     "quantization_sinks": {"base": {"method": "streaming", "kv_quant": "int4", "kv_quant_group": 8,
                                     "compress_every": 16}, "grid": {"kv_quant_sinks": ["full", "quantized"]}},
-    # The ring layout beside compact (main's timing runs, shared) and one compiled ring run (inductor: ~30-60 s here).
+    # The ring layout beside compact (main's timing runs, shared); one compiled ring run and the compiled recompute it
+    # is timed against (compiled against compiled; inductor: ~30-60 s each here), the eager ones shared.
     "layout": {"base": {"method": "streaming", "repeats": 2}, "grid": {"layout": ["compact", "ring"],
                                                                       "compress_every": [1, 16]}},
-    "compile": {"base": {"method": "streaming", "layout": "ring", "compress_every": 16},
-                "grid": {"compile": ["none", "default"]}},
+    "compile": {"grid": {"compile": ["none", "default"]},
+                "runs": [{"method": "recompute"}, {"method": "streaming", "layout": "ring", "compress_every": 16}]},
     "long_stream": {"base": {"protocol": "parallel", "max_tokens": 1200, "prefill": 0},
                     "runs": [{"method": "dense"}, {"method": "streaming", "sink": 0, "compress_every": 16},
                              {"method": "streaming", "compress_every": 1}, {"method": "streaming",

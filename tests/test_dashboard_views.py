@@ -239,9 +239,11 @@ def test_runs_view_shows_and_filters_layout_and_compile(store, monkeypatch):
     ring = app.dataframe[-1].value
     assert len(ring) and (ring.layout == "ring").all() and len(ring) < len(every)
     widget(app.multiselect, "compile").set_value(["default"]).run()
-    compiled = app.dataframe[-1].value
+    compiled = app.dataframe[-1].value  # the filters compose: ring and compiled
     assert not app.exception and len(compiled) == 1 and compiled.compile_s.iloc[0] > 0
     assert compiled.tpot_ms_mean.iloc[0] > 0 and compiled.layout.iloc[0] == "ring"
+    # the compiled ring run and the compiled recompute it is timed against
+    assert set(every[every["compile"] == "default"].method) == {"streaming", "recompute"}
     eager = every[every["compile"] == "none"]
     assert eager.compile_s.isna().all()
 
@@ -254,12 +256,17 @@ def test_settings_view_times_ring_settings_against_their_compact_twin(store, mon
     assert {"layout", "compile", "compact_ratio", "compile_s", "compile_s_std"} <= set(table.columns)
     twins = table[(table.layout == "compact") & (table["compile"] == "none")]
     others = table[(table.layout != "compact") | (table["compile"] != "none")]
-    assert len(twins) == 2 and len(others) == 3
-    assert twins.compact_ratio.isna().all() and others.compact_ratio.notna().all()
+    assert len(twins) == 3 and len(others) == 4  # strict, lazy and recompute; ring strict, lazy, compiled lazy and
+    assert twins.compact_ratio.isna().all() and others.compact_ratio.notna().all()  # compiled recompute
     for row in others.itertuples():
-        twin = twins[twins.compress_every == row.compress_every].iloc[0]
+        twin = twins[(twins.method == row.method) & (twins.compress_every == row.compress_every)].iloc[0]
         assert row.compact_ratio == pytest.approx(row.tpot_ms / twin.tpot_ms)
     assert (others.compile_s.notna() == (others["compile"] != "none")).all()
+    # Speedup compiled against compiled: over the recompute with the setting's own compile, never the other.
+    recompute = table[table.method == "recompute"].set_index("compile")
+    assert set(recompute.index) == {"none", "default"} and recompute.tpot_ms.nunique() == 2
+    for row in table.itertuples():
+        assert row.speedup == pytest.approx(recompute.tpot_ms[row.compile] / row.tpot_ms), row.label
 
 
 def test_run_detail_shows_the_chosen_runs_layout_compile_and_compile_s(store, monkeypatch):
@@ -267,7 +274,8 @@ def test_run_detail_shows_the_chosen_runs_layout_compile_and_compile_s(store, mo
     runs = app.multiselect[0]
     assert any("compile=default" in label for label in runs.options)  # the label names the knob
     with duckdb.connect(str(store), read_only=True) as con:
-        (compiled,) = con.execute("SELECT run_hash FROM runs WHERE compile = 'default'").fetchone()
+        (compiled,) = con.execute("SELECT run_hash FROM runs WHERE compile = 'default' AND method = 'streaming'"
+                                  ).fetchone()
     runs.set_value([*runs.value, compiled]).run()
     assert not app.exception, [e.value for e in app.exception]
     summary = app.dataframe[0].value
@@ -285,5 +293,10 @@ def test_sweeps_of_the_layout_and_compile_experiments(store, monkeypatch):
     assert set(app.dataframe[0].value.layout) == {"ring"}  # the compact twins are the reference, not a point
     app.selectbox[0].set_value("compile").run()
     app.selectbox[2].set_value("compile_s").run()
+    drawn = app.dataframe[0].value  # the compiled ring and the compiled recompute, one series each
+    assert not app.exception and set(drawn["compile"]) == {"default"} and (drawn.compile_s > 0).all()
+    assert len(drawn) == 2 and drawn.series.nunique() == 2
+    app.selectbox[2].set_value("speedup").run()
     drawn = app.dataframe[0].value
-    assert not app.exception and list(drawn["compile"]) == ["default"] and (drawn.compile_s > 0).all()
+    assert not app.exception and set(drawn["compile"]) == {"none", "default"}
+    assert "compiled against compiled" in " ".join(caption.value for caption in app.caption)

@@ -292,19 +292,31 @@ def test_paper_grids_time_the_ring_layout_and_the_compiled_step(name, compiled, 
         if kind == "compact":  # main's or r_sweep's own timing runs
             assert {"main", "r_sweep"} & set(run.experiments), (r, run.experiments)
     compile_runs = [run.config for run in grid.runs if "compile" in run.experiments]
-    assert {(c.layout, c.compile, c.compress_every) for c in compile_runs} == {
+    assert {(c.layout, c.compile, c.compress_every) for c in compile_runs if c.method == "streaming"} == {
         ("ring", kind, r) for kind in ("none", compiled) for r in (1, 64)}
-    # The eager ring runs of compile are layout's.
-    assert all("layout" in run.experiments for run in grid.runs
-               if "compile" in run.experiments and run.config.compile == "none")
+    # The recompute baseline eager and compiled, on the same tokens: a compiled setting's speedup is over the compiled
+    # recompute (compiled against compiled).
+    assert {(c.method, c.compile) for c in compile_runs if c.method != "streaming"} == {
+        ("recompute", "none"), ("recompute", compiled)}
+    assert len({(c.prefill, c.max_tokens, c.warmup, c.cap, c.sample) for c in compile_runs}) == 1
+    # The eager ring runs of compile are layout's, the eager recompute runs main's.
+    for run in grid.runs:
+        if "compile" in run.experiments and run.config.compile == "none":
+            assert ("layout" if run.config.method == "streaming" else "main") in run.experiments, run.experiments
 
 
 def test_gpu_smoke_times_the_ring_compiled_with_cuda_graphs_and_shrinks_to_a_cpu():
     grid = load_grid(ROOT / "grids" / "gpu-smoke.yaml")
     compile_runs = [run.config for run in grid.runs if "compile" in run.experiments]
-    assert {(c.layout, c.compile, c.compress_every) for c in compile_runs} == {
+    assert {(c.layout, c.compile, c.compress_every) for c in compile_runs if c.method == "streaming"} == {
         ("ring", kind, r) for kind in ("none", "reduce-overhead") for r in (1, 64)}
     assert {(c.device, c.protocol, c.cap) for c in compile_runs} == {("cuda", "stepwise", 2048)}
+    # The main table's strict and lazy against recompute, compiled against compiled: the recompute baseline compiled
+    # too (warmup 16 >= the 3 reduce-overhead needs), its eager runs main's own.
+    recompute = [run for run in grid.runs if "compile" in run.experiments and run.config.method == "recompute"]
+    assert {run.config.compile for run in recompute} == {"none", "reduce-overhead"}
+    assert all("main" in run.experiments for run in recompute if run.config.compile == "none")
+    assert len({(c.prefill, c.max_tokens, c.warmup, c.repeat) for c in compile_runs}) == 2  # 2 repeats, one stream
     # What the tests' CPU copy of it sets (tests/fixtures_store.py): reduce-overhead needs CUDA graphs, so the copy
     # runs compile none; without it the grid is refused before any run starts, naming the knob.
     from fixtures_store import SHRUNK_GRIDS
@@ -312,4 +324,5 @@ def test_gpu_smoke_times_the_ring_compiled_with_cuda_graphs_and_shrinks_to_a_cpu
     with pytest.raises(GridError, match="reduce-overhead captures CUDA graphs: device cpu has none"):
         load_grid(ROOT / "grids" / "gpu-smoke.yaml", [s for s in SHRUNK_GRIDS["gpu-smoke"] if s != "compile=none"])
     shrunk = load_grid(ROOT / "grids" / "gpu-smoke.yaml", list(SHRUNK_GRIDS["gpu-smoke"]))
-    assert {run.config.layout for run in shrunk.runs if "compile" in run.experiments} == {"ring"}
+    assert {(run.config.method, run.config.layout) for run in shrunk.runs if "compile" in run.experiments} == {
+        ("streaming", "ring"), ("recompute", "compact")}

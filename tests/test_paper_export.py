@@ -18,7 +18,7 @@ from fixtures_store import PAPER_GRID, ROOT, copy_store, smoke_store
 
 from paper.export import export
 from paper.gather import ExportError
-from paper.tables import STORAGE_NOTE, quantization_table
+from paper.tables import AS_EAGER, COMPILED_NOTE, STORAGE_NOTE, quantization_table
 
 TEX_FILES = ("tables.tex", "ablations.tex", "sweeps.tex", "profile.tex", "speculative.tex", "figures.tex",
              "quantization.tex", "findings.tex", "retrieval.tex", "layout.tex")
@@ -88,18 +88,19 @@ def close(cell: str, expected: list[float], digits: int) -> bool:
 def expected_groups(store: Path, experiment: str) -> dict[str, dict]:
     """Per setting of `experiment` (its runs there are stepwise, on one text sample): mean, std and n of the done runs
     of its configurations there (all their repeats in the grid; not its runs of other lengths or protocols in other
-    experiments), and speedup / ΔPPL vs the grid's recompute runs of the same model and cap, straight from the
+    experiments), and speedup / ΔPPL vs the grid's eager recompute runs of the same model and cap (the tables print
+    eager settings; a compiled one is timed against the compiled recompute: storage_groups), straight from the
     tables."""
     with duckdb.connect(str(store), read_only=True) as con:
         frame = con.execute("""
             WITH members AS (SELECT DISTINCT config_hash, config_group_hash, setting_hash, run_hash, model, cap,
-                                 method, sample FROM configurations WHERE grid = $grid),
-            done AS (SELECT m.config_group_hash, m.setting_hash, m.model, m.cap, m.method, m.sample,
+                                 method, sample, compile FROM configurations WHERE grid = $grid),
+            done AS (SELECT m.config_group_hash, m.setting_hash, m.model, m.cap, m.method, m.sample, m.compile,
                          r.group_hash AS run_group,
                          r.tpot_ms_mean, r.ppl, r.peak_memory_bytes, r.compaction_count
                      FROM members m JOIN runs r USING (run_hash) WHERE r.status = 'done'),
             base AS (SELECT model, cap, avg(tpot_ms_mean) AS base_tpot, avg(ppl) AS base_ppl FROM done
-                     WHERE method = 'recompute' GROUP BY ALL)
+                     WHERE method = 'recompute' AND compile = 'none' GROUP BY ALL)
             SELECT setting_hash, any_value(method) AS method, count(*) AS n, count(DISTINCT sample) AS n_samples,
                 any_value(run_group) AS run_group,
                 avg(tpot_ms_mean) AS tpot, stddev_samp(tpot_ms_mean) AS tpot_std, avg(ppl) AS ppl,
@@ -166,32 +167,35 @@ def test_main_table_numbers_equal_the_store(exported, store):
 
 def storage_groups(store: Path) -> dict[str, dict]:
     """Per setting of the layout and compile experiments, by plain SQL over the runs: its layout, compile, R, TPOT
-    (mean, std, n over its done timing runs), speedup over the grid's recompute TPOT of the same model and cap, TPOT
-    over the compact eager setting's of the same R, and compile_s (mean, std)."""
+    (mean, std, n over its done timing runs), speedup over the grid's recompute TPOT of the same model, cap and
+    compile (compiled against compiled), TPOT over the compact eager setting's of the same method and R, and compile_s
+    (mean, std)."""
     with duckdb.connect(str(store), read_only=True) as con:
         frame = con.execute("""
             WITH chosen AS (SELECT DISTINCT setting_hash, config_group_hash FROM configurations
                             WHERE grid = $grid AND experiment IN ('layout', 'compile')),
-            done AS (SELECT c.setting_hash, c.layout, c.compile, c.compress_every, c.model, c.cap, r.tpot_ms_mean,
-                         r.compile_s, r.peak_memory_bytes
-                     FROM (SELECT DISTINCT setting_hash, config_group_hash, run_hash, layout, compile, compress_every,
-                               model, cap FROM configurations WHERE grid = $grid) c
+            done AS (SELECT c.setting_hash, c.method, c.layout, c.compile, c.compress_every, c.model, c.cap,
+                         r.tpot_ms_mean, r.compile_s, r.peak_memory_bytes
+                     FROM (SELECT DISTINCT setting_hash, config_group_hash, run_hash, method, layout, compile,
+                               compress_every, model, cap FROM configurations WHERE grid = $grid) c
                      JOIN chosen USING (setting_hash, config_group_hash) JOIN runs r USING (run_hash)
                      WHERE r.status = 'done'),
-            base AS (SELECT c.model, c.cap, avg(r.tpot_ms_mean) AS base_tpot
-                     FROM (SELECT DISTINCT run_hash, model, cap FROM configurations
+            base AS (SELECT c.model, c.cap, c.compile, avg(r.tpot_ms_mean) AS base_tpot
+                     FROM (SELECT DISTINCT run_hash, model, cap, compile FROM configurations
                            WHERE grid = $grid AND method = 'recompute' AND protocol = 'stepwise') c
                      JOIN runs r USING (run_hash) WHERE r.status = 'done' GROUP BY ALL),
             settings AS (
-                SELECT setting_hash, any_value(layout) AS layout, any_value(compile) AS compile,
+                SELECT setting_hash, any_value(method) AS method, any_value(layout) AS layout,
+                    any_value(compile) AS compile,
                     any_value(compress_every) AS r, any_value(model) AS model, any_value(cap) AS cap, count(*) AS n,
                     avg(tpot_ms_mean) AS tpot, stddev_samp(tpot_ms_mean) AS tpot_std,
                     avg(compile_s) AS compile_s, stddev_samp(compile_s) AS compile_s_std,
                     avg(peak_memory_bytes) / 1048576 AS mem, stddev_samp(peak_memory_bytes) / 1048576 AS mem_std
                 FROM done GROUP BY setting_hash)
             SELECT s.*, b.base_tpot / s.tpot AS speedup, s.tpot / c.tpot AS compact_ratio
-            FROM settings s JOIN base b USING (model, cap)
-            LEFT JOIN settings c ON c.r = s.r AND c.cap = s.cap AND c.layout = 'compact' AND c.compile = 'none'
+            FROM settings s JOIN base b USING (model, cap, compile)
+            LEFT JOIN settings c ON c.method = s.method AND c.r = s.r AND c.cap = s.cap AND c.layout = 'compact'
+                AND c.compile = 'none'
         """, {"grid": PAPER_GRID}).df()
     return {row.setting_hash: row._asdict() for row in frame.itertuples()}
 
@@ -217,6 +221,20 @@ def test_main_table_shows_ring_rows_beside_their_compact_rows(exported, store):
         assert above.split(" & ")[0] == label.split(",")[0]
     assert ring[1] + 1 == ring[2] and "compiled" not in lines[ring[1]] and "compiled" in lines[ring[2]]
     assert "timed only" in (exported / "tables.tex").read_text()
+    # The compiled ring row's speedup is over the compiled recompute, shown after the recompute row: the reference of
+    # the compiled rows (compiled against compiled), its quality the eager recompute's.
+    (index,) = [i for i, line in enumerate(lines) if " % compiled setting " in line]
+    body, setting = lines[index].split(r" \\ % compiled setting ")
+    label, tpot, speedup, ppl, dppl, memory, repeats, samples = body.split(" & ")
+    group = expected[setting.strip()]
+    assert (group["method"], group["layout"], group["compile"]) == ("recompute", "compact", "default")
+    assert label.startswith("Recompute") and label.endswith(", compiled (default)") and lines[index - 1].startswith(
+        label.removesuffix(", compiled (default)"))
+    assert close(tpot, mean_std(group, "tpot"), 2) and speedup == dppl == r"\textit{ref.}" and ppl == AS_EAGER
+    assert int(repeats) == group["n"] and samples == "--"
+    (compiled_ring,) = [expected[lines[i].split(" % ring setting ")[1].strip()] for i in ring if "compiled" in lines[i]]
+    assert compiled_ring["speedup"] == pytest.approx(group["tpot"] / compiled_ring["tpot"])
+    assert COMPILED_NOTE.strip() in " ".join((exported / "tables.tex").read_text().split())
 
 
 def test_layout_table_numbers_equal_the_store(exported, store):
@@ -224,16 +242,21 @@ def test_layout_table_numbers_equal_the_store(exported, store):
     compact eager setting's of the same policy, compile time (compiled only) and n, from the runs themselves."""
     expected = storage_groups(store)
     found = rows(exported / "layout.tex")
-    assert set(found) == set(expected) and len(found) == 5
-    assert {(g["layout"], g["compile"]) for g in expected.values()} == {("compact", "none"), ("ring", "none"),
-                                                                        ("ring", "default")}
+    assert set(found) == set(expected) and len(found) == 7
+    assert {(g["method"], g["layout"], g["compile"]) for g in expected.values()} == {
+        ("streaming", "compact", "none"), ("streaming", "ring", "none"), ("streaming", "ring", "default"),
+        ("recompute", "compact", "none"), ("recompute", "compact", "default")}
     for setting, (policy, layout, compile_, tpot, speedup, ratio, compile_s, memory, n) in found.items():
         group = expected[setting]
         assert (layout, compile_) == (group["layout"], group["compile"])
-        assert close(tpot, mean_std(group, "tpot"), 2) and close(speedup, [group["speedup"]], 2), (setting, group)
+        assert close(tpot, mean_std(group, "tpot"), 2), (setting, group)
+        # compiled against compiled: the recompute rows (eager and compiled) are the references
+        assert speedup == r"\textit{ref.}" if group["method"] == "recompute" else close(
+            speedup, [group["speedup"]], 2), (setting, group)
         assert close(memory, mean_std(group, "mem"), 0) and int(n) == group["n"]
         if group["layout"] == "compact" and group["compile"] == "none":
-            assert ratio == r"\textit{ref.}" and compile_s == "--" and policy.startswith(("Strict", "Lazy"))
+            assert ratio == r"\textit{ref.}" and compile_s == "--"
+            assert policy.startswith(("Strict", "Lazy", "Recompute")), policy
             continue
         assert close(ratio, [group["compact_ratio"]], 2), (setting, ratio, group)
         if group["compile"] == "none":
@@ -357,9 +380,11 @@ def test_a_grid_without_the_optional_experiments_exports_without_their_tables(st
     written = export(copy, PAPER_GRID, out)
     assert not any((out / name).exists() for name in optional)
     assert {path.name for path in written} >= {"tables.tex", "ablations.tex", "sweeps.tex", "figures.tex"}
-    # the main table without its ring rows (the layout experiments are gone), else the same
-    ringless = [line for line in (exported / "tables.tex").read_text().splitlines() if " % ring setting " not in line]
-    assert (out / "tables.tex").read_text().splitlines() == [line.replace(STORAGE_NOTE, "") for line in ringless]
+    # the main table without its ring and compiled rows (the layout experiments are gone), else the same
+    ringless = [line for line in (exported / "tables.tex").read_text().splitlines()
+                if " % ring setting " not in line and " % compiled setting " not in line]
+    assert (out / "tables.tex").read_text().splitlines() == [
+        line.replace(STORAGE_NOTE + COMPILED_NOTE, "") for line in ringless]
     require("pdflatex")
     optional_labels = ("tab:speculative", "tab:quantization", "fig:quantization", "tab:retrieval", "fig:needle",
                        "tab:layout")
@@ -526,5 +551,20 @@ def test_a_compiled_run_without_compile_s_stops_the_export(store, tmp_path):
     out = tmp_path / "generated"
     with pytest.raises(ExportError, match=r"experiment compile: setting \w+ \(layout ring, compile default\): "
                                           "compiled, but no compile_s recorded"):
+        export(copy, PAPER_GRID, out)
+    assert not out.exists()
+
+
+def test_a_compiled_setting_without_a_compiled_recompute_stops_the_export(store, tmp_path):
+    """A compiled ring setting is timed against the compiled recompute only: without one in the grid (a store made
+    before the compile experiments held it) the export is refused, naming the setting and the run to add, never printed
+    with the eager recompute's speedup."""
+    compiled_recompute = "SELECT run_hash FROM runs WHERE method = 'recompute' AND compile <> 'none'"
+    copy = damaged_copy(store, tmp_path, f"DELETE FROM experiments WHERE run_hash IN ({compiled_recompute})",
+                        f"DELETE FROM configurations WHERE run_hash IN ({compiled_recompute})")
+    out = tmp_path / "generated"
+    with pytest.raises(ExportError, match=r"experiment compile: setting \w+ \(layout ring, compile default\): no "
+                                          r"recompute baseline in grid smoke-paper with the same tokens, cap, device "
+                                          r"and compile \(default\): add method recompute at compile default"):
         export(copy, PAPER_GRID, out)
     assert not out.exists()

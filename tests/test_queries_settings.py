@@ -13,6 +13,7 @@ import pytest
 from store import queries
 from store.writer import StoreWriter
 from streaming_llm import LoadedModel, RunConfig, evaluate
+from streaming_llm.results import RunResult
 
 SETTINGS = {
     "recompute": dict(method="recompute", cap=32),
@@ -162,3 +163,71 @@ def test_a_quantized_setting_is_paired_with_its_float_setting_on_the_same_tokens
     (reference,) = [r for r in runs["none"] if r.config.sample == timed.config.sample]
     assert row.tpot_ratio == pytest.approx(timed.summary["tpot_ms_mean"] / reference.summary["tpot_ms_mean"])
     assert pd.isna(table.loc["none"].delta_float_pct) and table.loc["none"].n_float_pairs == 0
+
+
+def _as_compiled(result: RunResult, speed: float, compile_s: float) -> RunResult:
+    """`result` as if its decode step had been compiled (compile default): the same tokens and NLLs (a compiled step
+    gives eager's, the engine's exactness tests), `speed` times its TPOT's pace and a compile time. Stands in for a
+    compiled run, which takes a minute of inductor here: what is tested is which timing a setting is paired with."""
+    config = RunConfig(**result.config.model_dump() | {"compile": "default"})
+    summary = result.summary | {"tpot_ms_mean": result.summary["tpot_ms_mean"] / speed, "compile_s": compile_s}
+    return RunResult(config, summary, dict(result.tables))
+
+
+@pytest.fixture(scope="module")
+def compiled_store(tmp_path_factory, tiny_models) -> tuple[Path, dict[str, list[RunResult]]]:
+    """Stepwise timing runs on the same tokens: recompute (2 repeats) and ring lazy R=8, each eager and compiled, in
+    grid `g`; grid `h` holds the same runs but the compiled recompute."""
+    loaded: LoadedModel = tiny_models["tiny-llama"]
+    common = dict(model="tiny-llama", attn_implementation="eager", device="cpu", max_tokens=60, prefill=24, warmup=2,
+                  cap=32)
+    eager = {
+        "recompute": [evaluate(RunConfig(**common, method="recompute", repeat=r), loaded=loaded) for r in (0, 1)],
+        "ring": [evaluate(RunConfig(**common, method="streaming", sink=4, compress_every=8, layout="ring"),
+                          loaded=loaded)],
+    }
+    # Other paces for the compiled recompute and ring (3x, 1.5x): a compiled setting paired with the eager recompute
+    # would show a speedup 3x too large, and one paired with both would show twice.
+    runs = {**eager, "recompute compiled": [_as_compiled(r, 3.0, 2.0) for r in eager["recompute"]],
+            "ring compiled": [_as_compiled(r, 1.5, 4.0) for r in eager["ring"]]}
+    path = tmp_path_factory.mktemp("compiled") / "store.duckdb"
+    every = [r for kind in runs.values() for r in kind]
+    with StoreWriter(path, every[0].summary["environment"]["code_version"]) as writer:
+        writer.register_grid("g", Path("g.yaml"), "name: g\n", [("compile", r.config.run_hash) for r in every])
+        writer.register_grid("h", Path("h.yaml"), "name: h\n", [("compile", r.config.run_hash) for r in every
+                                                                 if r not in runs["recompute compiled"]])
+        for result in every:
+            writer.record_done(result, worker="t", attempts=1)
+    return path, runs
+
+
+def _tpot(results: list[RunResult]) -> float:
+    return float(np.mean([r.summary["tpot_ms_mean"] for r in results]))
+
+
+def test_a_compiled_setting_is_timed_against_the_compiled_recompute_and_an_eager_one_against_the_eager(
+        compiled_store):
+    """Compiled against compiled: each setting once (the eager and the compiled recompute are both on its tokens),
+    its speedup the recompute's TPOT with the same `compile` over its own."""
+    path, runs = compiled_store
+    with queries.connect(path) as con:
+        table = queries.setting_table(con, "g")
+    assert len(table) == 4 and table.setting_hash.is_unique
+    for name, base in (("recompute", "recompute"), ("ring", "recompute"),
+                       ("recompute compiled", "recompute compiled"), ("ring compiled", "recompute compiled")):
+        (row,) = table[table.setting_hash == runs[name][0].config.setting_hash].itertuples()
+        assert row.compile == runs[name][0].config.compile and row.tpot_ms == pytest.approx(_tpot(runs[name]))
+        assert row.speedup == pytest.approx(_tpot(runs[base]) / _tpot(runs[name])), name
+    compiled_ring = table[table.setting_hash == runs["ring compiled"][0].config.setting_hash].iloc[0]
+    assert compiled_ring.speedup == pytest.approx(1.5 / 3.0 * _tpot(runs["recompute"]) / _tpot(runs["ring"]))
+
+
+def test_a_compiled_setting_without_a_compiled_recompute_has_no_speedup(compiled_store):
+    """Never an eager baseline for a compiled setting: NULL, which the paper's completeness check reports."""
+    path, runs = compiled_store
+    with queries.connect(path) as con:
+        table = queries.setting_table(con, "h").set_index("setting_hash")
+    assert len(table) == 3
+    assert pd.isna(table.loc[runs["ring compiled"][0].config.setting_hash].speedup)
+    ring = table.loc[runs["ring"][0].config.setting_hash]
+    assert ring.speedup == pytest.approx(_tpot(runs["recompute"]) / _tpot(runs["ring"]))

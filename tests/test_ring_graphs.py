@@ -51,9 +51,9 @@ def test_every_buffer_a_decode_step_touches_is_marked_static_under_reduce_overhe
     ids_of = {id(buffer) for buffer in buffers}
     touched = [storage.mask, storage.anchor_source, storage.anchor_cos, storage.anchor_sin, *storage.tensors()]
     if kv_quant == "none":
-        touched += [storage.keys, storage.values, storage.decode_slots, storage.write_slots]
+        touched += [*storage.keys, *storage.values, storage.decode_slots, storage.write_slots]
     else:
-        touched += [storage.floats, storage.decode_indices, storage.age_source, storage.age_target,
+        touched += [*storage.floats, storage.decode_indices, storage.age_source, storage.age_target,
                     storage.float_target]
     assert all(id(buffer) in ids_of for buffer in touched)
     CudaGraphCheck("default").mark_static(buffers)

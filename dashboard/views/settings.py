@@ -28,6 +28,9 @@ def render(source: data.Source) -> None:
         "over the n_pairs samples (low, high; resolved: the interval excludes zero; agree: samples with the mean's "
         "sign). Quantized settings are also paired with the same setting in float (ΔPPL vs float, TPOT ratio). "
         "Timing is a statistic over repeats: TPOT mean ± std over n_repeats stepwise runs; parallel runs have none. "
+        "speedup: the recompute baseline's TPOT on the same tokens over the setting's, the baseline run with the same "
+        "compile (compiled against compiled: a compiled setting over the compiled recompute, an eager one over the "
+        "eager; none without one). "
         "A ring or compiled setting (layout, compile) is timed only and against its compact eager twin (compact_ratio: "
         "TPOT over the twin's on the same tokens); compile_s: its first compiled step's wall time, never in TPOT. "
         "The paper's tables print these same numbers (one query: store.queries.setting_table).")
