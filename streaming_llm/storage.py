@@ -1161,12 +1161,13 @@ class RingBlockStorage(RingStorage):
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
         columns = capacity + self.copies
-        shape = (self.num_layers, *key_states.shape[:2], columns, key_states.shape[-1])
-        # Zeros, not empty: masked slots are still multiplied, and uninitialised memory may hold NaN.
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros((*shape[:-1], value_states.shape[-1]))
-        device = self.keys.device
-        self.mask = torch.zeros((1, 1, self.block, columns), dtype=self.keys.dtype, device=device)
+        shape = (*key_states.shape[:2], columns)
+        # One tensor per layer, as RingStorage's; zeros, not empty: masked slots are still multiplied, and
+        # uninitialised memory may hold NaN.
+        self.keys = [key_states.new_zeros((*shape, key_states.shape[-1])) for _ in range(self.num_layers)]
+        self.values = [value_states.new_zeros((*shape, value_states.shape[-1])) for _ in range(self.num_layers)]
+        device = key_states.device
+        self.mask = torch.zeros((1, 1, self.block, columns), dtype=key_states.dtype, device=device)
         self.block_slots = torch.zeros(self.block, dtype=torch.long, device=device)
         self.write_slots = self.block_slots
         self.anchor_source = torch.zeros(self.copies, dtype=torch.long, device=device)
@@ -1235,7 +1236,7 @@ class RingBlockStorage(RingStorage):
             return self.mask
         # A prompt in one forward (no anchored entry shifted: it starts the stream and no compaction precedes its last
         # query): buffers of its own shape, outside the compiled block forward.
-        self.write_slots = torch.from_numpy(slots).to(self.keys.device)
+        self.write_slots = torch.from_numpy(slots).to(self.mask.device)
         return torch.from_numpy(mask).to(self.mask.device, self.mask.dtype)[None, None]
 
     def settle(self, order: np.ndarray) -> None:

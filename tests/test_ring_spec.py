@@ -288,7 +288,7 @@ def test_every_buffer_a_block_touches_is_marked_static_under_reduce_overhead(tin
         target.forward_block(torch.zeros((1, 3), dtype=torch.long, device=loaded.device))
     storage = target.storage
     buffers = {id(buffer) for buffer in storage.device_buffers()}
-    touched = [storage.keys, storage.values, storage.mask, storage.block_slots, storage.write_slots,
+    touched = [*storage.keys, *storage.values, storage.mask, storage.block_slots, storage.write_slots,
                storage.anchor_source, storage.anchor_cos, storage.anchor_sin]
     assert all(id(buffer) in buffers for buffer in touched) and storage.write_slots is storage.block_slots
     CudaGraphCheck("reduce-overhead").mark_static(storage.device_buffers())
