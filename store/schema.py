@@ -186,7 +186,9 @@ SUMMARY_COLUMNS = [
     Column("trial_count", Integer),
     Column("accuracy", Double),  # mean RULER score (string_match_all)
     Column("answer_nll_mean", Double),  # mean teacher-forced NLL per token of the gold answers
-    Column("compile_s", Double),  # compile: the first compiled step's wall time (a warmup step, not in TPOT)
+    # compile: the compiled step's compilation wall time, never in TPOT (a warmup step's; a prompt-lookup ring
+    # target's warm-up on a padding block when it is built)
+    Column("compile_s", Double),
 ]
 
 runs = Table(

@@ -189,8 +189,8 @@ class CudaGraphCheck:
     The buffers a step updates in place are marked static (else every replay copies them into the graph's own inputs,
     the whole cache per step). torch.compile falls back to running without graphs when it cannot capture (a CPU tensor,
     a mutated input it does not own...) with only a log line: a run timed so would be named reduce-overhead and measure
-    something else, so the fallback is an error. A replay overwrites its outputs, so logits a caller keeps (a block's
-    rows) are cloned.
+    something else, so the fallback is an error, checked after every compiled step. A replay overwrites its outputs,
+    so logits a caller keeps (a block's rows) are cloned.
     """
 
     def __init__(self, mode: str):
@@ -210,7 +210,12 @@ class CudaGraphCheck:
                                "timed without them; use compile default, or fix what the log names")
 
     def own(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.clone() if self.active else logits
+        """After every compiled step: still under CUDA graphs (graph trees can give up later in a run, past their
+        re-record limit or at a new node's input-mutation check), and the logits the caller keeps."""
+        if not self.active:
+            return logits
+        self.check_captured()
+        return logits.clone()
 
 
 def _cudagraph_skips() -> int:

@@ -79,3 +79,15 @@ def test_kept_logits_are_cloned_only_where_a_replay_would_overwrite_them():
     kept = CudaGraphCheck("reduce-overhead").own(logits)
     assert torch.equal(kept, logits) and kept.data_ptr() != logits.data_ptr()
     assert CudaGraphCheck("default").own(logits) is logits
+
+
+def test_cuda_graphs_given_up_later_in_a_run_are_an_error_at_the_next_step(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 0)
+    graphs = CudaGraphCheck("reduce-overhead")
+    graphs.check_captured()
+    graphs.own(torch.zeros(3))
+    counters["inductor"]["cudagraph_skips"] += 1  # a re-record past the limit, many steps in
+    with pytest.raises(RuntimeError, match="skipped CUDA graphs"):
+        graphs.own(torch.zeros(3))

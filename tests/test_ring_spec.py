@@ -13,6 +13,7 @@ import torch
 import streaming_llm.generate as generate_module
 from streaming_llm import ConfigError, LoadedModel, RunConfig, evaluate
 from streaming_llm.steppers import RingBlockTarget, StepwiseTarget, make_target
+from streaming_llm.storage import RingBlockStorage
 from tests.conftest import TEST_DEVICE
 
 TOLERANCE = 1e-4  # float32, the bound; measured ~2e-6 (summation order over the ring, float64 angles)
@@ -293,3 +294,35 @@ def test_every_buffer_a_block_touches_is_marked_static_under_reduce_overhead(tin
     assert all(id(buffer) in buffers for buffer in touched) and storage.write_slots is storage.block_slots
     CudaGraphCheck("reduce-overhead").mark_static(storage.device_buffers())
     assert all(getattr(buffer, "_dynamo_static_input_type", None) == "unguarded" for buffer in touched)
+
+
+# A reviewer's probe, kept: an anchored copy whose source is an entry of its own block (a refresh token chosen inside
+# it) is a write then a read inside one layer's update, the pattern inductor ordered wrongly in the quantized ring.
+REFRESH_IN_BLOCK = dict(sink=2, window=3, compress_every=2, refresh=3, refresh_policy="middle")
+
+
+@pytest.mark.parametrize("compile", ["none", "default"])
+def test_an_anchored_copy_sourced_in_its_own_block_compiled_by_inductor(tiny_models, monkeypatch, compile):
+    loaded = tiny_models["tiny-llama"]
+    sourced_in_block = []
+    begin_block = RingBlockStorage.begin_block
+
+    def counting(self, views, slots, first_token):
+        mask = begin_block(self, views, slots, first_token)
+        count = min(len(views), len(slots))
+        if count:
+            attended = np.flatnonzero(mask[0, 0, :count, self.capacity :].cpu().numpy().max(0) == 0)
+            sourced_in_block.append(int(np.isin(self.anchor_source.cpu().numpy()[attended], slots[:count]).sum()))
+        return mask
+
+    base = knobs(loaded, prompt_tokens=30, new_tokens=60, rope_mode="realign", **REFRESH_IN_BLOCK)
+    spec = dict(spec="prompt_lookup", num_draft=8, ngram_max=3)
+    greedy = evaluate(RunConfig(**base), loaded=loaded)
+    compact = evaluate(RunConfig(**base, **spec), loaded=loaded)
+    monkeypatch.setattr(RingBlockStorage, "begin_block", counting)
+    ring = evaluate(RunConfig(**base, **spec, layout="ring", compile=compile), loaded=loaded)
+    assert sum(sourced_in_block) > 0
+    assert generated(ring) == generated(greedy)
+    assert ring.tokens.column("kv_len").equals(compact.tokens.column("kv_len"))
+    nll = [result.tokens.column("nll").to_numpy() for result in (compact, ring)]
+    assert np.abs(nll[0] - nll[1]).max() < 1e-4
