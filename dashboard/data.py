@@ -74,8 +74,11 @@ def token_series(path: Path, signature: Signature, run_hashes: tuple[str, ...], 
 @st.cache_data(max_entries=64, show_spinner=False)
 def spikes(path: Path, signature: Signature, run_hashes: tuple[str, ...],
            radius: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return queries.read(path, lambda con: (queries.spike_profile(con, run_hashes, radius=radius),
-            queries.spike_metrics(con, run_hashes, radius=radius)))
+    def profile_and_metrics(con):
+        profile = queries.spike_profile(con, run_hashes, radius=radius)
+        return profile, queries.spike_metrics_of(con, profile)
+
+    return queries.read(path, profile_and_metrics)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
