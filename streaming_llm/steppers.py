@@ -146,10 +146,7 @@ class RingStepper(StreamingStepper):
         architecture = loaded.model.config
         self.cache = StreamingCache(config.policy, RotaryGeometry.of(loaded.model), architecture.num_hidden_layers,
                                     config.rope_mode, kv_quant_spec(config, architecture), layout="ring")
-        heads = architecture.num_attention_heads
-        kv_heads = getattr(architecture, "num_key_value_heads", None) or heads
-        head_dim = getattr(architecture, "head_dim", None) or architecture.hidden_size // heads
-        like = torch.empty((1, kv_heads, 0, head_dim), dtype=loaded.model.dtype, device=loaded.device)
+        like = _no_entries(loaded)
         self.cache.allocate(like, like)  # before the first forward: every step's shapes are known from the start
         self._last_position = -1
         self.clock = Stopwatch(loaded.device)
@@ -175,6 +172,15 @@ class RingStepper(StreamingStepper):
             self.graphs.check_captured()
         self.cache.finish_step(count)
         return self.graphs.own(logits) if forward is not _eager_forward else logits
+
+
+def _no_entries(loaded: LoadedModel) -> torch.Tensor:
+    """Keys of no entry [1, kv_heads, 0, head_dim], the model's dtype and device: a ring's shapes before a forward."""
+    architecture = loaded.model.config
+    heads = architecture.num_attention_heads
+    kv_heads = getattr(architecture, "num_key_value_heads", None) or heads
+    head_dim = getattr(architecture, "head_dim", None) or architecture.hidden_size // heads
+    return torch.empty((1, kv_heads, 0, head_dim), dtype=loaded.model.dtype, device=loaded.device)
 
 
 def _eager_forward(model, cache, input_ids, positions, mask, all_logits: bool) -> torch.Tensor:
@@ -433,10 +439,7 @@ class RingBlockTarget:
         architecture = loaded.model.config
         self.storage = RingBlockStorage(config.policy, RotaryGeometry.of(loaded.model),
                                         architecture.num_hidden_layers, config.rope_mode, self.block)
-        heads = architecture.num_attention_heads
-        kv_heads = getattr(architecture, "num_key_value_heads", None) or heads
-        head_dim = getattr(architecture, "head_dim", None) or architecture.hidden_size // heads
-        like = torch.empty((1, kv_heads, 0, head_dim), dtype=loaded.model.dtype, device=loaded.device)
+        like = _no_entries(loaded)
         policy = config.policy
         # A block starts with at most H + R - 1 entries (the longest span is H + R) and adds k + 1 in slots free at
         # its start; a prompt in one forward holds at most C + R entries.

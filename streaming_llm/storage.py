@@ -687,6 +687,8 @@ class RingStorage:
         self.num_layers = num_layers
         self.anchors_by_slot = rope_mode != "absolute"
         self.anchors = policy.sink + policy.refresh if self.anchors_by_slot else 0
+        self.copies = self.anchors  # columns past the ring for the anchored copies
+        self.query_rows = 1  # queries of a compiled forward: one decode step
         self.capacity = 0
         self.peak_nbytes = 0
         # One tensor per layer [batch, kv_heads, capacity + anchors, head_dim], never views of one [layers, ...] base:
@@ -701,8 +703,8 @@ class RingStorage:
         self.length = 0
         self.decoding = False  # a one-token step ran: a compiled step may hold these buffers, they never change shape
         # Static device buffers, rewritten in place by begin_step.
-        self.mask: torch.Tensor | None = None  # [1, 1, 1, capacity + anchors], additive
-        self.decode_slots: torch.Tensor | None = None  # [1] the physical slot of a decode step's entry
+        self.mask: torch.Tensor | None = None  # [1, 1, query_rows, capacity + copies], additive
+        self.decode_slots: torch.Tensor | None = None  # [query_rows] physical slots of a compiled forward's entries
         self.write_slots: torch.Tensor | None = None  # [count] physical slots of the step's entries
         self.anchor_source: torch.Tensor | None = None  # [anchors] physical slots of the anchored entries
         self.anchor_cos: torch.Tensor | None = None  # [anchors, rotary_dim] rotation of their copies
@@ -710,17 +712,18 @@ class RingStorage:
 
     # --- buffers ----------------------------------------------------------------------------------------------------
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
-        shape = (*key_states.shape[:2], capacity + self.anchors)
+        columns = capacity + self.copies
+        shape = (*key_states.shape[:2], columns)
         # Zeros, not empty: masked slots are still multiplied, and uninitialised memory may hold NaN.
         self.keys = [key_states.new_zeros((*shape, key_states.shape[-1])) for _ in range(self.num_layers)]
         self.values = [value_states.new_zeros((*shape, value_states.shape[-1])) for _ in range(self.num_layers)]
         device = key_states.device
-        self.mask = torch.zeros((1, 1, 1, capacity + self.anchors), dtype=key_states.dtype, device=device)
-        self.decode_slots = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros((1, 1, self.query_rows, columns), dtype=key_states.dtype, device=device)
+        self.decode_slots = torch.zeros(self.query_rows, dtype=torch.long, device=device)
         self.write_slots = self.decode_slots
-        self.anchor_source = torch.zeros(self.anchors, dtype=torch.long, device=device)
-        self.anchor_cos = torch.ones((self.anchors, self.geometry.rotary_dim), dtype=torch.float32, device=device)
-        self.anchor_sin = torch.zeros((self.anchors, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.anchor_source = torch.zeros(self.copies, dtype=torch.long, device=device)
+        self.anchor_cos = torch.ones((self.copies, self.geometry.rotary_dim), dtype=torch.float32, device=device)
+        self.anchor_sin = torch.zeros((self.copies, self.geometry.rotary_dim), dtype=torch.float32, device=device)
         self.slot_of = np.zeros(capacity, dtype=np.int64)
         self.position = np.zeros(capacity, dtype=np.int64)
         self.valid = np.zeros(capacity, dtype=bool)
@@ -839,8 +842,8 @@ class RingStorage:
         return keys, values
 
     def write_anchor_copies(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """A layer's anchored entries, rotated by their shifts, into its anchor slots (masked where the shift is 0:
-        there the original is attended). Read before the step's entries are written, as every layer's are."""
+        """A layer's anchored entries, rotated by their shifts, into its copy columns past the ring (masked where
+        the shift is 0: there the original is attended)."""
         ring = self.capacity
         keys[..., ring:, :] = rotate_keys(keys.index_select(2, self.anchor_source), self.anchor_cos, self.anchor_sin)
         values[..., ring:, :] = values.index_select(2, self.anchor_source)
@@ -1157,29 +1160,7 @@ class RingBlockStorage(RingStorage):
         super().__init__(policy, geometry, num_layers, rope_mode)
         self.block = block
         self.copies = self.anchors * block
-        self.block_slots: torch.Tensor | None = None  # [block] static: the physical slots of a block's entries
-
-    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
-        columns = capacity + self.copies
-        shape = (*key_states.shape[:2], columns)
-        # One tensor per layer, as RingStorage's; zeros, not empty: masked slots are still multiplied, and
-        # uninitialised memory may hold NaN.
-        self.keys = [key_states.new_zeros((*shape, key_states.shape[-1])) for _ in range(self.num_layers)]
-        self.values = [value_states.new_zeros((*shape, value_states.shape[-1])) for _ in range(self.num_layers)]
-        device = key_states.device
-        self.mask = torch.zeros((1, 1, self.block, columns), dtype=key_states.dtype, device=device)
-        self.block_slots = torch.zeros(self.block, dtype=torch.long, device=device)
-        self.write_slots = self.block_slots
-        self.anchor_source = torch.zeros(self.copies, dtype=torch.long, device=device)
-        self.anchor_cos = torch.ones((self.copies, self.geometry.rotary_dim), dtype=torch.float32, device=device)
-        self.anchor_sin = torch.zeros((self.copies, self.geometry.rotary_dim), dtype=torch.float32, device=device)
-        self.slot_of = np.zeros(capacity, dtype=np.int64)
-        self.position = np.zeros(capacity, dtype=np.int64)
-        self.valid = np.zeros(capacity, dtype=bool)
-        self.free = list(range(capacity - 1, -1, -1))
-        self.capacity = capacity
-        self.length = 0
-        self.peak_nbytes = max(self.peak_nbytes, sum(t.nbytes for t in self.tensors()))
+        self.query_rows = block
 
     def reserve(self, needed: int, length: int) -> bool:
         if needed > self.capacity:
@@ -1230,8 +1211,8 @@ class RingBlockStorage(RingStorage):
             self.anchor_source.copy_(torch.from_numpy(pairs[:, 0]))
         mask = np.where(attended, 0.0, torch.finfo(self.mask.dtype).min)
         if rows == self.block:
-            self.block_slots.copy_(torch.from_numpy(slots))
-            self.write_slots = self.block_slots
+            self.decode_slots.copy_(torch.from_numpy(slots))
+            self.write_slots = self.decode_slots
             self.mask.copy_(torch.from_numpy(mask)[None, None])
             return self.mask
         # A prompt in one forward (no anchored entry shifted: it starts the stream and no compaction precedes its last
@@ -1255,10 +1236,7 @@ class RingBlockStorage(RingStorage):
         keys.index_copy_(2, self.write_slots, key_states)
         values.index_copy_(2, self.write_slots, value_states)
         if self.copies:
-            ring = self.capacity
-            keys[..., ring:, :] = rotate_keys(keys.index_select(2, self.anchor_source), self.anchor_cos,
-                                              self.anchor_sin)
-            values[..., ring:, :] = values.index_select(2, self.anchor_source)
+            self.write_anchor_copies(keys, values)
         return keys, values
 
     def begin_step(self, length: int, first_token: int, count: int) -> torch.Tensor:

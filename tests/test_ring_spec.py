@@ -15,6 +15,8 @@ from streaming_llm import ConfigError, LoadedModel, RunConfig, evaluate
 from streaming_llm.steppers import RingBlockTarget, StepwiseTarget, make_target
 from streaming_llm.storage import RingBlockStorage
 from tests.conftest import TEST_DEVICE
+from tests.test_ring_layout import POLICIES as RING_POLICIES
+from tests.test_ring_layout import ROPE_MODES
 
 TOLERANCE = 1e-4  # float32, the issue's bound; measured ~2e-6 (summation order over the ring, float64 angles)
 NUM_DRAFT = 4
@@ -23,12 +25,9 @@ POLICIES = {
     "strict": dict(sink=4, window=20),
     "lazy_long": dict(sink=4, window=16, compress_every=6),  # R > k: compactions fall inside some blocks
     "lazy_short": dict(sink=4, window=16, compress_every=3),  # R < k + 1: a block can cross two
-    "staged_emergencies": dict(sink=4, window=16, compress_every=6, slack=10, max_drop=3),
-    "overlap": dict(sink=4, window=16, compress_every=4, overlap=3),
-    "refresh": dict(sink=2, window=16, compress_every=4, refresh=3, refresh_policy="middle", overlap=2),
-    "window_only": dict(sink=0, window=20, compress_every=5),
+    # the stepwise ring tests' own policies (staged with emergencies, overlap, refresh, window-only)
+    **{name: RING_POLICIES[name] for name in ("staged_emergencies", "overlap", "refresh", "window_only")},
 }
-ROPE_MODES = ("realign", "exact", "absolute")
 
 
 def knobs(loaded: LoadedModel, **extra) -> dict:
@@ -289,9 +288,9 @@ def test_every_buffer_a_block_touches_is_marked_static_under_reduce_overhead(tin
         target.forward_block(torch.zeros((1, 3), dtype=torch.long, device=loaded.device))
     storage = target.storage
     buffers = {id(buffer) for buffer in storage.device_buffers()}
-    touched = [*storage.keys, *storage.values, storage.mask, storage.block_slots, storage.write_slots,
+    touched = [*storage.keys, *storage.values, storage.mask, storage.decode_slots, storage.write_slots,
                storage.anchor_source, storage.anchor_cos, storage.anchor_sin]
-    assert all(id(buffer) in buffers for buffer in touched) and storage.write_slots is storage.block_slots
+    assert all(id(buffer) in buffers for buffer in touched) and storage.write_slots is storage.decode_slots
     CudaGraphCheck("reduce-overhead").mark_static(storage.device_buffers())
     assert all(getattr(buffer, "_dynamo_static_input_type", None) == "unguarded" for buffer in touched)
 
